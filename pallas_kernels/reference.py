@@ -114,3 +114,128 @@ def ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_le
     _, total, acc = jax.lax.fori_loop(0, num_blocks, body, init)
     out = acc / jnp.maximum(total, 1e-30)[..., None]
     return out.reshape(num_rows, num_q_heads, head_dim).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+# Bisection steps over the 32-bit ordered key space: after 32 halvings the interval holds one
+# key, so the threshold found is exact (it is the value of an element of the row).
+SEARCH_STEPS = 32
+
+
+def ordered_key(x):
+    """Maps f32 to i32 so that x < y exactly when ordered_key(x) < ordered_key(y).
+
+    Non-negative floats keep their bit pattern; negative ones flip their magnitude bits, so
+    the integer order of the keys is the float order (-0.0 sorts just below +0.0).
+    """
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def ceil_midpoint(lo, hi):
+    """ceil((lo + hi) / 2) for i32 without overflow."""
+    return (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)
+
+
+def sampling_noise_bits(keys, vocab_size):
+    """The random bits of each row's draw: u32[S, vocab_size] from the row's raw key data.
+
+    Every backend draws from these same bits (kernels take them as an input), so a kernel
+    and the reference pick the same token for the same key.
+    """
+    def row_bits(key_data):  # u32[2]
+        key = jax.random.wrap_key_data(key_data, impl="threefry2x32")
+        return jax.random.bits(key, (vocab_size,), jnp.uint32)
+    return jax.vmap(row_bits)(keys)
+
+
+def gumbel_from_bits(bits):
+    """Gumbel(0, 1) noise from u32 random bits: u = (top 24 bits + 0.5) / 2^24 lies strictly
+    inside (0, 1), so -log(-log(u)) is always finite."""
+    uniform = ((bits >> 8).astype(jnp.int32).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
+    return -jnp.log(-jnp.log(uniform))
+
+
+def _largest_key_reaching(row_keys, weights, target, lo, hi):
+    """Per row, the largest t in [lo, hi] with sum(weights[row_keys >= t]) >= target.
+
+    The sum only falls as t rises, so bisection finds t; the caller guarantees t = lo reaches.
+    row_keys i32[S, V], weights f32[S, V], target f32[S], lo/hi i32[S] -> i32[S].
+    """
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = ceil_midpoint(lo, hi)
+        mass = jnp.sum(jnp.where(row_keys >= mid[:, None], weights, 0.0), axis=-1)
+        reaches = mass >= target
+        return jnp.where(reaches, mid, lo), jnp.where(reaches, hi, mid - 1)
+    lo, _ = jax.lax.fori_loop(0, SEARCH_STEPS, step, (lo, hi))
+    return lo
+
+
+def sampling_threshold(tempered, top_k, top_p, min_p):
+    """The ordered key of the smallest tempered logit each row keeps: i32[S].
+
+    tempered f32[S, V]; top_k i32[S]; top_p f32[S]; min_p f32[S]. A token is kept when
+    ordered_key(tempered) >= threshold, which applies top-k, then top-p, then min-p.
+    """
+    vocab = tempered.shape[-1]
+    row_keys = ordered_key(tempered)                                      # i32[S, V]
+    row_max = jnp.max(tempered, axis=-1)                                  # f32[S]
+    lo, hi = jnp.min(row_keys, axis=-1), jnp.max(row_keys, axis=-1)
+
+    use_top_k = (top_k > 0) & (top_k < vocab)
+    ones = jnp.ones_like(tempered)
+    k_key = _largest_key_reaching(row_keys, ones, top_k.astype(jnp.float32), lo, hi)
+    k_key = jnp.where(use_top_k, k_key, lo)
+
+    # top-p on the top-k-renormalised distribution: the kept mass must reach top_p * Z_k.
+    weights = jnp.where(row_keys >= k_key[:, None], jnp.exp(tempered - row_max[:, None]), 0.0)
+    target = top_p * jnp.sum(weights, axis=-1)
+    p_key = _largest_key_reaching(row_keys, weights, target, k_key, hi)
+    p_key = jnp.where(top_p < 1.0, p_key, k_key)
+
+    # min-p: p >= min_p * p_max  <=>  logit >= max + log(min_p); min_p <= 0 gives -inf.
+    min_p_key = ordered_key(row_max + jnp.log(jnp.maximum(min_p, 0.0)))
+    return jnp.maximum(p_key, jnp.minimum(min_p_key, hi))
+
+
+def sample_reference(logits, temperature, top_k, top_p, min_p, keys):
+    """Draws one token per row: temperature, then top-k, top-p, min-p, then Gumbel-max.
+
+    In order, on each row:
+      1. temperature: tempered = logits / T; T == 0 means greedy (argmax of the logits,
+         masks and noise ignored).
+      2. top-k: keep the k most likely tokens (k <= 0 or k >= V: off).
+      3. top-p, on the distribution renormalised over the top-k tokens: keep the smallest
+         set of most likely tokens whose mass reaches top_p (top_p >= 1: off). The most
+         likely token is always kept.
+      4. min-p: keep tokens with p >= min_p * p_max (min_p <= 0: off).
+      5. draw: argmax over kept tokens of tempered + Gumbel noise, the noise made from
+         sampling_noise_bits(keys) -- an exact sample of the renormalised kept distribution.
+    Each mask is one threshold on the tempered logit, found by bisection over the row (no
+    full-vocabulary sort). Tokens tied with a threshold are all kept, so top-k may keep more
+    than k tokens and top-p may keep more mass than it needs when values tie.
+
+    Args:
+      logits: f32[S, V] (any float dtype; computed in f32).
+      temperature: f32[S]; top_k: i32[S]; top_p: f32[S]; min_p: f32[S].
+      keys: u32[S, 2] raw key data per row,
+        jax.random.key_data(jax.random.fold_in(jax.random.PRNGKey(seed), output_position)).
+    Returns:
+      token_ids i32[S]; logprobs f32[S], log_softmax of the tempered logits (greedy: of the
+      raw logits) at the chosen token, before any mask.
+    """
+    logits = logits.astype(jnp.float32)                                   # f32[S, V]
+    greedy = temperature <= 0.0                                           # bool[S]
+    tempered = logits / jnp.where(greedy, 1.0, temperature)[:, None]      # f32[S, V]
+    threshold = sampling_threshold(tempered, top_k, top_p, min_p)         # i32[S]
+    kept = ordered_key(tempered) >= threshold[:, None]                    # bool[S, V]
+    noise = gumbel_from_bits(sampling_noise_bits(keys, logits.shape[-1]))
+    drawn = jnp.argmax(jnp.where(kept, tempered + noise, -jnp.inf), axis=-1)
+    token_ids = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    log_probs = jax.nn.log_softmax(tempered, axis=-1)
+    logprobs = jnp.take_along_axis(log_probs, token_ids[:, None], axis=-1)[:, 0]
+    return token_ids, logprobs

@@ -1,0 +1,183 @@
+"""Loading and saving model weights: Hugging Face directories (safetensors) and orbax.
+
+A model directory holds config.json, the weights (model.safetensors, or shards listed in
+model.safetensors.index.json), optionally generation_config.json and the tokenizer files.
+`convert_to_orbax` adds an `orbax/` checkpoint beside them, which `load_model` prefers.
+
+Loading builds the module abstractly (no memory) and fills it one tensor at a time, so the
+host never holds two full copies of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.config import ModelConfig
+from models.transformer import Transformer
+
+ORBAX_SUBDIR = "orbax"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                    "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+                    "generation_config.json")
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be loaded; the message names the file and field."""
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+
+
+def load_config(model_dir: str | os.PathLike, dtype: str | None = None) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    try:
+        return ModelConfig.from_hf(read_json(path), dtype=dtype)
+    except CheckpointError:
+        raise
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+
+
+def load_generation_config(model_dir: str | os.PathLike) -> dict:
+    """generation_config.json as a dict ({} when absent): eos_token_id, temperature, top_p..."""
+    path = Path(model_dir) / "generation_config.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def abstract_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """The module's structure and parameter shapes, with no memory allocated."""
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)
+
+
+def hf_name(path: tuple) -> str:
+    return ".".join(str(part) for part in path)
+
+
+def _is_linear_weight(name: str) -> bool:
+    return name.endswith("_proj.weight") or name == "lm_head.weight"
+
+
+def load_model(model_dir: str | os.PathLike, dtype: str | None = None) -> Transformer:
+    """Loads a model directory: its orbax checkpoint when present, else its safetensors."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: model directory not found")
+    config = load_config(model_dir, dtype)
+    if (model_dir / ORBAX_SUBDIR).is_dir():
+        return _load_orbax(model_dir / ORBAX_SUBDIR, config)
+    return _load_safetensors(model_dir, config)
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: expected a 'weight_map' object")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = [model_dir / "model.safetensors"]
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{file}: weights file not found")
+    return files
+
+
+def _load_safetensors(model_dir: Path, config: ModelConfig) -> Transformer:
+    from safetensors import SafetensorError, safe_open
+
+    graphdef, state = abstract_model(config)
+    wanted = {hf_name(path): path for path, _ in nnx.to_flat_state(state)}
+    flat = dict(nnx.to_flat_state(state))
+    dtype = jnp.dtype(config.dtype)
+    for file in _safetensors_files(model_dir):
+        try:
+            with safe_open(file, framework="numpy") as tensors:
+                for name in tensors.keys():
+                    if name not in wanted:
+                        continue  # e.g. rotary inv_freq buffers, or a tied lm_head copy
+                    array = tensors.get_tensor(name)
+                    if _is_linear_weight(name):
+                        array = array.T
+                    flat[wanted[name]] = _checked(flat[wanted[name]], array, name, file, dtype)
+                    del wanted[name]
+        except SafetensorError as error:
+            raise CheckpointError(f"{file}: not a valid safetensors file ({error})") from None
+    if wanted:
+        missing = sorted(wanted)[:5]
+        raise CheckpointError(f"{model_dir}: weights missing from the checkpoint: {missing}"
+                              f"{' ...' if len(wanted) > 5 else ''}")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _checked(abstract, array: np.ndarray, name: str, file: Path, dtype) -> nnx.Variable:
+    expected = tuple(abstract.shape)
+    if tuple(array.shape) != expected:
+        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(array.shape)}, expected "
+                              f"{expected} from config.json")
+    # One tensor at a time goes to the device; the host copy is dropped right after.
+    return abstract.replace(jnp.asarray(array, dtype=dtype))
+
+
+def save_safetensors(model: Transformer, hf_config: dict, out_dir: str | os.PathLike) -> None:
+    """Writes a Hugging Face directory (config.json + model.safetensors) for `model`."""
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = hf_name(path)
+        array = np.asarray(jax.device_get(variable[...]))
+        tensors[name] = np.ascontiguousarray(array.T if _is_linear_weight(name) else array)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+def convert_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """`ember convert`: copies config and tokenizer files and writes the weights as orbax."""
+    import orbax.checkpoint as ocp
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir).absolute()
+    model = _load_safetensors(hf_dir, load_config(hf_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json",) + _TOKENIZER_FILES:
+        if (hf_dir / name).is_file() and hf_dir.resolve() != out_dir.resolve():
+            shutil.copy2(hf_dir / name, out_dir / name)
+    target = out_dir / ORBAX_SUBDIR
+    if target.exists():
+        shutil.rmtree(target)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(target, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return out_dir
+
+
+def _load_orbax(path: Path, config: ModelConfig) -> Transformer:
+    import orbax.checkpoint as ocp
+
+    graphdef, state = abstract_model(config)
+    target = nnx.to_pure_dict(state)
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), target)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(path.absolute(), target)
+    except Exception as error:  # orbax raises many types for a damaged or mismatched tree
+        raise CheckpointError(f"{path}: orbax checkpoint does not match config.json "
+                              f"({type(error).__name__}: {str(error)[:300]})") from None
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)

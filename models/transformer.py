@@ -1,0 +1,204 @@
+"""The one decoder-only transformer (Flax NNX) behind every supported architecture.
+
+Parameter names follow Hugging Face's, so a checkpoint maps onto the module tree by name:
+`Transformer.model.layers[i].self_attn.q_proj.weight` is `model.layers.i.self_attn.q_proj.weight`.
+Linear weights are stored [in, out] (HF stores [out, in]; the loader transposes).
+
+Attention is not built in: each call takes an `attend(layer_index, q, k, v) -> out` function,
+so the same layers serve the paged engine (ragged paged attention over the KV cache) and the
+dense causal path used for training and scoring.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from models.config import ModelConfig
+
+# attend(layer_index, q [..., Hq, D], k [..., Hkv, D], v [..., Hkv, D]) -> [..., Hq, D]
+AttendFn = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> nnx.Param:
+    return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype) * std)
+
+
+class Linear(nnx.Module):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        self.weight = _init(rngs, (in_features, out_features), dtype)
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.weight[...]
+        return y if self.bias is None else y + self.bias[...]
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, *, dtype, rngs: nnx.Rngs):
+        self.weight = _init(rngs, (vocab_size, hidden_size), dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], ids, axis=0)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm in float32; Gemma scales by (1 + w) before the cast, Llama by w after it."""
+
+    def __init__(self, dim: int, *, eps: float, offset: float, dtype):
+        self.weight = nnx.Param(jnp.full((dim,), 1.0 - offset, dtype))
+        self.eps = eps
+        self.offset = offset
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates halves (HF's rotate_half layout). x: [..., heads, D]; positions: [...]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., D/2]
+    cos = jnp.cos(freqs).astype(x.dtype)[..., None, :]
+    sin = jnp.sin(freqs).astype(x.dtype)[..., None, :]
+    first, second = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c, dtype = config, config.dtype
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype,
+                             rngs=rngs)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias,
+                             dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias,
+                             dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias, dtype=dtype,
+                             rngs=rngs)
+        norm = dict(eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype)
+        self.q_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
+
+    def __call__(self, x, positions, inv_freq, attend: AttendFn, layer_index: int):
+        lead = x.shape[:-1]
+        q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, positions, inv_freq), rotary(k, positions, inv_freq)
+        out = attend(layer_index, q, k, v)  # [..., Hq, D]
+        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c, dtype = config, config.dtype
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype,
+                                rngs=rngs)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype,
+                              rngs=rngs)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype,
+                                rngs=rngs)
+        self.activation = c.activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = self.gate_proj(x)
+        if self.activation == "silu":
+            gate = jax.nn.silu(gate)
+        else:
+            gate = jax.nn.gelu(gate, approximate=self.activation != "gelu")
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        norm = dict(eps=config.rms_norm_eps, offset=config.norm_offset, dtype=config.dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, attend: AttendFn, layer_index: int):
+        x = x + self.self_attn(self.input_layernorm(x), positions, inv_freq, attend, layer_index)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nnx.Module):
+    """HF's `model.*`: embeddings, layers and the final norm."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=config.dtype,
+                                      rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
+                            offset=config.norm_offset, dtype=config.dtype)
+
+
+class Transformer(nnx.Module):
+    """A decoder-only causal LM; see the module docstring for the attention seam."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = DecoderStack(config, rngs=rngs)
+        self.lm_head = (None if config.tie_word_embeddings else
+                        Linear(config.hidden_size, config.vocab_size, bias=False,
+                               dtype=config.dtype, rngs=rngs))
+
+    def hidden_states(self, input_ids: Int[Array, "*tokens"], positions: Int[Array, "*tokens"],
+                      attend: AttendFn) -> Float[Array, "*tokens hidden"]:
+        """Runs the decoder stack; returns the final-norm hidden states."""
+        c = self.config
+        x = self.model.embed_tokens(input_ids)
+        if c.scale_embeddings:
+            x = x * jnp.asarray(c.hidden_size ** 0.5, x.dtype)
+        inv_freq = jnp.asarray(c.rope.inverse_frequencies(c.head_dim), jnp.float32)
+        for index, layer in enumerate(self.model.layers):
+            x = layer(x, positions, inv_freq, attend, index)
+        return self.model.norm(x)
+
+    def logits(self, hidden: Float[Array, "*rows hidden"]) -> Float[Array, "*rows vocab"]:
+        """The LM head in float32 accumulation: [..., hidden] -> [..., vocab]."""
+        if self.lm_head is None:
+            weight = self.model.embed_tokens.weight[...].T
+        else:
+            weight = self.lm_head.weight[...]
+        return jnp.dot(hidden, weight, preferred_element_type=jnp.float32)
+
+    def forward_dense(self, input_ids: Int[Array, "batch length"]
+                      ) -> Float[Array, "batch length vocab"]:
+        """Full causal forward over [batch, length] (training and scoring; no KV cache)."""
+        length = input_ids.shape[-1]
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), input_ids.shape)
+        attend = dense_causal_attend(self.config)
+        return self.logits(self.hidden_states(input_ids, positions, attend))
+
+
+def dense_causal_attend(config: ModelConfig) -> AttendFn:
+    """Plain causal attention over [batch, length, heads, D], with the config's window."""
+    scale = config.head_dim ** -0.5
+    group = config.num_heads // config.num_kv_heads
+
+    def attend(layer_index, q, k, v):
+        del layer_index
+        length = q.shape[-3]
+        k, v = jnp.repeat(k, group, axis=-2), jnp.repeat(v, group, axis=-2)
+        scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+        query_pos = jnp.arange(length)[:, None]
+        key_pos = jnp.arange(length)[None, :]
+        visible = key_pos <= query_pos
+        if config.sliding_window is not None:
+            visible &= query_pos - key_pos < config.sliding_window
+        scores = jnp.where(visible, scores * scale, -1e30)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("...hqk,...khd->...qhd", weights, v)
+
+    return attend
