@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
@@ -38,7 +38,10 @@ def spread_weights(model, seed: int = 0) -> None:
             elif param.ndim == 1:
                 param.copy_(0.1 * noise)
             elif "embed" in name:
-                param.copy_(noise)
+                # Tied to the head, unit-scale rows would make every greedy step repeat
+                # its input token.
+                tied = model.config.tie_word_embeddings
+                param.copy_(noise / math.sqrt(param.shape[1]) if tied else noise)
             else:
                 param.copy_(1.5 * noise / math.sqrt(param.shape[1]))
 
@@ -54,7 +57,34 @@ def build_hf_model(kind: str, out_dir: Path, seed: int = 0, **overrides) -> Path
     model = getattr(transformers, model_name)(config)
     spread_weights(model, seed)
     model.save_pretrained(out_dir)
+    save_byte_tokenizer(out_dir)
     return out_dir
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def save_byte_tokenizer(out_dir: Path) -> None:
+    """A byte-level tokenizer.json (specials at 0-2, the 256 bytes at 3-258, no merges), so
+    any text round-trips and every id fits the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {token: index for index, token in enumerate(specials)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(out_dir)
 
 
 def load_hf_model(model_dir: Path):

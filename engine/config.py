@@ -1,0 +1,82 @@
+"""EngineConfig: sizes, ladders and options of one engine (no JAX)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BACKENDS = ("auto", "reference", "gpu", "tpu")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EMBER_HOME", Path.home() / ".cache" / "ember"))
+
+
+def ladder(smallest: int, largest: int) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to `largest`, which is always the last rung."""
+    rungs, rung = [], smallest
+    while rung < largest:
+        rungs.append(rung)
+        rung *= 2
+    rungs.append(largest)
+    return tuple(rungs)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How one engine is sized and compiled.
+
+    Attributes:
+      max_model_len: longest sequence (prompt + output); None takes the model's limit.
+      max_num_seqs: most sequences in one step.
+      max_num_batched_tokens: the token budget of one step (decodes first, then prefill).
+      page_size: tokens per KV page.
+      num_pages: KV pages in the pool; None sizes it from device memory on accelerators
+        (memory_fraction of what is free after the weights) and uses cpu_num_pages on CPU.
+      backend: kernels to use: "auto", "reference", "gpu" or "tpu".
+      interpret: run Pallas kernels in interpret mode (for tests on CPU).
+      compilation_cache_dir: persistent XLA cache; "" disables it.
+      warmup: compile every ladder rung before serving.
+    """
+
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    page_size: int = 16
+    num_pages: int | None = None
+    cpu_num_pages: int = 2048
+    memory_fraction: float = 0.8
+    enable_prefix_caching: bool = True
+    dtype: str | None = None
+    backend: str = "auto"
+    interpret: bool = False
+    compilation_cache_dir: str = field(default_factory=lambda: str(default_cache_dir() / "xla"))
+    warmup: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "cpu_num_pages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive integer")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len={self.max_model_len!r}: expected a positive integer")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"num_pages={self.num_pages!r}: expected at least 2 (page 0 is "
+                             "reserved for padding)")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction={self.memory_fraction!r}: expected (0, 1]")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: expected one of {BACKENDS}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below "
+                             f"max_num_seqs={self.max_num_seqs}: every sequence needs a token")
+
+    @property
+    def token_ladder(self) -> tuple[int, ...]:
+        return ladder(min(16, self.max_num_batched_tokens), self.max_num_batched_tokens)
+
+    @property
+    def seq_ladder(self) -> tuple[int, ...]:
+        return ladder(1, self.max_num_seqs)

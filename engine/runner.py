@@ -1,0 +1,210 @@
+"""Runner: turns a SchedulerOutput into one flattened ragged batch and runs the jitted step.
+
+Host side only builds numpy arrays; the device side lives in engine/step.py. Every array is
+padded to a ladder rung, so after warm-up no step compiles. Results come back in one packed
+transfer per step (two when prompt logprobs were asked for).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from engine.config import EngineConfig
+from engine.request import ModelOutput, Request, SchedulerOutput
+from engine.step import (TOP_LOGPROBS, PenaltyArrays, SamplingArrays, forward_step,
+                         prompt_logprobs_step, sample_step)
+from models.batch import Batch
+from models.paged import init_kv_caches
+from models.transformer import Transformer
+
+
+def rung(ladder: tuple[int, ...], value: int) -> int:
+    for size in ladder:
+        if size >= value:
+            return size
+    raise ValueError(f"{value} is beyond the largest ladder rung {ladder[-1]}")
+
+
+@dataclass(slots=True, frozen=True)
+class PromptLogprobs:
+    """Logprobs of prompt tokens at `positions` (the position of each scored token)."""
+
+    positions: np.ndarray     # i32[N]
+    logprobs: np.ndarray      # f32[N]
+    ranks: np.ndarray         # i32[N]
+    top_ids: np.ndarray       # i32[N, K]
+    top_logprobs: np.ndarray  # f32[N, K]
+
+
+class Runner:
+    """Owns the weights, the KV cache and the compiled step functions."""
+
+    def __init__(self, model: Transformer, config: EngineConfig, max_model_len: int,
+                 num_pages: int):
+        if model.config.vocab_size >= 2 ** 24:
+            raise ValueError("vocab_size >= 2**24 cannot travel exactly in the packed f32 output")
+        self.config = config
+        self.max_model_len = max_model_len
+        self.num_pages = num_pages
+        self.max_pages_per_seq = math.ceil(max_model_len / config.page_size)
+        self.graphdef, self.params = nnx.split(model)
+        self.kv_caches = init_kv_caches(model, num_pages, config.page_size)
+        kernel = dict(backend=config.backend, interpret=config.interpret)
+        self._forward = jax.jit(functools.partial(forward_step, self.graphdef, **kernel),
+                                donate_argnums=(1,))
+        self._sample = jax.jit(functools.partial(sample_step, self.graphdef, **kernel),
+                               static_argnames=("num_seqs", "num_top"))
+        self._prompt_logprobs = jax.jit(functools.partial(prompt_logprobs_step, self.graphdef),
+                                        static_argnames=("num_top",))
+
+    # ------------------------------------------------------------------ warm-up
+    def warmup(self, progress: bool = True) -> None:
+        """Compiles every rung: forward and prompt logprobs per token rung, sampling per
+        sequence rung with and without penalties and top logprobs."""
+        c = self.config
+        jobs = [("forward", t) for t in c.token_ladder]
+        jobs += [("prompt_logprobs", t) for t in c.token_ladder]
+        jobs += [("sample", (s, pen, top)) for s in c.seq_ladder for pen in (False, True)
+                 for top in (0, TOP_LOGPROBS)]
+        last_hidden = None
+        for kind, shape in tqdm(jobs, desc="warm-up (compile)", unit="bucket", disable=not progress):
+            if kind == "forward":
+                batch, indices = self._empty_batch(shape)
+                self.kv_caches, hidden, last_hidden = self._forward(self.params, self.kv_caches,
+                                                                    batch, indices)
+                self._prompt_logprobs(self.params, hidden, np.zeros(shape, np.int32),
+                                      num_top=TOP_LOGPROBS).block_until_ready()
+            elif kind == "sample":
+                num_seqs, with_penalties, num_top = shape
+                sampling, penalties = self._sampling_arrays([], num_seqs, with_penalties)
+                self._sample(self.params, last_hidden, sampling, penalties, num_seqs=num_seqs,
+                             num_top=num_top).block_until_ready()
+
+    def _empty_batch(self, num_tokens: int) -> tuple[Batch, np.ndarray]:
+        max_seqs = self.config.max_num_seqs
+        batch = Batch(input_ids=np.zeros(num_tokens, np.int32),
+                      positions=np.zeros(num_tokens, np.int32),
+                      slot_mapping=np.zeros(num_tokens, np.int32),
+                      cu_q_lens=np.zeros(max_seqs + 1, np.int32),
+                      kv_lens=np.zeros(max_seqs, np.int32),
+                      page_indices=np.zeros((max_seqs, self.max_pages_per_seq), np.int32),
+                      num_seqs=np.zeros(1, np.int32))
+        return batch, np.zeros(max_seqs, np.int32)
+
+    # ------------------------------------------------------------------ one step
+    def execute(self, scheduler_output: SchedulerOutput, requests: Mapping[str, Request]
+                ) -> ModelOutput:
+        """Runs one step; returns sampled tokens and logprobs as numpy, row s for scheduled[s]."""
+        scheduled = scheduler_output.scheduled
+        batch, logits_indices = self._build_batch(scheduler_output)
+        self.kv_caches, hidden, last_hidden = self._forward(self.params, self.kv_caches, batch,
+                                                            logits_indices)
+        chosen = [requests[item.request_id] for item in scheduled]
+        num_seqs = rung(self.config.seq_ladder, len(scheduled))
+        with_penalties = any(r.sampling_params.has_penalties for r in chosen)
+        num_top = TOP_LOGPROBS if any(r.sampling_params.logprobs for r in chosen) else 0
+        sampling, penalties = self._sampling_arrays(chosen, num_seqs, with_penalties)
+        packed = self._sample(self.params, last_hidden, sampling, penalties, num_seqs=num_seqs,
+                              num_top=num_top)
+        prompt_logprobs = self._prompt_logprobs_for(scheduler_output, chosen, batch, hidden)
+        packed = np.asarray(jax.device_get(packed))[:len(scheduled)]
+        output = ModelOutput(sampled_token_ids=packed[:, 0].astype(np.int32),
+                             logprobs=packed[:, 1], ranks=packed[:, 2].astype(np.int32),
+                             prompt_logprobs=prompt_logprobs)
+        output.top_logprob_ids = packed[:, 3:3 + num_top].astype(np.int32)
+        output.top_logprobs = packed[:, 3 + num_top:]
+        return output
+
+    def _build_batch(self, scheduler_output: SchedulerOutput) -> tuple[Batch, np.ndarray]:
+        page_size = self.config.page_size
+        num_real = scheduler_output.num_batched_tokens
+        batch, logits_indices = self._empty_batch(rung(self.config.token_ladder, num_real))
+        cu_q_lens = batch.cu_q_lens
+        cu_q_lens[:] = num_real  # padding sequences own no rows
+        row = 0
+        for s, item in enumerate(scheduler_output.scheduled):
+            count = len(item.token_ids)
+            positions = np.arange(item.start_position, item.start_position + count, dtype=np.int32)
+            pages = np.asarray(item.page_table, np.int32)
+            batch.input_ids[row:row + count] = item.token_ids
+            batch.positions[row:row + count] = positions
+            batch.slot_mapping[row:row + count] = (pages[positions // page_size] * page_size
+                                                   + positions % page_size)
+            cu_q_lens[s] = row
+            batch.kv_lens[s] = item.start_position + count
+            batch.page_indices[s, :len(pages)] = pages
+            logits_indices[s] = row + count - 1
+            row += count
+        batch.num_seqs[0] = len(scheduler_output.scheduled)
+        return batch, logits_indices
+
+    def _sampling_arrays(self, chosen: list[Request], num_seqs: int, with_penalties: bool
+                         ) -> tuple[SamplingArrays, PenaltyArrays | None]:
+        params = [r.sampling_params for r in chosen]
+        pad = num_seqs - len(chosen)
+
+        def column(values, dtype, fill):
+            return np.asarray(list(values) + [fill] * pad, dtype)
+
+        sampling = SamplingArrays(
+            temperature=column((p.temperature for p in params), np.float32, 0.0),
+            top_k=column((p.top_k for p in params), np.int32, 0),
+            top_p=column((p.top_p for p in params), np.float32, 1.0),
+            min_p=column((p.min_p for p in params), np.float32, 0.0),
+            seeds=column((r.seed for r in chosen), np.uint32, 0),
+            positions=column((r.num_output_tokens for r in chosen), np.int32, 0))
+        if not with_penalties:
+            return sampling, None
+        history = np.full((num_seqs, self.max_model_len), -1, np.int32)
+        for s, request in enumerate(chosen):
+            if request.sampling_params.has_penalties:
+                tokens = request.all_token_ids
+                history[s, :len(tokens)] = tokens
+        penalties = PenaltyArrays(
+            history=history,
+            num_prompt=column((r.num_prompt_tokens for r in chosen), np.int32, 0),
+            repetition=column((p.repetition_penalty for p in params), np.float32, 1.0),
+            presence=column((p.presence_penalty for p in params), np.float32, 0.0),
+            frequency=column((p.frequency_penalty for p in params), np.float32, 0.0))
+        return sampling, penalties
+
+    def _prompt_logprobs_for(self, scheduler_output, chosen, batch, hidden):
+        """Scores prompt tokens fed this step for requests that asked for prompt_logprobs."""
+        wanted = [(s, item) for s, (item, r) in enumerate(zip(scheduler_output.scheduled, chosen))
+                  if r.sampling_params.prompt_logprobs is not None and item.is_prefill]
+        if not wanted:
+            return None
+        targets = np.zeros(batch.input_ids.shape[0], np.int32)
+        spans = {}
+        row = 0
+        for item, request in zip(scheduler_output.scheduled, chosen):
+            count = len(item.token_ids)
+            spans[item.request_id] = (row, count)
+            # Row at position p predicts the token at p + 1, when that token is in the prompt.
+            following = request.token_ids_between(item.start_position + 1,
+                                                  item.start_position + count + 1)
+            targets[row:row + len(following)] = following
+            row += count
+        packed = np.asarray(jax.device_get(self._prompt_logprobs(
+            self.params, hidden, targets, num_top=TOP_LOGPROBS)))
+        result = {}
+        for s, item in wanted:
+            request = chosen[s]
+            first, count = spans[item.request_id]
+            # Scored positions: p + 1 for rows whose next token is still a prompt token.
+            positions = np.arange(item.start_position + 1, item.start_position + count + 1)
+            keep = positions < request.num_prompt_tokens
+            rows = packed[first:first + count][keep]
+            result[item.request_id] = PromptLogprobs(
+                positions=positions[keep].astype(np.int32), logprobs=rows[:, 1],
+                ranks=rows[:, 2].astype(np.int32), top_ids=rows[:, 3:3 + TOP_LOGPROBS].astype(
+                    np.int32), top_logprobs=rows[:, 3 + TOP_LOGPROBS:])
+        return result

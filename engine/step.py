@@ -1,0 +1,119 @@
+"""The device side of one engine step: pure functions the runner jits once per ladder rung.
+
+forward_step   (per token rung T)   embeds, attends over the paged cache, writes K/V
+sample_step    (per sequence rung S) LM head on each sequence's last row, penalties, sampling,
+                                     chosen-token logprob, rank and optional top logprobs,
+                                     all packed in one f32 array for a single host transfer
+prompt_logprobs_step (per T)         logprobs of each prompt token, for evaluations
+
+Splitting the LM head from the body keeps compilations at |T| + |S| instead of |T| x |S|.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from models.batch import Batch
+from models.paged import forward_paged
+
+TOP_LOGPROBS = 20  # the one top-logprobs width compiled; requests slice what they asked for
+
+
+class SamplingArrays(NamedTuple):
+    """Per-sequence sampling parameters, padded to a sequence rung S."""
+
+    temperature: jax.Array  # f32[S]  0 = greedy
+    top_k: jax.Array        # i32[S]  <= 0 disables
+    top_p: jax.Array        # f32[S]
+    min_p: jax.Array        # f32[S]
+    seeds: jax.Array        # u32[S]
+    positions: jax.Array    # i32[S]  output position of the token being drawn
+
+
+class PenaltyArrays(NamedTuple):
+    """Token history for repetition / presence / frequency penalties."""
+
+    history: jax.Array             # i32[S, L]  prompt then output ids, -1 padded
+    num_prompt: jax.Array          # i32[S]     history[:num_prompt] is the prompt
+    repetition: jax.Array          # f32[S]     1 disables
+    presence: jax.Array            # f32[S]
+    frequency: jax.Array           # f32[S]
+
+
+def forward_step(graphdef, params, kv_caches, batch: Batch, logits_indices, *, backend,
+                 interpret):
+    """Returns (kv_caches, hidden f32[T, H], last_hidden [S_max, H] at logits_indices)."""
+    model = nnx.merge(graphdef, params)
+    kv_caches, hidden = forward_paged(model, kv_caches, batch, backend=backend,
+                                      interpret=interpret)
+    return kv_caches, hidden, hidden[logits_indices]
+
+
+def apply_penalties(logits, penalties: PenaltyArrays):
+    """vLLM/OpenAI semantics: repetition over prompt and output tokens (divide positive
+    logits, multiply negative ones); presence and frequency over output tokens only."""
+    num_seqs, vocab = logits.shape
+    history = penalties.history
+    valid = history >= 0
+    is_output = jnp.arange(history.shape[1])[None, :] >= penalties.num_prompt[:, None]
+    ids = jnp.where(valid, history, vocab)  # padding lands in a dropped extra column
+    rows = jnp.arange(num_seqs)[:, None]
+    seen = jnp.zeros((num_seqs, vocab + 1), jnp.bool_).at[rows, ids].set(True)[:, :vocab]
+    counts = jnp.zeros((num_seqs, vocab + 1), jnp.float32).at[rows, ids].add(
+        (valid & is_output).astype(jnp.float32))[:, :vocab]
+    rep = penalties.repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - penalties.frequency[:, None] * counts
+    return logits - penalties.presence[:, None] * (counts > 0)
+
+
+def request_keys(seeds, positions):
+    """Raw key data u32[S, 2] of fold_in(PRNGKey(seed), output_position), per sequence."""
+    def one(seed, position):
+        return jax.random.key_data(jax.random.fold_in(jax.random.PRNGKey(seed), position))
+    return jax.vmap(one)(seeds, positions)
+
+
+def sample_step(graphdef, params, last_hidden, sampling: SamplingArrays,
+                penalties: PenaltyArrays | None, *, num_seqs, num_top, backend, interpret):
+    """Samples one token per sequence; returns f32[S, 3 + 2 * num_top]:
+    token id, its logprob, its rank, then num_top (id, logprob) pairs.
+
+    Logprobs are the model's own distribution (log_softmax of the raw logits), as OpenAI
+    and vLLM report them; penalties and temperature shape only the draw.
+    """
+    model = nnx.merge(graphdef, params)
+    logits = model.logits(last_hidden[:num_seqs])  # f32[S, V]
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if penalties is not None:
+        logits = apply_penalties(logits, penalties)
+    keys = request_keys(sampling.seeds, sampling.positions)
+    token_ids, _ = pallas_kernels.sample(logits, sampling.temperature, sampling.top_k,
+                                         sampling.top_p, sampling.min_p, keys, backend=backend,
+                                         interpret=interpret)
+    return _pack(logprobs, token_ids, num_top)
+
+
+def prompt_logprobs_step(graphdef, params, hidden, target_ids, *, num_top):
+    """Logprob, rank and top logprobs of target_ids[t] under row t's distribution:
+    f32[T, 3 + 2 * num_top]."""
+    model = nnx.merge(graphdef, params)
+    logprobs = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+    return _pack(logprobs, target_ids, num_top)
+
+
+def _pack(logprobs, token_ids, num_top):
+    rows = jnp.arange(logprobs.shape[0])
+    chosen = logprobs[rows, token_ids]
+    rank = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1)
+    columns = [token_ids.astype(jnp.float32), chosen, rank.astype(jnp.float32)]
+    packed = jnp.stack(columns, axis=-1)
+    if num_top:
+        top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
+        packed = jnp.concatenate([packed, top_ids.astype(jnp.float32), top_logprobs], axis=-1)
+    return packed

@@ -1,0 +1,139 @@
+"""End-to-end generation through LLM: parity with transformers, batching invariance,
+prefix caching, preemption, seeded sampling, logprobs, stops and bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from tests.hf_models import ARCHITECTURES, load_hf_model
+
+SMALL = dict(max_num_seqs=8, max_num_batched_tokens=64, page_size=16, num_pages=96,
+             max_model_len=256, warmup=False, compilation_cache_dir="")
+
+
+def random_prompts(seed, count, low=3, high=40):
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": rng.integers(3, 259, size=int(rng.integers(low, high))).tolist()}
+            for _ in range(count)]
+
+
+def hf_greedy(model_dir, prompt_ids, max_new_tokens):
+    model = load_hf_model(model_dir)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama(hf_model_dirs):
+    return LLM(hf_model_dirs["llama"], **SMALL)
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
+def test_greedy_matches_transformers_generate(kind, hf_model_dirs):
+    llm = LLM(hf_model_dirs[kind], **SMALL)
+    prompt = random_prompts(seed=sorted(ARCHITECTURES).index(kind), count=1, low=20, high=30)[0]
+    out = llm.generate(prompt, SamplingParams(max_tokens=32, temperature=0))[0]
+    expected = hf_greedy(hf_model_dirs[kind], prompt["prompt_token_ids"], 32)
+    assert out.outputs[0].token_ids == expected
+    assert len(set(expected)) > 4, "greedy text should vary for the test to mean something"
+
+
+def test_batched_greedy_equals_each_alone(llama):
+    prompts = random_prompts(seed=1, count=64, low=2, high=120)
+    rng = np.random.default_rng(2)
+    params = [SamplingParams(max_tokens=int(rng.integers(1, 24)), temperature=0, ignore_eos=True)
+              for _ in prompts]
+    together = llama.generate(prompts, params, use_tqdm=False)
+    for prompt, param, out in zip(prompts, params, together):
+        alone = llama.generate(prompt, param, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == alone.outputs[0].token_ids
+        assert len(out.outputs[0].token_ids) == param.max_tokens
+
+
+def test_prefix_cached_results_equal_uncached(hf_model_dirs, llama):
+    shared = random_prompts(seed=3, count=1, low=70, high=71)[0]["prompt_token_ids"]
+    prompts = [{"prompt_token_ids": shared + tail["prompt_token_ids"]}
+               for tail in random_prompts(seed=4, count=6, low=1, high=20)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    uncached = LLM(hf_model_dirs["llama"], **{**SMALL, "enable_prefix_caching": False})
+    expected = [o.outputs[0].token_ids for o in uncached.generate(prompts, params)]
+    llama.generate(prompts[:1], params)  # fills the cache with the shared pages
+    cached = llama.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in cached] == expected
+    # The others share 4 full pages (64 of the 70 shared tokens); the first, run before,
+    # hits every full page of its own prompt but the last token's.
+    assert [o.num_cached_tokens for o in cached[1:]] == [64] * 5
+    assert cached[0].num_cached_tokens == (len(prompts[0]["prompt_token_ids"]) - 1) // 16 * 16
+
+
+def test_preempted_and_recomputed_equal_uninterrupted(hf_model_dirs, llama):
+    prompts = random_prompts(seed=5, count=8, low=20, high=60)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in llama.generate(prompts, params)]
+    # 12 pages of 16 tokens cannot hold 8 sequences of up to 100 tokens: preemption must run.
+    tight = LLM(hf_model_dirs["llama"], **{**SMALL, "num_pages": 13})
+    outputs = tight.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert tight.engine.scheduler.stats().num_free_pages == 12
+
+
+def test_seeded_request_same_alone_and_in_batch(llama):
+    params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
+    target = random_prompts(seed=6, count=1)[0]
+    alone = llama.generate(target, params)[0].outputs[0].token_ids
+    others = random_prompts(seed=7, count=5)
+    mixed = llama.generate(others[:2] + [target] + others[2:],
+                           [SamplingParams(max_tokens=15, temperature=0.8)] * 2 + [params]
+                           + [SamplingParams(max_tokens=15, temperature=0.8)] * 3)
+    assert mixed[2].outputs[0].token_ids == alone
+    unseeded = llama.generate([target] * 2, SamplingParams(max_tokens=20, temperature=1.0))
+    assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
+
+
+def test_logprobs_equal_log_softmax_of_transformers_logits(hf_model_dirs, llama):
+    prompt = random_prompts(seed=8, count=1, low=10, high=11)[0]["prompt_token_ids"]
+    out = llama.generate({"prompt_token_ids": prompt},
+                         SamplingParams(max_tokens=8, temperature=0, logprobs=5,
+                                        prompt_logprobs=3, ignore_eos=True))[0]
+    tokens = out.outputs[0].token_ids
+    with torch.no_grad():
+        logits = load_hf_model(hf_model_dirs["llama"])(torch.tensor([prompt + tokens])).logits[0]
+    expected = torch.log_softmax(logits.double(), dim=-1).numpy()
+    for step, (token, entry) in enumerate(zip(tokens, out.outputs[0].logprobs)):
+        row = expected[len(prompt) - 1 + step]
+        assert entry[token].logprob == pytest.approx(row[token], abs=1e-4)
+        assert entry[token].rank == 1  # greedy picks the most likely token
+        top = sorted(entry.values(), key=lambda lp: lp.rank)
+        np.testing.assert_allclose([lp.logprob for lp in top], np.sort(row)[::-1][:5], atol=1e-4)
+    assert out.prompt_logprobs[0] is None
+    for position in range(1, len(prompt)):
+        actual = out.prompt_logprobs[position][prompt[position]]
+        assert actual.logprob == pytest.approx(expected[position - 1][prompt[position]], abs=1e-4)
+
+
+def test_stop_strings_and_length(llama):
+    prompt = random_prompts(seed=9, count=1)[0]
+    free = llama.generate(prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    text = free.outputs[0].text
+    assert free.outputs[0].finish_reason == "length"
+    assert len(free.outputs[0].token_ids) == 30
+    stop = text[10:12]
+    assert stop and stop in text
+    stopped = llama.generate(prompt, SamplingParams(max_tokens=30, temperature=0,
+                                                    ignore_eos=True, stop=[stop]))[0]
+    assert stopped.outputs[0].finish_reason == "stop"
+    assert stopped.outputs[0].stop_reason == stop
+    assert stopped.outputs[0].text == text[:text.index(stop)]
+
+
+def test_request_beyond_max_model_len_is_rejected_before_taking_pages(llama):
+    free_before = llama.engine.scheduler.stats().num_free_pages
+    with pytest.raises(ValueError, match="max_model_len"):
+        llama.generate({"prompt_token_ids": [5] * 250}, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match=r"prompt_token_ids\[1\]=999"):
+        llama.generate({"prompt_token_ids": [5, 999]}, SamplingParams(max_tokens=10))
+    assert llama.engine.scheduler.stats().num_free_pages == free_before
+    assert not llama.engine.has_unfinished_requests()
