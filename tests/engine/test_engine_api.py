@@ -1,0 +1,98 @@
+"""LLMEngine behaviour a server relies on: zero compilations after warm-up, abort,
+n samples, chat, penalties."""
+
+import jax
+import numpy as np
+import pytest
+
+from engine import LLM, SamplingParams
+from tests.engine.test_generation import SMALL, random_prompts
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@pytest.fixture(scope="module")
+def warm_llm(hf_model_dirs):
+    return LLM(hf_model_dirs["qwen3"], **{**SMALL, "warmup": True})
+
+
+def random_params(rng):
+    return SamplingParams(
+        max_tokens=int(rng.integers(1, 12)), temperature=float(rng.choice([0.0, 0.7, 1.0])),
+        top_k=int(rng.choice([0, 5, 50])), top_p=float(rng.choice([1.0, 0.9])),
+        min_p=float(rng.choice([0.0, 0.1])), seed=int(rng.integers(0, 1000)),
+        n=int(rng.choice([1, 1, 2])), logprobs=rng.choice([None, 0, 3]),
+        prompt_logprobs=rng.choice([None, None, 2]),
+        presence_penalty=float(rng.choice([0.0, 0.5])),
+        repetition_penalty=float(rng.choice([1.0, 1.2])))
+
+
+def test_zero_compilations_after_warmup(warm_llm):
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(event)
+
+    rng = np.random.default_rng(0)
+    prompts = random_prompts(seed=10, count=200, low=1, high=150)
+    params = [random_params(rng) for _ in prompts]
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        outputs = warm_llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(outputs) == 200 and all(o.finished for o in outputs)
+    assert compiles == []
+    assert warm_llm.engine.compilations_after_warmup == 0
+
+
+def test_n_samples_share_prompt_and_differ(warm_llm):
+    prompt = random_prompts(seed=11, count=1, low=40, high=41)[0]
+    out = warm_llm.generate(prompt, SamplingParams(n=3, max_tokens=10, temperature=1.0,
+                                                   seed=5, ignore_eos=True))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert all(len(o.token_ids) == 10 for o in out.outputs)
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    assert out.usage.completion_tokens == 30 and out.usage.prompt_tokens == 40
+    again = warm_llm.generate(prompt, SamplingParams(n=3, max_tokens=10, temperature=1.0,
+                                                     seed=5, ignore_eos=True))[0]
+    assert [o.token_ids for o in again.outputs] == [o.token_ids for o in out.outputs]
+
+
+def test_abort_mid_decode_frees_pages_and_bills_emitted_tokens(warm_llm):
+    engine = warm_llm.engine
+    free_before = engine.scheduler.stats().num_free_pages
+    engine.add_request("a", random_prompts(seed=12, count=1, low=30, high=31)[0],
+                       SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    emitted = 0
+    while emitted < 3:
+        for output in engine.step():
+            emitted = len(output.outputs[0].token_ids)
+    final = engine.abort("a")
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    assert final.usage.completion_tokens == emitted
+    assert not engine.has_unfinished_requests()
+    assert engine.scheduler.stats().num_free_pages == free_before
+    assert engine.abort("a") is None
+
+
+def test_chat_uses_the_template(warm_llm):
+    messages = [{"role": "user", "content": "hello"}]
+    out = warm_llm.chat(messages, SamplingParams(max_tokens=4, temperature=0))[0]
+    expected = warm_llm.get_tokenizer().apply_chat_template(messages, tokenize=True)
+    assert out.prompt_token_ids == expected
+    with pytest.raises(ValueError, match="role"):
+        warm_llm.chat([{"role": "robot", "content": "hi"}])
+
+
+def test_penalties_change_the_greedy_choice(warm_llm):
+    prompt = random_prompts(seed=13, count=1, low=20, high=21)[0]
+    plain = warm_llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0,
+                                                     ignore_eos=True))[0].outputs[0].token_ids
+    penalised = warm_llm.generate(prompt, SamplingParams(
+        max_tokens=24, temperature=0, ignore_eos=True, frequency_penalty=2.0,
+        repetition_penalty=2.0))[0].outputs[0].token_ids
+    assert penalised != plain
+    counts = np.bincount(penalised)
+    assert counts.max() <= np.bincount(plain).max()
