@@ -1,0 +1,254 @@
+"""Offline throughput: Ember's LLM.generate against transformers' generate, side by side.
+
+Builds a random-weight Llama of a real shape, makes a seeded workload of random prompt and
+output lengths, and measures in one run:
+  - this CPU's f32 matmul rate and large-copy bandwidth (the ceilings),
+  - Ember: warm-up (compile) time, compilations after warm-up, output tokens/s, TTFT and
+    per-token latency p50/p99, prefix-cache hit rate, peak memory,
+  - transformers (torch CPU, same weights, same prompts, padded batches): the same numbers,
+    in a subprocess so each peak memory is its own,
+  - the compute roofline of the workload and batch-1 decode against the memory roofline.
+
+Usage: python scripts/bench_offline.py [--preset 25m|60m] [--requests 64] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PRESETS = {  # Llama shapes; vocab kept modest so the LM head does not dominate on a CPU
+    "25m": dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
+                num_attention_heads=8, num_key_value_heads=8),
+    "60m": dict(vocab_size=16384, hidden_size=640, intermediate_size=1728,
+                num_hidden_layers=10, num_attention_heads=10, num_key_value_heads=5),
+}
+
+
+def build_model(preset: str, out_dir: Path) -> Path:
+    import torch
+    import transformers
+
+    from tests.hf_models import save_byte_tokenizer, spread_weights
+
+    config = transformers.LlamaConfig(**PRESETS[preset], max_position_embeddings=1024,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    spread_weights(model)
+    model.save_pretrained(out_dir)
+    save_byte_tokenizer(out_dir)
+    return out_dir
+
+
+def workload(args):
+    rng = np.random.default_rng(args.seed)
+    prompts, outputs = [], []
+    for _ in range(args.requests):
+        prompts.append(rng.integers(3, 259, size=int(rng.integers(args.min_prompt,
+                                                                  args.max_prompt + 1))).tolist())
+        outputs.append(int(rng.integers(args.min_output, args.max_output + 1)))
+    return prompts, outputs
+
+
+def percentiles(values):
+    values = np.asarray(values) * 1000
+    return float(np.percentile(values, 50)), float(np.percentile(values, 99))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_ceilings():
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    start, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        matmul(a).block_until_ready()
+    flops = 2 * n ** 3 * reps / (time.perf_counter() - start)
+    # A plain memcpy of 256 MiB, far beyond the caches: bytes read plus bytes written.
+    source = np.random.default_rng(1).standard_normal(64 * 2 ** 20).astype(np.float32)
+    target = np.empty_like(source)
+    np.copyto(target, source)
+    start, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        np.copyto(target, source)
+    bandwidth = 2 * source.nbytes * reps / (time.perf_counter() - start)
+    return flops, bandwidth
+
+
+def run_ember(model_dir, prompts, outputs, args):
+    from engine import EngineConfig, LLMEngine, SamplingParams
+
+    config = EngineConfig(max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_model_len=1024, num_pages=args.num_pages,
+                          compilation_cache_dir=args.cache_dir)
+    engine = LLMEngine(model_dir, config)
+    start = time.perf_counter()
+    arrival, first, last, gaps, total = {}, {}, {}, [], 0
+    for index, (prompt, count) in enumerate(zip(prompts, outputs)):
+        engine.add_request(str(index), {"prompt_token_ids": prompt},
+                           SamplingParams(max_tokens=count, temperature=0, ignore_eos=True))
+        arrival[str(index)] = start
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            now = time.perf_counter()
+            rid = output.request_id
+            if rid not in first:
+                first[rid] = now
+            else:
+                gaps.append(now - last[rid])
+            last[rid] = now
+            if output.finished:
+                total += len(output.outputs[0].token_ids)
+    elapsed = time.perf_counter() - start
+    stats = engine.scheduler.stats()
+    batch1 = decode_batch1(engine, prompts[0])
+    return dict(tokens_per_s=total / elapsed, seconds=elapsed,
+                ttft=percentiles([first[r] - arrival[r] for r in first]), itl=percentiles(gaps),
+                warmup_s=engine.warmup_seconds,
+                compilations_after_warmup=engine.compilations_after_warmup,
+                prefix_hit_rate=stats.prefix_cache_hit_rate, batch1_tokens_per_s=batch1,
+                peak_mb=peak_rss_mb())
+
+
+def decode_batch1(engine, prompt, tokens=128):
+    from engine import SamplingParams
+
+    engine.add_request("batch1", {"prompt_token_ids": prompt[:16]},
+                       SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+    engine.step()  # prefill
+    start = time.perf_counter()
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    return steps / (time.perf_counter() - start)
+
+
+def run_transformers(model_dir, prompts, outputs, batch_size):
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count())
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model.generation_config.eos_token_id = None
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    ttft, gaps, total = [], [], 0
+    start = time.perf_counter()
+    for first in range(0, len(order), batch_size):
+        chosen = order[first:first + batch_size]
+        width = max(len(prompts[i]) for i in chosen)
+        ids = torch.zeros((len(chosen), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(chosen):  # left padding, as decoder-only generate expects
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        stamps = []
+
+        class Stamp(transformers.LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
+
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0,
+                           max_new_tokens=max(outputs[i] for i in chosen),
+                           min_new_tokens=max(outputs[i] for i in chosen),
+                           logits_processor=[Stamp()])
+        ttft += [stamps[0] - start] * len(chosen)
+        gaps += list(np.diff(stamps))
+        total += sum(outputs[i] for i in chosen)  # only the tokens each request asked for
+    elapsed = time.perf_counter() - start
+    return dict(tokens_per_s=total / elapsed, seconds=elapsed, ttft=percentiles(ttft),
+                itl=percentiles(gaps), peak_mb=peak_rss_mb())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="25m")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-prompt", type=int, default=16)
+    parser.add_argument("--max-prompt", type=int, default=512)
+    parser.add_argument("--min-output", type=int, default=32)
+    parser.add_argument("--max-output", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--num-pages", type=int, default=2048)
+    parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "ember-bench-xla"))
+    parser.add_argument("--transformers-only", help=argparse.SUPPRESS)  # subprocess mode
+    args = parser.parse_args()
+    if args.transformers_only:
+        model_dir, prompts, outputs = json.loads(Path(args.transformers_only).read_text())
+        print(json.dumps(run_transformers(model_dir, prompts, outputs, args.hf_batch_size)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model(args.preset, Path(tmp) / "model")
+        prompts, outputs = workload(args)
+        hf = None
+        if not args.skip_transformers:
+            job = Path(tmp) / "job.json"
+            job.write_text(json.dumps([str(model_dir), prompts, outputs]))
+            result = subprocess.run([sys.executable, __file__, "--transformers-only", str(job),
+                                     "--hf-batch-size", str(args.hf_batch_size)],
+                                    capture_output=True, text=True, check=True)
+            hf = json.loads(result.stdout.strip().splitlines()[-1])
+        from engine.config import EngineConfig  # noqa: F401  (jax starts here, after torch)
+        flops, bandwidth = measure_ceilings()
+        ember = run_ember(model_dir, prompts, outputs, args)
+        from models import load_config
+        params = load_config(model_dir).num_parameters
+    report(args, params, prompts, outputs, flops, bandwidth, ember, hf)
+
+
+def report(args, params, prompts, outputs, flops, bandwidth, ember, hf):
+    prompt_tokens, output_tokens = sum(map(len, prompts)), sum(outputs)
+    roofline = output_tokens / ((prompt_tokens + output_tokens) * 2 * params / flops)
+    memory_roofline = bandwidth / (params * 4)
+    print(f"\nmodel: random-weight Llama, {params / 1e6:.1f}M params (preset {args.preset}); "
+          f"{args.requests} requests, {prompt_tokens} prompt + {output_tokens} output tokens")
+    print(f"ceilings: f32 matmul {flops / 1e9:.1f} GFLOP/s, copy {bandwidth / 1e9:.1f} GB/s")
+    print(f"compute roofline: {roofline:.0f} output tok/s; "
+          f"batch-1 memory roofline: {memory_roofline:.0f} tok/s\n")
+    rows = [("output tok/s", "tokens_per_s", "{:.1f}"), ("wall s", "seconds", "{:.1f}"),
+            ("TTFT p50/p99 ms", "ttft", "{0[0]:.0f} / {0[1]:.0f}"),
+            ("per-token p50/p99 ms", "itl", "{0[0]:.1f} / {0[1]:.1f}"),
+            ("peak RSS MB", "peak_mb", "{:.0f}")]
+    print(f"| metric | ember | transformers |\n|---|---|---|")
+    for label, key, fmt in rows:
+        theirs = fmt.format(hf[key]) if hf else "skipped"
+        print(f"| {label} | {fmt.format(ember[key])} | {theirs} |")
+    print(f"| warm-up (compile) s | {ember['warmup_s']:.1f} | - |")
+    print(f"| compilations after warm-up | {ember['compilations_after_warmup']} | - |")
+    print(f"| prefix-cache hit rate | {ember['prefix_hit_rate']:.1%} | - |")
+    print(f"\nember / compute roofline: {ember['tokens_per_s'] / roofline:.1%} (target >= 50%)")
+    if hf:
+        print(f"ember / transformers: {ember['tokens_per_s'] / hf['tokens_per_s']:.2f}x")
+    print(f"batch-1 decode: {ember['batch1_tokens_per_s']:.1f} tok/s = "
+          f"{ember['batch1_tokens_per_s'] / memory_roofline:.1%} of the memory roofline "
+          f"(target >= 80%)")
+
+
+if __name__ == "__main__":
+    main()
