@@ -1,0 +1,183 @@
+"""One ledger row per request: admitted as running, finalised exactly once, priced (no JAX).
+
+Exactly once rests on one statement: UPDATE ... WHERE id = :id AND status = 'running'. The
+database serialises concurrent updates of a row, so one caller sees rowcount 1 and every other
+sees 0, whatever the number of threads or replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from engine.metering import schema
+from engine.metering.keys import KeyInfo
+from engine.sampling_params import _is_int
+
+_COUNT_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens")
+
+
+@dataclass(slots=True, frozen=True)
+class Price:
+    """USD per million tokens. Cached prompt tokens are priced at cached_input, not input."""
+
+    input: float
+    cached_input: float
+    output: float
+
+    def cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> float:
+        return ((prompt_tokens - cached_tokens) * self.input + cached_tokens * self.cached_input
+                + completion_tokens * self.output) / 1_000_000
+
+
+FREE = Price(0.0, 0.0, 0.0)   # models with no price row and no "*" row
+
+
+def _check_counts(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> dict:
+    counts = dict(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
+                  completion_tokens=completion_tokens)
+    for name, value in counts.items():
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"{name}={value!r}: expected an integer >= 0")
+    if cached_tokens > prompt_tokens:
+        raise ValueError(f"cached_tokens={cached_tokens}: expected <= "
+                         f"prompt_tokens={prompt_tokens} (cached tokens are part of the prompt)")
+    return counts
+
+
+class RequestLog:
+    """Request-row methods of Ledger (which provides _db, _lock, _now and instance)."""
+
+    _db: sa.Engine
+    instance: str
+
+    def set_price(self, model: str, input: float, cached_input: float, output: float) -> None:
+        """Sets a model's price, USD per million tokens; model "*" applies to unpriced models.
+
+        Applies to requests finalised from now on; finalised costs never change.
+        """
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model={model!r}: expected a model name or '*'")
+        values = dict(input=input, cached_input=cached_input, output=output)
+        for name, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(f"{name}={value!r}: expected a price >= 0 (USD per 1M tokens)")
+        values = {name: float(value) for name, value in values.items()}
+        with self._lock, self._db.begin() as conn:
+            updated = conn.execute(schema.prices.update()
+                                   .where(schema.prices.c.model == model).values(**values))
+            if updated.rowcount == 0:
+                conn.execute(schema.prices.insert().values(model=model, **values))
+
+    def price(self, model: str) -> Price:
+        """The model's price, else the "*" price, else free."""
+        table = schema.prices
+        with self._db.connect() as conn:
+            rows = conn.execute(sa.select(table).where(
+                table.c.model.in_([model, schema.DEFAULT_PRICE_MODEL]))).all()
+        by_model = {row.model: Price(row.input, row.cached_input, row.output) for row in rows}
+        return by_model.get(model) or by_model.get(schema.DEFAULT_PRICE_MODEL) or FREE
+
+    def admit(self, request_id: str, key: KeyInfo, model: str, *,
+              estimated_tokens: int = 0) -> None:
+        """Inserts the request's row as running. Quotas are not checked: see try_admit.
+
+        Args:
+          request_id: unique over the ledger's life.
+          key: the caller (anonymous_key() in --no-auth mode).
+          model: the served model name (prices are looked up by it).
+          estimated_tokens: prompt tokens + max_tokens; what the quotas count until it ends.
+
+        Raises:
+          ValueError: a request_id already in the ledger or a bad estimate.
+          PermissionError: a revoked key.
+        """
+        with self._db.begin() as conn:
+            self._insert_request(conn, request_id, key, model, estimated_tokens)
+
+    def _insert_request(self, conn: sa.Connection, request_id: str, key: KeyInfo, model: str,
+                        estimated_tokens: int) -> None:
+        if key.revoked:
+            raise PermissionError(f"key {key.name!r} is revoked")
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id={request_id!r}: expected a non-empty string")
+        if not _is_int(estimated_tokens) or estimated_tokens < 0:
+            raise ValueError(f"estimated_tokens={estimated_tokens!r}: expected an integer >= 0")
+        try:   # the error leaves the caller's transaction to roll back: it writes nothing more
+            conn.execute(schema.requests.insert().values(
+                id=request_id, key_id=key.id, model=model, instance=self.instance,
+                status=schema.RUNNING, prompt_tokens=0, cached_tokens=0, completion_tokens=0,
+                reserved_tokens=estimated_tokens, created_at=self._now(), cost=0.0))
+        except IntegrityError as error:
+            raise ValueError(f"request_id={request_id!r}: already in the ledger") from error
+
+    def update_progress(self, request_id: str, prompt_tokens: int, cached_tokens: int,
+                        completion_tokens: int) -> bool:
+        """Records counts so far (kept if the process dies); False once the row is final."""
+        counts = _check_counts(prompt_tokens, cached_tokens, completion_tokens)
+        table = schema.requests
+        with self._db.begin() as conn:
+            result = conn.execute(table.update().where(
+                table.c.id == request_id, table.c.status == schema.RUNNING).values(**counts))
+        return result.rowcount == 1
+
+    def finalize(self, request_id: str, status: str, prompt_tokens: int, cached_tokens: int,
+                 completion_tokens: int) -> bool:
+        """Sets the final counts, status, finished_at and cost, once.
+
+        Args:
+          status: "completed", "aborted" (client gone: billed for what was emitted), "error"
+            or "interrupted".
+          prompt_tokens, cached_tokens, completion_tokens: the final RequestOutput.usage (what
+            the response reports); cached_tokens is a part of prompt_tokens.
+
+        Returns:
+          True if this call finalised the row; False if it was already final (nothing changed).
+
+        Raises:
+          ValueError: a bad status or counts.  KeyError: no row for request_id.
+        """
+        if status not in schema.FINAL_STATUSES:
+            raise ValueError(f"status={status!r}: expected one of {schema.FINAL_STATUSES}")
+        counts = _check_counts(prompt_tokens, cached_tokens, completion_tokens)
+        table = schema.requests
+        with self._db.connect() as conn:
+            model = conn.execute(sa.select(table.c.model).where(table.c.id == request_id)).scalar()
+        if model is None:
+            raise KeyError(f"request_id={request_id!r}: not in the ledger (never admitted)")
+        cost = self.price(model).cost(**counts)
+        with self._db.begin() as conn:
+            result = conn.execute(table.update().where(
+                table.c.id == request_id, table.c.status == schema.RUNNING).values(
+                    status=status, finished_at=self._now(), cost=cost, **counts))
+        return result.rowcount == 1
+
+    def mark_interrupted(self) -> int:
+        """At start-up: this instance's rows still running (a crash) become interrupted.
+
+        They keep the counts update_progress last wrote and are priced on them. Only rows
+        admitted under this Ledger's instance name are touched, so replicas sharing a
+        database must each use their own stable instance name.
+
+        Returns:
+          How many rows were marked.
+        """
+        table = schema.requests
+        with self._db.connect() as conn:
+            rows = conn.execute(sa.select(table.c.id, table.c.model, *table.c[_COUNT_FIELDS])
+                                .where(table.c.status == schema.RUNNING,
+                                       table.c.instance == self.instance)).all()
+        marked = 0
+        for row in rows:
+            cost = self.price(row.model).cost(row.prompt_tokens, row.cached_tokens,
+                                              row.completion_tokens)
+            with self._db.begin() as conn:
+                # Counts are written in the same WHERE-running statement, so a concurrent
+                # update_progress cannot slip between the read and the mark unpriced.
+                marked += conn.execute(table.update().where(
+                    table.c.id == row.id, table.c.status == schema.RUNNING,
+                    *(table.c[name] == getattr(row, name) for name in _COUNT_FIELDS)).values(
+                        status="interrupted", finished_at=self._now(), cost=cost)).rowcount
+        return marked
