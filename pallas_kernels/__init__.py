@@ -105,9 +105,7 @@ def write_kv_pages(kv_pages, k, v, slot_mapping, *, backend="auto", interpret=Fa
     if backend == "gpu":
         from pallas_kernels.gpu.write_kv_pages import write_kv_pages_gpu
         return write_kv_pages_gpu(kv_pages, k, v, slot_mapping, interpret=interpret)
-    if backend == "tpu":
-        from pallas_kernels.tpu.write_kv_pages import write_kv_pages_tpu
-        return write_kv_pages_tpu(kv_pages, k, v, slot_mapping, interpret=interpret)
+    # On "tpu" XLA's scatter into the donated cache is the write (no Mosaic kernel).
     return write_kv_pages_reference(kv_pages, k, v, slot_mapping)
 
 

@@ -7,6 +7,10 @@ Shapes follow the kernel contract in DESIGN.md:
   page_indices  i32[S, P] page table of each sequence
   cu_q_lens     i32[S+1]  sequence s owns query rows cu_q_lens[s]:cu_q_lens[s+1]
   num_seqs      i32[1]    rows of sequences >= num_seqs are padding
+
+Sampling (sample_reference) takes logits [S, V] and per-row parameters and keys; its
+helpers (ordered_key, sampling_noise_bits, gumbel_from_bits) are shared with the kernels so
+that every backend draws the same token for the same key.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import jax.numpy as jnp
 # gathered block [T, block, 2 * num_kv_heads, head_dim] stays small.
 _PAGES_PER_BLOCK = 8
 _MASK_VALUE = -1e30
+# The reference is the yardstick: full f32 products even where XLA would default to TF32.
+_EXACT = jax.lax.Precision.HIGHEST
 
 
 def write_kv_pages_reference(kv_pages, k, v, slot_mapping):
@@ -90,7 +96,7 @@ def ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_le
         kv = kv_pages[pages].reshape(num_rows, block_tokens, two_kv_heads, head_dim)
         kv = kv.astype(jnp.float32)
         keys, values = kv[:, :, 0::2], kv[:, :, 1::2]  # [T, block_tokens, Hkv, D]
-        scores = jnp.einsum("tkgd,tskd->tkgs", queries, keys)
+        scores = jnp.einsum("tkgd,tskd->tkgs", queries, keys, precision=_EXACT)
         if soft_cap is not None:
             scores = soft_cap * jnp.tanh(scores / soft_cap)
         key_pos = first * page_size + jnp.arange(block_tokens, dtype=jnp.int32)
@@ -98,11 +104,15 @@ def ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_le
         if sliding_window is not None:
             visible &= position_of_row[:, None] - key_pos[None, :] < sliding_window
         scores = jnp.where(visible[:, None, None, :], scores, _MASK_VALUE)
+        # Slots past a sequence's context may hold anything (even NaN): zero them, since
+        # a zero weight times NaN is still NaN.
+        values = jnp.where(visible[:, :, None, None], values, 0.0)
         new_max = jnp.maximum(running_max, scores.max(axis=-1))
         weights = jnp.exp(scores - new_max[..., None]) * visible[:, None, None, :]
         rescale = jnp.exp(running_max - new_max)
         running_sum = running_sum * rescale + weights.sum(axis=-1)
-        acc = acc * rescale[..., None] + jnp.einsum("tkgs,tskd->tkgd", weights, values)
+        acc = acc * rescale[..., None] + jnp.einsum("tkgs,tskd->tkgd", weights, values,
+                                                    precision=_EXACT)
         return new_max, running_sum, acc
 
     # Only the blocks that hold some live context are visited.
@@ -153,9 +163,12 @@ def sampling_noise_bits(keys, vocab_size):
 
 
 def gumbel_from_bits(bits):
-    """Gumbel(0, 1) noise from u32 random bits: u = (top 24 bits + 0.5) / 2^24 lies strictly
-    inside (0, 1), so -log(-log(u)) is always finite."""
-    uniform = ((bits >> 8).astype(jnp.int32).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
+    """Gumbel(0, 1) noise from 32 random bits (u32, or the same bits as i32).
+
+    u = (top 24 bits + 0.5) / 2^24 lies strictly inside (0, 1), so -log(-log(u)) is finite.
+    """
+    top_bits = ((bits >> 8) & 0xFFFFFF).astype(jnp.int32)  # same for logical/arithmetic shift
+    uniform = (top_bits.astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
     return -jnp.log(-jnp.log(uniform))
 
 

@@ -90,7 +90,8 @@ class TestSampleReference:
     def test_masks_never_emit_a_masked_token(self):
         rng = np.random.default_rng(2)
         rows, vocab = 48, 200
-        logits = (rng.normal(size=(rows, vocab)) * rng.uniform(0.5, 4, (rows, 1))).astype(np.float32)
+        scale = rng.uniform(0.5, 4, (rows, 1))
+        logits = (rng.normal(size=(rows, vocab)) * scale).astype(np.float32)
         params = random_params(rng, rows, vocab)
         for seed in range(3):
             tokens, logprobs = self.sample(logits, *params, row_keys(seed, rows))

@@ -1,7 +1,9 @@
-"""Every GPU kernel lowers to Triton IR for CUDA at production-like shapes, without a GPU.
+"""Every kernel lowers for its accelerator at production-like shapes, without one: the GPU
+kernels to Triton IR for CUDA (verified as XLA will verify it), the TPU kernel to Mosaic.
 
-Interpret mode checks what a kernel computes; this checks what only the Triton lowering
-rejects (non-power-of-2 tiles, unsupported primitives or indexing) before a GPU sees it.
+Interpret mode checks what a kernel computes; this checks what only the real lowering
+rejects (non-power-of-2 tiles, unsupported primitives or indexing) before a device sees it.
+It does not run the compilers behind them (Triton to PTX, Mosaic to TPU code).
 """
 
 import functools
@@ -37,11 +39,22 @@ def verify_triton_modules(monkeypatch):
     yield
 
 
-def lower_for_cuda(fn, *args):
+def lower_for(platform, fn, *args):
     exported = export.export(
-        jax.jit(fn), platforms=["cuda"],
+        jax.jit(fn), platforms=[platform],
         disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
     return exported.mlir_module()
+
+
+lower_for_cuda = functools.partial(lower_for, "cuda")
+
+
+def attention_args(head_dim, num_q_heads, num_kv_heads, page_size):
+    tokens, seqs, pages, max_pages = 512, 64, 4096, 256
+    return (spec((tokens, num_q_heads, head_dim), jnp.bfloat16),
+            spec((pages, page_size, 2 * num_kv_heads, head_dim), jnp.bfloat16),
+            spec((seqs,), jnp.int32), spec((seqs, max_pages), jnp.int32),
+            spec((seqs + 1,), jnp.int32), spec((1,), jnp.int32))
 
 
 def spec(shape, dtype):
@@ -55,15 +68,24 @@ def spec(shape, dtype):
     (128, 28, 4, 16, None, None),     # group 7: padded to 8
 ])
 def test_attention_lowers(head_dim, num_q_heads, num_kv_heads, page_size, soft_cap, window):
-    tokens, seqs, pages, max_pages = 512, 64, 4096, 256
     attention = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=0.1,
                                   soft_cap=soft_cap, sliding_window=window, backend="gpu")
-    module = lower_for_cuda(
-        attention, spec((tokens, num_q_heads, head_dim), jnp.bfloat16),
-        spec((pages, page_size, 2 * num_kv_heads, head_dim), jnp.bfloat16),
-        spec((seqs,), jnp.int32), spec((seqs, max_pages), jnp.int32),
-        spec((seqs + 1,), jnp.int32), spec((1,), jnp.int32))
+    module = lower_for_cuda(attention,
+                            *attention_args(head_dim, num_q_heads, num_kv_heads, page_size))
     assert module.count(TRITON_CALL) == 2  # the prefill and the decode kernel
+
+
+@pytest.mark.parametrize("head_dim,num_q_heads,num_kv_heads,page_size,soft_cap,window", [
+    (128, 32, 8, 16, None, None),
+    (64, 8, 8, 32, 30.0, 1024),
+])
+def test_tpu_attention_lowers_to_mosaic(head_dim, num_q_heads, num_kv_heads, page_size,
+                                        soft_cap, window):
+    attention = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=0.1,
+                                  soft_cap=soft_cap, sliding_window=window, backend="tpu")
+    module = lower_for("tpu", attention,
+                       *attention_args(head_dim, num_q_heads, num_kv_heads, page_size))
+    assert "tpu_custom_call" in module
 
 
 def test_write_kv_pages_and_sample_lower():

@@ -1,0 +1,75 @@
+"""The one place that knows which Pallas names each jax version has (jax 0.10.2 to 0.12).
+
+Kernel files import these shims instead of probing jax themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.experimental import pallas as pl
+
+
+def triton_compiler_params(*, num_warps: int, num_stages: int):
+    """Compiler params that select the Triton lowering for a GPU pallas_call.
+
+    jax >= 0.7 calls the class `pallas.triton.CompilerParams`; older releases called it
+    `TritonCompilerParams` (in `pallas.triton` or `pallas` itself).
+    """
+    from jax.experimental.pallas import triton as plgpu
+    params_class = (getattr(plgpu, "CompilerParams", None)
+                    or getattr(plgpu, "TritonCompilerParams", None)
+                    or getattr(pl, "TritonCompilerParams"))
+    return params_class(num_warps=num_warps, num_stages=num_stages)
+
+
+def gpu_load(ref, *, mask=None, other=None):
+    """A masked load from a Triton ref (index it first with `ref.at[...]`)."""
+    from jax.experimental.pallas import triton as plgpu
+    return plgpu.load(ref, mask=mask, other=other)
+
+
+def gpu_store(ref, value, *, mask=None):
+    """A masked store into a Triton ref (index it first with `ref.at[...]`)."""
+    from jax.experimental.pallas import triton as plgpu
+    plgpu.store(ref, value, mask=mask)
+
+
+def gpu_block_barrier(*, interpret: bool):
+    """__syncthreads: global-memory writes of a program become visible to all its threads.
+
+    Interpret mode runs a program as one sequential computation and needs none.
+    """
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+        plgpu.debug_barrier()
+
+
+def tpu_interpret_params():
+    """The value for `pallas_call(interpret=...)` that runs a Mosaic kernel on a CPU.
+
+    jax >= 0.7: `pltpu.InterpretParams()`; jax 0.6: `pltpu.TPUInterpretParams()`.
+    """
+    from jax.experimental.pallas import tpu as pltpu
+    params_class = (getattr(pltpu, "InterpretParams", None)
+                    or getattr(pltpu, "TPUInterpretParams"))
+    return params_class()
+
+
+def tpu_compiler_params(*, dimension_semantics: tuple[str, ...], vmem_limit_bytes=None):
+    """Mosaic compiler params (`pltpu.CompilerParams`, formerly `TPUCompilerParams`)."""
+    from jax.experimental.pallas import tpu as pltpu
+    params_class = (getattr(pltpu, "CompilerParams", None)
+                    or getattr(pltpu, "TPUCompilerParams"))
+    return params_class(dimension_semantics=dimension_semantics,
+                        vmem_limit_bytes=vmem_limit_bytes)
+
+
+@functools.cache
+def device_kind() -> str:
+    """The first device's kind, e.g. "NVIDIA H100 80GB HBM3"; "" if it cannot be read."""
+    try:
+        return jax.devices()[0].device_kind
+    except (RuntimeError, IndexError):
+        return ""

@@ -1,0 +1,143 @@
+"""Flash-style paged attention for prefill chunks on the GPU (Pallas, Triton lowering).
+
+The rows of every sequence with more than one query row this step are cut into query blocks
+of `block_q` rows; a program takes one query block and one kv head, and walks that
+sequence's pages in tiles of `block_kv` tokens with an online softmax, stopping at the
+block's last causal position (and starting at the sliding window's first). The block's rows
+times the query heads of the kv head form the M dimension of the MMA.
+
+Which rows belong to which block is worked out in jnp before the call (`query_blocks`), so
+the kernel reads plain per-block scalars. Rows of no block (decode rows, padding) are left
+as they were in `out_init` (zeros).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.compat import gpu_load, gpu_store, triton_compiler_params
+from pallas_kernels.gpu.attention_tiles import (initial_carry, kv_tile, next_power_of_2,
+                                                online_softmax_step, tile_scores)
+from pallas_kernels.gpu.block_sizes import AttentionBlockSizes
+
+
+def query_blocks(cu_q_lens, num_seqs, *, block_q: int, num_blocks: int, min_rows: int = 2):
+    """Cuts the rows of live sequences with at least min_rows rows into blocks of at most
+    block_q rows (the TPU kernel, which has no separate decode path, uses min_rows=1).
+
+    cu_q_lens i32[S + 1], num_seqs i32[1]. Returns, per block, i32[num_blocks] each:
+    its sequence, its first row and its number of rows (0 for blocks past the last).
+    """
+    max_seqs = cu_q_lens.shape[0] - 1
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]                                # i32[S]
+    is_prefill = (jnp.arange(max_seqs) < num_seqs[0]) & (q_lens >= min_rows)
+    blocks_per_seq = jnp.where(is_prefill, (q_lens + block_q - 1) // block_q, 0)
+    block_ends = jnp.cumsum(blocks_per_seq)                                # i32[S]
+    blocks = jnp.arange(num_blocks, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(block_ends, blocks, side="right"), max_seqs - 1)
+    first_row = cu_q_lens[seq] + (blocks - (block_ends[seq] - blocks_per_seq[seq])) * block_q
+    num_rows = jnp.clip(cu_q_lens[seq + 1] - first_row, 0, block_q)
+    num_rows = jnp.where(blocks < block_ends[-1], num_rows, 0)
+    return seq.astype(jnp.int32), first_row.astype(jnp.int32), num_rows.astype(jnp.int32)
+
+
+def _tile_ranges(first_pos, num_rows, hi, block_kv, sliding_window):
+    """Three runs of KV tiles for a query block: window edge (masked), interior (no mask),
+    diagonal (masked). Interior tiles hold only keys every row of the block may see."""
+    last_pos = first_pos + num_rows - 1
+    end = pl.cdiv(hi, block_kv)
+    interior_end = jnp.minimum((first_pos + 1) // block_kv, end)  # keys <= the first row's
+    if sliding_window is None:
+        zero = jnp.int32(0)
+        return (zero, zero), (zero, interior_end), (interior_end, end)
+    start = jnp.maximum(first_pos - sliding_window + 1, 0) // block_kv
+    # keys > the last row's position - window: inside every row's window
+    interior_start = jnp.clip(pl.cdiv(last_pos - sliding_window + 1, block_kv), start, end)
+    interior_end = jnp.maximum(interior_end, interior_start)
+    return (start, interior_start), (interior_start, interior_end), (interior_end, end)
+
+
+def _prefill_kernel(block_seq_ref,     # i32[NQB]
+                    block_row_ref,     # i32[NQB]
+                    block_len_ref,     # i32[NQB]
+                    kv_lens_ref,       # i32[S]
+                    page_indices_ref,  # i32[S, P]
+                    cu_q_lens_ref,     # i32[S + 1]
+                    q_ref,             # [T, Hq, D]
+                    kv_pages_ref,      # [num_pages, page_size, 2 * Hkv, D]
+                    _out_init_ref,     # [T, Hq, D]  aliased with out_ref
+                    out_ref,           # [T, Hq, D]
+                    *, group, group_pad, block_q, block_kv, sm_scale, soft_cap, sliding_window):
+    query_block, kv_head = pl.program_id(0), pl.program_id(1)
+    num_rows = block_len_ref[query_block]
+
+    @pl.when(num_rows > 0)
+    def _():
+        seq, first_row = block_seq_ref[query_block], block_row_ref[query_block]
+        head_dim = q_ref.shape[2]
+        kv_len = kv_lens_ref[seq]
+        seq_start = cu_q_lens_ref[seq]
+        first_pos = kv_len - (cu_q_lens_ref[seq + 1] - seq_start) + (first_row - seq_start)
+
+        block_m = block_q * group_pad
+        m = jnp.arange(block_m, dtype=jnp.int32)        # row-major over (row, head in group)
+        row, head = m // group_pad, m % group_pad
+        live = (row < num_rows) & (head < group)                           # bool[M]
+        index = (first_row + row[:, None], kv_head * group + head[:, None],
+                 jnp.arange(head_dim, dtype=jnp.int32)[None, :])
+        q = gpu_load(q_ref.at[index], mask=live[:, None], other=0)        # [M, D]
+        position = first_pos + row                                        # i32[M]
+
+        hi = jnp.minimum(kv_len, first_pos + num_rows)  # one past the last row's position
+        tiles = _tile_ranges(first_pos, num_rows, hi, block_kv, sliding_window)
+
+        def body(masked, tile, carry):
+            tokens, k, v = kv_tile(kv_pages_ref, page_indices_ref, seq, kv_head,
+                                   tile * block_kv, hi, block_kv)
+            scores = tile_scores(q, k, sm_scale=sm_scale, soft_cap=soft_cap)
+            visible = None
+            if masked:  # rows past num_rows may see extra keys: their output is dropped
+                visible = tokens[None, :] <= position[:, None]
+                if sliding_window is not None:
+                    visible &= tokens[None, :] > position[:, None] - sliding_window
+            return online_softmax_step(carry, scores, visible, v)
+
+        carry = initial_carry(block_m, head_dim)
+        for (lo, hi_tile), masked in zip(tiles, (True, False, True)):
+            carry = jax.lax.fori_loop(lo, hi_tile, functools.partial(body, masked), carry)
+        _, row_sum, acc = carry
+        out = acc / jnp.maximum(row_sum, 1e-30)[:, None]
+        gpu_store(out_ref.at[index], out.astype(out_ref.dtype), mask=live[:, None])
+
+
+def prefill_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                      sm_scale, sliding_window, soft_cap,
+                      block_sizes: AttentionBlockSizes, interpret: bool):
+    """Attention of every row of a multi-row sequence; other rows are zeros. [T, Hq, D]."""
+    num_rows, num_q_heads, head_dim = q.shape
+    num_kv_heads = kv_pages.shape[2] // 2
+    max_seqs = page_indices.shape[0]
+    group = num_q_heads // num_kv_heads
+    group_pad = next_power_of_2(group)
+    block_q = max(1, block_sizes.prefill_block_m // group_pad)
+    # Each sequence boundary can leave one partial block; a prefill sequence has >= 2 rows.
+    num_blocks = pl.cdiv(num_rows, block_q) + min(max_seqs, num_rows // 2)
+    blocks = query_blocks(cu_q_lens, num_seqs, block_q=block_q, num_blocks=num_blocks)
+    kernel = functools.partial(
+        _prefill_kernel, group=group, group_pad=group_pad, block_q=block_q,
+        block_kv=block_sizes.prefill_block_kv, sm_scale=sm_scale, soft_cap=soft_cap,
+        sliding_window=sliding_window)
+    return pl.pallas_call(
+        kernel,
+        grid=(num_blocks, num_kv_heads),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        input_output_aliases={8: 0},
+        compiler_params=triton_compiler_params(num_warps=block_sizes.prefill_num_warps,
+                                               num_stages=block_sizes.prefill_num_stages),
+        interpret=interpret,
+        name="ember_prefill_attention",
+    )(*blocks, kv_lens, page_indices, cu_q_lens, q, kv_pages, jnp.zeros_like(q))

@@ -1,0 +1,48 @@
+"""Ragged paged attention on the GPU: decode rows by split-K, prefill rows flash-style.
+
+A step's batch mixes sequences with one query row (decode) and sequences with many
+(prefill chunks). Both kernels run on every step; each skips the other's sequences:
+
+  prefill_attention         rows of multi-row sequences; every other row stays zero
+  decode_attention_partials one row per decode sequence, context split over programs
+  combine_splits            merges the splits, scattered into the decode rows
+
+Padding rows (from cu_q_lens[num_seqs] on) belong to neither and stay zero.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gpu.block_sizes import AttentionBlockSizes, attention_block_sizes
+from pallas_kernels.gpu.decode_attention import combine_splits, decode_attention_partials
+from pallas_kernels.gpu.prefill_attention import prefill_attention
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap",
+                                             "block_sizes", "interpret"))
+def ragged_paged_attention_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                               sm_scale, sliding_window=None, soft_cap=None,
+                               block_sizes: AttentionBlockSizes | None = None,
+                               interpret=False):
+    """Same contract as pallas_kernels.ragged_paged_attention (arguments checked there).
+
+    q [T, Hq, D]; kv_pages [num_pages, page_size, 2 * Hkv, D]; kv_lens i32[S];
+    page_indices i32[S, P]; cu_q_lens i32[S + 1]; num_seqs i32[1] -> [T, Hq, D].
+    """
+    if block_sizes is None:
+        block_sizes = attention_block_sizes(q.shape[2], kv_pages.dtype.itemsize)
+    options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                   block_sizes=block_sizes, interpret=interpret)
+    out = prefill_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, **options)
+    partials = decode_attention_partials(q, kv_pages, kv_lens, page_indices, cu_q_lens,
+                                         num_seqs, **options)
+    decoded = combine_splits(*partials).astype(q.dtype)                   # [S, Hq, D]
+    max_seqs = kv_lens.shape[0]
+    is_decode = ((jnp.arange(max_seqs) < num_seqs[0])
+                 & (cu_q_lens[1:] - cu_q_lens[:-1] == 1))
+    decode_rows = jnp.where(is_decode, cu_q_lens[:-1], q.shape[0])        # past the end: dropped
+    return out.at[decode_rows].set(decoded, mode="drop")

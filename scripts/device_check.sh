@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Ember's GPU device check: the kernel tests natively on the GPU, then the kernel benchmark.
+#
+#   bash scripts/device_check.sh [--out DIR]
+#
+# For a machine with an NVIDIA GPU and jax[cuda] (plus pytest, scipy) already installed; no
+# network. Runs from the repository (PYTHONPATH, no install) and stays under 5 minutes: each
+# stage has its own time limit. With --out DIR the benchmark writes table.md, timings.json and
+# timings.csv there, and the test log goes to DIR/tests.log. Exit status: non-zero if a stage
+# failed or ran out of time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --out) out="$2"; shift 2 ;;
+    *) echo "device_check.sh: unknown argument $1 (expected --out DIR)" >&2; exit 2 ;;
+  esac
+done
+python="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"     # tests/conftest.py defaults to cpu otherwise
+export EMBER_PALLAS_INTERPRET=0                   # kernels compiled by Triton, not interpreted
+[[ -n "$out" ]] && mkdir -p "$out"
+
+echo "== environment"
+"$python" - <<'PY' || exit 1
+import jax
+print("jax", jax.__version__, "devices", jax.devices())
+assert jax.default_backend() == "gpu", "no GPU visible to jax"
+PY
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+
+echo "== kernel tests (native)"
+start=$SECONDS
+timeout 150 "$python" -m pytest tests/pallas_kernels -p no:cacheprovider -rs \
+  2>&1 | tee ${out:+"$out/tests.log"}
+tests_status=${PIPESTATUS[0]}
+echo "tests: exit $tests_status in $((SECONDS - start)) s"
+
+echo "== benchmark"
+start=$SECONDS
+timeout 140 "$python" scripts/bench_kernels.py ${out:+--out "$out"}
+bench_status=$?
+echo "benchmark: exit $bench_status in $((SECONDS - start)) s"
+
+[[ $tests_status -eq 0 && $bench_status -eq 0 ]]
