@@ -15,12 +15,16 @@ that every backend draws the same token for the same key.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 # Pages gathered per loop iteration: enough to amortise the loop, few enough that the
-# gathered block [T, block, 2 * num_kv_heads, head_dim] stays small.
+# gathered block [blocks, pages * page_size, 2 * num_kv_heads, head_dim] stays small.
 _PAGES_PER_BLOCK = 8
+# Query rows of one prefill sequence sharing one gather of its pages.
+_PREFILL_BLOCK = 16
 _MASK_VALUE = -1e30
 # The reference is the yardstick: full f32 products even where XLA would default to TF32.
 _EXACT = jax.lax.Precision.HIGHEST
@@ -62,6 +66,31 @@ def row_metadata(kv_lens, cu_q_lens, num_seqs, num_rows):
     return seq_of_row, position_of_row, live_row
 
 
+def query_blocks(cu_q_lens, num_seqs, *, block_q: int, num_blocks: int, min_rows: int = 2,
+                 max_rows: int | None = None):
+    """Cuts the rows of live sequences with min_rows..max_rows rows into blocks of at most
+    block_q rows; a block never straddles two sequences. Shared by every backend: the GPU
+    prefill kernel takes min_rows=2 (decode rows have their own kernel), the TPU kernel
+    min_rows=1, the reference both halves.
+
+    cu_q_lens i32[S + 1], num_seqs i32[1]. Returns, per block, i32[num_blocks] each:
+    its sequence, its first row and its number of rows (0 for blocks past the last).
+    """
+    max_seqs = cu_q_lens.shape[0] - 1
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]                                # i32[S]
+    chosen = (jnp.arange(max_seqs) < num_seqs[0]) & (q_lens >= min_rows)
+    if max_rows is not None:
+        chosen &= q_lens <= max_rows
+    blocks_per_seq = jnp.where(chosen, (q_lens + block_q - 1) // block_q, 0)
+    block_ends = jnp.cumsum(blocks_per_seq)                                # i32[S]
+    blocks = jnp.arange(num_blocks, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(block_ends, blocks, side="right"), max_seqs - 1)
+    first_row = cu_q_lens[seq] + (blocks - (block_ends[seq] - blocks_per_seq[seq])) * block_q
+    num_rows = jnp.clip(cu_q_lens[seq + 1] - first_row, 0, block_q)
+    num_rows = jnp.where(blocks < block_ends[-1], num_rows, 0)
+    return seq.astype(jnp.int32), first_row.astype(jnp.int32), num_rows.astype(jnp.int32)
+
+
 def ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                                      *, sm_scale, sliding_window=None, soft_cap=None):
     """Causal attention of ragged query rows over paged K/V, with an online softmax.
@@ -71,59 +100,94 @@ def ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_le
     soft_cap * tanh(score / soft_cap) when soft_cap is set. Padding rows return zeros and
     read only page 0.
 
+    Rows are handled in blocks that share one gather of their sequence's pages: decode
+    sequences (one row) one block each, longer ones in blocks of _PREFILL_BLOCK rows. A
+    per-row gather would re-read a prompt's whole context for every one of its rows.
+
     Returns:
       out [T, num_q_heads, head_dim] in q's dtype.
     """
     num_rows, num_q_heads, head_dim = q.shape
+    max_seqs = kv_lens.shape[0]
+    attend = functools.partial(_attend_blocks, q, kv_pages, kv_lens, page_indices, cu_q_lens,
+                               sm_scale=sm_scale, sliding_window=sliding_window,
+                               soft_cap=soft_cap)
+    # At most min(S, T) decode sequences; prefill sequences have >= 2 rows each.
+    decode_rows, decode_out = attend(query_blocks(
+        cu_q_lens, num_seqs, block_q=1, num_blocks=min(max_seqs, num_rows), min_rows=1,
+        max_rows=1), block_q=1)
+    block = min(_PREFILL_BLOCK, num_rows)
+    prefill_rows, prefill_out = attend(query_blocks(
+        cu_q_lens, num_seqs, block_q=block,
+        num_blocks=-(-num_rows // block) + min(max_seqs, num_rows // 2), min_rows=2),
+        block_q=block)
+    out = jnp.zeros((num_rows + 1, num_q_heads, head_dim), q.dtype)  # row T absorbs the dead
+    out = out.at[decode_rows].set(decode_out).at[prefill_rows].set(prefill_out)
+    return out[:num_rows]
+
+
+def _attend_blocks(q, kv_pages, kv_lens, page_indices, cu_q_lens, blocks, *, block_q, sm_scale,
+                   sliding_window, soft_cap):
+    """Attention for query blocks of up to block_q rows (seq, first_row, num_rows: i32[W]).
+
+    Returns (rows i32[W * Bq], out [W * Bq, Hq, D]); dead rows map to row T.
+    """
+    seq, first_row, block_rows = blocks
+    num_rows, num_q_heads, head_dim = q.shape
     _, page_size, two_kv_heads, _ = kv_pages.shape
     num_kv_heads = two_kv_heads // 2
     group = num_q_heads // num_kv_heads
+    num_blocks = seq.shape[0]
+    offsets = jnp.arange(block_q)
+    row_live = offsets[None, :] < block_rows[:, None]                     # bool[W, Bq]
+    rows = jnp.where(row_live, first_row[:, None] + offsets[None, :], num_rows)
+    q_lens = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    positions = (kv_lens[seq] - q_lens + first_row - cu_q_lens[seq])[:, None] + offsets
+    queries = jnp.take(q, rows, axis=0, mode="clip").astype(jnp.float32) * sm_scale
+    queries = queries.reshape(num_blocks, block_q, num_kv_heads, group, head_dim)
     max_pages = page_indices.shape[1]
-    block = min(_PAGES_PER_BLOCK, max_pages)
-    block_tokens = block * page_size
+    pages_per_block = min(_PAGES_PER_BLOCK, max_pages)
+    live_block = block_rows > 0
+    pages_of_block = jnp.where(live_block[:, None], page_indices[seq], 0)  # i32[W, P]
+    pages_of_block = jnp.pad(pages_of_block, ((0, 0), (0, (-max_pages) % pages_per_block)))
+    block_tokens = pages_per_block * page_size
 
-    seq_of_row, position_of_row, live_row = row_metadata(kv_lens, cu_q_lens, num_seqs, num_rows)
-    # Padding rows see an empty context and gather page 0 only.
-    pages_of_row = jnp.where(live_row[:, None], page_indices[seq_of_row], 0)  # i32[T, P]
-    pad = (-max_pages) % block
-    pages_of_row = jnp.pad(pages_of_row, ((0, 0), (0, pad)))
-    queries = (q.astype(jnp.float32) * sm_scale).reshape(num_rows, num_kv_heads, group, head_dim)
-
-    def body(block_index, carry):
+    def body(index, carry):
         running_max, running_sum, acc = carry
-        first = block_index * block
-        pages = jax.lax.dynamic_slice_in_dim(pages_of_row, first, block, axis=1)  # i32[T, block]
-        kv = kv_pages[pages].reshape(num_rows, block_tokens, two_kv_heads, head_dim)
-        kv = kv.astype(jnp.float32)
-        keys, values = kv[:, :, 0::2], kv[:, :, 1::2]  # [T, block_tokens, Hkv, D]
-        scores = jnp.einsum("tkgd,tskd->tkgs", queries, keys, precision=_EXACT)
+        first = index * pages_per_block
+        pages = jax.lax.dynamic_slice_in_dim(pages_of_block, first, pages_per_block, axis=1)
+        kv = kv_pages[pages].reshape(num_blocks, block_tokens, two_kv_heads, head_dim)
+        keys, values = kv[:, :, 0::2], kv[:, :, 1::2]                     # [W, tokens, Hkv, D]
+        scores = jnp.einsum("wqkgd,wskd->wkgqs", queries, keys, precision=_EXACT,
+                            preferred_element_type=jnp.float32)
         if soft_cap is not None:
             scores = soft_cap * jnp.tanh(scores / soft_cap)
-        key_pos = first * page_size + jnp.arange(block_tokens, dtype=jnp.int32)
-        visible = (key_pos[None, :] <= position_of_row[:, None]) & live_row[:, None]
+        key_pos = first * page_size + jnp.arange(block_tokens)
+        visible = (key_pos[None, None, :] <= positions[:, :, None]) & row_live[:, :, None]
         if sliding_window is not None:
-            visible &= position_of_row[:, None] - key_pos[None, :] < sliding_window
-        scores = jnp.where(visible[:, None, None, :], scores, _MASK_VALUE)
+            visible &= positions[:, :, None] - key_pos[None, None, :] < sliding_window
+        scores = jnp.where(visible[:, None, None], scores, _MASK_VALUE)
+        new_max = jnp.maximum(running_max, scores.max(axis=-1))
+        weights = jnp.where(visible[:, None, None], jnp.exp(scores - new_max[..., None]), 0.0)
         # Slots past a sequence's context may hold anything (even NaN): zero them, since
         # a zero weight times NaN is still NaN.
-        values = jnp.where(visible[:, :, None, None], values, 0.0)
-        new_max = jnp.maximum(running_max, scores.max(axis=-1))
-        weights = jnp.exp(scores - new_max[..., None]) * visible[:, None, None, :]
+        seen = jnp.any(visible, axis=1)                                   # [W, tokens]
+        values = jnp.where(seen[:, :, None, None], values.astype(jnp.float32), 0.0)
         rescale = jnp.exp(running_max - new_max)
         running_sum = running_sum * rescale + weights.sum(axis=-1)
-        acc = acc * rescale[..., None] + jnp.einsum("tkgs,tskd->tkgd", weights, values,
+        acc = acc * rescale[..., None] + jnp.einsum("wkgqs,wskd->wkgqd", weights, values,
                                                     precision=_EXACT)
         return new_max, running_sum, acc
 
-    # Only the blocks that hold some live context are visited.
-    longest = jnp.max(jnp.where(jnp.arange(kv_lens.shape[0]) < num_seqs[0], kv_lens, 0))
-    num_blocks = (longest + block_tokens - 1) // block_tokens
-    init = (jnp.full((num_rows, num_kv_heads, group), _MASK_VALUE, jnp.float32),
-            jnp.zeros((num_rows, num_kv_heads, group), jnp.float32),
-            jnp.zeros((num_rows, num_kv_heads, group, head_dim), jnp.float32))
-    _, total, acc = jax.lax.fori_loop(0, num_blocks, body, init)
-    out = acc / jnp.maximum(total, 1e-30)[..., None]
-    return out.reshape(num_rows, num_q_heads, head_dim).astype(q.dtype)
+    # Only the page blocks that hold some live context of these query blocks are visited.
+    longest = jnp.max(jnp.where(live_block, kv_lens[seq], 0), initial=0)
+    shape = (num_blocks, num_kv_heads, group, block_q)
+    init = (jnp.full(shape, _MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (head_dim,), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(0, (longest + block_tokens - 1) // block_tokens, body, init)
+    out = acc / jnp.maximum(total, 1e-30)[..., None]                      # [W, Hkv, G, Bq, D]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(num_blocks * block_q, num_q_heads, head_dim)
+    return rows.reshape(-1), out.astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

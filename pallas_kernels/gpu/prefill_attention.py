@@ -23,26 +23,7 @@ from pallas_kernels.compat import gpu_load, gpu_store, triton_compiler_params
 from pallas_kernels.gpu.attention_tiles import (initial_carry, kv_tile, next_power_of_2,
                                                 online_softmax_step, tile_scores)
 from pallas_kernels.gpu.block_sizes import AttentionBlockSizes
-
-
-def query_blocks(cu_q_lens, num_seqs, *, block_q: int, num_blocks: int, min_rows: int = 2):
-    """Cuts the rows of live sequences with at least min_rows rows into blocks of at most
-    block_q rows (the TPU kernel, which has no separate decode path, uses min_rows=1).
-
-    cu_q_lens i32[S + 1], num_seqs i32[1]. Returns, per block, i32[num_blocks] each:
-    its sequence, its first row and its number of rows (0 for blocks past the last).
-    """
-    max_seqs = cu_q_lens.shape[0] - 1
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]                                # i32[S]
-    is_prefill = (jnp.arange(max_seqs) < num_seqs[0]) & (q_lens >= min_rows)
-    blocks_per_seq = jnp.where(is_prefill, (q_lens + block_q - 1) // block_q, 0)
-    block_ends = jnp.cumsum(blocks_per_seq)                                # i32[S]
-    blocks = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(block_ends, blocks, side="right"), max_seqs - 1)
-    first_row = cu_q_lens[seq] + (blocks - (block_ends[seq] - blocks_per_seq[seq])) * block_q
-    num_rows = jnp.clip(cu_q_lens[seq + 1] - first_row, 0, block_q)
-    num_rows = jnp.where(blocks < block_ends[-1], num_rows, 0)
-    return seq.astype(jnp.int32), first_row.astype(jnp.int32), num_rows.astype(jnp.int32)
+from pallas_kernels.reference import query_blocks
 
 
 def _tile_ranges(first_pos, num_rows, hi, block_kv, sliding_window):
