@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = commands.add_parser("build-default-model", help="(re)build the embedded model")
     build.add_argument("--force", action="store_true")
+    _add_metering_commands(commands)
+    _add_serve_command(commands)
     return parser
 
 
@@ -92,11 +94,169 @@ def _build_default_model(args) -> None:
     print(ensure_default_model(force=args.force))
 
 
+def _add_metering_commands(commands) -> None:
+    db_help = "ledger SQLAlchemy URL (default: sqlite:///$EMBER_HOME/ledger.db)"
+    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    actions = keys.add_subparsers(dest="keys_command", required=True)
+    create = actions.add_parser("create", help="create a key (printed once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--tokens-per-day", type=int, default=None)
+    create.add_argument("--rpm", type=int, default=None, help="requests per minute")
+    create.add_argument("--tpm", type=int, default=None, help="tokens per minute")
+    create.add_argument("--admin", action="store_true", help="may read every key's usage")
+    listing = actions.add_parser("list", help="list keys (never the keys themselves)")
+    revoke = actions.add_parser("revoke", help="revoke a key; its usage stays")
+    revoke.add_argument("name")
+    usage = commands.add_parser("usage", help="usage and cost per key, model or day")
+    usage.add_argument("--key", default=None, help="one key's usage (default: all keys)")
+    usage.add_argument("--start", default=None, help="ISO date/time, inclusive (naive is UTC)")
+    usage.add_argument("--end", default=None, help="ISO date/time, exclusive (naive is UTC)")
+    usage.add_argument("--group-by", choices=["model", "day", "key"], default=None)
+    usage.add_argument("--csv", action="store_true", help="CSV instead of a table")
+    for parser in (create, listing, revoke, usage):
+        parser.add_argument("--db", default=None, help=db_help)
+
+
+def _keys(args) -> None:
+    from engine.metering import Ledger
+
+    with Ledger(args.db) as ledger:
+        if args.keys_command == "create":
+            info, plaintext = ledger.create_key(args.name, tokens_per_day=args.tokens_per_day,
+                                                rpm=args.rpm, tpm=args.tpm, admin=args.admin)
+            print(plaintext)
+            print(f"created key {info.name!r} ({info.prefix}...): it is shown only this once; "
+                  "store it now", file=sys.stderr)
+        elif args.keys_command == "revoke":
+            print(f"revoked key {ledger.revoke_key(args.name).name!r}")
+        else:
+            def limit(value):
+                return "-" if value is None else str(value)
+            _print_table(["name", "prefix", "admin", "revoked", "rpm", "tpm", "tokens/day",
+                          "created (UTC)"],
+                         [[k.name, k.prefix, "yes" if k.admin else "no",
+                           "yes" if k.revoked else "no", limit(k.rpm), limit(k.tpm),
+                           limit(k.tokens_per_day), k.created_at.isoformat(" ", "seconds")]
+                          for k in ledger.list_keys()])
+
+
+def _parse_time(flag: str, value: str | None):
+    from datetime import datetime
+
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{flag}={value!r}: expected an ISO date or time such as 2025-01-31 "
+                         "or 2025-01-31T12:00:00") from None
+
+
+def _usage(args) -> None:
+    import csv
+
+    from engine.metering import Ledger
+
+    start, end = _parse_time("--start", args.start), _parse_time("--end", args.end)
+    with Ledger(args.db) as ledger:
+        key_id = None
+        if args.key is not None:
+            key = ledger.get_key(args.key)
+            if key is None:
+                raise ValueError(f"--key={args.key!r}: no such key")
+            key_id = key.id
+        rows = ledger.usage(key_id, start, end, args.group_by)
+    header = [args.group_by or "group", "requests", "prompt_tokens", "cached_tokens",
+              "completion_tokens", "total_tokens", "cost_usd"]
+    table = [[row.group or "all", row.requests, row.prompt_tokens, row.cached_tokens,
+              row.completion_tokens, row.total_tokens, f"{row.cost:.6f}"] for row in rows]
+    if args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(table)
+    else:
+        _print_table(header, table)
+
+
+def _add_serve_command(commands) -> None:
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (gunicorn)")
+    _add_model(serve)
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model id clients send (default: the model directory's name)")
+    serve.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--db", default=None,
+                       help="ledger SQLAlchemy URL (default: sqlite:///$EMBER_HOME/ledger.db)")
+    serve.add_argument("--instance", default="default",
+                       help="this replica's stable name in a shared ledger (after a crash, "
+                            "only its own open rows are marked interrupted)")
+    serve.add_argument("--no-auth", action="store_true",
+                       help="no API keys: all usage goes to the anonymous key")
+    serve.add_argument("--threads", type=int, default=64, help="HTTP threads")
+    serve.add_argument("--max-queue", type=int, default=1024,
+                       help="most engine requests in flight; more get 503")
+    serve.add_argument("--max-n", type=int, default=16, help="most samples per prompt")
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds SIGTERM waits for running requests (then aborts them)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+    for name, kind in (("max-model-len", int), ("max-num-seqs", int),
+                       ("max-num-batched-tokens", int), ("page-size", int), ("num-pages", int),
+                       ("memory-fraction", float), ("dtype", str), ("backend", str),
+                       ("seed", int)):
+        serve.add_argument(f"--{name}", type=kind, default=None, help="EngineConfig field")
+    serve.add_argument("--no-prefix-caching", action="store_true")
+    serve.add_argument("--no-warmup", action="store_true",
+                       help="compile shapes on first use (development only)")
+
+
+def _serve(args) -> None:
+    from pathlib import Path
+
+    from engine.config import EngineConfig
+
+    fields = {name: getattr(args, name) for name in (
+        "max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages",
+        "memory_fraction", "dtype", "backend", "seed") if getattr(args, name) is not None}
+    config = EngineConfig(**fields, enable_prefix_caching=not args.no_prefix_caching,
+                          warmup=not args.no_warmup)
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--model={args.model!r}: expected a model directory with a "
+                         "config.json")
+    for flag in ("port", "threads", "max_queue", "max_n", "max_body_bytes"):
+        value = getattr(args, flag)
+        if value < (0 if flag == "port" else 1):
+            raise ValueError(f"--{flag.replace('_', '-')}={value}: expected a positive integer")
+    from engine.metering import Ledger
+    Ledger(args.db).close()   # a bad URL fails here, in one line, before the server starts
+    if args.no_auth and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("ember.server").warning(
+            "serving without API keys on %s: anyone who can reach it can use it", args.host)
+    for logger_name in ("ember", "engine"):
+        logging.getLogger(logger_name).setLevel(args.log_level.upper())
+    import server
+    name = args.served_model_name or (Path(args.model).name if args.model else "ember-default")
+    server.serve(model=args.model, engine_config=config, db_url=args.db, instance=args.instance,
+                 host=args.host, port=args.port, model_name=name, no_auth=args.no_auth,
+                 threads=args.threads, max_queue=args.max_queue, max_n=args.max_n,
+                 max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+                 log_level=args.log_level)
+
+
+def _print_table(header: list[str], rows: list[list]) -> None:
+    cells = [[str(cell) for cell in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("EMBER_LOG_LEVEL", "WARNING"))
     handlers = {"generate": _generate, "convert": _convert,
-                "build-default-model": _build_default_model}
+                "build-default-model": _build_default_model,
+                "keys": _keys, "usage": _usage, "serve": _serve}
     try:
         handlers[args.command](args)
     except KeyboardInterrupt:

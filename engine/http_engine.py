@@ -1,0 +1,266 @@
+"""EngineThread: the one thread that owns an LLMEngine while HTTP threads talk to it.
+
+The engine is not thread-safe. HTTP threads never touch it: they put commands (add, abort,
+stop) on one queue, and each request's sink gets its outputs through callbacks that the engine
+thread makes after every step. A failure inside the engine is caught and reported to the
+requests it touched; the thread keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from engine.outputs import RequestOutput
+from engine.request import RequestStatus
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    """Receives one engine request's events, on the engine thread (must be quick)."""
+
+    def on_scheduled(self, request_id: str, when: float) -> None: ...
+    def on_output(self, output: RequestOutput, when: float) -> None: ...
+    def on_error(self, request_id: str, error: Exception, when: float) -> None: ...
+
+
+class Unavailable(Exception):
+    """The engine cannot take the request now (warming up, overloaded, shutting down)."""
+
+
+@dataclass(slots=True, frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_pages: int
+    page_usage: float
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    compilations_after_warmup: int
+
+
+class EngineThread:
+    """Builds (and warms) the engine in the background, then runs it step by step.
+
+    Args:
+      engine: an LLMEngine, or a callable that builds one (called on this thread).
+      max_queue: most engine requests queued or running at once; more is Unavailable.
+      on_failure: called (on this thread) when building the engine fails.
+    """
+
+    def __init__(self, engine: Any | Callable[[], Any], *, max_queue: int = 1024,
+                 on_failure: Callable[[BaseException], None] | None = None):
+        self._factory = engine if callable(engine) else (lambda: engine)
+        self.max_queue = max_queue
+        self._on_failure = on_failure
+        self.engine = None
+        self.state = "warming"        # warming | ready | stopping | stopped | failed
+        self.stats: EngineStats | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending = 0             # reserved engine requests not finished yet
+        self._live: dict[str, Sink] = {}
+        self._unscheduled: set[str] = set()
+        self._deadline = float("inf")
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def start(self) -> EngineThread:
+        self._thread.start()
+        return self
+
+    # ------------------------------------------------------------------ HTTP threads
+    def reserve(self, count: int) -> None:
+        """Holds room for `count` engine requests; raises Unavailable (a 503) otherwise."""
+        with self._lock:
+            if self.state != "ready":
+                raise Unavailable({"warming": "the model is warming up",
+                                   "failed": "the engine failed to start"}.get(
+                                       self.state, "the server is shutting down"))
+            if self._pending + count > self.max_queue:
+                raise Unavailable(f"the server is overloaded ({self._pending} requests in "
+                                  f"flight, at most {self.max_queue})")
+            self._pending += count
+
+    def release(self, count: int) -> None:
+        """Gives back reserved room that was never used by add()."""
+        with self._lock:
+            self._pending -= count
+
+    def add(self, request_id: str, prompt: dict, params: SamplingParams, sink: Sink) -> None:
+        self._commands.put(("add", request_id, prompt, params, sink))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def request_stop(self, drain_seconds: float) -> None:
+        """Stops admitting (reserve raises Unavailable); running requests may finish for
+        `drain_seconds`, then are aborted (their sinks get final outputs) and the thread ends.
+        Does not block: safe in a signal handler."""
+        if self.state in ("warming", "ready"):
+            self.state = "stopping"
+        self._commands.put(("stop", time.monotonic() + drain_seconds))
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Waits for the thread to end; True if it has."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def num_pending(self) -> int:
+        return self._pending
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        try:
+            self.engine = self._factory()
+        except BaseException as error:  # noqa: BLE001 - reported, then the thread ends
+            logger.exception("the engine failed to start")
+            self.state = "failed"
+            if self._on_failure is not None:
+                self._on_failure(error)
+            return
+        with self._lock:
+            if self.state == "warming":
+                self.state = "ready"
+        self._publish_stats()
+        logger.info("engine ready")
+        while self.engine.has_unfinished_requests() or time.monotonic() < self._deadline:
+            try:
+                self._iterate()
+            except Exception:  # noqa: BLE001 - a bug here must not end serving
+                logger.exception("engine thread: unexpected error; continuing")
+                time.sleep(0.01)
+        self._refuse_queued()
+        self.state = "stopped"
+
+    def _iterate(self) -> None:
+        """Applies queued commands (blocking while idle), then runs one step."""
+        self._apply_commands(block=not self.engine.has_unfinished_requests())
+        if time.monotonic() >= self._deadline and self._live:
+            logger.info("shutdown: aborting %d unfinished requests", len(self._live))
+            for request_id in list(self._live):
+                self._abort(request_id)
+        if self.engine.has_unfinished_requests():
+            self._step()
+        self._publish_stats()
+
+    def _refuse_queued(self) -> None:
+        # Requests reserved before the stop but queued after the last step get a clean refusal.
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                with self._lock:
+                    self._pending -= 1
+                _call(command[4].on_error, command[1], Unavailable("the server is shutting down"),
+                      time.monotonic())
+
+    def _apply_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind = command[0]
+            if kind == "add":
+                self._add(*command[1:])
+            elif kind == "abort":
+                self._abort(command[1])
+            else:
+                self._deadline = min(self._deadline, command[1])
+                self.state = "stopping"
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, request_id: str, prompt: dict, params: SamplingParams, sink: Sink) -> None:
+        try:
+            self.engine.add_request(request_id, prompt, params)
+        except Exception as error:  # noqa: BLE001 - the request fails, the engine goes on
+            if not isinstance(error, ValueError):
+                logger.exception("request %s: add_request failed", request_id)
+            self._finish(request_id)
+            _call(sink.on_error, request_id, error, time.monotonic())
+            return
+        self._live[request_id] = sink
+        self._unscheduled.add(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        sink = self._live.get(request_id)
+        if sink is None:
+            return   # finished already: its final output has been delivered
+        try:
+            output = self.engine.abort(request_id)
+        except Exception as error:  # noqa: BLE001
+            logger.exception("request %s: abort failed", request_id)
+            self._finish(request_id)
+            _call(sink.on_error, request_id, error, time.monotonic())
+            return
+        self._finish(request_id)
+        if output is not None:
+            _call(sink.on_output, output, time.monotonic())
+
+    def _step(self) -> None:
+        started = time.monotonic()
+        try:
+            outputs = self.engine.step()
+        except Exception as error:  # noqa: BLE001 - cannot tell which request: fail them all
+            logger.exception("engine step failed; failing its %d requests: %s",
+                             len(self._live), sorted(self._live))
+            for request_id, sink in list(self._live.items()):
+                try:
+                    self.engine.abort(request_id)
+                except Exception:  # noqa: BLE001
+                    logger.exception("request %s: abort after a failed step failed", request_id)
+                self._finish(request_id)
+                _call(sink.on_error, request_id, error, time.monotonic())
+            return
+        finished_at = time.monotonic()
+        self._note_scheduled(started)
+        for output in outputs:
+            sink = self._live.get(output.request_id)
+            if sink is None:
+                continue
+            if output.finished:
+                self._finish(output.request_id)
+            _call(sink.on_output, output, finished_at)
+
+    def _note_scheduled(self, when: float) -> None:
+        # The engine reports no scheduling times, so a request counts as scheduled once its
+        # first sample has left the waiting state (its queue time ends at that step's start).
+        for request_id in list(self._unscheduled):
+            group = self.engine.output_processor.get(request_id)
+            if group is None or group.samples[0].status is not RequestStatus.WAITING:
+                self._unscheduled.discard(request_id)
+                sink = self._live.get(request_id)
+                if sink is not None:
+                    _call(sink.on_scheduled, request_id, when)
+
+    def _finish(self, request_id: str) -> None:
+        self._live.pop(request_id, None)
+        self._unscheduled.discard(request_id)
+        with self._lock:
+            self._pending -= 1
+
+    def _publish_stats(self) -> None:
+        stats = self.engine.scheduler.stats()
+        self.stats = EngineStats(stats.num_running, stats.num_waiting, stats.num_free_pages,
+                                 stats.page_usage, stats.prefix_cache_hit_rate,
+                                 stats.num_preemptions, self.engine.compilations_after_warmup)
+
+
+def _call(callback: Callable, *args) -> None:
+    try:
+        callback(*args)
+    except Exception:  # noqa: BLE001 - a sink's bug must not stop the engine thread
+        logger.exception("a request sink failed")

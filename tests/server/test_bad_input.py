@@ -1,0 +1,162 @@
+"""Malformed requests: each gets the right 4xx in OpenAI's error shape (never a 500), and the
+request after it is served. The engine thread never sees any of them."""
+
+import pytest
+import requests
+
+from tests.server.conftest import MAX_MODEL_LEN, VOCAB_SIZE, auth
+
+OK = {"model": "tiny-llama", "prompt": "fine", "max_tokens": 2}
+CHAT_OK = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
+           "max_tokens": 2}
+
+
+def completion(**fields):
+    return {**OK, **fields}
+
+
+def chat(**fields):
+    return {**CHAT_OK, **fields}
+
+
+def without(body: dict, name: str) -> dict:
+    return {key: value for key, value in body.items() if key != name}
+
+
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+# (case id, method, path, body: dict or raw bytes, status, error code or None, param or None)
+CASES = [
+    ("truncated-json", "POST", C, b'{"prompt": ', 400, "invalid_json", None),
+    ("json-array", "POST", C, b"[1, 2]", 400, "invalid_json", None),
+    ("json-string", "POST", C, b'"prompt"', 400, "invalid_json", None),
+    ("empty-body", "POST", C, b"", 400, "invalid_json", None),
+    ("nan-constant", "POST", C, b'{"prompt": "a", "temperature": NaN}', 400, "invalid_json", None),
+    ("deep-nesting", "POST", C, b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json", None),
+    ("invalid-utf8", "POST", C, b'{"prompt": "\xff\xfe\xfa"}', 400, "invalid_encoding", None),
+    ("10mb-body", "POST", C, b'{"prompt": "' + b"a" * (10 << 20) + b'"}', 400,
+     "request_too_large", None),
+    ("prompt-missing", "POST", C, without(OK, "prompt"), 400, "invalid_type", "prompt"),
+    ("prompt-number", "POST", C, completion(prompt=5), 400, "invalid_type", "prompt"),
+    ("prompt-empty-list", "POST", C, completion(prompt=[]), 400, "invalid_value", "prompt"),
+    ("prompt-empty-ids", "POST", C, completion(prompt=[[]]), 400, "invalid_type", "prompt"),
+    ("prompt-mixed", "POST", C, completion(prompt=["a", 1]), 400, "invalid_type", "prompt"),
+    ("prompt-bools", "POST", C, completion(prompt=[True, False]), 400, "invalid_type", "prompt"),
+    ("prompt-empty-string", "POST", C, completion(prompt=""), 400, "invalid_value", "prompt"),
+    ("ids-out-of-vocab", "POST", C, completion(prompt=[5, VOCAB_SIZE]), 400, "invalid_value",
+     "prompt[1]"),
+    ("ids-negative", "POST", C, completion(prompt=[[5], [-1]]), 400, "invalid_value",
+     "prompt[1][0]"),
+    ("prompt-too-long", "POST", C, completion(prompt=[5] * (MAX_MODEL_LEN + 1)), 400,
+     "context_length_exceeded", "prompt"),
+    ("prompt-plus-max-tokens", "POST", C, completion(prompt=[5] * 200, max_tokens=100), 400,
+     "context_length_exceeded", "max_tokens"),
+    ("max-tokens-negative", "POST", C, completion(max_tokens=-1), 400, "invalid_value",
+     "max_tokens"),
+    ("max-tokens-string", "POST", C, completion(max_tokens="10"), 400, "invalid_type",
+     "max_tokens"),
+    ("max-tokens-float", "POST", C, completion(max_tokens=10.5), 400, "invalid_type",
+     "max_tokens"),
+    ("max-tokens-huge", "POST", C, completion(max_tokens=10 ** 30), 400,
+     "context_length_exceeded", "max_tokens"),
+    ("max-tokens-bool", "POST", C, completion(max_tokens=True), 400, "invalid_type",
+     "max_tokens"),
+    ("temperature-negative", "POST", C, completion(temperature=-0.5), 400, "invalid_value",
+     "temperature"),
+    ("temperature-huge", "POST", C, completion(temperature=1e300), 400, "invalid_value",
+     "temperature"),
+    ("temperature-string", "POST", C, completion(temperature="hot"), 400, "invalid_type",
+     "temperature"),
+    ("temperature-bool", "POST", C, completion(temperature=True), 400, "invalid_type",
+     "temperature"),
+    ("top-p-zero", "POST", C, completion(top_p=0), 400, "invalid_value", "top_p"),
+    ("top-p-above-one", "POST", C, completion(top_p=1.5), 400, "invalid_value", "top_p"),
+    ("top-k-negative", "POST", C, completion(top_k=-5), 400, "invalid_value", "top_k"),
+    ("min-p-two", "POST", C, completion(min_p=2), 400, "invalid_value", "min_p"),
+    ("n-zero", "POST", C, completion(n=0), 400, "invalid_value", "n"),
+    ("n-thousand", "POST", C, completion(n=1000), 400, "invalid_value", "n"),
+    ("n-float", "POST", C, completion(n=2.0), 400, "invalid_type", "n"),
+    ("stop-number", "POST", C, completion(stop=5), 400, "invalid_value", "stop"),
+    ("stop-empty", "POST", C, completion(stop=[""]), 400, "invalid_value", "stop"),
+    ("stop-hundred", "POST", C, completion(stop=["x"] * 100), 400, "invalid_value", "stop"),
+    ("seed-string", "POST", C, completion(seed="x"), 400, "invalid_type", "seed"),
+    ("seed-huge", "POST", C, completion(seed=2 ** 70), 400, "invalid_value", "seed"),
+    ("presence-penalty", "POST", C, completion(presence_penalty=3), 400, "invalid_value",
+     "presence_penalty"),
+    ("frequency-penalty", "POST", C, completion(frequency_penalty=-3), 400, "invalid_value",
+     "frequency_penalty"),
+    ("repetition-penalty-zero", "POST", C, completion(repetition_penalty=0), 400,
+     "invalid_value", "repetition_penalty"),
+    ("logprobs-fifty", "POST", C, completion(logprobs=50), 400, "invalid_value", "logprobs"),
+    ("logprobs-bool", "POST", C, completion(logprobs=True), 400, "invalid_type", "logprobs"),
+    ("echo-string", "POST", C, completion(echo="yes"), 400, "invalid_type", "echo"),
+    ("stream-int", "POST", C, completion(stream=1), 400, "invalid_type", "stream"),
+    ("stream-options-alone", "POST", C, completion(stream_options={"include_usage": True}), 400,
+     "invalid_value", "stream_options"),
+    ("unknown-model", "POST", C, completion(model="gpt-4"), 400, "model_not_found", "model"),
+    ("model-number", "POST", C, completion(model=7), 400, "invalid_type", "model"),
+    ("logit-bias", "POST", C, completion(logit_bias={"1": 5}), 400, "unsupported_parameter",
+     "logit_bias"),
+    ("best-of", "POST", C, completion(best_of=3), 400, "unsupported_parameter", "best_of"),
+    ("stop-token-out-of-vocab", "POST", C, completion(stop_token_ids=[1000]), 400,
+     "invalid_value", "stop_token_ids[0]"),
+    ("messages-missing", "POST", CHAT, without(CHAT_OK, "messages"), 400, "invalid_type",
+     "messages"),
+    ("messages-empty", "POST", CHAT, chat(messages=[]), 400, "invalid_value", "messages"),
+    ("messages-string", "POST", CHAT, chat(messages="hi"), 400, "invalid_type", "messages"),
+    ("messages-unknown-role", "POST", CHAT, chat(messages=[{"role": "bot", "content": "x"}]),
+     400, "invalid_value", "messages"),
+    ("messages-no-content", "POST", CHAT, chat(messages=[{"role": "user"}]), 400,
+     "invalid_value", "messages"),
+    ("messages-content-number", "POST", CHAT, chat(messages=[{"role": "user", "content": 5}]),
+     400, "invalid_value", "messages"),
+    ("messages-not-dicts", "POST", CHAT, chat(messages=["hi"]), 400, "invalid_value",
+     "messages"),
+    ("messages-image-part", "POST", CHAT, chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]), 400, "invalid_value", "messages"),
+    ("top-logprobs-alone", "POST", CHAT, chat(top_logprobs=2), 400, "invalid_value",
+     "top_logprobs"),
+    ("max-completion-tokens-zero", "POST", CHAT, chat(max_completion_tokens=0), 400,
+     "invalid_value", "max_completion_tokens"),
+    ("chat-context", "POST", CHAT, chat(max_tokens=MAX_MODEL_LEN), 400,
+     "context_length_exceeded", "max_tokens"),
+    ("tools", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+     "unsupported_parameter", "tools"),
+    ("json-schema", "POST", CHAT, chat(response_format={"type": "json_schema"}), 400,
+     "unsupported_parameter", "response_format"),
+    ("unknown-route", "GET", "/v1/nope", None, 404, "not_found", None),
+    ("completions-get", "GET", C, None, 405, "method_not_allowed", None),
+    ("chat-put", "PUT", CHAT, CHAT_OK, 405, "method_not_allowed", None),
+    ("health-post", "POST", "/health", OK, 405, "method_not_allowed", None),
+    ("tokenize-number", "POST", "/tokenize", {"prompt": 5}, 400, "invalid_type", "prompt"),
+    ("detokenize-out-of-vocab", "POST", "/detokenize", {"tokens": [999]}, 400, "invalid_value",
+     "tokens"),
+    ("usage-group-by-week", "GET", "/v1/usage?group_by=week", None, 400, "invalid_value",
+     "group_by"),
+    ("usage-start-yesterday", "GET", "/v1/usage?start=yesterday", None, 400, "invalid_value",
+     "start"),
+    ("unknown-model-card", "GET", "/v1/models/gpt-4", None, 404, "model_not_found", None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
+def test_bad_request_gets_its_4xx_then_the_next_is_served(server, api_key, case):
+    _, method, path, body, status, code, param = case
+    options = {"data": body} if isinstance(body, bytes) else {"json": body}
+    response = requests.request(method, server.base_url + path, headers=auth(api_key),
+                                timeout=60, **options)
+    assert response.status_code == status, response.text[:300]
+    assert response.headers["Content-Type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["code"], error["param"]) == (code, param), error
+    assert error["message"] and len(error["message"]) < 600
+    served = requests.post(server.base_url + C, json=OK, headers=auth(api_key), timeout=60)
+    assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 2
+
+
+def test_no_bad_input_reached_the_engine_or_caused_a_500(server):
+    assert len(CASES) >= 40
+    text = requests.get(server.base_url + "/metrics", timeout=30).text
+    assert 'ember_http_responses_total{code="500"}' not in text
+    assert 'status="error"' not in text
+    assert server.metric("ember_kv_page_usage_ratio") == 0

@@ -1,0 +1,156 @@
+"""The engine thread and the app in-process around a hand-computable fake engine (JetStream's
+mock-engine idea): an engine that fails on one request fails only that request, answers 500
+without internals, bills it as 'error', and keeps serving."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import pytest
+
+from engine.http_engine import EngineThread
+from engine.metering import Ledger
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import SchedulerStats
+from engine.tokenizer import Tokenizer
+
+POISON = 7   # a prompt holding this token id makes the fake engine's step raise
+
+
+class FakeEngine:
+    """Each step appends token (prompt length + position) to every request, up to max_tokens."""
+
+    def __init__(self, tokenizer: Tokenizer | None = None):
+        self.tokenizer = tokenizer
+        self.max_model_len = 256
+        self.model_config = type("Config", (), {"vocab_size": 320})()
+        self.output_processor = type("Processor", (), {"get": staticmethod(lambda rid: None)})()
+        self.compilations_after_warmup = 0
+        self.scheduler = self
+        self.requests: dict[str, tuple[list[int], SamplingParams, list[int]]] = {}
+
+    def default_sampling_params(self) -> SamplingParams:
+        return SamplingParams()
+
+    def add_request(self, request_id, prompt, params, priority=0):
+        if prompt["prompt_token_ids"] == [1, 1, 1]:
+            raise RuntimeError("add_request crashed (internal detail)")
+        self.requests[request_id] = (prompt["prompt_token_ids"], params, [])
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def _output(self, request_id: str, finish_reason: str | None) -> RequestOutput:
+        prompt, params, tokens = self.requests[request_id]
+        return RequestOutput(request_id, None, prompt, [CompletionOutput(
+            0, "".join(chr(65 + t % 26) for t in tokens), list(tokens),
+            finish_reason=finish_reason)], finished=finish_reason is not None)
+
+    def step(self) -> list[RequestOutput]:
+        if any(POISON in prompt for prompt, _, _ in self.requests.values()):
+            raise RuntimeError("kernel exploded (internal detail)")
+        outputs = []
+        for request_id, (prompt, params, tokens) in list(self.requests.items()):
+            tokens.append(len(prompt) + len(tokens))
+            done = len(tokens) >= params.max_tokens
+            outputs.append(self._output(request_id, "length" if done else None))
+            if done:
+                del self.requests[request_id]
+        return outputs
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        if request_id not in self.requests:
+            return None
+        output = self._output(request_id, "abort")
+        del self.requests[request_id]
+        return output
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.requests), 0, 10, 0.0, 0, 0, 0.0, 0)
+
+
+class Collect:
+    def __init__(self):
+        self.outputs, self.errors = [], []
+
+    def on_scheduled(self, request_id, when):
+        pass
+
+    def on_output(self, output, when):
+        self.outputs.append(output)
+
+    def on_error(self, request_id, error, when):
+        self.errors.append(error)
+
+    def wait(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while not (self.errors or (self.outputs and self.outputs[-1].finished)):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+
+
+def test_a_failing_step_fails_its_requests_and_the_thread_goes_on():
+    thread = EngineThread(FakeEngine(), max_queue=4).start()
+    while thread.state != "ready":
+        time.sleep(0.01)
+    thread.reserve(2)
+    poisoned, bystander = Collect(), Collect()
+    thread.add("a", {"prompt_token_ids": [POISON, 3]}, SamplingParams(max_tokens=3), poisoned)
+    thread.add("b", {"prompt_token_ids": [4, 5]}, SamplingParams(max_tokens=3), bystander)
+    poisoned.wait()
+    bystander.wait()
+    assert poisoned.errors and bystander.errors   # one step held both: both failed
+    thread.reserve(1)
+    healthy = Collect()
+    thread.add("c", {"prompt_token_ids": [4, 5, 6]}, SamplingParams(max_tokens=4), healthy)
+    healthy.wait()
+    assert healthy.outputs[-1].outputs[0].token_ids == [3, 4, 5, 6]
+    assert thread.num_pending == 0
+    thread.request_stop(0)
+    assert thread.join(5)
+
+
+@pytest.fixture()
+def app_and_ledger(server_model_dir, tmp_path):
+    from server import create_app
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    app = create_app(FakeEngine(Tokenizer.from_pretrained(server_model_dir)), ledger,
+                     model_name="fake")
+    service = app.extensions["ember"]
+    while service.engine.state != "ready":
+        time.sleep(0.01)
+    yield app, ledger, tmp_path / "ledger.db"
+    service.close()
+
+
+def test_engine_failure_is_a_500_without_internals_and_billed_as_error(app_and_ledger):
+    app, ledger, db_path = app_and_ledger
+    _, key = ledger.create_key("tester")
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {key}"}
+    for prompt in ([POISON, 3], [1, 1, 1]):   # a step that raises; an add_request that raises
+        response = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3},
+                               headers=headers)
+        assert response.status_code == 500
+        error = response.get_json()["error"]
+        assert error["code"] == "internal_error"
+        assert response.headers["X-Request-Id"] in error["message"]
+        assert b"RuntimeError" not in response.data and b"internal detail" not in response.data
+    ok = client.post("/v1/completions", json={"prompt": [4, 5, 6], "max_tokens": 4},
+                     headers=headers)
+    assert ok.status_code == 200
+    body = json.loads(ok.data)
+    assert body["choices"][0]["text"] == "DEFG" and body["usage"]["completion_tokens"] == 4
+    stream = client.post("/v1/completions", headers=headers, json={
+        "prompt": [4, 5], "max_tokens": 3, "stream": True, "stream_options": {
+            "include_usage": True}})
+    events = [line for line in stream.data.split(b"\n\n") if line]
+    assert events[-1] == b"data: [DONE]"
+    assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 3
+    with sqlite3.connect(db_path) as db:
+        statuses = sorted(status for status, in db.execute("SELECT status FROM requests"))
+    assert statuses == ["completed", "completed", "error", "error"]

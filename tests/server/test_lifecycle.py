@@ -1,0 +1,111 @@
+"""The server's life: 503 while warming and when overloaded, a clean SIGTERM (in-flight
+streams end, every ledger row final), a kill -9 mid-stream (after a restart every admitted
+request has exactly one row, interrupted), and one-line CLI errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import requests
+
+from tests.server.conftest import ROOT, auth
+
+STREAM = {"model": "tiny-llama", "prompt": "Go on and on.", "max_tokens": 230,
+          "ignore_eos": True, "stream": True}
+
+
+def stream_in_background(server, key: str, count: int, body: dict = STREAM):
+    """Starts `count` streaming requests; returns their shared state, filled as they run."""
+    state = {"ids": {}, "chunks": {}, "last": {}, "errors": {}}
+
+    def run(index: int) -> None:
+        try:
+            with requests.post(server.base_url + "/v1/completions", json=body,
+                               headers=auth(key), stream=True, timeout=120) as response:
+                state["ids"][index] = response.headers.get("X-Request-Id")
+                for line in response.iter_lines():
+                    if line:
+                        state["chunks"][index] = state["chunks"].get(index, 0) + 1
+                        state["last"][index] = line
+        except requests.RequestException as error:
+            state["errors"][index] = error
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    state["threads"] = threads
+    return state
+
+
+def key_rows(server, name: str) -> list[dict]:
+    return server.rows("key_id = (SELECT id FROM keys WHERE name = ?)", (name,))
+
+
+def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_warming_overload_and_sigterm(new_server):
+    server = new_server("--max-queue", "2", "--shutdown-timeout", "20").start(wait=False)
+    seen = server.wait_healthy()
+    assert 503 in seen and seen[-1] == 200, seen
+    name, key = server.create_key()
+    running = stream_in_background(server, key, 2)
+    wait_for(lambda: len(running["chunks"]) == 2, what="two streams")
+    overloaded = requests.post(server.base_url + "/v1/completions", headers=auth(key),
+                               json={**STREAM, "stream": False}, timeout=60)
+    assert overloaded.status_code == 503 and overloaded.json()["error"]["code"] == "unavailable"
+    assert len(key_rows(server, name)) == 2             # the refused request costs nothing
+    server.proc.send_signal(signal.SIGTERM)
+    for thread in running["threads"]:
+        thread.join(60)
+    assert not running["errors"]
+    assert all(last == b"data: [DONE]" for last in running["last"].values())
+    assert server.proc.wait(60) == 0
+    rows = key_rows(server, name)
+    assert len(rows) == 2 and {row["status"] for row in rows} <= {"completed", "aborted"}
+
+
+def test_kill_9_mid_stream_leaves_every_admitted_request_one_interrupted_row(new_server):
+    server = new_server().start()
+    name, key = server.create_key()
+    streams = stream_in_background(server, key, 20)
+    wait_for(lambda: len(key_rows(server, name)) == 20 and len(streams["chunks"]) >= 4,
+             what="20 admitted requests")
+    server.signal(signal.SIGKILL)                     # master and worker, no goodbye
+    server.proc.wait(30)
+    for thread in streams["threads"]:
+        thread.join(30)
+    assert any(row["status"] == "running" for row in key_rows(server, name))   # left open
+    server.log.close()
+    server.start()                                    # same ledger, a new process
+    rows = key_rows(server, name)
+    assert len(rows) == 20 and len({row["id"] for row in rows}) == 20
+    interrupted = [row for row in rows if row["status"] == "interrupted"]
+    assert interrupted and all(row["status"] in ("interrupted", "completed") for row in rows)
+    started = {request_id for request_id in streams["ids"].values() if request_id}
+    assert started <= {row["id"] for row in rows}
+    response = requests.post(server.base_url + "/v1/completions", headers=auth(key),
+                             json={**STREAM, "stream": False, "max_tokens": 4}, timeout=60)
+    assert response.status_code == 200
+    assert server.metric("ember_kv_page_usage_ratio") == 0
+    assert len(key_rows(server, name)) == 21
+    server.stop()
+    assert all(row["status"] != "running" for row in key_rows(server, name))
+
+
+def test_serve_rejects_bad_arguments_in_one_line(tmp_path):
+    for args, expected in ((["--model", str(tmp_path / "missing")], "--model="),
+                           (["--db", "not a url"], "ledger url"),
+                           (["--max-num-seqs", "0"], "max_num_seqs=0")):
+        result = subprocess.run([sys.executable, "-m", "engine.cli", "serve", *args],
+                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
