@@ -20,11 +20,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# Pages gathered per loop iteration: enough to amortise the loop, few enough that the
-# gathered block [blocks, pages * page_size, 2 * num_kv_heads, head_dim] stays small.
-_PAGES_PER_BLOCK = 8
+# Bytes of K/V gathered per loop iteration (all query blocks together).
+_GATHER_BYTES = 4 << 20
 # Query rows of one prefill sequence sharing one gather of its pages.
 _PREFILL_BLOCK = 16
+# Query blocks attended together in one pass over their pages (decode: one row each).
+_DECODE_GROUP = 64
+_PREFILL_GROUP = 16
 _MASK_VALUE = -1e30
 # The reference is the yardstick: full f32 products even where XLA would default to TF32.
 _EXACT = jax.lax.Precision.HIGHEST
@@ -112,18 +114,33 @@ def ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_le
     attend = functools.partial(_attend_blocks, q, kv_pages, kv_lens, page_indices, cu_q_lens,
                                sm_scale=sm_scale, sliding_window=sliding_window,
                                soft_cap=soft_cap)
-    # At most min(S, T) decode sequences; prefill sequences have >= 2 rows each.
-    decode_rows, decode_out = attend(query_blocks(
-        cu_q_lens, num_seqs, block_q=1, num_blocks=min(max_seqs, num_rows), min_rows=1,
-        max_rows=1), block_q=1)
-    block = min(_PREFILL_BLOCK, num_rows)
-    prefill_rows, prefill_out = attend(query_blocks(
-        cu_q_lens, num_seqs, block_q=block,
-        num_blocks=-(-num_rows // block) + min(max_seqs, num_rows // 2), min_rows=2),
-        block_q=block)
     out = jnp.zeros((num_rows + 1, num_q_heads, head_dim), q.dtype)  # row T absorbs the dead
-    out = out.at[decode_rows].set(decode_out).at[prefill_rows].set(prefill_out)
+    # At most min(S, T) decode sequences; prefill sequences have >= 2 rows each.
+    decode = query_blocks(cu_q_lens, num_seqs, block_q=1, num_blocks=min(max_seqs, num_rows),
+                          min_rows=1, max_rows=1)
+    out = _over_live_groups(attend, decode, out, block_q=1, group=_DECODE_GROUP)
+    block = min(_PREFILL_BLOCK, num_rows)
+    prefill = query_blocks(cu_q_lens, num_seqs, block_q=block, min_rows=2,
+                           num_blocks=-(-num_rows // block) + min(max_seqs, num_rows // 2))
+    out = _over_live_groups(attend, prefill, out, block_q=block, group=_PREFILL_GROUP)
     return out[:num_rows]
+
+
+def _over_live_groups(attend, blocks, out, *, block_q, group):
+    """Runs `attend` over groups of `group` query blocks, only as many groups as hold live
+    blocks (query_blocks puts the live ones first), writing each group's rows into out."""
+    group = min(group, blocks[0].shape[0])
+    pad = (-blocks[0].shape[0]) % group
+    blocks = tuple(jnp.pad(field, (0, pad)) for field in blocks)  # padded blocks hold 0 rows
+    num_live = jnp.sum(blocks[2] > 0)
+
+    def body(index, out):
+        chosen = tuple(jax.lax.dynamic_slice_in_dim(field, index * group, group)
+                       for field in blocks)
+        rows, values = attend(chosen, block_q=block_q)
+        return out.at[rows].set(values)
+
+    return jax.lax.fori_loop(0, (num_live + group - 1) // group, body, out)
 
 
 def _attend_blocks(q, kv_pages, kv_lens, page_indices, cu_q_lens, blocks, *, block_q, sm_scale,
@@ -146,7 +163,10 @@ def _attend_blocks(q, kv_pages, kv_lens, page_indices, cu_q_lens, blocks, *, blo
     queries = jnp.take(q, rows, axis=0, mode="clip").astype(jnp.float32) * sm_scale
     queries = queries.reshape(num_blocks, block_q, num_kv_heads, group, head_dim)
     max_pages = page_indices.shape[1]
-    pages_per_block = min(_PAGES_PER_BLOCK, max_pages)
+    # Gather a few MiB per iteration: larger blocks leave the CPU's caches (and XLA's
+    # temporaries past glibc's mmap threshold, paid in page faults on every step).
+    page_bytes = page_size * two_kv_heads * head_dim * 4
+    pages_per_block = max(1, min(max_pages, _GATHER_BYTES // max(1, num_blocks * page_bytes)))
     live_block = block_rows > 0
     pages_of_block = jnp.where(live_block[:, None], page_indices[seq], 0)  # i32[W, P]
     pages_of_block = jnp.pad(pages_of_block, ((0, 0), (0, (-max_pages) % pages_per_block)))
