@@ -155,6 +155,11 @@ class LLMEngine:
                 self.scheduler.abort(sample.request_id)
         return self.output_processor.finish_aborted(group)
 
+    def is_waiting(self, request_id: str) -> bool:
+        """True while no sample of the request has been scheduled yet (its queue time)."""
+        group = self.output_processor.get(request_id)
+        return group is not None and group.samples[0].status is RequestStatus.WAITING
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from engine.outputs import RequestOutput
-from engine.request import RequestStatus
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -236,11 +235,10 @@ class EngineThread:
             _call(sink.on_output, output, finished_at)
 
     def _note_scheduled(self, when: float) -> None:
-        # The engine reports no scheduling times, so a request counts as scheduled once its
-        # first sample has left the waiting state (its queue time ends at that step's start).
+        # A request counts as scheduled once its first sample has left the waiting queue
+        # (its queue time ends at that step's start).
         for request_id in list(self._unscheduled):
-            group = self.engine.output_processor.get(request_id)
-            if group is None or group.samples[0].status is not RequestStatus.WAITING:
+            if not self.engine.is_waiting(request_id):
                 self._unscheduled.discard(request_id)
                 sink = self._live.get(request_id)
                 if sink is not None:

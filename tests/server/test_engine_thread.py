@@ -27,7 +27,6 @@ class FakeEngine:
         self.tokenizer = tokenizer
         self.max_model_len = 256
         self.model_config = type("Config", (), {"vocab_size": 320})()
-        self.output_processor = type("Processor", (), {"get": staticmethod(lambda rid: None)})()
         self.compilations_after_warmup = 0
         self.scheduler = self
         self.requests: dict[str, tuple[list[int], SamplingParams, list[int]]] = {}
@@ -42,6 +41,9 @@ class FakeEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def is_waiting(self, request_id: str) -> bool:
+        return False  # every request is scheduled at its first step
 
     def _output(self, request_id: str, finish_reason: str | None) -> RequestOutput:
         prompt, params, tokens = self.requests[request_id]
