@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import fcntl
 import json
+import logging
 import math
 import os
 import platform
@@ -59,18 +60,20 @@ def is_complete(root: Path) -> bool:
     return (model_dir / "orbax").is_dir() and (model_dir / "config.json").is_file()
 
 
-def ensure_default_model(progress: bool = True, root: str | os.PathLike | None = None) -> Path:
+def ensure_default_model(progress: bool = True, root: str | os.PathLike | None = None,
+                         force: bool = False) -> Path:
     """Returns the default model's orbax directory, building it first if it is missing.
 
     Args:
       progress: print build progress (tokenizer, training loss and tokens/s, saving).
       root: where the model lives; defaults to `default_model_root()`.
+      force: rebuild it even if it is there (`ember build-default-model --force`).
     Returns:
       `root/model`, loadable with `models.load_model`.
     """
     root = Path(root) if root is not None else default_model_root()
-    if not is_complete(root):
-        build_default_model(root, progress=progress)
+    if force or not is_complete(root):
+        build_default_model(root, force=force, progress=progress)
     return root / MODEL_SUBDIR
 
 
@@ -97,8 +100,12 @@ def build_default_model(root: str | os.PathLike, recipe: BuildRecipe | None = No
         for stale in root.parent.glob(f".{root.name}.building-*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed build; we hold the lock
         staging = root.parent / f".{root.name}.building-{os.getpid()}"
+        recipe = recipe or BuildRecipe()
+        say = _printer(progress)
+        say(f"Building Ember's default model at {root} (once; about "
+            f"{recipe.train_seconds / 60 + 0.5:.0f} min, trained on the Python standard library)")
         try:
-            _build_into(staging, recipe or BuildRecipe(), _printer(progress))
+            _build_into(staging, recipe, say)
             _replace_dir(staging, root)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone already unless the build failed
@@ -135,8 +142,6 @@ def _build_into(out: Path, recipe: BuildRecipe, say) -> None:
     from models.checkpoint import convert_to_orbax
 
     started = time.monotonic()
-    say(f"Building Ember's default model in {out.parent} (about "
-        f"{recipe.train_seconds / 60 + 0.5:.0f} min; training on the Python standard library)")
     corpus = load_corpus()
     say(f"  corpus: {len(corpus.train_texts)} train files, {len(corpus.held_out_texts)} held-out "
         f"files from {corpus.source}")
@@ -153,7 +158,12 @@ def _build_into(out: Path, recipe: BuildRecipe, say) -> None:
     save_hf_dir(model, recipe, tokenizer_model, hf_dir)
     report["build_seconds"] = round(time.monotonic() - started, 1)
     (hf_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    convert_to_orbax(hf_dir, out / MODEL_SUBDIR)
+    absl_logger = logging.getLogger("absl")
+    level, _ = absl_logger.level, absl_logger.setLevel(logging.ERROR)  # orbax's merge warning
+    try:
+        convert_to_orbax(hf_dir, out / MODEL_SUBDIR)
+    finally:
+        absl_logger.setLevel(level)
     shutil.copy2(hf_dir / REPORT_FILE, out / MODEL_SUBDIR / REPORT_FILE)
     say(f"  saved {hf_dir.name}/ (safetensors) and {MODEL_SUBDIR}/ (orbax) in "
         f"{time.monotonic() - started:.0f} s")
