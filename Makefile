@@ -11,9 +11,10 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-# Builds the embedded default model on first use (about 5 minutes), then streams a completion.
+# Builds the embedded default model on first use (about 5 minutes), then serves it on
+# 127.0.0.1:8000 without keys (local use), printing a curl and a Python example.
 run: $(BIN)/.installed
-	$(BIN)/ember generate --max-tokens 96 "def fibonacci(n):"
+	$(BIN)/ember serve --no-auth
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true")
     _add_metering_commands(commands)
     _add_serve_command(commands)
+    _add_batch_command(commands)
     return parser
 
 
@@ -237,11 +239,111 @@ def _serve(args) -> None:
         logging.getLogger(logger_name).setLevel(args.log_level.upper())
     import server
     name = args.served_model_name or (Path(args.model).name if args.model else "ember-default")
+    if args.model is None:
+        from engine.default_model import ensure_default_model
+        args.model = str(ensure_default_model())  # built here, with progress, the first time
+    _print_examples(args.host, args.port, name, args.no_auth)
     server.serve(model=args.model, engine_config=config, db_url=args.db, instance=args.instance,
                  host=args.host, port=args.port, model_name=name, no_auth=args.no_auth,
                  threads=args.threads, max_queue=args.max_queue, max_n=args.max_n,
                  max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                  log_level=args.log_level)
+
+
+def _print_examples(host: str, port: int, model_name: str, no_auth: bool) -> None:
+    """Ready-to-paste requests for the server that is starting (printed before warm-up)."""
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    key = "none" if no_auth else "$EMBER_API_KEY"
+    auth = "" if no_auth else f' -H "Authorization: Bearer {key}"'
+    body = json.dumps({"model": model_name, "prompt": "def fibonacci(n):", "max_tokens": 48,
+                       "temperature": 0})
+    print(f"Ember serves {model_name} at {base} (/health answers 200 once warm-up is done)."
+          + ("" if no_auth else " Create a key with: ember keys create --name me"),
+          f"  curl {base}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
+          f"  python -c \"from openai import OpenAI; client = OpenAI(base_url='{base}/v1', "
+          f"api_key='{key}'); print(client.completions.create(model='{model_name}', "
+          f"prompt='def fibonacci(n):', max_tokens=48).choices[0].text)\"",
+          sep="\n", file=sys.stderr, flush=True)
+
+
+_BATCH_ENGINE_FIELDS = (("max-model-len", int), ("max-num-seqs", int),
+                        ("max-num-batched-tokens", int), ("page-size", int), ("num-pages", int),
+                        ("memory-fraction", float), ("dtype", str), ("backend", str),
+                        ("seed", int))
+
+
+def _add_batch_command(commands) -> None:
+    batch = commands.add_parser(
+        "batch", help="run an OpenAI Batch API file: resumable, exactly once, billed",
+        description="Runs every line of INPUT (OpenAI Batch API JSONL) through one engine and "
+                    "appends one output line per request to OUTPUT. Run the same command "
+                    "again after an interruption: finished lines are kept and skipped.")
+    batch.add_argument("input", help="OpenAI Batch API JSONL: {custom_id, method, url, body}")
+    batch.add_argument("output", help="output JSONL (created, or resumed when it exists)")
+    _add_model(batch)
+    batch.add_argument("--served-model-name", default=None,
+                       help="the model name bodies carry (default: the model directory's name)")
+    account = batch.add_mutually_exclusive_group()
+    account.add_argument("--api-key", default=None, help="bill the key with this secret")
+    account.add_argument("--account", default=None,
+                         help="bill the key of this name (default: the anonymous account)")
+    batch.add_argument("--db", default=None,
+                       help="ledger SQLAlchemy URL (default: sqlite:///$EMBER_HOME/ledger.db)")
+    batch.add_argument("--batch-discount", type=float, default=0.5,
+                       help="fraction taken off the ledger price (default 0.5: half price)")
+    for name, kind in _BATCH_ENGINE_FIELDS:
+        batch.add_argument(f"--{name}", type=kind, default=None, help="EngineConfig field")
+    batch.add_argument("--no-prefix-caching", action="store_true")
+    batch.add_argument("--warmup", action="store_true",
+                       help="compile every shape first (default: compile on first use)")
+    batch.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _batch(args) -> None:
+    from pathlib import Path
+
+    from engine.batch import open_batch, run_batch
+    from engine.config import EngineConfig
+    from engine.metering import Ledger
+
+    if not 0.0 <= args.batch_discount <= 1.0:
+        raise ValueError(f"--batch-discount={args.batch_discount}: expected a fraction in "
+                         "[0, 1]")
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--model={args.model!r}: expected a model directory with a "
+                         "config.json")
+    fields = {name.replace("-", "_"): getattr(args, name.replace("-", "_"))
+              for name, _ in _BATCH_ENGINE_FIELDS}
+    config = EngineConfig(**{k: v for k, v in fields.items() if v is not None},
+                          enable_prefix_caching=not args.no_prefix_caching, warmup=args.warmup)
+    files = open_batch(args.input, args.output)   # a repeated custom_id fails here, first
+    try:
+        with Ledger(args.db, instance="batch") as ledger:
+            if args.api_key is not None:
+                key = ledger.authenticate(args.api_key)
+                if key is None:
+                    raise ValueError("--api-key: not a key of this ledger")
+            elif args.account is not None:
+                key = ledger.get_key(args.account)
+                if key is None:
+                    raise ValueError(f"--account={args.account!r}: no such key (see "
+                                     "`ember keys list`)")
+            else:
+                key = ledger.anonymous_key()
+            if key.revoked:
+                raise ValueError(f"key {key.name!r} is revoked")
+            from engine.engine import LLMEngine
+            engine = LLMEngine(args.model, config)
+            name = args.served_model_name or (Path(args.model).name if args.model
+                                              else "ember-default")
+            summary = run_batch(engine, files, model_name=name, ledger=ledger, key=key,
+                                discount=args.batch_discount, progress=not args.no_progress)
+    finally:
+        files.close()
+    print(f"{args.output}: {summary.succeeded} succeeded, {summary.failed} failed, "
+          f"{summary.skipped} already done; {summary.prompt_tokens} prompt + "
+          f"{summary.completion_tokens} completion tokens in {summary.seconds:.1f} s; "
+          f"{summary.billed} billed to {key.name!r}", file=sys.stderr)
 
 
 def _print_table(header: list[str], rows: list[list]) -> None:
@@ -256,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("EMBER_LOG_LEVEL", "WARNING"))
     handlers = {"generate": _generate, "convert": _convert,
                 "build-default-model": _build_default_model,
-                "keys": _keys, "usage": _usage, "serve": _serve}
+                "keys": _keys, "usage": _usage, "serve": _serve, "batch": _batch}
     try:
         handlers[args.command](args)
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""LLM: the notebook API, shaped like vLLM's (generate, chat)."""
+"""LLM: the notebook API, shaped like vLLM's (generate, chat, score)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from engine import scoring
 from engine.config import EngineConfig
 from engine.engine import LLMEngine, PromptType
 from engine.outputs import RequestOutput
@@ -77,6 +78,18 @@ class LLM:
             conversation, add_generation_prompt=add_generation_prompt, tokenize=True,
             **(chat_template_kwargs or {}))} for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def score(self, pairs: list[tuple[str, str]], *, add_bos_token: bool = False,
+              use_tqdm: bool = True) -> list[scoring.ScoreResult]:
+        """Log-likelihood of each continuation after its context, all pairs batched.
+
+        Tokenizes as lm-evaluation-harness does (engine/scoring.py has the exact rule).
+
+        Returns:
+          Per pair: logprob (summed over the continuation tokens), is_greedy (each is the
+          argmax), token_logprobs and tokens.
+        """
+        return scoring.score(self, pairs, add_bos_token=add_bos_token, use_tqdm=use_tqdm)
 
     def _run(self, request_ids: list[str], show_progress: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

@@ -89,6 +89,11 @@ def parse_json_body(raw: bytes) -> dict:
     except (ValueError, RecursionError) as error:
         raise ApiError(400, f"body is not valid JSON: {str(error)[:120]}",
                        code="invalid_json") from None
+    return json_object(body)
+
+
+def json_object(body: Any) -> dict:
+    """A decoded body that must be a JSON object (a 400 otherwise)."""
     if not isinstance(body, dict):
         raise ApiError(400, f"body is a JSON {type(body).__name__}: expected an object",
                        code="invalid_json")
