@@ -17,7 +17,7 @@ run: $(BIN)/.installed
 	$(BIN)/ember serve --no-auth
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 bench: $(BIN)/.installed
 	$(BIN)/python scripts/bench_offline.py

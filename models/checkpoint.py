@@ -162,12 +162,18 @@ def convert_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
     target = out_dir / ORBAX_SUBDIR
     if target.exists():
         shutil.rmtree(target)
-    # One file per tensor (no OCDBT): restoring straight into numpy is then the fastest
-    # path orbax has (measured in scripts/bench_load.py).
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as checkpointer:
+    with ocp.Checkpointer(_orbax_handler()) as checkpointer:
         checkpointer.save(target, args=ocp.args.PyTreeSave(
             nnx.to_pure_dict(nnx.state(model, nnx.Param))))
     return out_dir
+
+
+def _orbax_handler():
+    """Uncompressed: weights barely compress, and zstd decoding dominated the load time
+    (scripts/bench_load.py); restoring straight into numpy is orbax's fastest path."""
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False)
 
 
 def _load_orbax(path: Path, config: ModelConfig) -> Transformer:
@@ -177,7 +183,7 @@ def _load_orbax(path: Path, config: ModelConfig) -> Transformer:
     target = nnx.to_pure_dict(state)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     try:
-        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as checkpointer:
+        with ocp.Checkpointer(_orbax_handler()) as checkpointer:
             restored = checkpointer.restore(path.absolute(), args=ocp.args.PyTreeRestore(
                 item=target, restore_args=restore_args))
     except Exception as error:  # orbax raises many types for a damaged or mismatched tree
