@@ -328,11 +328,17 @@ def sample_reference(logits, temperature, top_k, top_p, min_p, keys):
     logits = logits.astype(jnp.float32)                                   # f32[S, V]
     greedy = temperature <= 0.0                                           # bool[S]
     tempered = logits / jnp.where(greedy, 1.0, temperature)[:, None]      # f32[S, V]
-    threshold = sampling_threshold(tempered, top_k, top_p, min_p)         # i32[S]
-    kept = ordered_key(tempered) >= threshold[:, None]                    # bool[S, V]
-    noise = gumbel_from_bits(sampling_noise_bits(keys, logits.shape[-1]))
-    drawn = jnp.argmax(jnp.where(kept, tempered + noise, -jnp.inf), axis=-1)
-    token_ids = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    argmax = jnp.argmax(logits, axis=-1)
+
+    def draw(_):
+        threshold = sampling_threshold(tempered, top_k, top_p, min_p)     # i32[S]
+        kept = ordered_key(tempered) >= threshold[:, None]                # bool[S, V]
+        noise = gumbel_from_bits(sampling_noise_bits(keys, logits.shape[-1]))
+        drawn = jnp.argmax(jnp.where(kept, tempered + noise, -jnp.inf), axis=-1)
+        return jnp.where(greedy, argmax, drawn)
+
+    # An all-greedy batch (common in evaluations) skips the threshold searches and the noise.
+    token_ids = jax.lax.cond(jnp.all(greedy), lambda _: argmax, draw, None).astype(jnp.int32)
     log_probs = jax.nn.log_softmax(tempered, axis=-1)
     logprobs = jnp.take_along_axis(log_probs, token_ids[:, None], axis=-1)[:, 0]
     return token_ids, logprobs
