@@ -60,7 +60,7 @@ def load_generation_config(model_dir: str | os.PathLike) -> dict:
 
 def abstract_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """The module's structure and parameter shapes, with no memory allocated."""
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=None))
     return nnx.split(abstract)
 
 

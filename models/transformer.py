@@ -24,12 +24,19 @@ from models.config import ModelConfig
 AttendFn = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> nnx.Param:
+def _init(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, std: float = 0.02
+          ) -> nnx.Param:
+    """Random normal weights; zeros without rngs (a module built only for its structure,
+    e.g. under nnx.eval_shape before loading a checkpoint: tracing 70 random draws there
+    cost more than reading the weights)."""
+    if rngs is None:
+        return nnx.Param(jnp.zeros(shape, dtype))
     return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype) * std)
 
 
 class Linear(nnx.Module):
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype,
+                 rngs: nnx.Rngs | None):
         self.weight = _init(rngs, (in_features, out_features), dtype)
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
@@ -39,7 +46,7 @@ class Linear(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    def __init__(self, vocab_size: int, hidden_size: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, vocab_size: int, hidden_size: int, *, dtype, rngs: nnx.Rngs | None):
         self.weight = _init(rngs, (vocab_size, hidden_size), dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -72,7 +79,7 @@ def rotary(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None):
         c, dtype = config, config.dtype
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype,
@@ -100,7 +107,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None):
         c, dtype = config, config.dtype
         self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype,
                                 rngs=rngs)
@@ -120,7 +127,7 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None):
         norm = dict(eps=config.rms_norm_eps, offset=config.norm_offset, dtype=config.dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, **norm)
         self.self_attn = Attention(config, rngs=rngs)
@@ -135,7 +142,7 @@ class DecoderLayer(nnx.Module):
 class DecoderStack(nnx.Module):
     """HF's `model.*`: embeddings, layers and the final norm."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=config.dtype,
                                       rngs=rngs)
         self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
@@ -146,7 +153,7 @@ class DecoderStack(nnx.Module):
 class Transformer(nnx.Module):
     """A decoder-only causal LM; see the module docstring for the attention seam."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None):
         self.config = config
         self.model = DecoderStack(config, rngs=rngs)
         self.lm_head = (None if config.tie_word_embeddings else
