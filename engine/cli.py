@@ -240,14 +240,29 @@ def _serve(args) -> None:
     import server
     name = args.served_model_name or (Path(args.model).name if args.model else "ember-default")
     if args.model is None:
-        from engine.default_model import ensure_default_model
-        args.model = str(ensure_default_model())  # built here, with progress, the first time
+        args.model = str(_default_model_in_child_process())
     _print_examples(args.host, args.port, name, args.no_auth)
     server.serve(model=args.model, engine_config=config, db_url=args.db, instance=args.instance,
                  host=args.host, port=args.port, model_name=name, no_auth=args.no_auth,
                  threads=args.threads, max_queue=args.max_queue, max_n=args.max_n,
                  max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                  log_level=args.log_level)
+
+
+def _default_model_in_child_process():
+    """The default model's directory, built first if missing, in a child process: the server
+    forks its worker, and a process that forks must not have started tensorstore's (orbax's)
+    threads, as the build does."""
+    import subprocess
+
+    from engine.default_model import MODEL_SUBDIR, default_model_root, is_complete
+
+    root = default_model_root()
+    if not is_complete(root):
+        build = subprocess.run([sys.executable, "-m", "engine.cli", "build-default-model"])
+        if build.returncode != 0:
+            raise OSError(f"building the default model failed (exit code {build.returncode})")
+    return root / MODEL_SUBDIR
 
 
 def _print_examples(host: str, port: int, model_name: str, no_auth: bool) -> None:
