@@ -15,6 +15,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -26,19 +27,24 @@ AttendFn = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
 
 def _init(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, std: float = 0.02
           ) -> nnx.Param:
-    """Random normal weights; zeros without rngs (a module built only for its structure,
-    e.g. under nnx.eval_shape before loading a checkpoint: tracing 70 random draws there
-    cost more than reading the weights)."""
+    """Random normal weights; without rngs only their shape (a module built for its
+    structure before a checkpoint fills it: no memory, and no tracing, which cost more
+    than reading the weights)."""
     if rngs is None:
-        return nnx.Param(jnp.zeros(shape, dtype))
+        return nnx.Param(jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
     return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype) * std)
+
+
+def _constant(shape: tuple[int, ...], value: float, dtype) -> jax.Array:
+    # Built in numpy and copied over: jnp.full would compile a tiny program per shape.
+    return jnp.asarray(np.full(shape, value, np.float32)).astype(dtype)
 
 
 class Linear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype,
                  rngs: nnx.Rngs | None):
         self.weight = _init(rngs, (in_features, out_features), dtype)
-        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+        self.bias = nnx.Param(_constant((out_features,), 0.0, dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x @ self.weight[...]
@@ -57,7 +63,7 @@ class RMSNorm(nnx.Module):
     """RMSNorm in float32; Gemma scales by (1 + w) before the cast, Llama by w after it."""
 
     def __init__(self, dim: int, *, eps: float, offset: float, dtype):
-        self.weight = nnx.Param(jnp.full((dim,), 1.0 - offset, dtype))
+        self.weight = nnx.Param(_constant((dim,), 1.0 - offset, dtype))
         self.eps = eps
         self.offset = offset
 
