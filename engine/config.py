@@ -10,7 +10,8 @@ BACKENDS = ("auto", "reference", "gpu", "tpu")
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("EMBER_HOME", Path.home() / ".cache" / "ember"))
+    """$EMBER_HOME (default ~/.cache/ember), read on each call: models, XLA cache, ledger."""
+    return Path(os.environ.get("EMBER_HOME") or "~/.cache/ember").expanduser()
 
 
 def ladder(smallest: int, largest: int) -> tuple[int, ...]:

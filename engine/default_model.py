@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from engine.config import default_cache_dir
 from engine.default_model_training import (BOS_ID, EOS_ID, BuildRecipe, Corpus, load_corpus,
                                            train, train_tokenizer)
 
@@ -47,11 +48,7 @@ SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 def default_model_root() -> Path:
     """$EMBER_HOME/default-model (EMBER_HOME defaults to ~/.cache/ember), read on each call."""
-    home = os.environ.get("EMBER_HOME") or "~/.cache/ember"
-    return Path(home).expanduser() / "default-model"
-
-
-DEFAULT_MODEL_DIR = default_model_root()
+    return default_cache_dir() / "default-model"
 
 
 def is_complete(root: Path) -> bool:
@@ -233,5 +230,5 @@ def load_report(model_dir: str | os.PathLike) -> dict:
     return json.loads((Path(model_dir) / REPORT_FILE).read_text())
 
 
-__all__ = ["BuildRecipe", "DEFAULT_MODEL_DIR", "build_default_model", "default_model_root",
+__all__ = ["BuildRecipe", "build_default_model", "default_model_root",
            "ensure_default_model", "hf_config", "is_complete", "load_report"]

@@ -6,15 +6,15 @@ backend keeps window and day comparisons plain.
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
-from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
+
+from engine.config import default_cache_dir
 
 SQLITE_BUSY_TIMEOUT_S = 30
 RUNNING = "running"
@@ -79,7 +79,7 @@ def to_utc_naive(moment: datetime) -> datetime:
 
 
 def default_url() -> str:
-    home = Path(os.environ.get("EMBER_HOME") or Path.home() / ".cache" / "ember")
+    home = default_cache_dir()
     home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'ledger.db'}"
 
