@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.chat_template import validate_messages
-from engine.sampling_params import MAX_TOP_LOGPROBS
+from engine.sampling_params import MAX_TOP_LOGPROBS, is_int
 
 Prompt = str | list[int]
 
@@ -105,10 +105,6 @@ def _reject_constant(name: str) -> None:
 
 
 # ------------------------------------------------------------------ typed field readers
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value))
@@ -118,7 +114,7 @@ def get_int(body: dict, name: str, low: int, high: int | None = None) -> int | N
     value = body.get(name)
     if value is None:
         return None
-    if not _is_int(value):
+    if not is_int(value):
         raise invalid(name, value, "an integer", "invalid_type")
     if value < low or (high is not None and value > high):
         raise invalid(name, value, f"an integer in [{low}, {high}]" if high is not None
@@ -185,7 +181,7 @@ def _stop_token_ids(body: dict) -> tuple[int, ...]:
     ids = body.get("stop_token_ids")
     if ids is None:
         return ()
-    if not isinstance(ids, list) or len(ids) > 64 or not all(_is_int(t) and t >= 0 for t in ids):
+    if not isinstance(ids, list) or len(ids) > 64 or not all(is_int(t) and t >= 0 for t in ids):
         raise invalid("stop_token_ids", ids, "a list of at most 64 non-negative token ids")
     return tuple(ids)
 
@@ -247,11 +243,11 @@ def _prompts(prompt: Any, limits: Limits) -> list[Prompt]:
     if not isinstance(prompt, list) or not prompt:
         raise invalid("prompt", prompt, f"{expected} (non-empty)",
                       "invalid_type" if not isinstance(prompt, list) else "invalid_value")
-    if all(_is_int(t) for t in prompt):
+    if all(is_int(t) for t in prompt):
         return [list(prompt)]
     if all(isinstance(p, str) for p in prompt):
         prompts = list(prompt)
-    elif all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+    elif all(isinstance(p, list) and p and all(is_int(t) for t in p) for p in prompt):
         prompts = [list(p) for p in prompt]
     else:
         raise invalid("prompt", prompt, expected, "invalid_type")

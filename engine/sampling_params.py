@@ -61,14 +61,14 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
-        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
-        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 0),
+        _check(is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
+        _check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 0),
                "max_tokens", self.max_tokens, "an integer >= 0 or None")
-        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens,
+        _check(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens,
                "an integer >= 0")
         _check(_is_num(self.temperature) and 0.0 <= self.temperature, "temperature",
                self.temperature, "a number >= 0")
-        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k,
+        _check(is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k,
                "an integer >= 1, or 0 / -1 to disable")
         _check(_is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", self.top_p,
                "a number in (0, 1]")
@@ -79,14 +79,14 @@ class SamplingParams:
             _check(_is_num(value) and -2.0 <= value <= 2.0, name, value, "a number in [-2, 2]")
         _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
                "repetition_penalty", self.repetition_penalty, "a number > 0")
-        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or None")
+        _check(self.seed is None or is_int(self.seed), "seed", self.seed, "an integer or None")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
                "non-empty strings")
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        _check(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "non-negative integers")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            _check(value is None or (_is_int(value) and 0 <= value <= MAX_TOP_LOGPROBS), name,
+            _check(value is None or (is_int(value) and 0 <= value <= MAX_TOP_LOGPROBS), name,
                    value, f"an integer in [0, {MAX_TOP_LOGPROBS}] or None")
 
     @property
@@ -99,7 +99,8 @@ class SamplingParams:
                 or self.repetition_penalty != 1.0)
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """An int that is not a bool (JSON and Python both let True pass as 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 

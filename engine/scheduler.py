@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from engine.page_manager import PageManager
 from engine.request import (ModelOutput, Request, RequestStatus, ScheduledRequest,
                             SchedulerOutput, check_stop)
-from engine.sampling_params import _is_int
+from engine.sampling_params import is_int
 
 
 @dataclass(slots=True)
@@ -41,9 +41,9 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected an integer >= 1")
-        if not _is_int(self.num_pages) or self.num_pages < 2:
+        if not is_int(self.num_pages) or self.num_pages < 2:
             raise ValueError(f"num_pages={self.num_pages!r}: expected an integer >= 2 "
                              "(page 0 is reserved for padding)")
         if not isinstance(self.enable_prefix_caching, bool):

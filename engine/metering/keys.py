@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from engine.metering import schema
-from engine.sampling_params import _is_int
+from engine.sampling_params import is_int
 
 KEY_PREFIX = "ember-"
 DISPLAY_PREFIX_LEN = len(KEY_PREFIX) + 6
@@ -56,7 +56,7 @@ def _key_info(row) -> KeyInfo:
 
 
 def _check_limit(name: str, value: int | None) -> None:
-    if value is not None and (not _is_int(value) or value < 1):
+    if value is not None and (not is_int(value) or value < 1):
         raise ValueError(f"{name}={value!r}: expected an integer >= 1 or None (unlimited)")
 
 
@@ -125,7 +125,7 @@ class KeyStore:
                 if row is not None or not name_or_id.isdigit():
                     return None if row is None else _key_info(row)
                 name_or_id = int(name_or_id)
-            if not _is_int(name_or_id):
+            if not is_int(name_or_id):
                 raise ValueError(f"name_or_id={name_or_id!r}: expected a key name or id")
             row = conn.execute(sa.select(table).where(table.c.id == name_or_id)).first()
         return None if row is None else _key_info(row)

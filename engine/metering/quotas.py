@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from engine.metering import schema
 from engine.metering.keys import KeyInfo
-from engine.sampling_params import _is_int
+from engine.sampling_params import is_int
 
 WINDOW = timedelta(seconds=60)
 
@@ -100,7 +100,7 @@ class QuotaGate:
 
     def _decide(self, conn: sa.Connection, key: KeyInfo, estimated_tokens: int,
                 revoked: bool | None = None) -> QuotaDecision:
-        if not _is_int(estimated_tokens) or estimated_tokens < 0:
+        if not is_int(estimated_tokens) or estimated_tokens < 0:
             raise ValueError(f"estimated_tokens={estimated_tokens!r}: expected an integer >= 0")
         if key.revoked if revoked is None else revoked:
             return QuotaDecision(False, f"key {key.name!r} is revoked")

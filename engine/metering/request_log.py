@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 
 from engine.metering import schema
 from engine.metering.keys import KeyInfo
-from engine.sampling_params import _is_int
+from engine.sampling_params import is_int
 
 _COUNT_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens")
 
@@ -40,7 +40,7 @@ def _check_counts(prompt_tokens: int, cached_tokens: int, completion_tokens: int
     counts = dict(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
                   completion_tokens=completion_tokens)
     for name, value in counts.items():
-        if not _is_int(value) or value < 0:
+        if not is_int(value) or value < 0:
             raise ValueError(f"{name}={value!r}: expected an integer >= 0")
     if cached_tokens > prompt_tokens:
         raise ValueError(f"cached_tokens={cached_tokens}: expected <= "
@@ -104,7 +104,7 @@ class RequestLog:
             raise PermissionError(f"key {key.name!r} is revoked")
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id={request_id!r}: expected a non-empty string")
-        if not _is_int(estimated_tokens) or estimated_tokens < 0:
+        if not is_int(estimated_tokens) or estimated_tokens < 0:
             raise ValueError(f"estimated_tokens={estimated_tokens!r}: expected an integer >= 0")
         try:   # the error leaves the caller's transaction to roll back: it writes nothing more
             conn.execute(schema.requests.insert().values(
