@@ -169,10 +169,11 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
-        live = self.output_processor.live_requests
-        model_output = self.runner.execute(scheduler_output, live)
+        scheduled = {item.request_id: self.scheduler.get_request(item.request_id)
+                     for item in scheduler_output.scheduled}
+        model_output = self.runner.execute(scheduler_output, scheduled)
         updated = self.scheduler.update(scheduler_output, model_output)
-        stopped = self.output_processor.process(scheduler_output, model_output, updated, live)
+        stopped = self.output_processor.process(scheduler_output, model_output, updated)
         for request_id, stop_string in stopped:
             self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED, stop_string)
         return self.output_processor.collect()

@@ -65,13 +65,8 @@ class OutputProcessor:
     def get(self, request_id: str) -> RequestGroup | None:
         return self._groups.get(request_id)
 
-    @property
-    def live_requests(self) -> dict[str, Request]:
-        return {sample_id: group.samples[index]
-                for sample_id, (group, index) in self._sample_index.items()}
-
     def process(self, scheduler_output: SchedulerOutput, model_output: ModelOutput,
-                updated: list[Request], live: dict[str, Request]) -> list[tuple[str, str]]:
+                updated: list[Request]) -> list[tuple[str, str]]:
         """Appends each new token; returns (sample id, stop string) for samples that hit a
         stop string (the engine finishes those in the scheduler)."""
         rows = {item.request_id: s for s, item in enumerate(scheduler_output.scheduled)}
