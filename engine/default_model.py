@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime
 import fcntl
 import json
-import logging
 import math
 import os
 import platform
@@ -155,12 +154,7 @@ def _build_into(out: Path, recipe: BuildRecipe, say) -> None:
     save_hf_dir(model, recipe, tokenizer_model, hf_dir)
     report["build_seconds"] = round(time.monotonic() - started, 1)
     (hf_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    absl_logger = logging.getLogger("absl")
-    level, _ = absl_logger.level, absl_logger.setLevel(logging.ERROR)  # orbax's merge warning
-    try:
-        convert_to_orbax(hf_dir, out / MODEL_SUBDIR)
-    finally:
-        absl_logger.setLevel(level)
+    convert_to_orbax(hf_dir, out / MODEL_SUBDIR)
     shutil.copy2(hf_dir / REPORT_FILE, out / MODEL_SUBDIR / REPORT_FILE)
     say(f"  saved {hf_dir.name}/ (safetensors) and {MODEL_SUBDIR}/ (orbax) in "
         f"{time.monotonic() - started:.0f} s")

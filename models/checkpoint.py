@@ -11,6 +11,7 @@ host never holds two full copies of the weights.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
+from models.mapped import MappedArrayError, map_array, reserve_file_descriptors
 from models.transformer import Transformer
 
 ORBAX_SUBDIR = "orbax"
@@ -130,7 +132,10 @@ def _checked(abstract, array: np.ndarray, name: str, file: Path, dtype) -> nnx.V
     if tuple(array.shape) != expected:
         raise CheckpointError(f"{file}: tensor {name} has shape {tuple(array.shape)}, expected "
                               f"{expected} from config.json")
-    # One tensor at a time goes to the device; the host copy is dropped right after.
+    # One tensor at a time goes to the device; the host copy is dropped right after. On the
+    # CPU, jax adopts an aligned host buffer of the right dtype (a mapped file) without a copy.
+    if array.dtype == dtype:
+        return abstract.replace(jax.device_put(array))
     return abstract.replace(jnp.asarray(array, dtype=dtype))
 
 
@@ -162,24 +167,59 @@ def convert_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
     target = out_dir / ORBAX_SUBDIR
     if target.exists():
         shutil.rmtree(target)
-    with ocp.Checkpointer(_orbax_handler()) as checkpointer:
-        checkpointer.save(target, args=ocp.args.PyTreeSave(
-            nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    # orbax warns through absl that it found no OCDBT data to merge: the layout we chose.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        with ocp.Checkpointer(_orbax_handler()) as checkpointer:
+            checkpointer.save(target, args=ocp.args.PyTreeSave(
+                nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    finally:
+        absl_logger.setLevel(level)
     return out_dir
 
 
 def _orbax_handler():
-    """Uncompressed: weights barely compress, and zstd decoding dominated the load time
-    (scripts/bench_load.py); restoring straight into numpy is orbax's fastest path."""
+    """One uncompressed zarr v3 array per weight, without OCDBT: weights barely compress,
+    and this layout lets `models.mapped` map each weight from its file instead of reading it
+    (scripts/bench_load.py). orbax's own restore reads it like any other checkpoint."""
     import orbax.checkpoint as ocp
 
-    return ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False)
+    return ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True, use_compression=False)
 
 
 def _load_orbax(path: Path, config: ModelConfig) -> Transformer:
+    graphdef, state = abstract_model(config)
+    flat = dict(nnx.to_flat_state(state))
+    dtype = jnp.dtype(config.dtype)
+    arrays = _map_orbax(path, list(flat)) or _restore_orbax(path, state)
+    for key, array in arrays.items():
+        flat[key] = _checked(flat[key], array, hf_name(key), path, dtype)
+        arrays[key] = None  # the host copy (if any) goes as soon as the device has it
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _map_orbax(path: Path, keys: list[tuple]) -> dict[tuple, np.ndarray] | None:
+    """Each weight memory-mapped from its file, or None when the checkpoint's layout needs
+    orbax's restore. Beyond the file-descriptor budget a weight is copied, not kept mapped."""
+    keep_mapped = reserve_file_descriptors(len(keys))
+    arrays = {}
+    for number, key in enumerate(keys):
+        try:
+            array = map_array(path / hf_name(key))
+        except MappedArrayError as error:
+            raise CheckpointError(str(error)) from None
+        if array is None:
+            return None
+        arrays[key] = array if number < keep_mapped else np.array(array)
+    return arrays
+
+
+def _restore_orbax(path: Path, state: nnx.State) -> dict[tuple, np.ndarray]:
+    """Every weight read into host memory by orbax's restore: any orbax layout works."""
     import orbax.checkpoint as ocp
 
-    graphdef, state = abstract_model(config)
     target = nnx.to_pure_dict(state)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     try:
@@ -189,17 +229,10 @@ def _load_orbax(path: Path, config: ModelConfig) -> Transformer:
     except Exception as error:  # orbax raises many types for a damaged or mismatched tree
         raise CheckpointError(f"{path}: orbax checkpoint does not match config.json "
                               f"({type(error).__name__}: {str(error)[:300]})") from None
-    flat = dict(nnx.to_flat_state(state))
-    for key in list(flat):
-        leaf = restored
-        for part in key:
-            leaf = leaf[part]
-        flat[key] = _checked(flat[key], leaf, hf_name(key), path, jnp.dtype(config.dtype))
-        _drop(restored, key)  # the host copy goes as soon as the device has it
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return {key: _pop(restored, key) for key, _ in nnx.to_flat_state(state)}
 
 
-def _drop(tree: dict, key: tuple) -> None:
+def _pop(tree: dict, key: tuple) -> np.ndarray:
     for part in key[:-1]:
         tree = tree[part]
-    del tree[key[-1]]
+    return tree.pop(key[-1])

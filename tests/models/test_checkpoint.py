@@ -4,11 +4,14 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from models import CheckpointError, ModelConfig, convert_to_orbax, load_model
@@ -36,11 +39,81 @@ def test_sharded_safetensors_load_like_one_file(hf_model_dirs, tmp_path):
                                   logits_of(load_model(hf_model_dirs["llama"])))
 
 
-def test_orbax_conversion_loads_the_same_weights(hf_model_dirs, tmp_path):
-    out = convert_to_orbax(hf_model_dirs["qwen2"], tmp_path / "converted")
-    assert (out / "orbax").is_dir() and (out / "tokenizer.json").is_file()
-    np.testing.assert_array_equal(logits_of(load_model(out)),
+@pytest.fixture(scope="module")
+def converted_qwen2(hf_model_dirs, tmp_path_factory):
+    return convert_to_orbax(hf_model_dirs["qwen2"], tmp_path_factory.mktemp("converted"))
+
+
+def test_orbax_conversion_loads_the_same_weights(hf_model_dirs, converted_qwen2):
+    assert (converted_qwen2 / "orbax").is_dir()
+    assert (converted_qwen2 / "tokenizer.json").is_file()
+    np.testing.assert_array_equal(logits_of(load_model(converted_qwen2)),
                                   logits_of(load_model(hf_model_dirs["qwen2"])))
+
+
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")
+def test_converted_checkpoint_is_one_orbax_restores(converted_qwen2):
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(converted_qwen2 / "orbax")
+    weights = dict(nnx.to_flat_state(nnx.state(load_model(converted_qwen2), nnx.Param)))
+    flat = {path: value for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    assert len(flat) == len(weights)
+    for path, variable in weights.items():
+        key = tuple(jax.tree_util.DictKey(str(part)) for part in path)
+        np.testing.assert_array_equal(np.asarray(flat[key]), np.asarray(variable[...]))
+
+
+@pytest.mark.skipif(sys.platform != "linux" or jax.default_backend() != "cpu",
+                    reason="reads /proc/self/maps; only the CPU adopts host buffers")
+def test_converted_weights_are_mapped_not_copied(converted_qwen2):
+    model = load_model(converted_qwen2)
+    weight = model.model.layers[0].mlp.up_proj.weight[...]
+    address = weight.unsafe_buffer_pointer()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *_, name = line.split(maxsplit=5)
+        start, end = (int(bound, 16) for bound in span.split("-"))
+        if start <= address < end:
+            assert "model.layers.0.mlp.up_proj.weight" in name
+            return
+    pytest.fail("the weight's buffer is in no mapping")
+
+
+def test_orbax_checkpoint_in_another_layout_restores_through_orbax(hf_model_dirs, tmp_path):
+    import orbax.checkpoint as ocp
+
+    source = load_model(hf_model_dirs["llama"])
+    shutil.copy(hf_model_dirs["llama"] / "config.json", tmp_path / "config.json")
+    with ocp.PyTreeCheckpointer() as checkpointer:  # orbax's defaults: OCDBT, compressed
+        checkpointer.save(tmp_path / "orbax", nnx.to_pure_dict(nnx.state(source, nnx.Param)))
+    np.testing.assert_array_equal(logits_of(load_model(tmp_path)), logits_of(source))
+
+
+def test_few_file_descriptors_copy_weights_instead_of_mapping(converted_qwen2, tmp_path):
+    # A budget of 4 descriptors maps the first 4 weights and copies the rest.
+    script = ("import resource, sys, jax.numpy as jnp, numpy as np\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (260, 260))\n"
+              "from models import load_model\n"
+              "model = load_model(sys.argv[1])\n"
+              "np.save(sys.argv[2], model.forward_dense(jnp.asarray(np.load(sys.argv[2]))))\n")
+    exchange = tmp_path / "exchange.npy"
+    np.save(exchange, IDS)
+    subprocess.run([sys.executable, "-c", script, str(converted_qwen2), str(exchange)],
+                   check=True, timeout=300)
+    np.testing.assert_array_equal(np.load(exchange), logits_of(load_model(converted_qwen2)))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_orbax_weight_names_the_file(converted_qwen2, tmp_path, damage):
+    copy = shutil.copytree(converted_qwen2, tmp_path / "damaged")
+    data = next((copy / "orbax" / "model.norm.weight").glob("c/*"))
+    if damage == "truncate":
+        data.write_bytes(data.read_bytes()[:10])
+    else:
+        data.unlink()
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight/c/0"):
+        load_model(copy)
 
 
 def test_bfloat16_logits_close_to_float32(hf_model_dirs):
