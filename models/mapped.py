@@ -9,6 +9,10 @@ cache; on an accelerator the host-to-device transfer reads the mapping directly.
 module does not recognise (OCDBT, compression, several chunks) gives None, and the caller
 restores through orbax instead.
 
+A mapped file must not be rewritten in place while its model is loaded (a truncated file
+faults on the next read). `ember convert` never does: it deletes the old checkpoint and writes
+new files, and a deleted file stays readable for as long as it is mapped.
+
 Zarr v3 and its sharding codec: https://zarr-specs.readthedocs.io/en/latest/v3/core/index.html
 """
 
