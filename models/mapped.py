@@ -42,8 +42,11 @@ def map_array(array_dir: Path) -> np.ndarray | None:
     metadata = _read_metadata(array_dir / "zarr.json")
     if metadata is None or sys.byteorder != "little":
         return None
+    try:
+        dtype = jnp.dtype(metadata["data_type"])
+    except TypeError:
+        return None
     shape = tuple(metadata["shape"])
-    dtype = jnp.dtype(metadata["data_type"])
     codecs = metadata["codecs"]
     chunk_file = array_dir / _chunk_key(metadata, len(shape))
     if not chunk_file.is_file():
@@ -51,7 +54,9 @@ def map_array(array_dir: Path) -> np.ndarray | None:
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if _is_raw_bytes(codecs):
         offset = 0
-        _check_length(chunk_file, chunk_file.stat().st_size, nbytes)
+        if chunk_file.stat().st_size != nbytes:
+            raise MappedArrayError(f"{chunk_file}: {chunk_file.stat().st_size} bytes, "
+                                   f"expected {nbytes}")
     elif _is_single_raw_shard(codecs, shape):
         offset = _shard_data_offset(chunk_file, codecs[0]["configuration"], nbytes)
     else:
@@ -90,22 +95,15 @@ def _read_metadata(path: Path) -> dict | None:
         return None
     grid = metadata["chunk_grid"]
     if (grid.get("name") != "regular"
-            or grid.get("configuration", {}).get("chunk_shape") != metadata["shape"]):
-        return None
-    try:
-        jnp.dtype(metadata["data_type"])
-    except TypeError:
-        return None
+            or grid.get("configuration", {}).get("chunk_shape") != metadata["shape"]
+            or metadata["chunk_key_encoding"].get("name") != "default"):
+        return None  # orbax writes the "default" chunk keys; others restore through orbax
     return metadata
 
 
 def _chunk_key(metadata: dict, rank: int) -> str:
-    encoding = metadata["chunk_key_encoding"]
-    if encoding.get("name") == "default":
-        separator = encoding.get("configuration", {}).get("separator", "/")
-        return separator.join(["c"] + ["0"] * rank)
-    separator = encoding.get("configuration", {}).get("separator", ".")  # "v2" encoding
-    return separator.join(["0"] * rank) if rank else "0"
+    separator = metadata["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+    return separator.join(["c"] + ["0"] * rank)
 
 
 def _is_raw_bytes(codecs: list) -> bool:
@@ -121,8 +119,7 @@ def _is_single_raw_shard(codecs: list, shape: tuple) -> bool:
     return (tuple(config.get("chunk_shape", ())) == shape
             and _is_raw_bytes(config.get("codecs", []))
             and index_codecs in (["bytes"], ["bytes", "crc32c"])
-            and config["index_codecs"][0].get("configuration", {}).get("endian",
-                                                                       "little") == "little")
+            and _is_raw_bytes(config["index_codecs"][:1]))
 
 
 def _shard_data_offset(shard_file: Path, config: dict, nbytes: int) -> int:
@@ -142,8 +139,3 @@ def _shard_data_offset(shard_file: Path, config: dict, nbytes: int) -> int:
         raise MappedArrayError(f"{shard_file}: shard index gives {length} bytes at offset "
                                f"{offset} in a {file_bytes}-byte file, expected {nbytes} bytes")
     return offset
-
-
-def _check_length(chunk_file: Path, file_bytes: int, nbytes: int) -> None:
-    if file_bytes != nbytes:
-        raise MappedArrayError(f"{chunk_file}: {file_bytes} bytes, expected {nbytes}")
