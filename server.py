@@ -19,13 +19,13 @@ from typing import Any, Callable
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from engine import openai_api as api
-from engine.http_engine import EngineThread
-from engine.http_respond import respond, stream
-from engine.http_service import Service, json_response
-from engine.openai_api import ApiError
-from engine.openai_prompts import prepare_chat, prepare_completion
-from engine.openai_responses import ChatAssembler, CompletionAssembler
+from engine.openai import api
+from engine.serving.engine_thread import EngineThread
+from engine.serving.respond import respond, stream
+from engine.serving.service import Service, json_response
+from engine.openai.api import ApiError
+from engine.openai.prompts import prepare_chat, prepare_completion
+from engine.openai.responses import ChatAssembler, CompletionAssembler
 
 logger = logging.getLogger("ember.server")
 
@@ -232,7 +232,7 @@ def serve(*, model: str | None, engine_config: Any, db_url: str | None, instance
         os._exit(WORKER_BOOT_ERROR)
 
     def load() -> Flask:
-        from engine.engine import LLMEngine
+        from engine.llm_engine import LLMEngine
         from engine.metering import Ledger
 
         return create_app(lambda: LLMEngine(model, engine_config),

@@ -11,7 +11,7 @@ def __getattr__(name):
         from engine.llm import LLM
         return LLM
     if name == "LLMEngine":
-        from engine.engine import LLMEngine
+        from engine.llm_engine import LLMEngine
         return LLMEngine
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
 

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _generate(args) -> None:
     from engine.config import EngineConfig
-    from engine.engine import LLMEngine
+    from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
@@ -92,7 +92,7 @@ def _convert(args) -> None:
 
 
 def _build_default_model(args) -> None:
-    from engine.default_model import ensure_default_model
+    from engine.default_model.build import ensure_default_model
     print(ensure_default_model(force=args.force))
 
 
@@ -255,7 +255,7 @@ def _default_model_in_child_process():
     threads, as the build does."""
     import subprocess
 
-    from engine.default_model import MODEL_SUBDIR, default_model_root, is_complete
+    from engine.default_model.build import MODEL_SUBDIR, default_model_root, is_complete
 
     root = default_model_root()
     if not is_complete(root):
@@ -317,7 +317,7 @@ def _add_batch_command(commands) -> None:
 def _batch(args) -> None:
     from pathlib import Path
 
-    from engine.batch import open_batch, run_batch
+    from engine.batch.job import open_batch, run_batch
     from engine.config import EngineConfig
     from engine.metering import Ledger
 
@@ -347,7 +347,7 @@ def _batch(args) -> None:
                 key = ledger.anonymous_key()
             if key.revoked:
                 raise ValueError(f"key {key.name!r} is revoked")
-            from engine.engine import LLMEngine
+            from engine.llm_engine import LLMEngine
             engine = LLMEngine(args.model, config)
             name = args.served_model_name or (Path(args.model).name if args.model
                                               else "ember-default")

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from engine import scoring
 from engine.config import EngineConfig
-from engine.engine import LLMEngine, PromptType
+from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 

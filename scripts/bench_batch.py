@@ -48,7 +48,7 @@ def time_generate(llm, lines: list[dict]) -> tuple[float, int]:
 
 
 def time_batch(llm, input_path: Path, work: Path, run: int) -> tuple[float, int]:
-    from engine.batch import open_batch, run_batch
+    from engine.batch.job import open_batch, run_batch
     from engine.metering import Ledger
 
     start = time.perf_counter()
@@ -78,8 +78,8 @@ def bench_throughput(llm, lines: list[dict], work: Path, repeats: int) -> dict:
 
 def bench_resume(work: Path, num_lines: int) -> dict:
     """Seconds to re-read an output of num_lines finished lines, and to open a resume."""
-    from engine.batch import open_batch, reconcile
-    from engine.batch_io import OutputFile
+    from engine.batch.job import open_batch, reconcile
+    from engine.batch.jsonl import OutputFile
     from engine.metering import Ledger
 
     sample = (work / "out-0.jsonl").read_bytes().splitlines()[0]

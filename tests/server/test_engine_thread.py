@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from engine.http_engine import EngineThread
+from engine.serving.engine_thread import EngineThread
 from engine.metering import Ledger
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerStats
+from engine.core.scheduler import SchedulerStats
 from engine.tokenizer import Tokenizer
 
 POISON = 7   # a prompt holding this token id makes the fake engine's step raise

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import page_manager
-from engine.request import ModelOutput, Request, RequestStatus
+from engine.core import page_manager
+from engine.core.request import ModelOutput, Request, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.core.scheduler import Scheduler, SchedulerConfig
 
 VOCAB = 1000
 EOS = 0

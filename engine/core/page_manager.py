@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.request import Request
+from engine.core.request import Request
 
 ROOT_HASH = b""
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from engine.page_manager import PageManager
-from engine.request import (ModelOutput, Request, RequestStatus, ScheduledRequest,
+from engine.core.page_manager import PageManager
+from engine.core.request import (ModelOutput, Request, RequestStatus, ScheduledRequest,
                             SchedulerOutput, check_stop)
 from engine.sampling_params import is_int
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from engine.openai_api import ApiError, ChatRequest, CompletionRequest, SamplingFields, invalid
+from engine.openai.api import ApiError, ChatRequest, CompletionRequest, SamplingFields, invalid
 from engine.sampling_params import SamplingParams
 
 

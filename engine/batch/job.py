@@ -9,11 +9,11 @@ and, once a second, the output is fsync'd and the lines written since are billed
 ledger at the batch price, in one transaction. Output lines follow the order in which
 requests finish, as OpenAI's do.
 
-Exactly once, across kills: the output is append-only (see engine/batch_io.py); on start,
+Exactly once, across kills: the output is append-only (see engine/batch/jsonl.py); on start,
 lines already in it are skipped. Billing follows writing, so the lines not yet billed are
 always the last ones written; on start, `reconcile` walks back from the end of the output
 and bills those (an id the ledger already holds as final is never billed again). See
-engine/batch_requests.py for the deterministic ids and seeds.
+engine/batch/lines.py for the deterministic ids and seeds.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from engine import batch_requests as br
-from engine.batch_io import OutputFile, read_input_lines
-from engine.openai_api import ApiError, Limits
-from engine.openai_prompts import ModelInfo
+from engine.batch import lines as br
+from engine.batch.jsonl import OutputFile, read_input_lines
+from engine.openai.api import ApiError, Limits
+from engine.openai.prompts import ModelInfo
 
 RECONCILE_CHUNK = 512     # output lines checked against the ledger per query, newest first
 COMMIT_INTERVAL_S = 1.0   # how often the output is fsync'd and its new lines billed

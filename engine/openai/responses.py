@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine import openai_format as fmt
-from engine.openai_api import ChatRequest, CompletionRequest
-from engine.openai_prompts import PreparedRequest
+from engine.openai import formatting as fmt
+from engine.openai.api import ChatRequest, CompletionRequest
+from engine.openai.prompts import PreparedRequest
 from engine.outputs import CompletionOutput, RequestOutput, Usage
 
 

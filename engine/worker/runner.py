@@ -1,6 +1,6 @@
 """Runner: turns a SchedulerOutput into one flattened ragged batch and runs the jitted step.
 
-Host side only builds numpy arrays; the device side lives in engine/step.py. Every array is
+Host side only builds numpy arrays; the device side lives in engine/worker/step.py. Every array is
 padded to a ladder rung, so after warm-up no step compiles. Results come back in one packed
 transfer per step (two when prompt logprobs were asked for).
 """
@@ -18,8 +18,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from engine.config import EngineConfig
-from engine.request import ModelOutput, Request, SchedulerOutput
-from engine.step import (TOP_LOGPROBS, PenaltyArrays, SamplingArrays, forward_step,
+from engine.core.request import ModelOutput, Request, SchedulerOutput
+from engine.worker.step import (TOP_LOGPROBS, PenaltyArrays, SamplingArrays, forward_step,
                          prompt_logprobs_step, sample_step)
 from models.batch import Batch
 from models.paged import init_kv_caches

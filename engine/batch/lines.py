@@ -1,7 +1,7 @@
 """Batch request lines -> the server's requests and response bodies (no JAX).
 
 Each input line is read and checked as the server reads an HTTP request (the same parsing,
-validation and assemblers: engine/openai_api.py, openai_prompts.py, openai_responses.py), so
+validation and assemblers: engine/openai/api.py, prompts.py and responses.py), so
 an output body is what `ember serve` would answer to that body, and a bad line gets the 4xx
 error body the server would give.
 
@@ -22,11 +22,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from engine import openai_api as api
-from engine.openai_api import ApiError, invalid
-from engine.openai_format import add_usage
-from engine.openai_prompts import ModelInfo, PreparedRequest, prepare_chat, prepare_completion
-from engine.openai_responses import ChatAssembler, CompletionAssembler
+from engine.openai import api
+from engine.openai.api import ApiError, invalid
+from engine.openai.formatting import add_usage
+from engine.openai.prompts import ModelInfo, PreparedRequest, prepare_chat, prepare_completion
+from engine.openai.responses import ChatAssembler, CompletionAssembler
 from engine.outputs import RequestOutput, Usage
 
 ROUTES = {"/v1/completions": "cmpl", "/v1/chat/completions": "chatcmpl"}
@@ -158,7 +158,7 @@ def plan_job(request: BatchRequest, ids: BatchIds, model: ModelInfo, limits: api
 
 
 def output_line(request: BatchRequest, ids: BatchIds, status_code: int, body: dict) -> bytes:
-    """One output line, keys in the order batch_io's reader expects."""
+    """One output line, keys in the order jsonl.py's reader expects."""
     line = {"id": ids.line_id, "custom_id": request.custom_id,
             "response": {"status_code": status_code, "request_id": ids.request_id,
                          "body": body},

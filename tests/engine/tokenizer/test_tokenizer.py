@@ -17,7 +17,7 @@ import sentencepiece
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.tokenizer.detokenizer import IncrementalDetokenizer
 from engine.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import jax
 
-from engine import compilation
+from engine.worker import compilation
 from engine.config import EngineConfig
-from engine.output_processor import OutputProcessor, RequestGroup
+from engine.core.output_processor import OutputProcessor, RequestGroup
 from engine.outputs import RequestOutput
-from engine.request import Request, RequestStatus
-from engine.runner import Runner
+from engine.core.request import Request, RequestStatus
+from engine.worker.runner import Runner
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.tokenizer import Tokenizer
 from models.checkpoint import load_generation_config, load_model
 
@@ -38,7 +38,7 @@ class LLMEngine:
         compilation.compilations()  # start listening before anything compiles
         compilation.enable_persistent_cache(config.compilation_cache_dir)
         if model is None:
-            from engine.default_model import ensure_default_model
+            from engine.default_model.build import ensure_default_model
             model = ensure_default_model()
         self.model_path = Path(model)
         self.config = config

@@ -17,10 +17,10 @@ import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
-from engine.http_engine import EngineThread
-from engine.metrics import ServerMetrics
-from engine.openai_format import add_usage
-from engine.openai_prompts import EnginePrompt
+from engine.serving.engine_thread import EngineThread
+from engine.serving.metrics import ServerMetrics
+from engine.openai.formatting import add_usage
+from engine.openai.prompts import EnginePrompt
 from engine.outputs import RequestOutput, Usage
 from engine.sampling_params import SamplingParams
 

@@ -23,9 +23,9 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
-from engine.chat_template import (load_chat_templates, render_chat_template, select_chat_template,
+from engine.tokenizer.chat_template import (load_chat_templates, render_chat_template, select_chat_template,
                                   validate_messages)
-from engine.detokenizer import IncrementalDetokenizer
+from engine.tokenizer.detokenizer import IncrementalDetokenizer
 
 __all__ = ["IncrementalDetokenizer", "Tokenizer"]
 

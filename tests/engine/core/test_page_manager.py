@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from engine import page_manager
-from engine.page_manager import PageManager
-from engine.request import Request
+from engine.core import page_manager
+from engine.core.page_manager import PageManager
+from engine.core.request import Request
 from engine.sampling_params import SamplingParams
 
 

@@ -10,11 +10,11 @@ import logging
 
 from flask import Response, request
 
-from engine.http_engine import Unavailable
-from engine.http_generation import ClientGone, ClientWatch, Generation
-from engine.http_service import json_response
-from engine.openai_api import ApiError
-from engine.openai_format import SSE_DONE, sse
+from engine.serving.engine_thread import Unavailable
+from engine.serving.generation import ClientGone, ClientWatch, Generation
+from engine.serving.service import json_response
+from engine.openai.api import ApiError
+from engine.openai.formatting import SSE_DONE, sse
 
 logger = logging.getLogger("ember.server")
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.batch import open_batch, run_batch
-from engine.batch_requests import default_seed
+from engine.batch.job import open_batch, run_batch
+from engine.batch.lines import default_seed
 from engine.cli import main
 from engine.metering import Ledger
 from tests.hf_models import build_hf_model
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MODEL = "tiny-llama"
 ENGINE = dict(max_num_seqs=16, max_num_batched_tokens=128, page_size=16, num_pages=160,
               max_model_len=256, warmup=False)
@@ -204,7 +204,7 @@ def assert_body_matches(body, outs, request):
 def test_bodies_equal_what_the_server_answers(llm, model_dir, tmp_path):
     import server
     from engine.config import EngineConfig
-    from engine.engine import LLMEngine
+    from engine.llm_engine import LLMEngine
 
     rng = random.Random(12)
     lines = [random_line(rng, i, "shared words " * 4) for i in range(10)]
@@ -422,7 +422,7 @@ def test_lines_written_but_not_billed_are_billed_on_resume_once(llm, tmp_path):
 
 
 def test_output_recovery_drops_only_a_torn_last_line(tmp_path):
-    from engine.batch_io import OutputFile
+    from engine.batch.jsonl import OutputFile
 
     whole = [json.dumps({"id": f"batch_req_{i}", "custom_id": f"c{i}",
                          "response": {"status_code": 200, "request_id": f"cmpl-{i}",

@@ -3,7 +3,7 @@
 Everything a client can get wrong is checked here, before a request is admitted: each mistake
 is an ApiError that names the field, the value and what was expected, answered as HTTP 400 in
 OpenAI's error shape. Checks that need the model (token ids within the vocabulary, prompt plus
-max_tokens within the context) live in `engine/openai_prompts.py`.
+max_tokens within the context) live in `engine/openai/prompts.py`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from engine.chat_template import validate_messages
+from engine.tokenizer.chat_template import validate_messages
 from engine.sampling_params import MAX_TOP_LOGPROBS, is_int
 
 Prompt = str | list[int]

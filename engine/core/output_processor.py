@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
-from engine.request import ModelOutput, Request, SchedulerOutput
+from engine.core.request import ModelOutput, Request, SchedulerOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 

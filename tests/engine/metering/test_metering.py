@@ -15,7 +15,7 @@ import pytest
 from engine.metering import Ledger
 from engine.metering.keys import hash_key
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 class Clock:

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import default_model
-from engine.default_model import (HF_SUBDIR, MODEL_SUBDIR, BuildRecipe, build_default_model,
+from engine.default_model import build as default_model
+from engine.default_model.build import (HF_SUBDIR, MODEL_SUBDIR, BuildRecipe, build_default_model,
                                   default_model_root, ensure_default_model, is_complete,
                                   load_report)
-from engine.default_model_training import BOS_ID, Corpus, load_corpus, train_tokenizer
+from engine.default_model.training import BOS_ID, Corpus, load_corpus, train_tokenizer
 
 TINY = BuildRecipe(train_seconds=3, vocab_size=512, hidden_size=32, intermediate_size=64,
                    num_layers=1, num_heads=2, max_position_embeddings=128, seq_len=32,

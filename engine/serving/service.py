@@ -18,12 +18,12 @@ from typing import Any
 
 from flask import Response, request
 
-from engine import openai_api as api
-from engine.http_engine import EngineThread, Unavailable
-from engine.http_generation import Generation
-from engine.metrics import ServerMetrics
-from engine.openai_api import ApiError, invalid
-from engine.openai_prompts import ModelInfo, PreparedRequest
+from engine.openai import api
+from engine.serving.engine_thread import EngineThread, Unavailable
+from engine.serving.generation import Generation
+from engine.serving.metrics import ServerMetrics
+from engine.openai.api import ApiError, invalid
+from engine.openai.prompts import ModelInfo, PreparedRequest
 
 logger = logging.getLogger("ember.server")
 
