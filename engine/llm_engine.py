@@ -12,14 +12,13 @@ import random
 import time
 from pathlib import Path
 
-import jax
-
 from engine.worker import compilation
 from engine.config import EngineConfig
+from engine.info import EngineStats, ModelInfo
 from engine.core.output_processor import OutputProcessor, RequestGroup
 from engine.outputs import RequestOutput
 from engine.core.request import Request, RequestStatus
-from engine.worker.runner import Runner
+from engine.worker.runner import Runner, pages_that_fit
 from engine.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.tokenizer import Tokenizer
@@ -48,7 +47,7 @@ class LLMEngine:
         self.model_config = loaded.config
         limit = loaded.config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
-        num_pages = config.num_pages or self._pages_that_fit(loaded)
+        num_pages = config.num_pages or pages_that_fit(loaded.config, config)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, page_size=config.page_size, num_pages=num_pages,
@@ -63,22 +62,23 @@ class LLMEngine:
             self.warmup_seconds = time.perf_counter() - start
         self._compilations_at_start = compilation.compilations()
 
-    def _pages_that_fit(self, model) -> int:
-        device = jax.devices()[0]
-        stats = device.memory_stats() if device.platform != "cpu" else None
-        if not stats or "bytes_limit" not in stats:
-            return self.config.cpu_num_pages
-        c = model.config
-        page_bytes = (self.config.page_size * 2 * c.num_kv_heads * c.head_dim * c.num_layers
-                      * jax.numpy.dtype(c.dtype).itemsize)
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        return max(2, int(free * self.config.memory_fraction) // page_bytes)
-
     # ------------------------------------------------------------------ requests
     @property
     def compilations_after_warmup(self) -> int:
         """New compiled shapes since warm-up ended; zero while serving is the target."""
         return compilation.compilations() - self._compilations_at_start
+
+    def stats(self) -> EngineStats:
+        """The scheduler's counters and the compile count, as of the last step."""
+        s = self.scheduler.stats()
+        return EngineStats(s.num_running, s.num_waiting, s.num_free_pages, s.page_usage,
+                           s.prefix_cache_hit_rate, s.num_preemptions,
+                           self.compilations_after_warmup)
+
+    def model_info(self) -> ModelInfo:
+        """The served model: tokenizer, vocabulary, context length, default sampling."""
+        return ModelInfo(self.tokenizer, self.model_config.vocab_size, self.max_model_len,
+                         self.default_sampling_params())
 
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the defaults from generation_config.json, as vLLM applies them."""

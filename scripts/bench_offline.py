@@ -120,7 +120,7 @@ def run_ember(model_dir, prompts, outputs, args):
             if output.finished:
                 total += len(output.outputs[0].token_ids)
     elapsed = time.perf_counter() - start
-    stats = engine.scheduler.stats()
+    stats = engine.stats()
     batch1 = decode_batch1(engine, prompts[0])
     return dict(tokens_per_s=total / elapsed, seconds=elapsed,
                 ttft=percentiles([first[r] - arrival[r] for r in first]), itl=percentiles(gaps),

@@ -28,7 +28,6 @@ from tqdm import tqdm
 from engine.batch import lines as br
 from engine.batch.jsonl import OutputFile, read_input_lines
 from engine.openai.api import ApiError, Limits
-from engine.openai.prompts import ModelInfo
 
 RECONCILE_CHUNK = 512     # output lines checked against the ledger per query, newest first
 COMMIT_INTERVAL_S = 1.0   # how often the output is fsync'd and its new lines billed
@@ -144,8 +143,7 @@ class _Run:
         self.engine, self.files, self.ledger, self.key = engine, files, ledger, key
         self.discount = discount
         self.limits = Limits(model_name)
-        self.info = ModelInfo(engine.tokenizer, engine.model_config.vocab_size,
-                              engine.max_model_len, engine.default_sampling_params())
+        self.info = engine.model_info()
         self.in_flight: dict[str, tuple[br.BatchJob, int]] = {}
         self.unbilled: list[tuple[str, int, int, int]] = []
         self.start = self.last_commit = time.perf_counter()

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from engine.openai import api
 from engine.openai.api import ApiError, invalid
 from engine.openai.formatting import add_usage
-from engine.openai.prompts import ModelInfo, PreparedRequest, prepare_chat, prepare_completion
+from engine.info import ModelInfo
+from engine.openai.prompts import PreparedRequest, prepare_chat, prepare_completion
 from engine.openai.responses import ChatAssembler, CompletionAssembler
 from engine.outputs import RequestOutput, Usage
 

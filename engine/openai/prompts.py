@@ -10,18 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from engine.info import ModelInfo
 from engine.openai.api import ApiError, ChatRequest, CompletionRequest, SamplingFields, invalid
 from engine.sampling_params import SamplingParams
-
-
-@dataclass(slots=True, frozen=True)
-class ModelInfo:
-    """What validation needs to know about the served model."""
-
-    tokenizer: object               # engine.tokenizer.Tokenizer
-    vocab_size: int
-    max_model_len: int
-    defaults: SamplingParams        # generation_config defaults
 
 
 @dataclass(slots=True, frozen=True)

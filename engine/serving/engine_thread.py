@@ -12,9 +12,9 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from engine.info import EngineStats
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -31,17 +31,6 @@ class Sink(Protocol):
 
 class Unavailable(Exception):
     """The engine cannot take the request now (warming up, overloaded, shutting down)."""
-
-
-@dataclass(slots=True, frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_free_pages: int
-    page_usage: float
-    prefix_cache_hit_rate: float
-    num_preemptions: int
-    compilations_after_warmup: int
 
 
 class EngineThread:
@@ -251,10 +240,7 @@ class EngineThread:
             self._pending -= 1
 
     def _publish_stats(self) -> None:
-        stats = self.engine.scheduler.stats()
-        self.stats = EngineStats(stats.num_running, stats.num_waiting, stats.num_free_pages,
-                                 stats.page_usage, stats.prefix_cache_hit_rate,
-                                 stats.num_preemptions, self.engine.compilations_after_warmup)
+        self.stats = self.engine.stats()
 
 
 def _call(callback: Callable, *args) -> None:

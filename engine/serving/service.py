@@ -23,7 +23,8 @@ from engine.serving.engine_thread import EngineThread, Unavailable
 from engine.serving.generation import Generation
 from engine.serving.metrics import ServerMetrics
 from engine.openai.api import ApiError, invalid
-from engine.openai.prompts import ModelInfo, PreparedRequest
+from engine.info import ModelInfo
+from engine.openai.prompts import PreparedRequest
 
 logger = logging.getLogger("ember.server")
 
@@ -102,9 +103,7 @@ class Service:
             raise ApiError(503, f"the engine is {self.engine.state}", type="server_error",
                            code="unavailable")
         if self._model_info is None:
-            engine = self.engine.engine
-            self._model_info = ModelInfo(engine.tokenizer, engine.model_config.vocab_size,
-                                         engine.max_model_len, engine.default_sampling_params())
+            self._model_info = self.engine.engine.model_info()
         return self._model_info
 
     @property
@@ -218,7 +217,7 @@ class Service:
         card = {"id": self.limits.model_name, "object": "model", "created": self.started,
                 "owned_by": "ember"}
         if self.engine.state == "ready":
-            card["max_model_len"] = self.engine.engine.max_model_len
+            card["max_model_len"] = self.model_info().max_model_len
         return card
 
     def admin_stats(self) -> dict:

@@ -22,6 +22,7 @@ from engine.core.request import ModelOutput, Request, SchedulerOutput
 from engine.worker.step import (TOP_LOGPROBS, PenaltyArrays, SamplingArrays, forward_step,
                          prompt_logprobs_step, sample_step)
 from models.batch import Batch
+from models.config import ModelConfig
 from models.paged import init_kv_caches
 from models.transformer import Transformer
 
@@ -31,6 +32,20 @@ def rung(ladder: tuple[int, ...], value: int) -> int:
         if size >= value:
             return size
     raise ValueError(f"{value} is beyond the largest ladder rung {ladder[-1]}")
+
+
+def pages_that_fit(model_config: ModelConfig, config: EngineConfig) -> int:
+    """KV pages for memory_fraction of the device's free memory (cpu_num_pages on a CPU,
+    which reports no limit)."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return config.cpu_num_pages
+    c = model_config
+    page_bytes = (config.page_size * 2 * c.num_kv_heads * c.head_dim * c.num_layers
+                  * jax.numpy.dtype(c.dtype).itemsize)
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return max(2, int(free * config.memory_fraction) // page_bytes)
 
 
 @dataclass(slots=True, frozen=True)

@@ -62,7 +62,7 @@ def test_n_samples_share_prompt_and_differ(warm_llm):
 
 def test_abort_mid_decode_frees_pages_and_bills_emitted_tokens(warm_llm):
     engine = warm_llm.engine
-    free_before = engine.scheduler.stats().num_free_pages
+    free_before = engine.stats().num_free_pages
     engine.add_request("a", random_prompts(seed=12, count=1, low=30, high=31)[0],
                        SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
     emitted = 0
@@ -73,7 +73,7 @@ def test_abort_mid_decode_frees_pages_and_bills_emitted_tokens(warm_llm):
     assert final.finished and final.outputs[0].finish_reason == "abort"
     assert final.usage.completion_tokens == emitted
     assert not engine.has_unfinished_requests()
-    assert engine.scheduler.stats().num_free_pages == free_before
+    assert engine.stats().num_free_pages == free_before
     assert engine.abort("a") is None
 
 

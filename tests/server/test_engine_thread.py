@@ -10,11 +10,11 @@ import time
 
 import pytest
 
+from engine.info import EngineStats, ModelInfo
 from engine.serving.engine_thread import EngineThread
 from engine.metering import Ledger
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.core.scheduler import SchedulerStats
 from engine.tokenizer import Tokenizer
 
 POISON = 7   # a prompt holding this token id makes the fake engine's step raise
@@ -25,14 +25,10 @@ class FakeEngine:
 
     def __init__(self, tokenizer: Tokenizer | None = None):
         self.tokenizer = tokenizer
-        self.max_model_len = 256
-        self.model_config = type("Config", (), {"vocab_size": 320})()
-        self.compilations_after_warmup = 0
-        self.scheduler = self
         self.requests: dict[str, tuple[list[int], SamplingParams, list[int]]] = {}
 
-    def default_sampling_params(self) -> SamplingParams:
-        return SamplingParams()
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(self.tokenizer, 320, 256, SamplingParams())
 
     def add_request(self, request_id, prompt, params, priority=0):
         if prompt["prompt_token_ids"] == [1, 1, 1]:
@@ -70,8 +66,8 @@ class FakeEngine:
         del self.requests[request_id]
         return output
 
-    def stats(self) -> SchedulerStats:
-        return SchedulerStats(len(self.requests), 0, 10, 0.0, 0, 0, 0.0, 0)
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.requests), 0, 10, 0.0, 0.0, 0, 0)
 
 
 class Collect:

@@ -141,7 +141,7 @@ def test_200_lines_round_trip_equal_the_engine_outputs(llm, tmp_path):
     assert (summary.succeeded, summary.failed, summary.billed) == (200, 0, 200)
     output = read_output(tmp_path / "out.jsonl")
     assert sorted(output) == sorted(line["custom_id"] for line in lines)
-    assert llm.engine.scheduler.stats().prefix_cache_hit_rate > 0
+    assert llm.engine.stats().prefix_cache_hit_rate > 0
 
     # The same prompts and params through LLM.generate, all at once (seeded sampling draws
     # the same tokens whatever shares the batch).
