@@ -22,19 +22,24 @@ def init_kv_caches(model: Transformer, num_pages: int, page_size: int, dtype=Non
 def forward_paged(model: Transformer, kv_caches: list[jax.Array], batch: Batch, *,
                   backend: str = "auto", interpret: bool = False
                   ) -> tuple[list[jax.Array], Float[Array, "T hidden"]]:
-    """Writes the step's K/V into the cache and returns (new caches, hidden states [T, H])."""
+    """Runs the model over one step's batch.
+
+    Each layer writes its K/V rows into its pages (at batch.slot_mapping), then attends over
+    them; the updated pages come back, one array per layer.
+
+    Returns:
+      (kv_caches after this step, final-norm hidden states [T, hidden]).
+    """
     config = model.config
-    caches = list(kv_caches)
     scale = config.head_dim ** -0.5
 
-    def attend(layer_index, q, k, v):  # q: [T, Hq, D]; k, v: [T, Hkv, D]
-        cache = pallas_kernels.write_kv_pages(caches[layer_index], k, v, batch.slot_mapping,
-                                              backend=backend, interpret=interpret)
-        caches[layer_index] = cache
-        return pallas_kernels.ragged_paged_attention(
+    # cache: [num_pages, page_size, 2 * Hkv, D]; q: [T, Hq, D]; k, v: [T, Hkv, D]
+    def attend(cache, q, k, v):
+        cache = pallas_kernels.write_kv_pages(cache, k, v, batch.slot_mapping, backend=backend,
+                                              interpret=interpret)
+        return cache, pallas_kernels.ragged_paged_attention(
             q, cache, batch.kv_lens, batch.page_indices, batch.cu_q_lens, batch.num_seqs,
             sm_scale=scale, sliding_window=config.sliding_window, backend=backend,
             interpret=interpret)
 
-    hidden = model.hidden_states(batch.input_ids, batch.positions, attend)
-    return caches, hidden
+    return model.hidden_states(batch.input_ids, batch.positions, attend, kv_caches)

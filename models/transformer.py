@@ -4,9 +4,10 @@ Parameter names follow Hugging Face's, so a checkpoint maps onto the module tree
 `Transformer.model.layers[i].self_attn.q_proj.weight` is `model.layers.i.self_attn.q_proj.weight`.
 Linear weights are stored [in, out] (HF stores [out, in]; the loader transposes).
 
-Attention is not built in: each call takes an `attend(layer_index, q, k, v) -> out` function,
-so the same layers serve the paged engine (ragged paged attention over the KV cache) and the
-dense causal path used for training and scoring.
+Attention is not built in: each call takes an `attend(cache, q, k, v) -> (cache, out)` function
+and the per-layer caches, so the same layers serve the paged engine (each layer's KV pages go
+in, are written and attended over, and come back updated: `hidden_states` returns them) and the
+dense causal path used for training and scoring (no cache: None in, None out).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from jaxtyping import Array, Float, Int
 
 from models.config import ModelConfig
 
-# attend(layer_index, q [..., Hq, D], k [..., Hkv, D], v [..., Hkv, D]) -> [..., Hq, D]
-AttendFn = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
+# attend(cache, q [..., Hq, D], k [..., Hkv, D], v [..., Hkv, D]) -> (cache, out [..., Hq, D]);
+# cache is one layer's KV pages on the paged path (models/paged.py), None on the dense path.
+LayerCache = jax.Array | None
+AttendFn = Callable[[LayerCache, jax.Array, jax.Array, jax.Array], tuple[LayerCache, jax.Array]]
 
 
 def _init(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, std: float = 0.02
@@ -100,7 +103,8 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
 
-    def __call__(self, x, positions, inv_freq, attend: AttendFn, layer_index: int):
+    def __call__(self, x, positions, inv_freq, attend: AttendFn, cache: LayerCache
+                 ) -> tuple[LayerCache, jax.Array]:
         lead = x.shape[:-1]
         q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
@@ -108,8 +112,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, positions, inv_freq), rotary(k, positions, inv_freq)
-        out = attend(layer_index, q, k, v)  # [..., Hq, D]
-        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
+        cache, out = attend(cache, q, k, v)  # out: [..., Hq, D]
+        return cache, self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
 
 
 class MLP(nnx.Module):
@@ -140,9 +144,12 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, attend: AttendFn, layer_index: int):
-        x = x + self.self_attn(self.input_layernorm(x), positions, inv_freq, attend, layer_index)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, positions, inv_freq, attend: AttendFn, cache: LayerCache
+                 ) -> tuple[LayerCache, jax.Array]:
+        cache, attended = self.self_attn(self.input_layernorm(x), positions, inv_freq, attend,
+                                         cache)
+        x = x + attended
+        return cache, x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DecoderStack(nnx.Module):
@@ -167,16 +174,29 @@ class Transformer(nnx.Module):
                                dtype=config.dtype, rngs=rngs))
 
     def hidden_states(self, input_ids: Int[Array, "*tokens"], positions: Int[Array, "*tokens"],
-                      attend: AttendFn) -> Float[Array, "*tokens hidden"]:
-        """Runs the decoder stack; returns the final-norm hidden states."""
+                      attend: AttendFn, kv_caches: list[jax.Array] | None = None
+                      ) -> tuple[list[jax.Array] | None, Float[Array, "*tokens hidden"]]:
+        """Runs the decoder stack.
+
+        Args:
+          input_ids, positions: the tokens and their positions in their sequences.
+          attend: the attention seam (see AttendFn).
+          kv_caches: one cache per layer, handed to `attend` with that layer's q, k, v; None
+            on the dense path.
+        Returns:
+          (the caches `attend` returned, one per layer, or None; final-norm hidden states).
+        """
         c = self.config
         x = self.model.embed_tokens(input_ids)
         if c.scale_embeddings:
             x = x * jnp.asarray(c.hidden_size ** 0.5, x.dtype)
         inv_freq = jnp.asarray(c.rope.inverse_frequencies(c.head_dim), jnp.float32)
-        for index, layer in enumerate(self.model.layers):
-            x = layer(x, positions, inv_freq, attend, index)
-        return self.model.norm(x)
+        caches = [None] * len(self.model.layers) if kv_caches is None else kv_caches
+        updated = []
+        for layer, cache in zip(self.model.layers, caches, strict=True):
+            cache, x = layer(x, positions, inv_freq, attend, cache)
+            updated.append(cache)
+        return (None if kv_caches is None else updated), self.model.norm(x)
 
     def logits(self, hidden: Float[Array, "*rows hidden"]) -> Float[Array, "*rows vocab"]:
         """The LM head in float32 accumulation: [..., hidden] -> [..., vocab]."""
@@ -191,8 +211,8 @@ class Transformer(nnx.Module):
         """Full causal forward over [batch, length] (training and scoring; no KV cache)."""
         length = input_ids.shape[-1]
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), input_ids.shape)
-        attend = dense_causal_attend(self.config)
-        return self.logits(self.hidden_states(input_ids, positions, attend))
+        _, hidden = self.hidden_states(input_ids, positions, dense_causal_attend(self.config))
+        return self.logits(hidden)
 
 
 def dense_causal_attend(config: ModelConfig) -> AttendFn:
@@ -200,8 +220,7 @@ def dense_causal_attend(config: ModelConfig) -> AttendFn:
     scale = config.head_dim ** -0.5
     group = config.num_heads // config.num_kv_heads
 
-    def attend(layer_index, q, k, v):
-        del layer_index
+    def attend(cache, q, k, v):
         length = q.shape[-3]
         k, v = jnp.repeat(k, group, axis=-2), jnp.repeat(v, group, axis=-2)
         scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
@@ -212,6 +231,6 @@ def dense_causal_attend(config: ModelConfig) -> AttendFn:
             visible &= query_pos - key_pos < config.sliding_window
         scores = jnp.where(visible, scores * scale, -1e30)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("...hqk,...khd->...qhd", weights, v)
+        return cache, jnp.einsum("...hqk,...khd->...qhd", weights, v)
 
     return attend
