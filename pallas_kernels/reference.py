@@ -1,6 +1,6 @@
 """Plain-jnp references for Ember's kernels: readable, exact, and the CPU default.
 
-Shapes follow the kernel contract in DESIGN.md:
+Shapes follow the kernel contract in docs/design.md:
   q             [T, num_q_heads, head_dim]      query rows, sequence after sequence
   kv_pages      [num_pages, page_size, 2 * num_kv_heads, head_dim]   K of head h at 2h, V at 2h+1
   kv_lens       i32[S]    context length of each sequence after this step
@@ -8,9 +8,9 @@ Shapes follow the kernel contract in DESIGN.md:
   cu_q_lens     i32[S+1]  sequence s owns query rows cu_q_lens[s]:cu_q_lens[s+1]
   num_seqs      i32[1]    rows of sequences >= num_seqs are padding
 
-Sampling (sample_reference) takes logits [S, V] and per-row parameters and keys; its
-helpers (ordered_key, sampling_noise_bits, gumbel_from_bits) are shared with the kernels so
-that every backend draws the same token for the same key.
+Sampling (sample_reference) takes logits [S, V] and per-row parameters and keys; it draws
+through pallas_kernels/sampling_primitives.py, as the GPU kernel does, so that every backend
+draws the same token for the same key. Row and block metadata come from ragged_rows.py.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.ragged_rows import query_blocks
+from pallas_kernels.sampling_primitives import gumbel_from_bits, ordered_key, sampling_noise_bits
 
 # Bytes of K/V gathered per loop iteration (all query blocks together).
 _GATHER_BYTES = 4 << 20
@@ -48,49 +51,6 @@ def write_kv_pages_reference(kv_pages, k, v, slot_mapping):
     flat = kv_pages.reshape(num_pages * page_size, two_kv_heads, head_dim)
     flat = flat.at[slot_mapping].set(kv.astype(kv_pages.dtype))
     return flat.reshape(kv_pages.shape)
-
-
-def row_metadata(kv_lens, cu_q_lens, num_seqs, num_rows):
-    """For each query row: its sequence, its position in that sequence, and if it is live.
-
-    Returns:
-      seq_of_row i32[T], position_of_row i32[T], live_row bool[T]
-    """
-    rows = jnp.arange(num_rows, dtype=jnp.int32)
-    # Sequence s owns rows [cu_q_lens[s], cu_q_lens[s+1]); searchsorted finds s for each row.
-    seq_of_row = jnp.searchsorted(cu_q_lens[1:], rows, side="right").astype(jnp.int32)
-    num_live_seqs = num_seqs[0]
-    live_row = (seq_of_row < num_live_seqs) & (rows < cu_q_lens[num_live_seqs])
-    seq_of_row = jnp.minimum(seq_of_row, kv_lens.shape[0] - 1)
-    q_len = cu_q_lens[seq_of_row + 1] - cu_q_lens[seq_of_row]
-    offset_in_chunk = rows - cu_q_lens[seq_of_row]
-    position_of_row = kv_lens[seq_of_row] - q_len + offset_in_chunk
-    return seq_of_row, position_of_row, live_row
-
-
-def query_blocks(cu_q_lens, num_seqs, *, block_q: int, num_blocks: int, min_rows: int = 2,
-                 max_rows: int | None = None):
-    """Cuts the rows of live sequences with min_rows..max_rows rows into blocks of at most
-    block_q rows; a block never straddles two sequences. Shared by every backend: the GPU
-    prefill kernel takes min_rows=2 (decode rows have their own kernel), the TPU kernel
-    min_rows=1, the reference both halves.
-
-    cu_q_lens i32[S + 1], num_seqs i32[1]. Returns, per block, i32[num_blocks] each:
-    its sequence, its first row and its number of rows (0 for blocks past the last).
-    """
-    max_seqs = cu_q_lens.shape[0] - 1
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]                                # i32[S]
-    chosen = (jnp.arange(max_seqs) < num_seqs[0]) & (q_lens >= min_rows)
-    if max_rows is not None:
-        chosen &= q_lens <= max_rows
-    blocks_per_seq = jnp.where(chosen, (q_lens + block_q - 1) // block_q, 0)
-    block_ends = jnp.cumsum(blocks_per_seq)                                # i32[S]
-    blocks = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(block_ends, blocks, side="right"), max_seqs - 1)
-    first_row = cu_q_lens[seq] + (blocks - (block_ends[seq] - blocks_per_seq[seq])) * block_q
-    num_rows = jnp.clip(cu_q_lens[seq + 1] - first_row, 0, block_q)
-    num_rows = jnp.where(blocks < block_ends[-1], num_rows, 0)
-    return seq.astype(jnp.int32), first_row.astype(jnp.int32), num_rows.astype(jnp.int32)
 
 
 def ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
@@ -219,41 +179,9 @@ def _attend_blocks(q, kv_pages, kv_lens, page_indices, cu_q_lens, blocks, *, blo
 SEARCH_STEPS = 32
 
 
-def ordered_key(x):
-    """Maps f32 to i32 so that x < y exactly when ordered_key(x) < ordered_key(y).
-
-    Non-negative floats keep their bit pattern; negative ones flip their magnitude bits, so
-    the integer order of the keys is the float order (-0.0 sorts just below +0.0).
-    """
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
-
-
 def ceil_midpoint(lo, hi):
     """ceil((lo + hi) / 2) for i32 without overflow."""
     return (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)
-
-
-def sampling_noise_bits(keys, vocab_size):
-    """The random bits of each row's draw: u32[S, vocab_size] from the row's raw key data.
-
-    Every backend draws from these same bits (kernels take them as an input), so a kernel
-    and the reference pick the same token for the same key.
-    """
-    def row_bits(key_data):  # u32[2]
-        key = jax.random.wrap_key_data(key_data, impl="threefry2x32")
-        return jax.random.bits(key, (vocab_size,), jnp.uint32)
-    return jax.vmap(row_bits)(keys)
-
-
-def gumbel_from_bits(bits):
-    """Gumbel(0, 1) noise from 32 random bits (u32, or the same bits as i32).
-
-    u = (top 24 bits + 0.5) / 2^24 lies strictly inside (0, 1), so -log(-log(u)) is finite.
-    """
-    top_bits = ((bits >> 8) & 0xFFFFFF).astype(jnp.int32)  # same for logical/arithmetic shift
-    uniform = (top_bits.astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
-    return -jnp.log(-jnp.log(uniform))
 
 
 def _largest_key_reaching(row_keys, weights, target, lo, hi):

@@ -247,6 +247,7 @@ def sweep_block_sizes(results, rng, interpret):
 
 def sweep_sampling(results, interpret):
     from pallas_kernels.gpu.sampling import SamplingBlockSizes, sample_gpu
+    from pallas_kernels.sampling_primitives import sampling_noise_bits
     rows, vocab = 256, 128256
     key = jax.random.PRNGKey(5)
     args = (jax.random.normal(key, (rows, vocab), jnp.float32) * 3,
@@ -261,7 +262,7 @@ def sweep_sampling(results, interpret):
         fn = jax.jit(functools.partial(sample_gpu, block_sizes=sizes, interpret=interpret))
         results.try_add("sweep", f"sample v{block_v} s{search_block_v} r{radix_bits} w{warps}",
                         "ember gpu", lambda: fn, *args)
-    noise = jax.jit(lambda keys: pallas_kernels.reference.sampling_noise_bits(keys, vocab))
+    noise = jax.jit(lambda keys: sampling_noise_bits(keys, vocab))
     results.try_add("sweep", "sample noise bits only", "xla", lambda: noise, args[-1])
 
 

@@ -23,7 +23,7 @@ from pallas_kernels.compat import gpu_load, gpu_store, triton_compiler_params
 from pallas_kernels.gpu.attention_tiles import (initial_carry, kv_tile, next_power_of_2,
                                                 online_softmax_step, tile_scores)
 from pallas_kernels.gpu.block_sizes import AttentionBlockSizes
-from pallas_kernels.reference import query_blocks
+from pallas_kernels.ragged_rows import query_blocks
 
 
 def _tile_ranges(first_pos, num_rows, hi, block_kv, sliding_window):

@@ -12,7 +12,7 @@ The row is streamed in vocab tiles of `block_v`, several times, never sorted:
   4. draw: argmax over the kept tokens of tempered logit + Gumbel noise.
 Searches a row does not need (greedy, top-k or top-p off) run zero passes.
 
-The noise comes from `reference.sampling_noise_bits`, generated outside the kernel with
+The noise comes from `sampling_primitives.sampling_noise_bits`, generated outside the kernel with
 jax.random from each row's key and passed in, so this kernel and `sample_reference` draw
 the same token for the same key. The thresholds are the reference's exactly (they are values
 of the row), up to float rounding in the top-p mass sums.
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.compat import gpu_block_barrier, gpu_load, gpu_store, triton_compiler_params
-from pallas_kernels.reference import gumbel_from_bits, ordered_key, sampling_noise_bits
+from pallas_kernels.sampling_primitives import gumbel_from_bits, ordered_key, sampling_noise_bits
 
 _KEY_MIN = -(2 ** 31)
 

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.compat import tpu_compiler_params, tpu_interpret_params
-from pallas_kernels.reference import query_blocks, row_metadata
+from pallas_kernels.ragged_rows import query_blocks, row_metadata
 from pallas_kernels.tpu.attention_block import attend_block
 
 

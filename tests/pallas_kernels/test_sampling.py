@@ -9,7 +9,8 @@ import pytest
 from scipy import stats
 
 import pallas_kernels
-from pallas_kernels.reference import ordered_key, sampling_threshold
+from pallas_kernels.reference import sampling_threshold
+from pallas_kernels.sampling_primitives import ordered_key
 from tests.pallas_kernels.common import GPU_INTERPRET, row_keys
 
 
