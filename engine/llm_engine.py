@@ -12,6 +12,7 @@ import random
 import time
 from pathlib import Path
 
+import pallas_kernels
 from engine.worker import compilation
 from engine.config import EngineConfig
 from engine.info import EngineStats, ModelInfo
@@ -34,6 +35,7 @@ class LLMEngine:
 
     def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None):
         config = config or EngineConfig()
+        pallas_kernels.resolve_backend(config.backend)  # a bad name fails before any loading
         compilation.compilations()  # start listening before anything compiles
         compilation.enable_persistent_cache(config.compilation_cache_dir)
         if model is None:
