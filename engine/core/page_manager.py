@@ -125,10 +125,10 @@ class PageManager:
         """The longest run of cached pages matching the request's leading tokens.
 
         At most (num_tokens - 1) // page_size pages, so at least one token is left to
-        compute (its logits give the next token). Requests asking for prompt logprobs get
-        no hit: cached tokens produce no logits. Changes no state.
+        compute (its logits give the next token). Requests with skip_prefix_cache get no
+        hit. Changes no state.
         """
-        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching or request.skip_prefix_cache:
             return CachedPrefix((), (), 0)
         pages: list[int] = []
         hashes: list[bytes] = []
@@ -226,7 +226,7 @@ class PageManager:
                 raise ValueError(f"stale prefix: page {page} is no longer cached")
 
     def _admit(self, request: Request, prefix: CachedPrefix) -> list[int]:
-        if self.enable_prefix_caching and request.sampling_params.prompt_logprobs is None:
+        if self.enable_prefix_caching and not request.skip_prefix_cache:
             self.stats.queried_tokens += request.num_tokens
             self.stats.hit_tokens += prefix.num_tokens
         for page in prefix.pages:

@@ -59,6 +59,9 @@ class Request:
       wait_for: id of a sibling sample of the same prompt; this request is not admitted
         until that sibling has computed its whole prompt, so it reuses the prompt's pages
         through the prefix cache instead of computing them again.
+      skip_prefix_cache: never look this request up in the prefix cache nor count it in the
+        hit rate. Set at creation, and always for requests asking for prompt logprobs (cached
+        tokens produce no logits).
       seed: the draws' key is fold_in(PRNGKey(seed), output_position): the engine sets it
         from sampling_params.seed (or at random), so a request draws the same tokens
         whatever else shares its batch.
@@ -80,6 +83,7 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     priority: int = 0
     wait_for: str | None = None
+    skip_prefix_cache: bool = False
     seed: int = 0
     max_tokens: int | None = None
     arrival_index: int = -1
@@ -94,6 +98,7 @@ class Request:
         # Accepts tuples or numpy arrays; stored as plain ints so hashing and slicing are cheap.
         self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]
         self.eos_token_ids = frozenset(int(t) for t in self.eos_token_ids)
+        self.skip_prefix_cache |= self.sampling_params.prompt_logprobs is not None
 
     @property
     def num_prompt_tokens(self) -> int:

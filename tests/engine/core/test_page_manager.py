@@ -128,6 +128,18 @@ def test_prompt_logprobs_requests_get_no_hit(rng):
     assert manager.get_computed_prefix(scoring).num_tokens == 0
 
 
+def test_skip_prefix_cache_requests_get_no_hit_and_leave_the_hit_rate_alone(rng):
+    manager = PageManager(num_pages=16, page_size=4)
+    tokens = _tokens(rng, 9)
+    _admit(manager, _request("a", tokens))
+    queried = manager.stats.queried_tokens
+    private = Request("b", list(tokens), SamplingParams(), skip_prefix_cache=True)
+    prefix, _ = _admit(manager, private)
+    assert prefix.num_tokens == 0
+    assert manager.stats.queried_tokens == queried
+    assert manager.get_computed_prefix(_request("c", tokens)).num_tokens == 8
+
+
 def test_free_keeps_computed_pages_cached_and_hits_revive_them(rng):
     manager = PageManager(num_pages=8, page_size=4)
     tokens = _tokens(rng, 10)
