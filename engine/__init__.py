@@ -1,4 +1,16 @@
-"""Ember's engine: requests, scheduler, pages, runner, LLM API, tokenizer, CLI."""
+"""Ember's engine. Its public API lives here: LLM, LLMEngine, SamplingParams, EngineConfig and
+the output records. The parts behind it, one folder each (docs/design.md has the seams):
+
+    core/       requests, scheduler, page manager, output processor (host code, no JAX)
+    worker/     runner, the jitted step, compilation counting (the JAX side)
+    tokenizer/  tokenizers, incremental detokenizer, chat templates
+    openai/     the OpenAI protocol: request parsing, prompts, response shapes
+    serving/    engine thread, generation lifecycle, service, metrics, gunicorn process
+    metering/   API keys, the usage ledger, quotas (SQLAlchemy)
+    batch/      `ember batch`: OpenAI Batch files, resumable and billed exactly once
+    default_model/  the embedded default model, built on first use
+    cli.py      the `ember` command
+"""
 
 from engine.config import EngineConfig
 from engine.outputs import CompletionOutput, Logprob, RequestOutput, Usage

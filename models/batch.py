@@ -1,4 +1,4 @@
-"""Batch: the flattened ragged batch of one engine step (DESIGN.md's kernel contract)."""
+"""Batch: the flattened ragged batch of one engine step (docs/design.md's kernel contract)."""
 
 from __future__ import annotations
 

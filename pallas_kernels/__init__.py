@@ -1,4 +1,4 @@
-"""Ember's kernels behind one contract (DESIGN.md), dispatched by backend.
+"""Ember's kernels behind one contract (docs/design.md), dispatched by backend.
 
 backend: "auto" (by jax.default_backend()), "reference" (plain jnp, the CPU default),
 "gpu" (Pallas Triton), "tpu" (Pallas Mosaic). interpret=True runs a Pallas kernel in

@@ -1,4 +1,4 @@
-"""Random flattened ragged batches (DESIGN.md's kernel contract) and a dense attention to
+"""Random flattened ragged batches (docs/design.md's kernel contract) and a dense attention to
 check them against.
 
 Every page no live sequence owns is NaN, and so is the tail of each sequence's last page,
