@@ -1,4 +1,12 @@
-"""The `ember` command: generate, convert (and the server/batch commands as they land)."""
+"""The `ember` command: generate, serve, batch, keys, usage, convert, build-default-model.
+
+    generate              stream one completion to the terminal
+    serve                 the OpenAI-compatible HTTP server (engine/serving/gunicorn_app.py)
+    batch                 an OpenAI Batch API file, resumable and billed (engine/batch)
+    keys, usage           API keys and usage in the metering ledger (engine/metering)
+    convert               a Hugging Face directory -> an orbax checkpoint
+    build-default-model   (re)build the embedded default model
+"""
 
 from __future__ import annotations
 
@@ -237,16 +245,16 @@ def _serve(args) -> None:
             "serving without API keys on %s: anyone who can reach it can use it", args.host)
     for logger_name in ("ember", "engine"):
         logging.getLogger(logger_name).setLevel(args.log_level.upper())
-    import server
+    from engine.serving import gunicorn_app
     name = args.served_model_name or (Path(args.model).name if args.model else "ember-default")
     if args.model is None:
         args.model = str(_default_model_in_child_process())
     _print_examples(args.host, args.port, name, args.no_auth)
-    server.serve(model=args.model, engine_config=config, db_url=args.db, instance=args.instance,
-                 host=args.host, port=args.port, model_name=name, no_auth=args.no_auth,
-                 threads=args.threads, max_queue=args.max_queue, max_n=args.max_n,
-                 max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
-                 log_level=args.log_level)
+    gunicorn_app.serve(model=args.model, engine_config=config, db_url=args.db,
+                       instance=args.instance, host=args.host, port=args.port, model_name=name,
+                       no_auth=args.no_auth, threads=args.threads, max_queue=args.max_queue,
+                       max_n=args.max_n, max_body_bytes=args.max_body_bytes,
+                       shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
 
 
 def _default_model_in_child_process():

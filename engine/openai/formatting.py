@@ -3,15 +3,39 @@
 from __future__ import annotations
 
 import json
+from datetime import date, datetime
+from typing import Any
 
 from engine.outputs import PositionLogprobs, Usage
 
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+def json_text(body: Any) -> str:
+    """A response body as JSON text: UTF-8 left unescaped, dates and times as ISO 8601.
+
+    Args:
+      body: JSON-able values, and datetime/date (the ledger's usage rows carry them).
+
+    Returns:
+      The JSON text.
+
+    Raises:
+      TypeError: a value that is neither JSON-able nor a date or time.
+    """
+    return json.dumps(body, ensure_ascii=False, default=_iso_date)
+
+
+def _iso_date(value: Any) -> str:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable: expected JSON values, "
+                    "datetime or date")
+
+
 def sse(payload: dict) -> bytes:
     """One Server-Sent Event carrying a JSON payload."""
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n"
+    return b"data: " + json_text(payload).encode("utf-8") + b"\n\n"
 
 
 def usage_body(usage: Usage) -> dict:

@@ -17,12 +17,12 @@ import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
-from engine.serving.engine_thread import EngineThread
-from engine.serving.metrics import ServerMetrics
 from engine.openai.formatting import add_usage
 from engine.openai.prompts import EnginePrompt
 from engine.outputs import RequestOutput, Usage
 from engine.sampling_params import SamplingParams
+from engine.serving.engine_thread import EngineThread
+from engine.serving.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 

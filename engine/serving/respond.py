@@ -1,22 +1,50 @@
 """Answering a Generation: one JSON body when it ends, or Server-Sent Events as it runs.
 
 Both notice a client that leaves (a failed write, or a closed socket while waiting) and abort
-its engine requests, so the ledger bills only the tokens emitted.
+its engine requests, so the ledger bills only the tokens emitted. Neither knows the web
+framework: they return a Reply or an EventStream, which server.py turns into a response.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import socket
+from collections.abc import Iterator
 
-from flask import Response, request
-
-from engine.serving.engine_thread import Unavailable
-from engine.serving.generation import ClientGone, ClientWatch, Generation
-from engine.serving.service import json_response
 from engine.openai.api import ApiError
 from engine.openai.formatting import SSE_DONE, sse
+from engine.serving.engine_thread import Unavailable
+from engine.serving.generation import ClientGone, ClientWatch, Generation
 
 logger = logging.getLogger("ember.server")
+
+CLIENT_GONE_STATUS = 499   # nginx's "client closed request": nobody reads it, the log does
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """One whole HTTP answer.
+
+    status: the HTTP status.
+    body: the JSON body (a dict), or None for no body at all (the 499 for a gone client).
+    headers: extra headers (X-Request-Id, x-ratelimit-*), without Content-Type.
+    """
+    status: int
+    body: dict | None
+    headers: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EventStream:
+    """A 200 answered as Server-Sent Events (media type text/event-stream).
+
+    chunks: the encoded events, produced as the engine runs; iterating it to the end, or
+      closing it, finalizes the ledger row.
+    headers: extra headers, the no-cache and no-proxy-buffering ones among them.
+    """
+    chunks: Iterator[bytes]
+    headers: dict[str, str]
 
 
 def engine_error(generation: Generation, error: Exception) -> ApiError:
@@ -29,13 +57,26 @@ def engine_error(generation: Generation, error: Exception) -> ApiError:
                     type="server_error", code="internal_error")
 
 
-def respond(generation: Generation, assembler, headers: dict) -> Response:
-    """Waits for every engine request, finalizes the ledger row, answers one JSON body."""
+def respond(generation: Generation, assembler, headers: dict[str, str],
+            client_socket: socket.socket | None) -> Reply:
+    """Waits for every engine request, finalizes the ledger row, answers one JSON body.
+
+    Args:
+      generation: the admitted, submitted Generation.
+      assembler: its Completion- or ChatAssembler.
+      headers: the headers every answer carries (X-Request-Id, x-ratelimit-*).
+      client_socket: the client's connection (gunicorn's), watched for a client that leaves;
+        None where the server does not expose it.
+
+    Returns:
+      The Reply: 200 with the response body, an engine error's status and body, or a 499
+      without a body when the client left.
+    """
     try:
-        generation.wait(ClientWatch(request.environ.get("gunicorn.socket")))
+        generation.wait(ClientWatch(client_socket))
     except ClientGone:
         generation.abort()
-        return Response(status=499)     # nobody reads it: the client has gone
+        return Reply(CLIENT_GONE_STATUS, None, {})
     finally:
         if generation.usage is None and not generation.finished:
             generation.abort("error")
@@ -43,17 +84,26 @@ def respond(generation: Generation, assembler, headers: dict) -> Response:
     usage = generation.finalize()
     if error is not None:
         failure = engine_error(generation, error)
-        return json_response(failure.body(), failure.status, headers)
-    return json_response(assembler.response(generation.latest, usage), 200, headers)
+        return Reply(failure.status, failure.body(), headers)
+    return Reply(200, assembler.response(generation.latest, usage), headers)
 
 
 def stream(generation: Generation, assembler, first_chunks: list[dict],
-           headers: dict) -> Response:
+           headers: dict[str, str], client_socket: socket.socket | None) -> EventStream:
     """Streams chunks as the engine produces them; finalizes the ledger row before the usage
-    chunk and [DONE], or (client gone, error) on the way out."""
-    watch = ClientWatch(request.environ.get("gunicorn.socket"))
+    chunk and [DONE], or (client gone, error) on the way out.
 
-    def events():
+    Args:
+      generation, assembler, headers, client_socket: as for respond.
+      first_chunks: chunks sent before the engine's first output (chat's role chunks).
+
+    Returns:
+      The EventStream; nothing runs until its chunks are iterated.
+    """
+    # Read now: the socket is the request's, and the chunks are produced after it returns.
+    watch = ClientWatch(client_socket)
+
+    def events() -> Iterator[bytes]:
         try:
             for chunk in first_chunks:
                 yield sse(chunk)
@@ -80,6 +130,5 @@ def stream(generation: Generation, assembler, first_chunks: list[dict],
             if generation.usage is None:
                 generation.abort()
 
-    return Response(events(), 200, headers={**headers, "Cache-Control": "no-cache",
-                                            "X-Accel-Buffering": "no"},
-                    mimetype="text/event-stream")
+    return EventStream(events(), {**headers, "Cache-Control": "no-cache",
+                                  "X-Accel-Buffering": "no"})

@@ -1,45 +1,65 @@
 """Service: what the HTTP routes share: auth, body reading, admission, tokenize, usage, shutdown.
 
 One per app. It holds the engine thread, the ledger and the metrics, and the live Generations
-so that a shutdown can finalize every ledger row even if a client thread is stuck.
+so that a shutdown can finalize every ledger row even if a client thread is stuck. It takes
+plain values (a header, a stream, a length), never the web framework's request: server.py
+reads the request and turns answers into responses.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import threading
 import time
 import uuid
-from datetime import date, datetime, timezone
-from typing import Any
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from typing import IO, Any
 
-from flask import Response, request
-
+from engine.info import ModelInfo
 from engine.openai import api
+from engine.openai.api import ApiError, invalid
+from engine.openai.prompts import PreparedRequest
 from engine.serving.engine_thread import EngineThread, Unavailable
 from engine.serving.generation import Generation
 from engine.serving.metrics import ServerMetrics
-from engine.openai.api import ApiError, invalid
-from engine.info import ModelInfo
-from engine.openai.prompts import PreparedRequest
 
 logger = logging.getLogger("ember.server")
 
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024   # past this an oversized body is not even read to its end
 
 
-def json_response(body: Any, status: int, headers: dict | None = None) -> Response:
-    payload = json.dumps(body, ensure_ascii=False, default=_json_default)
-    return Response(payload, status, headers=headers or {}, mimetype="application/json")
+def start_service(engine: Any | Callable[[], Any], ledger: Any, *, model_name: str,
+                  no_auth: bool = False, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                  max_queue: int = 1024, max_n: int = 16,
+                  on_engine_failure: Callable[[BaseException], None] | None = None
+                  ) -> Service:
+    """Marks the ledger rows a crash left open as interrupted and starts the engine thread,
+    which builds and warms the engine (while /health answers 503).
 
+    Args:
+      engine: an LLMEngine, or a callable that builds one on the engine thread.
+      ledger: an engine.metering.Ledger.
+      model_name: the id clients send as `model`.
+      no_auth: serve without API keys (all usage goes to the ledger's anonymous key).
+      max_body_bytes: larger bodies are a 400 (code request_too_large).
+      max_queue: most engine requests in flight; more is a 503.
+      max_n: most samples per prompt.
+      on_engine_failure: called on the engine thread if building the engine fails.
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+    Returns:
+      The Service, its engine thread started; server.create_app puts routes around it.
+    """
+    interrupted = ledger.mark_interrupted()
+    if interrupted:
+        logger.warning("marked %d ledger rows left running by a previous process as "
+                       "interrupted", interrupted)
+    thread = EngineThread(engine, max_queue=max_queue, on_failure=on_engine_failure).start()
+    return Service(thread, ledger, api.Limits(model_name, max_n=max_n), no_auth=no_auth,
+                   max_body_bytes=max_body_bytes)
 
 
 class Service:
@@ -56,11 +76,15 @@ class Service:
         self._model_info: ModelInfo | None = None
 
     # ------------------------------------------------------------------ every request
-    def authenticate(self) -> Any:
-        """The caller's key: 401 when missing or unknown, 403 when revoked."""
+    def authenticate(self, authorization: str) -> Any:
+        """The caller's key: 401 when missing or unknown, 403 when revoked.
+
+        Args:
+          authorization: the Authorization header ("" when absent), "Bearer <key>".
+        """
         if self.no_auth:
             return self.ledger.anonymous_key()
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
@@ -73,16 +97,20 @@ class Service:
                            type="permission_error", code="key_revoked")
         return key
 
-    def read_body(self) -> bytes:
+    def read_body(self, stream: IO[bytes], content_length: int | None) -> bytes:
         """The body, at most max_body_bytes (more is a 400; it is read on, up to a limit, so
-        the client gets the answer rather than a reset connection)."""
-        length = request.content_length
+        the client gets the answer rather than a reset connection).
+
+        Args:
+          stream: the request body, read in chunks until it returns b"".
+          content_length: the Content-Length header, None when absent.
+        """
         too_large = ApiError(400, f"body is larger than {self.max_body_bytes} bytes",
                              param=None, code="request_too_large")
-        if length is not None and length > DRAIN_LIMIT_BYTES:
+        if content_length is not None and content_length > DRAIN_LIMIT_BYTES:
             raise too_large
         chunks, size = [], 0
-        while chunk := request.stream.read(1 << 16):
+        while chunk := stream.read(1 << 16):
             size += len(chunk)
             if size <= self.max_body_bytes:
                 chunks.append(chunk)
@@ -92,11 +120,13 @@ class Service:
             raise too_large
         return b"".join(chunks)
 
-    def begin(self) -> tuple[Any, dict, float]:
-        """Arrival time, the caller's key and the JSON body of a POST."""
+    def begin(self, authorization: str, stream: IO[bytes], content_length: int | None
+              ) -> tuple[Any, dict, float]:
+        """The caller's key, the JSON body and the arrival time of a POST (arguments as for
+        authenticate and read_body)."""
         arrival = time.monotonic()
-        key = self.authenticate()
-        return key, api.parse_json_body(self.read_body()), arrival
+        key = self.authenticate(authorization)
+        return key, api.parse_json_body(self.read_body(stream, content_length)), arrival
 
     def model_info(self) -> ModelInfo:
         if self.engine.state != "ready":
@@ -113,10 +143,9 @@ class Service:
     # ------------------------------------------------------------------ admission
     @staticmethod
     def new_request_id(prefix: str) -> str:
-        """The response id, which is also the ledger row's id."""
-        request_id = f"{prefix}-{uuid.uuid4().hex}"
-        request.environ["ember.request_id"] = request_id   # for the 500 handler's log line
-        return request_id
+        """The response id, which is also the ledger row's id (the caller records it for its
+        500 handler's log line)."""
+        return f"{prefix}-{uuid.uuid4().hex}"
 
     def start(self, prepared: PreparedRequest, key: Any, response_id: str, arrival: float
               ) -> tuple[Generation, dict]:
@@ -197,7 +226,8 @@ class Service:
             raise invalid("tokens", tokens, f"a list of token ids in [0, {info.vocab_size})")
         return {"prompt": info.tokenizer.decode(tokens)}
 
-    def usage(self, key: Any, args) -> list[dict]:
+    def usage(self, key: Any, args: Mapping[str, str]) -> list[dict]:
+        """The key's usage rows for GET /v1/usage's query (group_by, key, start, end)."""
         group_by = args.get("group_by") or None
         if group_by not in (None, "model", "day", "key"):
             raise invalid("group_by", group_by, "'model', 'day' or 'key' (admin keys)")

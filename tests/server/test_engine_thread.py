@@ -11,10 +11,10 @@ import time
 import pytest
 
 from engine.info import EngineStats, ModelInfo
-from engine.serving.engine_thread import EngineThread
 from engine.metering import Ledger
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.serving.engine_thread import EngineThread
 from engine.tokenizer import Tokenizer
 
 POISON = 7   # a prompt holding this token id makes the fake engine's step raise
@@ -113,12 +113,13 @@ def test_a_failing_step_fails_its_requests_and_the_thread_goes_on():
 
 @pytest.fixture()
 def app_and_ledger(server_model_dir, tmp_path):
+    from engine.serving.service import start_service
     from server import create_app
 
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-    app = create_app(FakeEngine(Tokenizer.from_pretrained(server_model_dir)), ledger,
-                     model_name="fake")
-    service = app.extensions["ember"]
+    service = start_service(FakeEngine(Tokenizer.from_pretrained(server_model_dir)), ledger,
+                            model_name="fake")
+    app = create_app(service)
     while service.engine.state != "ready":
         time.sleep(0.01)
     yield app, ledger, tmp_path / "ledger.db"

@@ -205,6 +205,7 @@ def test_bodies_equal_what_the_server_answers(llm, model_dir, tmp_path):
     import server
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
+    from engine.serving.service import start_service
 
     rng = random.Random(12)
     lines = [random_line(rng, i, "shared words " * 4) for i in range(10)]
@@ -223,9 +224,9 @@ def test_bodies_equal_what_the_server_answers(llm, model_dir, tmp_path):
     output = read_output(tmp_path / "out.jsonl")
 
     with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
-        app = server.create_app(LLMEngine(model_dir, EngineConfig(**ENGINE)), ledger,
+        service = start_service(LLMEngine(model_dir, EngineConfig(**ENGINE)), ledger,
                                 model_name=MODEL, no_auth=True)
-        service = app.extensions["ember"]
+        app = server.create_app(service)
         try:
             while service.engine.state == "warming":
                 time.sleep(0.05)
