@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
 def default_cache_dir() -> Path:
     """$EMBER_HOME (default ~/.cache/ember), read on each call: models, XLA cache, ledger."""
     return Path(os.environ.get("EMBER_HOME") or "~/.cache/ember").expanduser()

@@ -13,16 +13,16 @@ import time
 from pathlib import Path
 
 import pallas_kernels
-from engine.worker import compilation
 from engine.config import EngineConfig
-from engine.info import EngineStats, ModelInfo
 from engine.core.output_processor import OutputProcessor, RequestGroup
-from engine.outputs import RequestOutput
 from engine.core.request import Request, RequestStatus
-from engine.worker.runner import Runner, pages_that_fit
-from engine.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerConfig
+from engine.info import EngineStats, ModelInfo
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from engine.worker import compilation
+from engine.worker.runner import Runner, pages_that_fit
 from models.checkpoint import load_generation_config, load_model
 
 logger = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from engine.default_model.build import (HF_SUBDIR, MODEL_SUBDIR, BuildRecipe,  # noqa: E402
-                                  build_default_model, default_model_root, is_complete,
-                                  load_report)
+                                        build_default_model, default_model_root, is_complete,
+                                        load_report)
 from engine.default_model.training import BOS_ID, EOS_ID, load_corpus  # noqa: E402
 
 SAMPLE_PROMPTS = ("import os\nimport sys\n\n\ndef main(", "class Stack:\n    def __init__(self):\n")

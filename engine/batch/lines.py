@@ -22,10 +22,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from engine.info import ModelInfo
 from engine.openai import api
 from engine.openai.api import ApiError, invalid
 from engine.openai.formatting import add_usage
-from engine.info import ModelInfo
 from engine.openai.prompts import PreparedRequest, prepare_chat, prepare_completion
 from engine.openai.responses import ChatAssembler, CompletionAssembler
 from engine.outputs import RequestOutput, Usage

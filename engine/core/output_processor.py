@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from engine.core.request import ModelOutput, Request, SchedulerOutput
+from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from engine.core.page_manager import PageManager
 from engine.core.request import (ModelOutput, Request, RequestStatus, ScheduledRequest,
-                            SchedulerOutput, check_stop)
+                                 SchedulerOutput, check_stop)
 from engine.sampling_params import is_int
 
 

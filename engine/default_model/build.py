@@ -32,8 +32,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from engine.config import default_cache_dir
-from engine.default_model.training import (BOS_ID, EOS_ID, BuildRecipe, Corpus, load_corpus,
-                                           train, train_tokenizer)
+from engine.default_model.training import (BOS_ID, EOS_ID, BuildRecipe, Corpus, load_corpus, train,
+                                           train_tokenizer)
 
 HF_SUBDIR = "hf"
 MODEL_SUBDIR = "model"

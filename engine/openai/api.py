@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from engine.tokenizer.chat_template import validate_messages
 from engine.sampling_params import MAX_TOP_LOGPROBS, is_int
+from engine.tokenizer.chat_template import validate_messages
 
 Prompt = str | list[int]
 

@@ -23,8 +23,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
-from engine.tokenizer.chat_template import (load_chat_templates, render_chat_template, select_chat_template,
-                                  validate_messages)
+from engine.tokenizer.chat_template import (load_chat_templates, render_chat_template,
+                                            select_chat_template, validate_messages)
 from engine.tokenizer.detokenizer import IncrementalDetokenizer
 
 __all__ = ["IncrementalDetokenizer", "Tokenizer"]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from engine.config import EngineConfig
 from engine.core.request import ModelOutput, Request, SchedulerOutput
 from engine.worker.step import (TOP_LOGPROBS, PenaltyArrays, SamplingArrays, forward_step,
-                         prompt_logprobs_step, sample_step)
+                                prompt_logprobs_step, sample_step)
 from models.batch import Batch
 from models.config import ModelConfig
 from models.paged import init_kv_caches

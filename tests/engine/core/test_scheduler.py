@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from engine.core import page_manager
 from engine.core.request import ModelOutput, Request, RequestStatus
-from engine.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerConfig
+from engine.sampling_params import SamplingParams
 
 VOCAB = 1000
 EOS = 0

@@ -14,8 +14,8 @@ import pytest
 
 from engine.default_model import build as default_model
 from engine.default_model.build import (HF_SUBDIR, MODEL_SUBDIR, BuildRecipe, build_default_model,
-                                  default_model_root, ensure_default_model, is_complete,
-                                  load_report)
+                                        default_model_root, ensure_default_model, is_complete,
+                                        load_report)
 from engine.default_model.training import BOS_ID, Corpus, load_corpus, train_tokenizer
 
 TINY = BuildRecipe(train_seconds=3, vocab_size=512, hidden_size=32, intermediate_size=64,

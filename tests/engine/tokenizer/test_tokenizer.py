@@ -17,8 +17,8 @@ import sentencepiece
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from engine.tokenizer.detokenizer import IncrementalDetokenizer
 from engine.tokenizer import Tokenizer
+from engine.tokenizer.detokenizer import IncrementalDetokenizer
 
 transformers = pytest.importorskip("transformers")
 
