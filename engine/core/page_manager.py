@@ -5,12 +5,15 @@ padding rows of a step write there. Each running request owns a page table; a pa
 reference count is the number of tables holding it.
 
 Prefix caching: when a page is FULL and all its tokens are computed, it is registered under
-a chained hash of (parent page's hash, the page's token ids). A new request reuses the
-longest run of registered pages matching its leading tokens, shared read-only (refcount
-> 1); it only ever writes to pages past that prefix, which it owns alone. A hit is
-confirmed by comparing the stored (parent hash, token ids) with the request's, never on the
-hash alone. Pages whose refcount drops to zero stay registered and reusable until they are
-evicted, least recently released first, when free pages run out.
+a chained hash of (parent page's hash, the page's token ids); the first page's parent is
+`root_hash(request.cache_salt)`, so requests of different salts (one per API key, as vLLM's
+cache_salt) never share a page and a cache hit reveals nothing about another salt's
+prompts. A new request reuses the longest run of registered pages matching its leading
+tokens, shared read-only (refcount > 1); it only ever writes to pages past that prefix,
+which it owns alone. A hit is confirmed by comparing the stored (parent hash, salt, token
+ids) with the request's, never on the hash alone. Pages whose refcount drops to zero stay
+registered and reusable until they are evicted, least recently released first, when free
+pages run out.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ from dataclasses import dataclass
 
 from engine.core.request import Request
 
-ROOT_HASH = b""
+ROOT_HASH = b""   # the first page's parent for unsalted requests
+_SALT_PERSON = b"ember.cacheSalt"   # BLAKE2b personalization: salts never hash like pages
+
+# What a registered page is confirmed against: (hash, parent hash, cache salt, token ids).
+PageKey = tuple[bytes, bytes, str | None, tuple[int, ...]]
 
 
 def hash_page(parent_hash: bytes, token_ids: Sequence[int]) -> bytes:
@@ -35,6 +42,18 @@ def hash_page(parent_hash: bytes, token_ids: Sequence[int]) -> bytes:
     """
     payload = parent_hash + array("q", token_ids).tobytes()
     return hashlib.blake2b(payload, digest_size=16).digest()
+
+
+def root_hash(cache_salt: str | None) -> bytes:
+    """The parent hash of a request's first page: ROOT_HASH unsalted, else the salt's hash.
+
+    Salting the root is enough: every later page's hash chains from it. A different
+    BLAKE2b personalization keeps a salt's hash apart from any page's hash.
+    """
+    if cache_salt is None:
+        return ROOT_HASH
+    salt_bytes = cache_salt.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(salt_bytes, digest_size=16, person=_SALT_PERSON).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +99,7 @@ class PageManager:
         # Registered pages with refcount 0, least recently released first.
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._hash_to_page: dict[bytes, int] = {}
-        self._page_key: list[tuple[bytes, bytes, tuple[int, ...]] | None] = [None] * num_pages
+        self._page_key: list[PageKey | None] = [None] * num_pages
         self._tables: dict[str, list[int]] = {}
         self._table_hashes: dict[str, list[bytes]] = {}   # hashes of committed full pages
 
@@ -132,12 +151,13 @@ class PageManager:
             return CachedPrefix((), (), 0)
         pages: list[int] = []
         hashes: list[bytes] = []
-        parent = ROOT_HASH
+        salt = request.cache_salt
+        parent = root_hash(salt)
         for index in range((request.num_tokens - 1) // self.page_size):
             token_ids = tuple(self._page_token_ids(request, index))
             page_hash = hash_page(parent, token_ids)
             page = self._hash_to_page.get(page_hash)
-            if page is None or self._page_key[page] != (page_hash, parent, token_ids):
+            if page is None or self._page_key[page] != (page_hash, parent, salt, token_ids):
                 break
             pages.append(page)
             hashes.append(page_hash)
@@ -152,7 +172,7 @@ class PageManager:
         hashes = self._table_hashes[request.request_id]
         num_full = min(request.num_computed_tokens // self.page_size, len(table))
         for index in range(len(hashes), num_full):
-            parent = hashes[-1] if hashes else ROOT_HASH
+            parent = hashes[-1] if hashes else root_hash(request.cache_salt)
             token_ids = tuple(self._page_token_ids(request, index))
             page_hash = hash_page(parent, token_ids)
             hashes.append(page_hash)
@@ -160,7 +180,18 @@ class PageManager:
             # collision: keep the registered page; this one stays private and unregistered.
             if page_hash not in self._hash_to_page:
                 self._hash_to_page[page_hash] = table[index]
-                self._page_key[table[index]] = (page_hash, parent, token_ids)
+                self._page_key[table[index]] = (page_hash, parent, request.cache_salt,
+                                                token_ids)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every registered page (the KV cache's contents were lost): no later request
+        reuses them. Pages held by requests stay theirs; the others become free."""
+        for page in self._hash_to_page.values():
+            self._page_key[page] = None
+            if self._ref_counts[page] == 0:
+                self._free_pages.append(page)
+        self._hash_to_page.clear()
+        self._evictable.clear()
 
     def _page_token_ids(self, request: Request, index: int) -> list[int]:
         return request.token_ids_between(index * self.page_size, (index + 1) * self.page_size)

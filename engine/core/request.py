@@ -55,10 +55,17 @@ class Request:
       prompt_token_ids: the prompt; at least one token.
       sampling_params: how to sample; `max_tokens` below is the resolved limit.
       eos_token_ids: tokens that end generation unless `sampling_params.ignore_eos`.
-      priority: lower runs first; FCFS (arrival_index) within one priority.
+      priority: lower runs first; FCFS (arrival_index) within one priority and tenant.
       wait_for: id of a sibling sample of the same prompt; this request is not admitted
         until that sibling has computed its whole prompt, so it reuses the prompt's pages
         through the prefix cache instead of computing them again.
+      tenant: the fair-share group (the server passes the API key's id as a string; ""
+        for offline use). Waiting requests of one priority are admitted round-robin between
+        tenants, and a tenant below its fair share of running sequences may preempt one
+        above it (see engine/core/fair_queue.py). One tenant alone runs as if there were none.
+      cache_salt: salts the root of the chained prefix-cache hash: requests share cached
+        pages only with requests of the same salt (None shares with other None requests),
+        so num_cached_tokens cannot reveal another salt's prompts. A non-empty str or None.
       skip_prefix_cache: never look this request up in the prefix cache nor count it in the
         hit rate. Set at creation, and always for requests asking for prompt logprobs (cached
         tokens produce no logits).
@@ -83,6 +90,8 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     priority: int = 0
     wait_for: str | None = None
+    tenant: str = ""
+    cache_salt: str | None = None
     skip_prefix_cache: bool = False
     seed: int = 0
     max_tokens: int | None = None
@@ -99,6 +108,12 @@ class Request:
         self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]
         self.eos_token_ids = frozenset(int(t) for t in self.eos_token_ids)
         self.skip_prefix_cache |= self.sampling_params.prompt_logprobs is not None
+        if not isinstance(self.tenant, str):
+            raise ValueError(f"tenant={self.tenant!r}: expected a str")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str)
+                                            or not self.cache_salt):
+            raise ValueError(f"cache_salt={self.cache_salt!r}: expected a non-empty str "
+                             "or None")
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -3,64 +3,22 @@
 One rule drives everything: a request's num_computed_tokens catches up with its num_tokens.
 Each step spends one token budget (max_num_batched_tokens) on running decodes first, then on
 prefill chunks: running requests part-way through their prompt, then waiting requests in
-order of (priority, preempted first, arrival). Chunked prefill, prefix caching and
-preemption (free a request's pages, recompute its tokens later) fall out of that rule.
+order of priority, then turns between tenants, then (preempted first, arrival) within a
+tenant (engine/core/fair_queue.py; with one tenant: (priority, preempted first, arrival)).
+Chunked prefill, prefix caching and preemption (free a request's pages, recompute its
+tokens later) fall out of that rule.
 """
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 
+from engine.core.fair_queue import FairQueue, TenantShares
 from engine.core.page_manager import PageManager
 from engine.core.request import (ModelOutput, Request, RequestStatus, ScheduledRequest,
                                  SchedulerOutput, check_stop)
-from engine.sampling_params import is_int
-
-
-@dataclass(slots=True)
-class SchedulerConfig:
-    """Limits of one engine.
-
-    Attributes:
-      max_num_seqs: most sequences in one step (and running at once).
-      max_num_batched_tokens: token budget of one step.
-      max_model_len: most tokens (prompt + output) of one sequence.
-      page_size: token slots per KV page.
-      num_pages: KV pages, page 0 included (it is reserved for padding).
-      enable_prefix_caching: reuse computed full pages across requests.
-    """
-
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 2048
-    page_size: int = 16
-    num_pages: int = 1024
-    enable_prefix_caching: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected an integer >= 1")
-        if not is_int(self.num_pages) or self.num_pages < 2:
-            raise ValueError(f"num_pages={self.num_pages!r}: expected an integer >= 2 "
-                             "(page 0 is reserved for padding)")
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError(f"enable_prefix_caching={self.enable_prefix_caching!r}: "
-                             "expected a bool")
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerStats:
-    num_running: int
-    num_waiting: int
-    num_free_pages: int
-    page_usage: float                # fraction of usable pages held by requests
-    prefix_cache_queried_tokens: int
-    prefix_cache_hit_tokens: int
-    prefix_cache_hit_rate: float
-    num_preemptions: int             # since start
+# The engine imports both from here; they live apart to keep this file to the scheduling.
+from engine.core.scheduler_config import SchedulerConfig, SchedulerStats
 
 
 @dataclass(slots=True)
@@ -69,7 +27,8 @@ class _Step:
 
     budget: int
     scheduled: dict[str, ScheduledRequest] = field(default_factory=dict)  # in feed order
-    preempted_ids: list[str] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)   # queued again once planned
+    admitted: dict[str, Request] = field(default_factory=dict)   # by id, in admission order
 
 
 class Scheduler:
@@ -83,8 +42,9 @@ class Scheduler:
         self.page_manager = PageManager(config.num_pages, config.page_size,
                                         config.enable_prefix_caching)
         self._requests: dict[str, Request] = {}   # unfinished requests by id
-        self._waiting: list[Request] = []          # sorted by _waiting_key
+        self._waiting = FairQueue()                # in order of admission to come
         self._running: list[Request] = []          # in order of admission
+        self._tenants = TenantShares(config.max_num_seqs)
         self._finished_ids: list[str] = []         # since the last schedule()
         self._num_arrivals = 0
         self._num_preemptions = 0
@@ -100,35 +60,19 @@ class Scheduler:
         request.arrival_index = self._num_arrivals
         self._num_arrivals += 1
         self._requests[request.request_id] = request
-        bisect.insort(self._waiting, request, key=_waiting_key)
+        self._tenants.add(request.tenant)
+        self._waiting.add(request)
 
     def _validate(self, request: Request) -> None:
-        max_len = self.config.max_model_len
-        num_prompt = request.num_prompt_tokens
         if request.request_id in self._requests:
             raise ValueError(f"request_id={request.request_id!r} is already in use")
         if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
             raise ValueError(f"request {request.request_id!r} has already been scheduled")
-        if num_prompt < 1:
-            raise ValueError("prompt has 0 tokens: expected at least 1")
-        if num_prompt > max_len:
-            raise ValueError(f"prompt has {num_prompt} tokens, beyond max_model_len={max_len}")
         max_tokens = request.max_tokens
         if max_tokens is None:
             max_tokens = request.sampling_params.max_tokens
-        if max_tokens is None:
-            max_tokens = max_len - num_prompt
-        if num_prompt + max_tokens > max_len:
-            raise ValueError(f"prompt has {num_prompt} tokens and max_tokens={max_tokens}, "
-                             f"beyond max_model_len={max_len}")
-        # The last sampled token is never fed, so its KV needs no slot.
-        num_pages = self.page_manager.pages_needed(num_prompt + max(max_tokens - 1, 0))
-        if num_pages > self.page_manager.num_usable_pages:
-            raise ValueError(
-                f"prompt has {num_prompt} tokens and max_tokens={max_tokens}: needs "
-                f"{num_pages} KV pages of {self.config.page_size} tokens, beyond the "
-                f"{self.page_manager.num_usable_pages} usable pages of the cache (num_pages)")
-        request.max_tokens = max_tokens
+        request.max_tokens = self.config.resolve_max_tokens(request.num_prompt_tokens,
+                                                            max_tokens)
 
     def finish_request(self, request_id: str, status: RequestStatus,
                        stop_reason: int | str | None = None) -> None:
@@ -140,8 +84,11 @@ class Scheduler:
             return
         if request.status is RequestStatus.RUNNING:
             self._running.remove(request)
+            self._tenants.stop(request.tenant)
         else:
             self._waiting.remove(request)
+        if self._tenants.finish(request.tenant):
+            self._waiting.forget(request.tenant)
         self.page_manager.free(request)
         request.status = status
         request.stop_reason = stop_reason
@@ -149,6 +96,22 @@ class Scheduler:
 
     def abort(self, request_id: str) -> None:
         self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def preempt_all(self) -> list[str]:
+        """Take back every running request's pages, as a preemption does (for a KV cache
+        whose contents were lost): each waits again, keeps its output and recomputes its
+        tokens. Call between update() and schedule(), or instead of update(). Returns their
+        ids."""
+        step = _Step(budget=0)
+        for request in list(self._running):
+            self._preempt(request, step)
+        for request in step.preempted:
+            self._waiting.add(request)
+        return [request.request_id for request in step.preempted]
+
+    def reset_prefix_cache(self) -> None:
+        """No cached page is reused from now on (their KV was lost)."""
+        self.page_manager.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
@@ -179,14 +142,18 @@ class Scheduler:
         """Plan one step: running decodes, then running prefill chunks, then admissions."""
         step = _Step(budget=self.config.max_num_batched_tokens)
         self._schedule_running(step)
-        if not step.preempted_ids:   # under page pressure, admitting more would only thrash
+        if not step.preempted:   # under page pressure, admitting more would only thrash
             self._schedule_waiting(step)
+        # Queued only now, so that no victim is admitted again in the step that preempted it.
+        for request in step.preempted:
+            self._waiting.add(request)
         finished_ids, self._finished_ids = tuple(self._finished_ids), []
         scheduled = tuple(step.scheduled.values())
         return SchedulerOutput(
             scheduled=scheduled,
             num_batched_tokens=sum(len(entry.token_ids) for entry in scheduled),
-            preempted_ids=tuple(step.preempted_ids), finished_ids=finished_ids)
+            preempted_ids=tuple(r.request_id for r in step.preempted),
+            finished_ids=finished_ids)
 
     def _schedule_running(self, step: _Step) -> None:
         # Snapshot: preemption removes requests from _running while we iterate.
@@ -199,8 +166,9 @@ class Scheduler:
                 self._schedule_or_preempt(request, step)
 
     def _schedule_or_preempt(self, request: Request, step: _Step) -> None:
-        """Schedule the request's next chunk, preempting the lowest-priority, most recently
-        admitted request until its pages fit; that victim may be the request itself."""
+        """Schedule the request's next chunk, preempting until its pages fit: the
+        lowest-priority request of the tenant running the most, most recently admitted
+        (TenantShares.pick_victim); that victim may be the request itself."""
         while True:
             # Recomputed each try: preempting a request scheduled earlier returns its tokens.
             num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
@@ -208,8 +176,7 @@ class Scheduler:
             if page_table is not None:
                 self._add_to_step(step, request, num_new, page_table)
                 return
-            # max() keeps the first maximum: iterating newest first picks the newest.
-            victim = max(reversed(self._running), key=lambda r: r.priority)
+            victim = self._tenants.pick_victim(self._running)
             self._preempt(victim, step)
             if victim is request:
                 return
@@ -219,35 +186,68 @@ class Scheduler:
         if entry is not None:   # already planned this step: take back its tokens
             step.budget += len(entry.token_ids)
         self._running.remove(request)
+        self._tenants.stop(request.tenant)
         self.page_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self._num_preemptions += 1
-        bisect.insort(self._waiting, request, key=_waiting_key)
-        step.preempted_ids.append(request.request_id)
+        step.preempted.append(request)
 
     def _schedule_waiting(self, step: _Step) -> None:
-        admitted: list[int] = []
-        for index, request in enumerate(self._waiting):
-            if step.budget == 0 or len(self._running) >= self.config.max_num_seqs:
-                break
+        full_tenants: set[str] = set()   # at or above their share, and do not fit
+        blocked_priority = 0
+        for request in self._waiting.in_order(skipped=full_tenants):
+            if step.budget == 0 or (full_tenants and request.priority > blocked_priority):
+                break   # priorities are strict: nothing less important overtakes
             if self._must_wait_for_sibling(request):
                 continue   # skipped, but does not hold back the requests behind it
-            prefix = self.page_manager.get_computed_prefix(request)
-            num_new = min(request.num_tokens - prefix.num_tokens, step.budget)
-            page_table = self.page_manager.allocate(request, num_new, prefix)
-            if page_table is None:
-                break   # FCFS: later requests may not overtake one that does not fit
-            if request.status is RequestStatus.WAITING:   # first admission: what is billed
-                request.num_cached_tokens = prefix.num_tokens
-            request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = prefix.num_tokens
-            self._running.append(request)
-            self._add_to_step(step, request, num_new, page_table)
-            admitted.append(index)
-        for index in reversed(admitted):
-            del self._waiting[index]
+            if self._try_admit(request, step):
+                continue
+            if self._tenants.below_share(request.tenant):
+                break   # FCFS: later requests may not overtake one entitled to its slot
+            # Its tenant holds its share: other tenants' requests may go first.
+            full_tenants.add(request.tenant)
+            blocked_priority = request.priority
+        for request in step.admitted.values():
+            self._waiting.remove(request, admitted=True)
+
+    def _try_admit(self, request: Request, step: _Step) -> bool:
+        """Admit the waiting request into this step if a slot and its pages are free; while
+        they are not and its tenant is below its fair share, preempt a request of a tenant
+        above its share. False when it does not fit."""
+        while True:
+            if len(self._running) < self.config.max_num_seqs:
+                prefix = self.page_manager.get_computed_prefix(request)
+                num_new = min(request.num_tokens - prefix.num_tokens, step.budget)
+                page_table = self.page_manager.allocate(request, num_new, prefix)
+                if page_table is not None:
+                    self._admit(request, step, prefix.num_tokens, num_new, page_table)
+                    return True
+            victim = self._fair_share_victim(request, step)
+            if victim is None:
+                return False
+            self._preempt(victim, step)
+
+    def _fair_share_victim(self, request: Request, step: _Step) -> Request | None:
+        tenants = self._tenants
+        if not (tenants.below_share(request.tenant) and tenants.anyone_above_share()):
+            return None   # the common case, and always so with one tenant
+        candidates = [r for r in self._running
+                      if r.priority >= request.priority and tenants.above_share(r.tenant)
+                      and r.request_id not in step.admitted]
+        return tenants.pick_victim(candidates)
+
+    def _admit(self, request: Request, step: _Step, num_cached: int, num_new: int,
+               page_table: list[int]) -> None:
+        if request.status is RequestStatus.WAITING:   # first admission: what is billed
+            request.num_cached_tokens = num_cached
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = num_cached
+        self._running.append(request)
+        self._tenants.start(request.tenant)
+        step.admitted[request.request_id] = request
+        self._add_to_step(step, request, num_new, page_table)
 
     def _must_wait_for_sibling(self, request: Request) -> bool:
         sibling = self._requests.get(request.wait_for) if request.wait_for else None
@@ -305,9 +305,3 @@ class Scheduler:
         if status is not None:
             self.finish_request(request.request_id, status, stop_reason)
 
-
-def _waiting_key(request: Request) -> tuple[int, bool, int]:
-    # Preempted requests go back to the front of their priority: they were admitted before
-    # anything still waiting and the user has seen part of their output.
-    return (request.priority, request.status is not RequestStatus.PREEMPTED,
-            request.arrival_index)

@@ -467,7 +467,8 @@ def _random_event(rng, scheduler, runner, all_requests, prefixes):
 
 def _add_random(rng, scheduler, all_requests, prefixes):
     prompt = rng.choice(prefixes)[:rng.randrange(0, 12)] + _tokens(rng, rng.randrange(0, 8))
-    params = dict(max_tokens=rng.randrange(0, 12), min_tokens=rng.randrange(0, 3),
+    max_tokens = rng.randrange(0, 12)
+    params = dict(max_tokens=max_tokens, min_tokens=min(rng.randrange(0, 3), max_tokens),
                   priority=rng.randrange(3))
     first = _request(f"q{len(all_requests)}", prompt, **params)
     free_before = scheduler.page_manager.num_free_pages
