@@ -2,14 +2,90 @@
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
+INT32_MAX = 2 ** 31 - 1
+# Below this a positive temperature is raised to it, as vLLM does: logits / T would overflow
+# float32 into inf, and the row's draw and logprob would come from NaN arithmetic.
+MIN_TEMPERATURE = 1e-2
+
+
+class InvalidParamError(ValueError):
+    """A field out of its range: `name`, `value` and what was `expected`, also in the message."""
+
+    def __init__(self, name: str, value: object, expected: str):
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        super().__init__(f"{name}={shown}: expected {expected}")
+        self.name, self.value, self.expected = name, value, expected
 
 
 def _check(ok: bool, name: str, value: object, expected: str) -> None:
     if not ok:
-        raise ValueError(f"{name}={value!r}: expected {expected}")
+        raise InvalidParamError(name, value, expected)
+
+
+@dataclass(slots=True, frozen=True)
+class NumberRange:
+    """The values a numeric field may take: within what the runner packs it into (int32 for
+    integers, float32 for floats) and what its sampling step computes without inf or NaN.
+
+    A float is checked as given and as float32 rounds it (against bounds rounded alike), so a
+    bound that excludes `low` (low_open) also excludes numbers that round to it (1e-300 ->
+    0.0 in float32), and a number that overflows float32 is out.
+    """
+
+    low: float
+    high: float
+    integer: bool = False
+    low_open: bool = False
+
+    def expected(self) -> str:
+        if self.integer:
+            return f"an integer in [{self.low}, {self.high}]"
+        return f"a number in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+    def contains(self, value: object) -> bool:
+        if self.integer:
+            return is_int(value) and self.low <= value <= self.high
+        if not _is_num(value) or not math.isfinite(value):
+            return False
+        packed = to_float32(value)
+        if packed is None:
+            return False
+        # As given, and as packed against the bounds packed the same way (0.01 packs below
+        # 0.01, and stays within [0.01, ...] then).
+        return all((low < v if self.low_open else low <= v) and v <= high for v, low, high in (
+            (value, self.low, self.high),
+            (packed, to_float32(self.low), to_float32(self.high))))
+
+    def check(self, name: str, value: object) -> None:
+        """Raises InvalidParamError naming the field unless `value` is in the range."""
+        _check(self.contains(value), name, value, self.expected())
+
+
+# The one definition of each numeric field's bounds: SamplingParams checks them, and the
+# OpenAI parsing (engine/openai/api.py) reads its fields with them (OpenAI's narrower
+# temperature range aside).
+RANGES = {
+    "n": NumberRange(1, INT32_MAX, integer=True),
+    "max_tokens": NumberRange(0, INT32_MAX, integer=True),
+    "min_tokens": NumberRange(0, INT32_MAX, integer=True),
+    "temperature": NumberRange(0.0, 1e4),
+    "top_k": NumberRange(-1, INT32_MAX, integer=True),                # i32 in the runner
+    "top_p": NumberRange(0.0, 1.0, low_open=True),
+    "min_p": NumberRange(0.0, 1.0),
+    "presence_penalty": NumberRange(-2.0, 2.0),
+    "frequency_penalty": NumberRange(-2.0, 2.0),
+    "repetition_penalty": NumberRange(0.01, 100.0),                   # divides logits
+    "seed": NumberRange(-2 ** 63, 2 ** 64 - 1, integer=True),         # OpenAI's int64 / u64
+    "stop_token_ids": NumberRange(0, INT32_MAX, integer=True),
+    "logprobs": NumberRange(0, MAX_TOP_LOGPROBS, integer=True),
+    "prompt_logprobs": NumberRange(0, MAX_TOP_LOGPROBS, integer=True),
+}
 
 
 @dataclass(slots=True, frozen=True)
@@ -23,7 +99,8 @@ class SamplingParams:
     Attributes:
       n: samples per prompt; they share the prompt's KV pages.
       max_tokens: most tokens to generate; None means up to the model's context length.
-      temperature: 0 for greedy, else divides the logits.
+      temperature: 0 for greedy, else divides the logits (a positive value below
+        MIN_TEMPERATURE is raised to it, as vLLM does).
       top_k: keep the k most likely tokens; 0 or -1 keeps all.
       top_p: keep the smallest set of tokens whose probability reaches top_p; 1 keeps all.
       min_p: drop tokens less likely than min_p times the most likely one; 0 keeps all.
@@ -34,6 +111,9 @@ class SamplingParams:
       stop_token_ids: token ids that end generation (besides EOS unless ignore_eos).
       logprobs: number of top logprobs per output token (0 gives only the chosen token's).
       prompt_logprobs: number of top logprobs per prompt token (0 gives only the actual token's).
+
+    Each numeric field must lie in its RANGES entry (what the runner packs without overflow);
+    a value outside raises InvalidParamError (a ValueError) naming the field.
     """
 
     n: int = 1
@@ -61,33 +141,25 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
-        _check(is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
-        _check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 0),
-               "max_tokens", self.max_tokens, "an integer >= 0 or None")
-        _check(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens,
-               "an integer >= 0")
-        _check(_is_num(self.temperature) and 0.0 <= self.temperature, "temperature",
-               self.temperature, "a number >= 0")
-        _check(is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k,
-               "an integer >= 1, or 0 / -1 to disable")
-        _check(_is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", self.top_p,
-               "a number in (0, 1]")
-        _check(_is_num(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", self.min_p,
-               "a number in [0, 1]")
-        for name in ("presence_penalty", "frequency_penalty"):
+        for name, bounds in RANGES.items():
             value = getattr(self, name)
-            _check(_is_num(value) and -2.0 <= value <= 2.0, name, value, "a number in [-2, 2]")
-        _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
-               "repetition_penalty", self.repetition_penalty, "a number > 0")
-        _check(self.seed is None or is_int(self.seed), "seed", self.seed, "an integer or None")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
-               "non-empty strings")
-        _check(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-               self.stop_token_ids, "non-negative integers")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            _check(value is None or (is_int(value) and 0 <= value <= MAX_TOP_LOGPROBS), name,
-                   value, f"an integer in [0, {MAX_TOP_LOGPROBS}] or None")
+            if name == "stop_token_ids":
+                for index, token in enumerate(value):
+                    bounds.check(f"stop_token_ids[{index}]", token)
+            elif value is not None or name not in _OPTIONAL:
+                bounds.check(name, value)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidParamError("min_tokens", self.min_tokens,
+                                    f"at most max_tokens={self.max_tokens}")
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", MIN_TEMPERATURE)
+        for index, stop in enumerate(self.stop):
+            _check(isinstance(stop, str) and stop != "", f"stop[{index}]", stop,
+                   "a non-empty string")
+            check_unicode(f"stop[{index}]", stop)
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
+                   "True or False")
 
     @property
     def greedy(self) -> bool:
@@ -99,6 +171,9 @@ class SamplingParams:
                 or self.repetition_penalty != 1.0)
 
 
+_OPTIONAL = ("max_tokens", "seed", "logprobs", "prompt_logprobs")   # None allowed
+
+
 def is_int(value: object) -> bool:
     """An int that is not a bool (JSON and Python both let True pass as 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -106,3 +181,30 @@ def is_int(value: object) -> bool:
 
 def _is_num(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def to_float32(value: float) -> float | None:
+    """`value` as the runner's float32 arrays hold it; None when it overflows float32."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return None
+
+
+def check_unicode(name: str, text: str) -> None:
+    """Raises InvalidParamError naming the field when `text` is not valid Unicode: a lone
+    surrogate such as "\\ud800" (JSON's escapes can make one) cannot be encoded as UTF-8, so
+    no tokenizer, template or response can carry it."""
+    index = lone_surrogate_at(text)
+    if index is not None:
+        raise InvalidParamError(name, text, f"valid Unicode text: a lone surrogate "
+                                f"{text[index]!r} at index {index}")
+
+
+def lone_surrogate_at(text: str) -> int | None:
+    """The index of the first lone surrogate in `text`; None when it is valid Unicode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None

@@ -18,6 +18,7 @@ engine/batch/lines.py for the deterministic ids and seeds.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from engine.batch import lines as br
 from engine.batch.jsonl import OutputFile, read_input_lines
 from engine.openai.api import ApiError, Limits
 
+logger = logging.getLogger(__name__)
 RECONCILE_CHUNK = 512     # output lines checked against the ledger per query, newest first
 COMMIT_INTERVAL_S = 1.0   # how often the output is fsync'd and its new lines billed
 
@@ -162,6 +164,13 @@ class _Run:
                 self._add(job)
             except ApiError as error:
                 errors.append(br.error_line(request, ids, error))
+            except Exception:  # noqa: BLE001 - nothing a line holds may stop the run
+                # What the server answers an unexpected failure; the traceback goes to the log.
+                logger.exception("batch line %d (custom_id=%r) failed", request.line_no,
+                                 request.custom_id)
+                errors.append(br.error_line(request, ids, ApiError(
+                    500, f"internal server error (request {ids.request_id})",
+                    type="server_error", code="internal_error")))
         self.files.output.append(errors)
         self.failed = len(errors)
         self.bar.update(len(errors))
@@ -175,11 +184,13 @@ class _Run:
                                         job.prepared.params)
                 added.append(request_id)
                 self.in_flight[request_id] = (job, index)
-        except ValueError as error:   # answered as the server's engine_error answers it
+        except Exception as error:   # none of the line's prompts may stay in flight
             for request_id in added:
                 self.engine.abort(request_id)
                 del self.in_flight[request_id]
-            raise ApiError(400, str(error)[:300], code="invalid_value") from None
+            if isinstance(error, ValueError):   # answered as the server's engine_error does
+                raise ApiError(400, str(error)[:300], code="invalid_value") from None
+            raise
 
     def step(self) -> None:
         """One engine step; finished lines are written at once, committed once a second."""

@@ -29,6 +29,7 @@ from engine.openai.formatting import add_usage
 from engine.openai.prompts import PreparedRequest, prepare_chat, prepare_completion
 from engine.openai.responses import ChatAssembler, CompletionAssembler
 from engine.outputs import RequestOutput, Usage
+from engine.sampling_params import lone_surrogate_at
 
 ROUTES = {"/v1/completions": "cmpl", "/v1/chat/completions": "chatcmpl"}
 LINE_SEPARATORS = ("\x85", "\u2028", "\u2029")   # raw in json.dumps, breaks to splitlines
@@ -77,14 +78,17 @@ def parse_line(line_no: int, raw: bytes) -> BatchRequest:
     """Reads one input line's envelope: {"custom_id", "method": "POST", "url", "body"}."""
     request = BatchRequest(line_no, f"line-{line_no}", raw=raw)
     try:
-        line = api.parse_json_body(raw)
+        line = api.json_object(api.decode_json(raw))
     except ApiError as error:
         request.error = error
         return request
     custom_id = line.get("custom_id")
-    if isinstance(custom_id, str) and custom_id:
+    if isinstance(custom_id, str) and custom_id and lone_surrogate_at(custom_id) is None:
         request.custom_id = custom_id
     try:
+        # The envelope's strings first (they reach the output line), then the body's, named
+        # as the server names them ("prompt", not "body.prompt").
+        api.check_json_text({name: value for name, value in line.items() if name != "body"})
         if request.custom_id != custom_id:
             raise invalid("custom_id", custom_id, "a non-empty string")
         url, method, body = line.get("url"), line.get("method"), line.get("body")
@@ -100,7 +104,8 @@ def parse_line(line_no: int, raw: bytes) -> BatchRequest:
                            code="method_not_allowed")
         if body is None:
             raise invalid("body", body, "a JSON object: the request's body")
-        request.url, request.body = url, api.json_object(body)
+        api.check_json_text(api.json_object(body))
+        request.url, request.body = url, body
     except ApiError as error:
         request.error = error
     return request
@@ -123,8 +128,12 @@ def batch_ids(account: str, model: str, request: BatchRequest) -> BatchIds:
     identity = [account, model, request.custom_id, request.url, request.body]
     if request.body is None:
         identity.append(request.raw.decode("utf-8", "replace"))
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, ensure_ascii=False)
-                            .encode("utf-8")).hexdigest()[:32]
+    try:
+        text = json.dumps(identity, sort_keys=True, ensure_ascii=False)
+    except RecursionError:   # a body nested about as deep as the JSON reader allows
+        text = json.dumps(identity[:4] + [None, request.raw.decode("utf-8", "replace")],
+                          ensure_ascii=False)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
     return BatchIds(f"batch_req_{digest}", f"{ROUTES.get(request.url, 'req')}-{digest}")
 
 

@@ -2,8 +2,11 @@
 
 Everything a client can get wrong is checked here, before a request is admitted: each mistake
 is an ApiError that names the field, the value and what was expected, answered as HTTP 400 in
-OpenAI's error shape. Checks that need the model (token ids within the vocabulary, prompt plus
-max_tokens within the context) live in `engine/openai/prompts.py`.
+OpenAI's error shape. Numeric fields are read within the engine's own bounds
+(`engine/sampling_params.py` RANGES: what the runner packs into int32 / float32), and every
+string of a body must be valid Unicode (`parse_json_body`), so a request that parses can run.
+Checks that need the model (token ids within the vocabulary, prompt plus max_tokens within the
+context) live in `engine/openai/prompts.py`.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from engine.sampling_params import MAX_TOP_LOGPROBS, is_int
+from engine.sampling_params import RANGES, InvalidParamError, NumberRange, check_unicode, is_int
 from engine.tokenizer.chat_template import validate_messages
 
 Prompt = str | list[int]
+# OpenAI's documented range where it is narrower than the engine's (RANGES); every other
+# numeric field is read with the engine's own bounds, so what parses here also packs.
+OPENAI_RANGES = {"temperature": NumberRange(0.0, 2.0)}
 
 
 class ApiError(Exception):
@@ -42,6 +48,16 @@ class Limits:
     max_n: int = 16
     max_prompts: int = 64
     max_stop: int = 16
+    # max_tokens of a request that gives none (cut to the context it leaves); None: OpenAI's
+    # 16 for completions, the whole remaining context for chat.
+    default_max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_n", "max_prompts", "max_stop", "default_max_tokens"):
+            value = getattr(self, name)
+            if value is not None or name != "default_max_tokens":
+                if not (is_int(value) and value >= 1):
+                    raise ValueError(f"{name}={value!r}: expected an integer >= 1")
 
 
 @dataclass(slots=True)
@@ -50,6 +66,7 @@ class SamplingFields:
 
     max_tokens: int | None
     fields: dict[str, Any]          # SamplingParams keyword arguments
+    default_max_tokens: int | None  # max_tokens when the body gives none (None: the context)
     n: int
     stream: bool
     include_usage: bool
@@ -78,18 +95,61 @@ def invalid(name: str, value: Any, expected: str, code: str = "invalid_value") -
 
 
 def parse_json_body(raw: bytes) -> dict:
-    """The body as a JSON object; invalid UTF-8, invalid JSON or a non-object is a 400."""
+    """The body as a JSON object; invalid UTF-8, invalid JSON, a non-object or a string that
+    is not valid Unicode (anywhere in it) is a 400."""
+    body = json_object(decode_json(raw))
+    check_json_text(body)
+    return body
+
+
+def decode_json(raw: bytes) -> Any:
+    """Any JSON value; invalid UTF-8 or invalid JSON (NaN and Infinity included) is a 400.
+    Its strings may still hold lone surrogates: see check_json_text."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ApiError(400, f"body is not valid UTF-8 (byte {error.start})",
                        code="invalid_encoding") from None
     try:
-        body = json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as error:
         raise ApiError(400, f"body is not valid JSON: {str(error)[:120]}",
                        code="invalid_json") from None
-    return json_object(body)
+
+
+def check_json_text(value: Any, path: str = "") -> None:
+    """A 400 naming the JSON path of the first string (or key) in `value` that is not valid
+    Unicode, such as "messages[0].content" or "stop[1]".
+
+    Valid UTF-8 cannot encode a surrogate, but JSON's "\\ud800" escape decodes to a lone one,
+    which no tokenizer, template or UTF-8 response can carry.
+    """
+    stack = [(path, value)]
+    while stack:   # depth-first, in document order, without recursion (bodies nest deeply)
+        path, item = stack.pop()
+        if isinstance(item, str):
+            _check_text(path or "body", item)
+        elif isinstance(item, dict):
+            members = []
+            for key, child in item.items():
+                _check_text(_member(path, ascii(key)), key)
+                if isinstance(child, (str, list, dict)):
+                    members.append((_member(path, key), child))
+            stack.extend(reversed(members))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{index}]", item[index]) for index in
+                         reversed(range(len(item))) if isinstance(item[index], (str, list, dict)))
+
+
+def _member(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _check_text(path: str, text: str) -> None:
+    try:
+        check_unicode(path, text)
+    except InvalidParamError as error:
+        raise ApiError(400, str(error), param=path, code="invalid_encoding") from None
 
 
 def json_object(body: Any) -> dict:
@@ -122,17 +182,18 @@ def get_int(body: dict, name: str, low: int, high: int | None = None) -> int | N
     return value
 
 
-def get_number(body: dict, name: str, low: float, high: float, *,
-               low_open: bool = False) -> float | None:
+def get_ranged(body: dict, name: str) -> int | float | None:
+    """A numeric sampling field within its bounds (OPENAI_RANGES, else the engine's RANGES)."""
+    bounds = OPENAI_RANGES.get(name) or RANGES[name]
     value = body.get(name)
     if value is None:
         return None
-    if not _is_number(value):
-        raise invalid(name, value, "a finite number", "invalid_type")
-    if value > high or value < low or (low_open and value == low):
-        bracket = "(" if low_open else "["
-        raise invalid(name, value, f"a number in {bracket}{low}, {high}]")
-    return float(value)
+    if not (is_int(value) if bounds.integer else _is_number(value)):
+        raise invalid(name, value, "an integer" if bounds.integer else "a finite number",
+                      "invalid_type")
+    if not bounds.contains(value):
+        raise invalid(name, value, bounds.expected())
+    return value if bounds.integer else float(value)
 
 
 def get_bool(body: dict, name: str, default: bool = False) -> bool:
@@ -181,8 +242,10 @@ def _stop_token_ids(body: dict) -> tuple[int, ...]:
     ids = body.get("stop_token_ids")
     if ids is None:
         return ()
-    if not isinstance(ids, list) or len(ids) > 64 or not all(is_int(t) and t >= 0 for t in ids):
-        raise invalid("stop_token_ids", ids, "a list of at most 64 non-negative token ids")
+    bounds = RANGES["stop_token_ids"]
+    if not isinstance(ids, list) or len(ids) > 64 or not all(bounds.contains(t) for t in ids):
+        raise invalid("stop_token_ids", ids, f"a list of at most 64 token ids in "
+                      f"[0, {bounds.high}]")
     return tuple(ids)
 
 
@@ -193,16 +256,9 @@ def parse_sampling(body: dict, limits: Limits, max_tokens: int | None) -> Sampli
     _unsupported(body, "logit_bias", (None, {}))
     _unsupported(body, "suffix", (None, ""))
     fields: dict[str, Any] = {}
-    ranged = {"temperature": (0.0, 2.0, False), "top_p": (0.0, 1.0, True),
-              "min_p": (0.0, 1.0, False), "presence_penalty": (-2.0, 2.0, False),
-              "frequency_penalty": (-2.0, 2.0, False), "repetition_penalty": (0.0, 10.0, True)}
-    for name, (low, high, low_open) in ranged.items():
-        value = get_number(body, name, low, high, low_open=low_open)
-        if value is not None:
-            fields[name] = value
-    for name, low, high in (("top_k", -1, None), ("seed", -2 ** 63, 2 ** 64 - 1),
-                            ("min_tokens", 0, None)):
-        value = get_int(body, name, low, high)
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "top_k", "seed", "min_tokens"):
+        value = get_ranged(body, name)
         if value is not None:
             fields[name] = value
     if get_bool(body, "ignore_eos"):
@@ -223,7 +279,8 @@ def parse_sampling(body: dict, limits: Limits, max_tokens: int | None) -> Sampli
         if not isinstance(options, dict):
             raise invalid("stream_options", options, "an object", "invalid_type")
         include_usage = get_bool(options, "include_usage")
-    return SamplingFields(max_tokens, fields, n, stream, include_usage)
+    return SamplingFields(max_tokens, fields, limits.default_max_tokens, n, stream,
+                          include_usage)
 
 
 # ------------------------------------------------------------------ endpoints
@@ -232,7 +289,9 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
     prompts = _prompts(body.get("prompt"), limits)
     max_tokens = get_int(body, "max_tokens", 0)
     sampling = parse_sampling(body, limits, max_tokens)
-    logprobs = get_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    if sampling.default_max_tokens is None:
+        sampling.default_max_tokens = 16   # OpenAI's legacy default for completions
+    logprobs = get_ranged(body, "logprobs")
     return CompletionRequest(prompts, sampling, get_bool(body, "echo"), logprobs)
 
 
@@ -279,7 +338,7 @@ def parse_chat(body: dict, limits: Limits) -> ChatRequest:
         max_tokens = get_int(body, "max_tokens", 1)
     sampling = parse_sampling(body, limits, max_tokens)
     logprobs = get_bool(body, "logprobs")
-    top_logprobs = get_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    top_logprobs = get_int(body, "top_logprobs", 0, RANGES["logprobs"].high)
     if top_logprobs is not None and not logprobs:
         raise invalid("top_logprobs", top_logprobs, "it only together with logprobs=true")
     return ChatRequest(messages, sampling, logprobs, top_logprobs)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from engine.info import ModelInfo
 from engine.openai.api import ApiError, ChatRequest, CompletionRequest, SamplingFields, invalid
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import InvalidParamError, SamplingParams
 
 
 @dataclass(slots=True, frozen=True)
@@ -52,9 +52,7 @@ def prepare_completion(request: CompletionRequest, model: ModelInfo) -> Prepared
         extra["logprobs"] = request.logprobs
         if request.echo:
             extra["prompt_logprobs"] = request.logprobs
-    # OpenAI's legacy default of 16 tokens, cut to what the context leaves.
-    return PreparedRequest(prompts, _params(request.sampling, prompts, model, extra,
-                                            default_max_tokens=16))
+    return PreparedRequest(prompts, _params(request.sampling, prompts, model, extra))
 
 
 def prepare_chat(request: ChatRequest, model: ModelInfo) -> PreparedRequest:
@@ -68,8 +66,7 @@ def prepare_chat(request: ChatRequest, model: ModelInfo) -> PreparedRequest:
     extra = {}
     if request.logprobs:
         extra["logprobs"] = request.top_logprobs or 0
-    return PreparedRequest(prompts, _params(request.sampling, prompts, model, extra,
-                                            default_max_tokens=None))
+    return PreparedRequest(prompts, _params(request.sampling, prompts, model, extra))
 
 
 def _check_ids(name: str, token_ids: list[int], vocab_size: int) -> None:
@@ -79,7 +76,10 @@ def _check_ids(name: str, token_ids: list[int], vocab_size: int) -> None:
 
 
 def _params(sampling: SamplingFields, prompts: list[EnginePrompt], model: ModelInfo,
-            extra: dict, default_max_tokens: int | None) -> SamplingParams:
+            extra: dict) -> SamplingParams:
+    """The request's SamplingParams; without max_tokens it gets sampling.default_max_tokens
+    (the server's default, or the endpoint's; at least min_tokens) cut to the context the
+    longest prompt leaves."""
     longest = max(len(p.token_ids) for p in prompts)
     room = model.max_model_len - longest
     for index, prompt in enumerate(prompts):
@@ -91,9 +91,10 @@ def _params(sampling: SamplingFields, prompts: list[EnginePrompt], model: ModelI
         raise ApiError(400, f"prompt has {longest} tokens: beyond the context of "
                        f"max_model_len={model.max_model_len}", param="prompt",
                        code="context_length_exceeded")
-    max_tokens = sampling.max_tokens
-    if max_tokens is None:
-        max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+    max_tokens, default = sampling.max_tokens, sampling.default_max_tokens
+    if max_tokens is None:   # a default never undercuts the min_tokens the body asks for
+        default = max(default, sampling.fields.get("min_tokens", 0)) if default else None
+        max_tokens = room if default is None else min(default, room)
     elif max_tokens > room:
         raise ApiError(400, f"prompt has {longest} tokens and max_tokens={max_tokens}: together "
                        f"beyond max_model_len={model.max_model_len}", param="max_tokens",
@@ -104,4 +105,5 @@ def _params(sampling: SamplingFields, prompts: list[EnginePrompt], model: ModelI
         return dataclasses.replace(model.defaults, n=sampling.n, max_tokens=max_tokens,
                                    **fields, **extra)
     except ValueError as error:  # SamplingParams' own checks name the field
-        raise ApiError(400, str(error)[:300], code="invalid_value") from None
+        param = error.name if isinstance(error, InvalidParamError) else None
+        raise ApiError(400, str(error)[:300], param=param, code="invalid_value") from None

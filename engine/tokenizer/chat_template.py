@@ -20,6 +20,8 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from engine.sampling_params import check_unicode
+
 ROLES = ("system", "user", "assistant", "tool", "developer")
 # transformers copies a message's reasoning under each name, as templates read different ones.
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
@@ -99,6 +101,7 @@ def validate_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
 
 def _check_content(index: int, content: Any) -> None:
     if isinstance(content, str):
+        check_unicode(f"messages[{index}].content", content)
         return
     if not isinstance(content, list):
         raise ValueError(f"messages[{index}].content={content!r}: "
@@ -108,6 +111,7 @@ def _check_content(index: int, content: Any) -> None:
         if not (is_text and isinstance(part.get("text"), str)):
             raise ValueError(f"messages[{index}].content[{part_index}]={part!r}: "
                              "expected {'type': 'text', 'text': <string>}")
+        check_unicode(f"messages[{index}].content[{part_index}].text", part["text"])
 
 
 def render_chat_template(template: str, messages: list[dict[str, Any]], *,

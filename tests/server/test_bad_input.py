@@ -1,6 +1,10 @@
 """Malformed requests: each gets the right 4xx in OpenAI's error shape (never a 500), and the
 request after it is served. The engine thread never sees any of them."""
 
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import requests
 
@@ -136,13 +140,49 @@ CASES = [
      "start"),
     ("unknown-model-card", "GET", "/v1/models/gpt-4", None, 404, "model_not_found", None),
 ]
+# Values that pass a naive check (an int, a number > 0) but overflow what the runner packs
+# (int32, float32) or reach it as 0: before validation they failed every request in the step.
+POISONED = [
+    ("top-k-int32-overflow", C, completion(top_k=2 ** 31), "top_k"),
+    ("seed-below-int64", C, completion(seed=-2 ** 63 - 1), "seed"),
+    ("min-tokens-int32-overflow", C, completion(min_tokens=2 ** 31), "min_tokens"),
+    ("min-tokens-above-max-tokens", C, completion(min_tokens=5, max_tokens=2), "min_tokens"),
+    ("repetition-penalty-zero-in-float32", C, completion(repetition_penalty=1e-300),
+     "repetition_penalty"),
+    ("repetition-penalty-tiny", C, completion(repetition_penalty=1e-40), "repetition_penalty"),
+    ("top-p-zero-in-float32", C, completion(top_p=1e-50), "top_p"),
+    ("stop-token-int32-overflow", C, completion(stop_token_ids=[2 ** 31]), "stop_token_ids"),
+    ("chat-top-k-int32-overflow", CHAT, chat(top_k=2 ** 31), "top_k"),
+]
+# A lone surrogate (valid JSON, decoded by Python's json) wherever a string enters.
+SURROGATES = [
+    ("surrogate-prompt", C, completion(prompt="a\ud800"), "prompt"),
+    ("surrogate-prompt-list", C, completion(prompt=["ok", "\udfff"]), "prompt[1]"),
+    ("surrogate-chat-content", CHAT, chat(messages=[{"role": "user", "content": "\ud83d"}]),
+     "messages[0].content"),
+    ("surrogate-chat-part", CHAT, chat(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "\ud800"}]}]), "messages[0].content[0].text"),
+    ("surrogate-stop", C, completion(stop=["ok", "\ud800"]), "stop[1]"),
+    ("surrogate-user", C, completion(user="\udc00"), "user"),
+    ("surrogate-model", C, completion(model="\ud800"), "model"),
+    ("surrogate-key", C, b'{"prompt": "x", "\\ud800": 1}', "'\\ud800'"),
+    ("surrogate-tokenize", "/tokenize", {"prompt": "\ud800"}, "prompt"),
+    ("surrogate-tokenize-chat", "/tokenize",
+     {"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
+    ("surrogate-detokenize", "/detokenize", {"tokens": [5], "model": "\ud800"}, "model"),
+]
+CASES += [(name, "POST", path, body, 400, "invalid_value", param)
+          for name, path, body, param in POISONED]
+CASES += [(name, "POST", path, body, 400, "invalid_encoding", param)
+          for name, path, body, param in SURROGATES]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
 def test_bad_request_gets_its_4xx_then_the_next_is_served(server, api_key, case):
     _, method, path, body, status, code, param = case
     options = {"data": body} if isinstance(body, bytes) else {"json": body}
-    response = requests.request(method, server.base_url + path, headers=auth(api_key),
+    headers = {**auth(api_key), "Content-Type": "application/json"}   # as a client sends
+    response = requests.request(method, server.base_url + path, headers=headers,
                                 timeout=60, **options)
     assert response.status_code == status, response.text[:300]
     assert response.headers["Content-Type"] == "application/json"
@@ -152,6 +192,38 @@ def test_bad_request_gets_its_4xx_then_the_next_is_served(server, api_key, case)
     assert error["message"] and len(error["message"]) < 600
     served = requests.post(server.base_url + C, json=OK, headers=auth(api_key), timeout=60)
     assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 2
+
+
+def test_poisoned_requests_beside_another_keys_stream_leave_it_whole(server):
+    """Another tenant's poisoned requests while a stream runs: each is a 400, and the stream
+    ends with the tokens it has alone, billed as completed."""
+    (_, victim), (_, attacker) = server.create_key(), server.create_key()
+    body = {"model": "tiny-llama", "prompt": "def f(x):", "max_tokens": 48, "ignore_eos": True,
+            "temperature": 0}
+    alone = requests.post(server.base_url + C, json=body, headers=auth(victim), timeout=120)
+    with requests.post(server.base_url + C, json={**body, "stream": True}, headers=auth(victim),
+                       stream=True, timeout=120) as stream:
+        lines = stream.iter_lines()
+        events = [next(line for line in lines if line)]   # the stream is running
+        poisons = [(path, body) for _, path, body, _ in POISONED + SURROGATES]
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda case: requests.post(
+                server.base_url + case[0], json=case[1], headers=auth(attacker),
+                timeout=60).status_code, poisons))
+        events += [line for line in lines if line]
+    assert statuses == [400] * len(poisons)
+    assert events[-1] == b"data: [DONE]"
+    chunks = [json.loads(event.removeprefix(b"data: ")) for event in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == alone.json()["choices"][0]["text"]
+    row = finished_row(server, chunks[0]["id"])
+    assert (row["status"], row["completion_tokens"]) == ("completed", 48)
+
+
+def finished_row(server, request_id, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while (row := server.row(request_id))["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return row
 
 
 def test_no_bad_input_reached_the_engine_or_caused_a_500(server):

@@ -200,6 +200,16 @@ def test_encode_matches_transformers(pair):
             assert ours.encode(text, add_special) == expected, f"{text=} {add_special=}"
 
 
+def test_long_text_encodes_as_transformers_does(pair):
+    # Past 64k characters encode takes the GIL-releasing batch path; same ids either way.
+    ours, ref = pair
+    rng = random.Random(4)
+    text = " ".join(_random_text(rng) for _ in range(4000))
+    assert len(text) > 1 << 16
+    for add_special in (True, False):
+        assert ours.encode(text, add_special) == ref.encode(text, add_special_tokens=add_special)
+
+
 def test_decode_matches_transformers(pair):
     ours, ref = pair
     rng = random.Random(3)
