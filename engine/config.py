@@ -27,7 +27,9 @@ class EngineConfig:
     """How one engine is sized and compiled.
 
     Attributes:
-      max_model_len: longest sequence (prompt + output); None takes the model's limit.
+      max_model_len: longest sequence (prompt + output); None takes the model's limit,
+        clamped to what the KV cache holds for one sequence ((num_pages - 1) * page_size
+        tokens); an explicit value beyond the cache is an error at start-up.
       max_num_seqs: most sequences in one step.
       max_num_batched_tokens: the token budget of one step (decodes first, then prefill).
       page_size: tokens per KV page.
@@ -38,6 +40,9 @@ class EngineConfig:
       interpret: run Pallas kernels in interpret mode (for tests on CPU).
       compilation_cache_dir: persistent XLA cache; "" disables it.
       warmup: compile every ladder rung before serving.
+      seed: None (the default) draws each unseeded request's seed from OS entropy, so
+        restarts and replicas never repeat a sequence; an int makes unseeded requests
+        repeat from run to run (tests, benchmarks).
     """
 
     max_model_len: int | None = None
@@ -53,13 +58,16 @@ class EngineConfig:
     interpret: bool = False
     compilation_cache_dir: str = field(default_factory=lambda: str(default_cache_dir() / "xla"))
     warmup: bool = True
-    seed: int = 0
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "cpu_num_pages"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(
+                self.seed, bool) or self.seed < 0):
+            raise ValueError(f"seed={self.seed!r}: expected None or an integer >= 0")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len={self.max_model_len!r}: expected a positive integer")
         if self.num_pages is not None and self.num_pages < 2:

@@ -46,6 +46,11 @@ class LLM:
             generation_config defaults.
           use_tqdm: show a progress bar (requests, output tokens/s) for more than one prompt.
           priority: per prompt; lower runs first.
+
+        Returns:
+          One output per prompt. A request the engine could not run finishes alone with
+          finish_reason "error" (the others are unaffected); if the engine itself cannot
+          go on, the error is raised and this call's requests are dropped.
         """
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -96,7 +101,15 @@ class LLM:
         bar = tqdm(total=len(request_ids), desc="requests", unit="req", disable=not show_progress)
         start, output_tokens = time.perf_counter(), 0
         while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
+            try:
+                outputs = self.engine.step()
+            except Exception:
+                for request_id in request_ids:   # the next call starts from a clean engine
+                    self.engine.abort(request_id)
+                self.engine.recover()
+                bar.close()
+                raise
+            for output in outputs:
                 if output.finished:
                     finished[output.request_id] = output
                     output_tokens += output.usage.completion_tokens

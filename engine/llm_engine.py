@@ -3,31 +3,38 @@
     schedule -> run -> update -> detokenize and check stop strings
 
 The server drives it with add_request / step / abort; LLM.generate drives it to the end.
+A step that raises is run again in halves to find the requests that fail on their own; only
+those fail (finish_reason "error", listed in step_failures) and the others go on.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
 from pathlib import Path
 
 import pallas_kernels
 from engine.config import EngineConfig
 from engine.core.output_processor import OutputProcessor, RequestGroup
-from engine.core.request import Request, RequestStatus
+from engine.core.request import Request, RequestStatus, ScheduledRequest, SchedulerOutput
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.info import EngineStats, ModelInfo
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from engine.worker import compilation
-from engine.worker.runner import Runner, pages_that_fit
+from engine.worker.runner import Runner, fit_max_model_len, pages_that_fit
 from models.checkpoint import load_generation_config, load_model
 
 logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict
+
+
+class RequestFailed(RuntimeError):
+    """The engine could not run this request; the requests that shared its step went on."""
 
 
 class LLMEngine:
@@ -47,16 +54,20 @@ class LLMEngine:
         self.generation_config = load_generation_config(self.model_path)
         loaded = load_model(self.model_path, dtype=config.dtype)
         self.model_config = loaded.config
-        limit = loaded.config.max_position_embeddings
-        self.max_model_len = min(config.max_model_len or limit, limit)
         num_pages = config.num_pages or pages_that_fit(loaded.config, config)
+        self.max_model_len = fit_max_model_len(
+            config.max_model_len, loaded.config.max_position_embeddings, num_pages,
+            config.page_size)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, page_size=config.page_size, num_pages=num_pages,
             enable_prefix_caching=config.enable_prefix_caching))
         self.runner = Runner(loaded, config, self.max_model_len, num_pages)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self._rng = random.Random(config.seed)
+        # Unseeded requests draw from OS entropy, unless the config asks for a repeatable run.
+        self._seeds = None if config.seed is None else random.Random(config.seed)
+        self.is_recovering = False   # True while a failed step is being isolated
+        self.step_failures: dict[str, RequestFailed] = {}
         self.warmup_seconds = 0.0
         if config.warmup:
             start = time.perf_counter()
@@ -111,8 +122,16 @@ class LLMEngine:
         return text, list(token_ids)
 
     def add_request(self, request_id: str, prompt: PromptType,
-                    params: SamplingParams | None = None, priority: int = 0) -> None:
+                    params: SamplingParams | None = None, priority: int = 0, *,
+                    tenant: str = "") -> None:
         """Queues a request (n samples share its prompt pages).
+
+        Args:
+          prompt: text, token ids, or a dict with "prompt_token_ids" or "prompt", and
+            optionally "cache_salt" (a non-empty string: only requests with the same salt
+            share prefix-cache pages, as in vLLM).
+          tenant: the fair-share group the request belongs to (the server's API key id);
+            "" for offline use.
 
         Raises:
           ValueError naming the field when the prompt or params cannot be served (empty
@@ -122,21 +141,27 @@ class LLMEngine:
         params = params or self.default_sampling_params()
         if self.output_processor.has(request_id):
             raise ValueError(f"request_id={request_id!r} is already in use")
+        cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         text, token_ids = self.tokenize_prompt(prompt)
         if not token_ids:
             raise ValueError("prompt: expected at least one token")
-        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        base_seed = params.seed if params.seed is not None else self._draw_seed()
         eos = frozenset() if params.ignore_eos else self.eos_token_ids
         samples = []
         for index in range(params.n):
             sample_id = request_id if params.n == 1 else f"{request_id}#{index}"
             samples.append(Request(sample_id, token_ids, params, eos_token_ids=eos,
                                    priority=priority, seed=(base_seed + index) % 2 ** 32,
-                                   wait_for=None if index == 0 else samples[0].request_id))
+                                   wait_for=None if index == 0 else samples[0].request_id,
+                                   tenant=tenant, cache_salt=cache_salt))
         self.scheduler.add_request(samples[0])  # validates before any page is taken
         for sample in samples[1:]:
             self.scheduler.add_request(sample)
         self.output_processor.add(RequestGroup(request_id, text, token_ids, params, samples))
+
+    def _draw_seed(self) -> int:
+        # OS entropy: a restart or another replica never repeats the sequence.
+        return secrets.randbits(32) if self._seeds is None else self._seeds.getrandbits(32)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -167,15 +192,114 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled step; returns an output for every request that changed."""
+        """Runs one scheduled step; returns an output for every request that changed.
+
+        When the model run raises, the step's requests are run again in halves (results
+        dropped) to find those that fail on their own: only those finish, with
+        finish_reason "error" and their error in `step_failures`; the others are simply
+        scheduled again. A KV cache lost with the failure is rebuilt and every running
+        request recomputes its tokens. Raises only when the engine cannot recover.
+        """
+        self.step_failures = {}
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
-        scheduled = {item.request_id: self.scheduler.get_request(item.request_id)
-                     for item in scheduler_output.scheduled}
-        model_output = self.runner.execute(scheduler_output, scheduled)
+        try:
+            model_output = self.runner.execute(scheduler_output,
+                                               self._requests_of(scheduler_output.scheduled))
+        except Exception as error:  # noqa: BLE001 - isolated below; the engine goes on
+            return self._recover_step(scheduler_output.scheduled, error)
         updated = self.scheduler.update(scheduler_output, model_output)
         stopped = self.output_processor.process(scheduler_output, model_output, updated)
         for request_id, stop_string in stopped:
             self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED, stop_string)
         return self.output_processor.collect()
+
+    # ------------------------------------------------------------------ failures
+    def recover(self) -> None:
+        """Makes the engine serve again after step() raised (the caller has aborted the
+        requests it failed): rebuilds a lost KV cache. Raises when it cannot."""
+        self.is_recovering = True
+        try:
+            if self.runner.restore_kv_caches():
+                self._forget_computed_kv()
+        finally:
+            self.is_recovering = False
+
+    def _recover_step(self, items: tuple[ScheduledRequest, ...], error: Exception
+                      ) -> list[RequestOutput]:
+        logger.error("an engine step of %d requests failed (%r); isolating the failing ones",
+                     len(items), error)
+        self.is_recovering = True
+        try:
+            rebuilds = self.runner.num_kv_rebuilds
+            self.runner.restore_kv_caches()
+            retry_error = self._probe(items)   # the step once more, as it was
+            failing = {} if retry_error is None else self._bisect(list(items), retry_error)
+            outputs = [self._fail(request_id, cause) for request_id, cause in failing.items()]
+            if self.runner.num_kv_rebuilds > rebuilds:
+                self._forget_computed_kv()
+        finally:
+            self.is_recovering = False
+        return [output for output in outputs if output is not None]
+
+    def _bisect(self, part: list[ScheduledRequest], error: Exception) -> dict[str, Exception]:
+        """`part` of a step failed with `error`: the requests to fail, found by running its
+        halves again: a lone request that fails, or a part whose halves both pass (its
+        requests fail together: they cannot be told apart)."""
+        if len(part) == 1:
+            return {part[0].request_id: error}
+        failing: dict[str, Exception] = {}
+        for half in (part[:len(part) // 2], part[len(part) // 2:]):
+            half_error = self._probe(half)
+            if half_error is not None:
+                failing.update(self._bisect(half, half_error))
+        return failing or {item.request_id: error for item in part}
+
+    def _probe(self, items) -> Exception | None:
+        """Runs part of a failed step again; returns its error, None if it passed (and
+        rebuilds a KV cache it lost). Results are dropped: the requests are scheduled again,
+        and the KV written for them is what that run writes."""
+        part = SchedulerOutput(tuple(items), sum(len(item.token_ids) for item in items))
+        try:
+            self.runner.execute(part, self._requests_of(part.scheduled))
+        except Exception as error:  # noqa: BLE001 - the probe's purpose
+            self.runner.restore_kv_caches()
+            return error
+        return None
+
+    def _forget_computed_kv(self) -> None:
+        # The cache's contents are gone: running requests recompute their tokens from their
+        # prompt and output ids, and no cached prefix may be reused.
+        preempted = self.scheduler.preempt_all()
+        self.scheduler.reset_prefix_cache()
+        logger.warning("KV cache rebuilt; %d running requests recompute their tokens",
+                       len(preempted))
+
+    def _fail(self, sample_id: str, cause: Exception) -> RequestOutput | None:
+        """Ends the request owning `sample_id` (all its samples) with finish_reason
+        "error"; its error goes to step_failures."""
+        group = self._group_of(sample_id)
+        if group is None or group.request_id in self.step_failures:
+            return None
+        failure = RequestFailed(f"request {group.request_id!r} failed in the engine: "
+                                f"{cause!r}")
+        failure.__cause__ = cause
+        logger.error("%s", failure)
+        output = self.abort(group.request_id)
+        for sample in output.outputs:
+            if sample.finish_reason == "abort":   # this abort is the failure
+                sample.finish_reason = "error"
+        self.step_failures[group.request_id] = failure
+        return output
+
+    def _group_of(self, sample_id: str):
+        # A sample's id is its request's id, or "<request id>#<index>" when n > 1.
+        for request_id in (sample_id, sample_id.rpartition("#")[0]):
+            group = self.output_processor.get(request_id)
+            if group is not None and any(s.request_id == sample_id for s in group.samples):
+                return group
+        return None
+
+    def _requests_of(self, items) -> dict[str, Request]:
+        return {item.request_id: self.scheduler.get_request(item.request_id) for item in items}

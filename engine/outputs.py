@@ -40,7 +40,7 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     cumulative_logprob: float | None = None
     logprobs: list[PositionLogprobs] | None = None
-    finish_reason: str | None = None   # "stop" | "length" | "abort" once finished
+    finish_reason: str | None = None   # "stop" | "length" | "abort" | "error" once finished
     stop_reason: int | str | None = None
 
     @property

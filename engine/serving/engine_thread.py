@@ -2,8 +2,10 @@
 
 The engine is not thread-safe. HTTP threads never touch it: they put commands (add, abort,
 stop) on one queue, and each request's sink gets its outputs through callbacks that the engine
-thread makes after every step. A failure inside the engine is caught and reported to the
-requests it touched; the thread keeps running.
+thread makes after every step. A request the engine fails alone (its step_failures) gets its
+error; a step that raises fails every live request, then the engine recovers (state
+"recovering", "failed" while recovery keeps failing, then "ready" again) and the thread keeps
+running.
 """
 
 from __future__ import annotations
@@ -40,15 +42,19 @@ class EngineThread:
       engine: an LLMEngine, or a callable that builds one (called on this thread).
       max_queue: most engine requests queued or running at once; more is Unavailable.
       on_failure: called (on this thread) when building the engine fails.
+      retry_seconds: pause between attempts to recover an engine whose step raised.
     """
 
     def __init__(self, engine: Any | Callable[[], Any], *, max_queue: int = 1024,
-                 on_failure: Callable[[BaseException], None] | None = None):
+                 on_failure: Callable[[BaseException], None] | None = None,
+                 retry_seconds: float = 2.0):
         self._factory = engine if callable(engine) else (lambda: engine)
         self.max_queue = max_queue
         self._on_failure = on_failure
+        self.retry_seconds = retry_seconds
         self.engine = None
-        self.state = "warming"        # warming | ready | stopping | stopped | failed
+        self._state = "warming"   # warming | ready | recovering | failed | stopping | stopped
+        self._retry_at = 0.0
         self.stats: EngineStats | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -63,13 +69,20 @@ class EngineThread:
         return self
 
     # ------------------------------------------------------------------ HTTP threads
+    @property
+    def state(self) -> str:
+        """warming | ready | recovering | failed | stopping | stopped: "ready" only while
+        the engine serves (a step being isolated inside the engine reads "recovering")."""
+        if self._state == "ready" and self.engine.is_recovering:
+            return "recovering"
+        return self._state
+
     def reserve(self, count: int) -> None:
         """Holds room for `count` engine requests; raises Unavailable (a 503) otherwise."""
         with self._lock:
-            if self.state != "ready":
-                raise Unavailable({"warming": "the model is warming up",
-                                   "failed": "the engine failed to start"}.get(
-                                       self.state, "the server is shutting down"))
+            state = self.state
+            if state != "ready":
+                raise Unavailable(_REFUSALS.get(state, "the server is shutting down"))
             if self._pending + count > self.max_queue:
                 raise Unavailable(f"the server is overloaded ({self._pending} requests in "
                                   f"flight, at most {self.max_queue})")
@@ -80,8 +93,10 @@ class EngineThread:
         with self._lock:
             self._pending -= count
 
-    def add(self, request_id: str, prompt: dict, params: SamplingParams, sink: Sink) -> None:
-        self._commands.put(("add", request_id, prompt, params, sink))
+    def add(self, request_id: str, prompt: dict, params: SamplingParams, sink: Sink, *,
+            tenant: str = "") -> None:
+        """Queues a request reserved with reserve(); `tenant` is its fair-share group."""
+        self._commands.put(("add", request_id, prompt, params, sink, tenant))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -90,8 +105,8 @@ class EngineThread:
         """Stops admitting (reserve raises Unavailable); running requests may finish for
         `drain_seconds`, then are aborted (their sinks get final outputs) and the thread ends.
         Does not block: safe in a signal handler."""
-        if self.state in ("warming", "ready"):
-            self.state = "stopping"
+        if self._state in ("warming", "ready", "recovering"):
+            self._state = "stopping"
         self._commands.put(("stop", time.monotonic() + drain_seconds))
 
     def join(self, timeout: float | None = None) -> bool:
@@ -110,13 +125,13 @@ class EngineThread:
             self.engine = self._factory()
         except BaseException as error:  # noqa: BLE001 - reported, then the thread ends
             logger.exception("the engine failed to start")
-            self.state = "failed"
+            self._state = "failed"
             if self._on_failure is not None:
                 self._on_failure(error)
             return
         with self._lock:
-            if self.state == "warming":
-                self.state = "ready"
+            if self._state == "warming":
+                self._state = "ready"
         self._publish_stats()
         logger.info("engine ready")
         while self.engine.has_unfinished_requests() or time.monotonic() < self._deadline:
@@ -126,10 +141,12 @@ class EngineThread:
                 logger.exception("engine thread: unexpected error; continuing")
                 time.sleep(0.01)
         self._refuse_queued()
-        self.state = "stopped"
+        self._state = "stopped"
 
     def _iterate(self) -> None:
         """Applies queued commands (blocking while idle), then runs one step."""
+        if self._state in ("recovering", "failed") and time.monotonic() >= self._retry_at:
+            self._recover()
         self._apply_commands(block=not self.engine.has_unfinished_requests())
         if time.monotonic() >= self._deadline and self._live:
             logger.info("shutdown: aborting %d unfinished requests", len(self._live))
@@ -165,17 +182,20 @@ class EngineThread:
                 self._abort(command[1])
             else:
                 self._deadline = min(self._deadline, command[1])
-                self.state = "stopping"
+                self._state = "stopping"
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
 
-    def _add(self, request_id: str, prompt: dict, params: SamplingParams, sink: Sink) -> None:
+    def _add(self, request_id: str, prompt: dict, params: SamplingParams, sink: Sink,
+             tenant: str) -> None:
         try:
-            self.engine.add_request(request_id, prompt, params)
+            if self._state in ("recovering", "failed"):   # reserved before the failure
+                raise Unavailable(_REFUSALS[self._state])
+            self.engine.add_request(request_id, prompt, params, tenant=tenant)
         except Exception as error:  # noqa: BLE001 - the request fails, the engine goes on
-            if not isinstance(error, ValueError):
+            if not isinstance(error, (ValueError, Unavailable)):
                 logger.exception("request %s: add_request failed", request_id)
             self._finish(request_id)
             _call(sink.on_error, request_id, error, time.monotonic())
@@ -202,26 +222,57 @@ class EngineThread:
         started = time.monotonic()
         try:
             outputs = self.engine.step()
-        except Exception as error:  # noqa: BLE001 - cannot tell which request: fail them all
-            logger.exception("engine step failed; failing its %d requests: %s",
-                             len(self._live), sorted(self._live))
-            for request_id, sink in list(self._live.items()):
-                try:
-                    self.engine.abort(request_id)
-                except Exception:  # noqa: BLE001
-                    logger.exception("request %s: abort after a failed step failed", request_id)
-                self._finish(request_id)
-                _call(sink.on_error, request_id, error, time.monotonic())
+        except Exception as error:  # noqa: BLE001 - the engine could not recover on its own
+            self._fail_all(error)
             return
         finished_at = time.monotonic()
         self._note_scheduled(started)
+        failures = self.engine.step_failures
         for output in outputs:
             sink = self._live.get(output.request_id)
             if sink is None:
                 continue
             if output.finished:
                 self._finish(output.request_id)
-            _call(sink.on_output, output, finished_at)
+            error = failures.get(output.request_id)
+            if error is not None:
+                _call(sink.on_error, output.request_id, error, finished_at)
+            else:
+                _call(sink.on_output, output, finished_at)
+
+    def _fail_all(self, error: Exception) -> None:
+        """step() raised: fails every live request, then recovers the engine."""
+        logger.exception("engine step failed; failing its %d requests: %s",
+                         len(self._live), sorted(self._live))
+        with self._lock:
+            if self._state == "ready":
+                self._state = "recovering"
+        for request_id, sink in list(self._live.items()):
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # noqa: BLE001
+                logger.exception("request %s: abort after a failed step failed", request_id)
+            self._finish(request_id)
+            _call(sink.on_error, request_id, error, time.monotonic())
+        self._recover()
+
+    def _recover(self) -> None:
+        # While recovery fails the state is "failed" (/health answers 503) and it is tried
+        # again every retry_seconds; "stopping" is left alone.
+        try:
+            self.engine.recover()
+        except Exception:  # noqa: BLE001 - retried
+            logger.exception("engine recovery failed; trying again in %.1f s",
+                             self.retry_seconds)
+            with self._lock:
+                if self._state in ("recovering", "failed"):
+                    self._state = "failed"
+            self._retry_at = time.monotonic() + self.retry_seconds
+            return
+        with self._lock:
+            if self._state in ("recovering", "failed"):
+                self._state = "ready"
+                logger.info("engine recovered; serving again")
 
     def _note_scheduled(self, when: float) -> None:
         # A request counts as scheduled once its first sample has left the waiting queue
@@ -241,6 +292,11 @@ class EngineThread:
 
     def _publish_stats(self) -> None:
         self.stats = self.engine.stats()
+
+
+_REFUSALS = {"warming": "the model is warming up",
+             "recovering": "the engine is recovering from a failure",
+             "failed": "the engine has failed and is not serving"}
 
 
 def _call(callback: Callable, *args) -> None:

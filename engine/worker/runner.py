@@ -8,6 +8,7 @@ transfer per step (two when prompt logprobs were asked for).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from models.batch import Batch
 from models.config import ModelConfig
 from models.paged import init_kv_caches
 from models.transformer import Transformer
+
+logger = logging.getLogger(__name__)
 
 
 def rung(ladder: tuple[int, ...], value: int) -> int:
@@ -46,6 +49,28 @@ def pages_that_fit(model_config: ModelConfig, config: EngineConfig) -> int:
                   * jax.numpy.dtype(c.dtype).itemsize)
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     return max(2, int(free * config.memory_fraction) // page_bytes)
+
+
+def fit_max_model_len(requested: int | None, model_limit: int, num_pages: int,
+                      page_size: int) -> int:
+    """The longest sequence served: `requested` (None: the model's limit), never beyond
+    the model's limit nor what the KV cache holds for one sequence.
+
+    Raises:
+      ValueError when `requested` is beyond the KV cache (as vLLM refuses to start).
+    """
+    capacity = (num_pages - 1) * page_size   # page 0 is reserved for padding
+    if requested is not None and requested > capacity:
+        raise ValueError(f"max_model_len={requested} is beyond the {capacity} tokens the KV "
+                         f"cache holds for one sequence ({num_pages - 1} usable pages of "
+                         f"{page_size} tokens): lower max_model_len or give the cache more "
+                         "pages (num_pages, memory_fraction)")
+    length = min(requested or model_limit, model_limit)
+    if length > capacity:
+        logger.warning("max_model_len %d (the model's limit) clamped to %d: the KV cache holds "
+                       "%d pages of %d tokens", length, capacity, num_pages - 1, page_size)
+        return capacity
+    return length
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,7 +96,10 @@ class Runner:
         self.num_pages = num_pages
         self.max_pages_per_seq = math.ceil(max_model_len / config.page_size)
         self.graphdef, self.params = nnx.split(model)
-        self.kv_caches = init_kv_caches(model, num_pages, config.page_size)
+        self._new_kv_caches = functools.partial(init_kv_caches, model, num_pages,
+                                                config.page_size)
+        self.kv_caches = self._new_kv_caches()
+        self.num_kv_rebuilds = 0   # times a failed step lost the cache and it was re-created
         kernel = dict(backend=config.backend, interpret=config.interpret)
         self._forward = jax.jit(functools.partial(forward_step, self.graphdef, **kernel),
                                 donate_argnums=(1,))
@@ -119,14 +147,16 @@ class Runner:
                 ) -> ModelOutput:
         """Runs one step; returns sampled tokens and logprobs as numpy, row s for scheduled[s]."""
         scheduled = scheduler_output.scheduled
+        # Every host array is packed before the forward runs, so a value that does not fit
+        # its dtype fails the step before the (donated) KV cache is touched.
         batch, logits_indices = self._build_batch(scheduler_output)
-        self.kv_caches, hidden, last_hidden = self._forward(self.params, self.kv_caches, batch,
-                                                            logits_indices)
         chosen = [requests[item.request_id] for item in scheduled]
         num_seqs = rung(self.config.seq_ladder, len(scheduled))
         with_penalties = any(r.sampling_params.has_penalties for r in chosen)
         num_top = TOP_LOGPROBS if any(r.sampling_params.logprobs for r in chosen) else 0
         sampling, penalties = self._sampling_arrays(chosen, num_seqs, with_penalties)
+        self.kv_caches, hidden, last_hidden = self._forward(self.params, self.kv_caches, batch,
+                                                            logits_indices)
         packed = self._sample(self.params, last_hidden, sampling, penalties, num_seqs=num_seqs,
                               num_top=num_top)
         prompt_logprobs = self._prompt_logprobs_for(scheduler_output, chosen, batch, hidden)
@@ -137,6 +167,27 @@ class Runner:
         output.top_logprob_ids = packed[:, 3:3 + num_top].astype(np.int32)
         output.top_logprobs = packed[:, 3 + num_top:]
         return output
+
+    def restore_kv_caches(self) -> bool:
+        """Re-creates the KV cache if a failed step lost it: the forward donates the cache, so
+        after an error raised while it ran the old buffers may be deleted, or (the error
+        surfacing later, dispatch being asynchronous) the new ones may hold that error.
+
+        Returns:
+          True when the cache was re-created: every page's contents are gone, so whatever
+          the scheduler believes computed must be computed again.
+        """
+        try:
+            lost = any(cache.is_deleted() for cache in self.kv_caches)
+            if not lost:
+                jax.block_until_ready(self.kv_caches)   # raises what their computation raised
+        except Exception:  # noqa: BLE001 - an array that cannot be read is lost too
+            lost = True
+        if not lost:
+            return False
+        self.kv_caches = self._new_kv_caches()
+        self.num_kv_rebuilds += 1
+        return True
 
     def _build_batch(self, scheduler_output: SchedulerOutput) -> tuple[Batch, np.ndarray]:
         page_size = self.config.page_size

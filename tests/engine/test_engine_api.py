@@ -1,11 +1,12 @@
 """LLMEngine behaviour a server relies on: zero compilations after warm-up, abort,
-n samples, chat, penalties."""
+n samples, chat, penalties, max_model_len sized to the KV cache, seeds from OS entropy,
+tenant and cache_salt."""
 
 import jax
 import numpy as np
 import pytest
 
-from engine import LLM, SamplingParams
+from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from tests.engine.test_generation import SMALL, random_prompts
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -96,3 +97,62 @@ def test_penalties_change_the_greedy_choice(warm_llm):
     assert penalised != plain
     counts = np.bincount(penalised)
     assert counts.max() <= np.bincount(plain).max()
+
+
+TINY = dict(max_num_seqs=4, max_num_batched_tokens=32, page_size=16, num_pages=64,
+            warmup=False, compilation_cache_dir="")
+
+
+@pytest.mark.parametrize("num_pages, max_model_len, expected", [
+    (5, None, 64),      # the model's 512 clamped to the 4 usable pages of 16 tokens
+    (64, None, 512),    # the cache holds more than the model: the model's limit
+    (64, 300, 300),     # an explicit length that fits
+    (5, 64, 64),        # exactly what the cache holds
+    (5, 65, "max_model_len=65 is beyond the 64 tokens the KV cache holds"),
+    (5, 256, "max_model_len=256 is beyond the 64 tokens the KV cache holds"),
+])
+def test_max_model_len_fits_the_kv_cache(hf_model_dirs, caplog, num_pages, max_model_len,
+                                         expected):
+    config = EngineConfig(**{**TINY, "num_pages": num_pages, "max_model_len": max_model_len})
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            LLMEngine(hf_model_dirs["llama"], config)
+        return
+    engine = LLMEngine(hf_model_dirs["llama"], config)
+    assert engine.max_model_len == engine.model_info().max_model_len == expected
+    assert ("clamped to 64" in caplog.text) == (max_model_len is None and expected == 64)
+    # A request without max_tokens runs to the end of the context the cache can hold.
+    engine.add_request("r", {"prompt_token_ids": [5] * 10}, SamplingParams(max_tokens=None))
+    assert engine.scheduler.get_request("r").max_tokens == expected - 10
+    engine.abort("r")
+
+
+def drawn_seeds(model_dir, seed, count=3) -> list[int]:
+    """The seeds a fresh engine gives its first unseeded requests (a restart each call)."""
+    engine = LLMEngine(model_dir, EngineConfig(**TINY, seed=seed))
+    for index in range(count):
+        engine.add_request(f"r{index}", {"prompt_token_ids": [5, 6]}, SamplingParams())
+    return [engine.scheduler.get_request(f"r{index}").seed for index in range(count)]
+
+
+def test_unseeded_requests_draw_from_os_entropy(hf_model_dirs):
+    first, second = (drawn_seeds(hf_model_dirs["llama"], None) for _ in range(2))
+    assert first != second and len(set(first)) == 3   # a restart never repeats the sequence
+    # A seed in the config is the opt-in for repeatable runs.
+    assert drawn_seeds(hf_model_dirs["llama"], 3) == drawn_seeds(hf_model_dirs["llama"], 3)
+
+
+def test_tenant_and_cache_salt_reach_every_sample(hf_model_dirs):
+    engine = LLMEngine(hf_model_dirs["llama"], EngineConfig(**TINY))
+    engine.add_request("a", {"prompt_token_ids": [5, 6, 7], "cache_salt": "k17"},
+                       SamplingParams(n=2, max_tokens=2), tenant="17")
+    engine.add_request("b", [5, 6, 7], SamplingParams(max_tokens=2))
+    samples = [engine.scheduler.get_request(i) for i in ("a#0", "a#1", "b")]
+    assert [(s.tenant, s.cache_salt) for s in samples] == [("17", "k17")] * 2 + [("", None)]
+    for bad, field in ((dict(cache_salt=5), "cache_salt"), (dict(cache_salt=""), "cache_salt"),
+                       (dict(tenant=17), "tenant")):
+        salt = {"cache_salt": bad["cache_salt"]} if "cache_salt" in bad else {}
+        with pytest.raises(ValueError, match=field):
+            engine.add_request("c", {"prompt_token_ids": [5], **salt}, SamplingParams(),
+                               tenant=bad.get("tenant", ""))
+        assert engine.scheduler.get_request("c") is None

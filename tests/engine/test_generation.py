@@ -74,7 +74,8 @@ def test_preempted_and_recomputed_equal_uninterrupted(hf_model_dirs, llama):
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in llama.generate(prompts, params)]
     # 12 pages of 16 tokens cannot hold 8 sequences of up to 100 tokens: preemption must run.
-    tight = LLM(hf_model_dirs["llama"], **{**SMALL, "num_pages": 13})
+    # (12 pages hold one sequence of 192 tokens: max_model_len may not exceed that.)
+    tight = LLM(hf_model_dirs["llama"], **{**SMALL, "num_pages": 13, "max_model_len": 192})
     outputs = tight.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outputs] == expected
     assert tight.engine.scheduler.stats().num_free_pages == 12

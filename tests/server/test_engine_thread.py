@@ -1,10 +1,12 @@
 """The engine thread and the app in-process around a hand-computable fake engine (JetStream's
 mock-engine idea): an engine that fails on one request fails only that request, answers 500
-without internals, bills it as 'error', and keeps serving."""
+without internals, bills it as 'error', and keeps serving; while the engine recovers from a
+step that raised, /health answers 503, and 200 again once it serves."""
 
 from __future__ import annotations
 
 import json
+import queue
 import sqlite3
 import time
 
@@ -14,10 +16,11 @@ from engine.info import EngineStats, ModelInfo
 from engine.metering import Ledger
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.serving.engine_thread import EngineThread
+from engine.serving.engine_thread import EngineThread, Unavailable
 from engine.tokenizer import Tokenizer
 
 POISON = 7   # a prompt holding this token id makes the fake engine's step raise
+CULPRIT = 8  # a prompt holding this one fails alone (as LLMEngine isolates a request)
 
 
 class FakeEngine:
@@ -26,14 +29,21 @@ class FakeEngine:
     def __init__(self, tokenizer: Tokenizer | None = None):
         self.tokenizer = tokenizer
         self.requests: dict[str, tuple[list[int], SamplingParams, list[int]]] = {}
+        self.tenants: dict[str, str] = {}
+        self.is_recovering = False
+        self.step_failures: dict[str, Exception] = {}
+        # None: recover() succeeds at once; else each call takes its outcome from here
+        # (an exception to raise, or None), blocking until the test provides one.
+        self.recover_outcomes: queue.Queue | None = None
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(self.tokenizer, 320, 256, SamplingParams())
 
-    def add_request(self, request_id, prompt, params, priority=0):
+    def add_request(self, request_id, prompt, params, priority=0, *, tenant=""):
         if prompt["prompt_token_ids"] == [1, 1, 1]:
             raise RuntimeError("add_request crashed (internal detail)")
         self.requests[request_id] = (prompt["prompt_token_ids"], params, [])
+        self.tenants[request_id] = tenant
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -48,10 +58,16 @@ class FakeEngine:
             finish_reason=finish_reason)], finished=finish_reason is not None)
 
     def step(self) -> list[RequestOutput]:
+        self.step_failures = {}
         if any(POISON in prompt for prompt, _, _ in self.requests.values()):
             raise RuntimeError("kernel exploded (internal detail)")
         outputs = []
         for request_id, (prompt, params, tokens) in list(self.requests.items()):
+            if CULPRIT in prompt:
+                self.step_failures[request_id] = RuntimeError("culprit (internal detail)")
+                outputs.append(self._output(request_id, "error"))
+                del self.requests[request_id]
+                continue
             tokens.append(len(prompt) + len(tokens))
             done = len(tokens) >= params.max_tokens
             outputs.append(self._output(request_id, "length" if done else None))
@@ -65,6 +81,12 @@ class FakeEngine:
         output = self._output(request_id, "abort")
         del self.requests[request_id]
         return output
+
+    def recover(self) -> None:
+        if self.recover_outcomes is not None:
+            outcome = self.recover_outcomes.get(timeout=10)
+            if outcome is not None:
+                raise outcome
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.requests), 0, 10, 0.0, 0.0, 0, 0)
@@ -90,10 +112,21 @@ class Collect:
             time.sleep(0.005)
 
 
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def started_thread(engine: FakeEngine) -> EngineThread:
+    thread = EngineThread(engine, max_queue=4).start()
+    wait_for(lambda: thread.state == "ready")
+    return thread
+
+
 def test_a_failing_step_fails_its_requests_and_the_thread_goes_on():
-    thread = EngineThread(FakeEngine(), max_queue=4).start()
-    while thread.state != "ready":
-        time.sleep(0.01)
+    thread = started_thread(FakeEngine())
     thread.reserve(2)
     poisoned, bystander = Collect(), Collect()
     thread.add("a", {"prompt_token_ids": [POISON, 3]}, SamplingParams(max_tokens=3), poisoned)
@@ -101,12 +134,48 @@ def test_a_failing_step_fails_its_requests_and_the_thread_goes_on():
     poisoned.wait()
     bystander.wait()
     assert poisoned.errors and bystander.errors   # one step held both: both failed
+    wait_for(lambda: thread.state == "ready")      # recovered
     thread.reserve(1)
     healthy = Collect()
     thread.add("c", {"prompt_token_ids": [4, 5, 6]}, SamplingParams(max_tokens=4), healthy)
     healthy.wait()
     assert healthy.outputs[-1].outputs[0].token_ids == [3, 4, 5, 6]
     assert thread.num_pending == 0
+    thread.request_stop(0)
+    assert thread.join(5)
+
+
+def test_a_request_the_engine_fails_alone_gets_its_error_and_the_others_go_on():
+    engine = FakeEngine()
+    thread = started_thread(engine)
+    thread.reserve(2)
+    culprit, bystander = Collect(), Collect()
+    thread.add("a", {"prompt_token_ids": [CULPRIT, 3]}, SamplingParams(max_tokens=3), culprit,
+               tenant="17")
+    thread.add("b", {"prompt_token_ids": [4, 5]}, SamplingParams(max_tokens=3), bystander,
+               tenant="18")
+    culprit.wait()
+    bystander.wait()
+    assert [str(e) for e in culprit.errors] == ["culprit (internal detail)"]
+    assert not culprit.outputs
+    assert not bystander.errors and bystander.outputs[-1].outputs[0].token_ids == [2, 3, 4]
+    assert engine.tenants == {"a": "17", "b": "18"}
+    assert thread.state == "ready" and thread.num_pending == 0
+    thread.request_stop(0)
+    assert thread.join(5)
+
+
+def test_state_reads_recovering_while_the_engine_isolates_a_failed_step():
+    engine = FakeEngine()
+    thread = started_thread(engine)
+    engine.is_recovering = True
+    assert thread.state == "recovering"
+    with pytest.raises(Unavailable, match="recovering"):
+        thread.reserve(1)
+    engine.is_recovering = False
+    assert thread.state == "ready"
+    thread.reserve(1)
+    thread.release(1)
     thread.request_stop(0)
     assert thread.join(5)
 
@@ -122,12 +191,12 @@ def app_and_ledger(server_model_dir, tmp_path):
     app = create_app(service)
     while service.engine.state != "ready":
         time.sleep(0.01)
-    yield app, ledger, tmp_path / "ledger.db"
+    yield app, ledger, tmp_path / "ledger.db", service
     service.close()
 
 
 def test_engine_failure_is_a_500_without_internals_and_billed_as_error(app_and_ledger):
-    app, ledger, db_path = app_and_ledger
+    app, ledger, db_path, _ = app_and_ledger
     _, key = ledger.create_key("tester")
     client = app.test_client()
     headers = {"Authorization": f"Bearer {key}"}
@@ -153,3 +222,39 @@ def test_engine_failure_is_a_500_without_internals_and_billed_as_error(app_and_l
     with sqlite3.connect(db_path) as db:
         statuses = sorted(status for status, in db.execute("SELECT status FROM requests"))
     assert statuses == ["completed", "completed", "error", "error"]
+
+
+def test_health_is_503_while_the_engine_recovers_and_200_once_it_serves(app_and_ledger):
+    app, ledger, _, service = app_and_ledger
+    thread, engine = service.engine, service.engine.engine
+    thread.retry_seconds = 0.05
+    engine.recover_outcomes = queue.Queue()
+    _, key = ledger.create_key("tester")
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {key}"}
+
+    def health() -> tuple[int, str]:
+        response = client.get("/health")
+        return response.status_code, json.dumps(response.get_json())
+
+    def complete() -> int:
+        return client.post("/v1/completions", json={"prompt": [4, 5, 6], "max_tokens": 4},
+                           headers=headers).status_code
+
+    assert health()[0] == 200
+    assert client.post("/v1/completions", json={"prompt": [POISON, 3], "max_tokens": 3},
+                       headers=headers).status_code == 500
+    # The step raised: the engine thread is inside recover(), which waits for an outcome.
+    wait_for(lambda: thread.state == "recovering")
+    status, body = health()
+    assert status == 503 and "recovering" in body
+    assert complete() == 503
+    engine.recover_outcomes.put(RuntimeError("still broken"))
+    wait_for(lambda: thread.state == "failed")
+    status, body = health()
+    assert status == 503 and "failed" in body
+    assert complete() == 503
+    engine.recover_outcomes.put(None)   # the retry succeeds
+    wait_for(lambda: thread.state == "ready")
+    assert health()[0] == 200
+    assert complete() == 200
