@@ -2,8 +2,10 @@
 
     ledger = Ledger()                                  # or Ledger("postgresql://...")
     key = ledger.authenticate(plaintext)               # None: 401; key.revoked: 403
-    decision = ledger.try_admit(request_id, key, model, prompt_tokens + max_tokens)
-    ...                                                # not decision.allowed: 429
+    decision = ledger.try_admit(request_id, key, model, prompt_tokens + max_tokens,
+                                prompt_tokens=prompt_tokens)
+    ...                                                # not allowed: 429 (too_large: 400)
+    ticket = ledger.record_progress(request_id, prompt, cached, completion)   # as it runs
     ledger.finalize(request_id, "completed", usage.prompt_tokens, usage.cached_tokens,
                     usage.completion_tokens)           # exactly once; False if already final
 """

@@ -140,11 +140,15 @@ class KeyStore:
         """Revokes a key (idempotent); its usage stays in the ledger.
 
         Raises:
-          ValueError: no such key.
+          ValueError: no such key, or the reserved anonymous key (--no-auth bills it).
         """
         info = self.get_key(name_or_id)
         if info is None:
             raise ValueError(f"key={name_or_id!r}: no such key")
+        if info.name == ANONYMOUS:
+            raise ValueError(f"key={name_or_id!r}: the reserved {ANONYMOUS!r} key cannot be "
+                             "revoked (--no-auth requests are billed to it; stop serving "
+                             "with --no-auth instead)")
         if not info.revoked:
             with self._db.begin() as conn:
                 conn.execute(schema.keys.update().where(schema.keys.c.id == info.id)
@@ -155,8 +159,14 @@ class KeyStore:
         """The account --no-auth requests are billed to: no quotas, created on first use.
 
         Its stored hash is of a random secret thrown away, so no key authenticates as it.
+        Revoked by an earlier version (which allowed it), it is restored.
         """
         info = self.get_key(ANONYMOUS)
+        if info is not None and info.revoked:
+            with self._db.begin() as conn:
+                conn.execute(schema.keys.update().where(schema.keys.c.id == info.id)
+                             .values(revoked=False, revoked_at=None))
+            info = self.get_key(info.id)
         if info is not None:
             return info
         try:

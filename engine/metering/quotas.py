@@ -39,12 +39,15 @@ class QuotaDecision:
       headers: OpenAI's x-ratelimit-* headers, for the limits the key has. Remaining counts
         include this request when it is allowed. The token headers describe tokens/min, or
         tokens/day for a key with only a daily limit.
+      too_large: the estimate alone exceeds the key's whole tokens/min or tokens/day limit,
+        so waiting never helps: the HTTP layer answers 400, not 429.
     """
 
     allowed: bool
     reason: str = ""
     retry_after: int = 0
     headers: dict[str, str] = field(default_factory=dict)
+    too_large: bool = False
 
 
 def counted_tokens(table: sa.Table = schema.requests) -> sa.ColumnElement:
@@ -68,26 +71,32 @@ class QuotaGate:
 
     _db: sa.Engine
 
-    def check(self, key: KeyInfo, estimated_tokens: int) -> QuotaDecision:
-        """Whether `key` may start a request of `estimated_tokens` (prompt + max_tokens) now.
+    def check_quota(self, key: KeyInfo, estimated_tokens: int) -> QuotaDecision:
+        """Whether `key` may start a request of `estimated_tokens` (prompt + max_tokens) now,
+        by the same rules as try_admit.
 
-        Read-only: the server should admit with try_admit, which checks and inserts in one
-        transaction so concurrent requests cannot both take the last slot.
+        Read-only (no row is written): a cheap early answer, before tokenizing a body, from
+        an estimate. Admit with try_admit, which checks and inserts in one transaction so
+        concurrent requests cannot both take the last slot.
         """
         with self._db.connect() as conn:
             return self._decide(conn, key, estimated_tokens)
 
     def try_admit(self, request_id: str, key: KeyInfo, model: str,
-                  estimated_tokens: int) -> QuotaDecision:
-        """check() then admit() atomically: the row is inserted only when allowed.
+                  estimated_tokens: int, *, prompt_tokens: int = 0) -> QuotaDecision:
+        """check_quota() then admit() atomically: the row is inserted only when allowed.
 
         Within a process a lock serialises admissions; across PostgreSQL replicas the key's
         row is locked (SELECT ... FOR UPDATE) for the transaction. SQLite shared by several
         processes may overshoot a limit by the requests admitted at the same instant.
 
+        Args:
+          prompt_tokens: the prompt's tokens, written with the row (a crash keeps them).
+
         Raises:
           ValueError: a request_id already in the ledger, or a bad estimate.
         """
+        self._ensure_registered()   # its own transaction, before this one
         with self._lock, self._db.begin() as conn:
             row = conn.execute(sa.select(schema.keys.c.revoked)
                                .where(schema.keys.c.id == key.id).with_for_update()).first()
@@ -95,7 +104,8 @@ class QuotaGate:
                 raise ValueError(f"key id={key.id}: not in the ledger")
             decision = self._decide(conn, key, estimated_tokens, revoked=bool(row.revoked))
             if decision.allowed:
-                self._insert_request(conn, request_id, key, model, estimated_tokens)
+                self._insert_request(conn, request_id, key, model, estimated_tokens,
+                                     prompt_tokens)
         return decision
 
     def _decide(self, conn: sa.Connection, key: KeyInfo, estimated_tokens: int,
@@ -146,7 +156,8 @@ def _window_limit(name: str, limit: int | None, recent: list, needed: int,
         return result
     result.reason = f"{name}: {used} used in the last 60 s + {needed} requested > limit {limit}"
     result.remaining = max(0, limit - used)
-    result.reset = (recent[-1][0] + WINDOW - now).total_seconds()
+    if recent:   # empty: the request alone is over the limit
+        result.reset = (recent[-1][0] + WINDOW - now).total_seconds()
     if needed > limit:
         result.retry_after = 0
         return result
@@ -189,4 +200,4 @@ def _combine(requests: _Limit, per_minute: _Limit, per_day: _Limit,
     reason = f"rate limit for key {key.name!r}: " + "; ".join(l.reason for l in exceeded)
     if retry_after == 0:
         reason += " (the request alone exceeds the limit; waiting will not help)"
-    return QuotaDecision(False, reason, retry_after, headers)
+    return QuotaDecision(False, reason, retry_after, headers, too_large=retry_after == 0)

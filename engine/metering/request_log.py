@@ -1,4 +1,5 @@
-"""One ledger row per request: admitted as running, finalised exactly once, priced (no JAX).
+"""One ledger row per request: admitted as running, its counts kept up to date while it runs,
+finalised exactly once, priced (no JAX).
 
 Exactly once rests on one statement: UPDATE ... WHERE id = :id AND status = 'running'. The
 database serialises concurrent updates of a row, so one caller sees rowcount 1 and every other
@@ -15,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from engine.metering import schema
 from engine.metering.keys import KeyInfo
+from engine.metering.progress import ProgressWriter
 from engine.sampling_params import is_int
 
 _COUNT_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens")
@@ -49,10 +51,12 @@ def _check_counts(prompt_tokens: int, cached_tokens: int, completion_tokens: int
 
 
 class RequestLog:
-    """Request-row methods of Ledger (which provides _db, _lock, _now and instance)."""
+    """Request-row methods of Ledger (which provides _db, _lock, _now, instance, _progress
+    and _ensure_registered)."""
 
     _db: sa.Engine
     instance: str
+    _progress: ProgressWriter
 
     def set_price(self, model: str, input: float, cached_input: float, output: float) -> None:
         """Sets a model's price, USD per million tokens; model "*" applies to unpriced models.
@@ -81,8 +85,14 @@ class RequestLog:
         by_model = {row.model: Price(row.input, row.cached_input, row.output) for row in rows}
         return by_model.get(model) or by_model.get(schema.DEFAULT_PRICE_MODEL) or FREE
 
+    def list_prices(self) -> dict[str, Price]:
+        """Every price row by model ("*" included), sorted by model."""
+        with self._db.connect() as conn:
+            rows = conn.execute(sa.select(schema.prices).order_by(schema.prices.c.model)).all()
+        return {row.model: Price(row.input, row.cached_input, row.output) for row in rows}
+
     def admit(self, request_id: str, key: KeyInfo, model: str, *,
-              estimated_tokens: int = 0) -> None:
+              estimated_tokens: int = 0, prompt_tokens: int = 0) -> None:
         """Inserts the request's row as running. Quotas are not checked: see try_admit.
 
         Args:
@@ -90,39 +100,73 @@ class RequestLog:
           key: the caller (anonymous_key() in --no-auth mode).
           model: the served model name (prices are looked up by it).
           estimated_tokens: prompt tokens + max_tokens; what the quotas count until it ends.
+          prompt_tokens: the prompt's tokens, billed from admission on (a crash keeps them).
 
         Raises:
           ValueError: a request_id already in the ledger or a bad estimate.
           PermissionError: a revoked key.
         """
+        self._ensure_registered()
         with self._db.begin() as conn:
-            self._insert_request(conn, request_id, key, model, estimated_tokens)
+            self._insert_request(conn, request_id, key, model, estimated_tokens, prompt_tokens)
 
     def _insert_request(self, conn: sa.Connection, request_id: str, key: KeyInfo, model: str,
-                        estimated_tokens: int) -> None:
+                        estimated_tokens: int, prompt_tokens: int = 0) -> None:
         if key.revoked:
             raise PermissionError(f"key {key.name!r} is revoked")
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id={request_id!r}: expected a non-empty string")
-        if not is_int(estimated_tokens) or estimated_tokens < 0:
-            raise ValueError(f"estimated_tokens={estimated_tokens!r}: expected an integer >= 0")
+        for name, value in (("estimated_tokens", estimated_tokens),
+                            ("prompt_tokens", prompt_tokens)):
+            if not is_int(value) or value < 0:
+                raise ValueError(f"{name}={value!r}: expected an integer >= 0")
         try:   # the error leaves the caller's transaction to roll back: it writes nothing more
             conn.execute(schema.requests.insert().values(
                 id=request_id, key_id=key.id, model=model, instance=self.instance,
-                status=schema.RUNNING, prompt_tokens=0, cached_tokens=0, completion_tokens=0,
-                reserved_tokens=estimated_tokens, created_at=self._now(), cost=0.0))
+                status=schema.RUNNING, prompt_tokens=prompt_tokens, cached_tokens=0,
+                completion_tokens=0, reserved_tokens=estimated_tokens, created_at=self._now(),
+                cost=0.0))
         except IntegrityError as error:
             raise ValueError(f"request_id={request_id!r}: already in the ledger") from error
 
     def update_progress(self, request_id: str, prompt_tokens: int, cached_tokens: int,
                         completion_tokens: int) -> bool:
-        """Records counts so far (kept if the process dies); False once the row is final."""
+        """Writes counts so far now (kept if the process dies); False once the row is final.
+        Running requests use record_progress, which batches."""
         counts = _check_counts(prompt_tokens, cached_tokens, completion_tokens)
         table = schema.requests
         with self._db.begin() as conn:
             result = conn.execute(table.update().where(
                 table.c.id == request_id, table.c.status == schema.RUNNING).values(**counts))
         return result.rowcount == 1
+
+    def record_progress(self, request_id: str, prompt_tokens: int, cached_tokens: int,
+                        completion_tokens: int) -> int:
+        """Queues counts so far for the ledger's writer thread, which writes every running
+        request's newest counts in one transaction (see progress.py); a final row keeps its own.
+
+        Returns:
+          A ticket for progress_written().
+
+        Raises:
+          ValueError: bad counts.  RuntimeError: the ledger is closed.
+        """
+        counts = _check_counts(prompt_tokens, cached_tokens, completion_tokens)
+        return self._progress.record(request_id, counts)
+
+    def progress_written(self, ticket: int, timeout: float = 0.0) -> bool:
+        """Whether record_progress's `ticket` is in the database, waiting up to `timeout` s."""
+        return self._progress.written(ticket, timeout)
+
+    def _write_progress(self, batch: dict[str, dict]) -> None:
+        table = schema.requests
+        statement = table.update().where(
+            table.c.id == sa.bindparam("request_id"), table.c.status == schema.RUNNING).values(
+                {name: sa.bindparam(f"new_{name}") for name in _COUNT_FIELDS})
+        rows = [{"request_id": request_id, **{f"new_{k}": v for k, v in counts.items()}}
+                for request_id, counts in batch.items()]
+        with self._db.begin() as conn:
+            conn.execute(statement, rows)
 
     def finalize(self, request_id: str, status: str, prompt_tokens: int, cached_tokens: int,
                  completion_tokens: int) -> bool:
@@ -148,6 +192,7 @@ class RequestLog:
             model = conn.execute(sa.select(table.c.model).where(table.c.id == request_id)).scalar()
         if model is None:
             raise KeyError(f"request_id={request_id!r}: not in the ledger (never admitted)")
+        self._progress.discard(request_id)
         cost = self.price(model).cost(**counts)
         with self._db.begin() as conn:
             result = conn.execute(table.update().where(
@@ -211,30 +256,16 @@ class RequestLog:
                     billed.add(request_id)
         return [i for i in ids if i in billed]
 
-    def mark_interrupted(self) -> int:
-        """At start-up: this instance's rows still running (a crash) become interrupted.
-
-        They keep the counts update_progress last wrote and are priced on them. Only rows
-        admitted under this Ledger's instance name are touched, so replicas sharing a
-        database must each use their own stable instance name.
-
-        Returns:
-          How many rows were marked.
-        """
+    def _mark_row_interrupted(self, row) -> int:
+        """Marks one running row (id, model and its counts) interrupted, priced on its counts;
+        1 if this call did it."""
         table = schema.requests
-        with self._db.connect() as conn:
-            rows = conn.execute(sa.select(table.c.id, table.c.model, *table.c[_COUNT_FIELDS])
-                                .where(table.c.status == schema.RUNNING,
-                                       table.c.instance == self.instance)).all()
-        marked = 0
-        for row in rows:
-            cost = self.price(row.model).cost(row.prompt_tokens, row.cached_tokens,
-                                              row.completion_tokens)
-            with self._db.begin() as conn:
-                # Counts are written in the same WHERE-running statement, so a concurrent
-                # update_progress cannot slip between the read and the mark unpriced.
-                marked += conn.execute(table.update().where(
-                    table.c.id == row.id, table.c.status == schema.RUNNING,
-                    *(table.c[name] == getattr(row, name) for name in _COUNT_FIELDS)).values(
-                        status="interrupted", finished_at=self._now(), cost=cost)).rowcount
-        return marked
+        cost = self.price(row.model).cost(row.prompt_tokens, row.cached_tokens,
+                                          row.completion_tokens)
+        with self._db.begin() as conn:
+            # Counts are in the same WHERE-running statement, so a progress write cannot slip
+            # between the read and the mark unpriced.
+            return conn.execute(table.update().where(
+                table.c.id == row.id, table.c.status == schema.RUNNING,
+                *(table.c[name] == getattr(row, name) for name in _COUNT_FIELDS)).values(
+                    status="interrupted", finished_at=self._now(), cost=cost)).rowcount

@@ -57,6 +57,18 @@ requests = sa.Table(
     sa.Index("ix_requests_status_instance", "status", "instance"),
 )
 
+# One row per live Ledger that admits requests (a server process): its lease, renewed by a
+# heartbeat. A start-up marks interrupted only the running rows of instances that are gone.
+instances = sa.Table(
+    "instances", metadata,
+    sa.Column("name", sa.String(128), primary_key=True),         # requests.instance
+    sa.Column("host", sa.String(256), nullable=False),           # hostname + pid namespace
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("pid_start", sa.BigInteger),       # the process's start (clock ticks after boot)
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("heartbeat_at", sa.DateTime, nullable=False),
+)
+
 prices = sa.Table(
     "prices", metadata,
     sa.Column("model", sa.String(256), primary_key=True),
@@ -114,6 +126,7 @@ def open_database(url: str | None) -> sa.Engine:
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
+        # Also migrates a ledger of an earlier version: tables it lacks are created.
         metadata.create_all(engine)
     except SQLAlchemyError as error:
         engine.dispose()

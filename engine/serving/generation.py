@@ -3,7 +3,24 @@
 The engine thread calls its sink methods (on_output, on_error, on_scheduled); the HTTP thread
 reads the events in order through `updates()`, which also notices a client that went away.
 Whoever ends the request (the HTTP thread, a disconnect, or the shutdown sweep) calls
-`finalize`, which writes the ledger row exactly once with the engine's usage.
+`finalize`, which writes the ledger row exactly once.
+
+Billing follows what the client was sent, and survives kill -9:
+- the prompt's tokens are written with the row at admission (try_admit's prompt_tokens,
+  which the Service passes from `prompt_tokens`); submission records them again, and they are
+  in the row before the first token is sent whoever admitted it;
+- streaming (`updates`): a batch of outputs is the client's once the caller asks for the next
+  (every chunk built from it has been written to the socket). Its counts are then recorded
+  (`Ledger.record_progress`, batched by the ledger's writer thread), and before a batch goes
+  out the row must already hold all but UNRECORDED_TOKENS_PER_CHOICE x choices of the
+  completion tokens the client will then have: the stream waits for the writer if not. So
+  after a crash a row holds between R - 8 x choices and R completion tokens, R being what its
+  client received; only a single batch larger than that bound (a client reading slower than
+  the engine writes) is recorded before it is sent, and may be billed without arriving;
+- non-streaming (`wait`): nothing is sent until the whole body, which carries every generated
+  token, so "sent" means generated: counts are recorded as the engine produces them (a crash
+  loses at most the tokens of the writer's last period, progress.FLUSH_INTERVAL_S + a commit);
+- an aborted, failed or shut-down stream is finalised on the tokens sent, not generated.
 """
 
 from __future__ import annotations
@@ -17,7 +34,6 @@ import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
-from engine.openai.formatting import add_usage
 from engine.openai.prompts import EnginePrompt
 from engine.outputs import RequestOutput, Usage
 from engine.sampling_params import SamplingParams
@@ -27,7 +43,8 @@ from engine.serving.metrics import ServerMetrics
 logger = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.1        # how often a waiting request checks its client's socket
-PROGRESS_INTERVAL_S = 5.0     # how often a long request records its progress in the ledger
+UNRECORDED_TOKENS_PER_CHOICE = 8   # the most a stream sends beyond its ledger row, per choice
+PROGRESS_WAIT_S = 5.0         # how long a stream waits for a slow ledger before sending anyway
 ABORT_WAIT_S = 10.0           # how long an abort waits for the engine's final outputs
 
 
@@ -55,13 +72,21 @@ class ClientWatch:
 
 
 class Generation:
-    """Engine requests `{response_id}-{i}`, one per prompt, and the ledger row `response_id`."""
+    """Engine requests `{response_id}-{i}`, one per prompt, and the ledger row `response_id`.
+
+    Args:
+      tenant: the fair-share group of its engine requests (the key's id); "" is none.
+      cache_salt: salts their prefix-cache hashes (the key's id: tenants share no cache
+        entries); None shares the cache with every unsalted request.
+    """
 
     def __init__(self, *, response_id: str, prompts: list[EnginePrompt],
                  params: SamplingParams, key: Any, model: str, ledger: Any,
                  metrics: ServerMetrics, engine: EngineThread, arrival: float,
-                 on_final: Callable[[Generation], None] = lambda generation: None):
+                 on_final: Callable[[Generation], None] = lambda generation: None,
+                 tenant: str = "", cache_salt: str | None = None):
         self.response_id, self.prompts, self.params = response_id, prompts, params
+        self.tenant, self.cache_salt = tenant, cache_salt
         self.key, self.model, self._ledger, self._metrics = key, model, ledger, metrics
         self._engine, self.arrival, self._on_final = engine, arrival, on_final
         self.request_ids = [f"{response_id}-{i}" for i in range(len(prompts))]
@@ -75,11 +100,24 @@ class Generation:
         self._lock = threading.Lock()
         self.usage: Usage | None = None
         self.status: str | None = None
+        # Billing (see the module docstring). prompt_tokens is what try_admit should write.
+        self.prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
+        self._sent: list[RequestOutput | None] = [None] * len(prompts)   # the client has these
+        self._bills_generated = False   # wait(): the body carries every generated token
+        self._recorded = (0, 0)         # the newest progress record: (ticket, completion tokens)
+        self._written: int | None = None   # completion tokens known to be in the ledger row
+        self._unrecorded_limit = UNRECORDED_TOKENS_PER_CHOICE * len(prompts) * params.n
+        self._ledger_failed = False     # a record failed or timed out: stop holding the stream
 
     def submit(self) -> None:
-        """Hands every prompt to the engine thread (the ledger row is admitted already)."""
+        """Records the prompt tokens and hands every prompt to the engine thread (the ledger
+        row is admitted already)."""
+        self._record(self._sent)
         for request_id, prompt in zip(self.request_ids, self.prompts):
-            self._engine.add(request_id, prompt.as_engine_prompt(), self.params, self)
+            engine_prompt = prompt.as_engine_prompt()
+            if self.cache_salt is not None:
+                engine_prompt["cache_salt"] = self.cache_salt
+            self._engine.add(request_id, engine_prompt, self.params, self, tenant=self.tenant)
 
     # ------------------------------------------------------------------ engine thread
     def on_scheduled(self, request_id: str, when: float) -> None:
@@ -104,13 +142,23 @@ class Generation:
 
     def updates(self, watch: ClientWatch) -> Iterator[dict[int, RequestOutput | Exception]]:
         """Yields {prompt index: its newest output or error} for what changed (events that
-        queued meanwhile are merged); returns once every engine request has finished.
+        queued meanwhile are merged) to a streaming response; returns once every engine
+        request has finished. A yielded batch counts as sent once the caller asks for the
+        next; it is yielded only when the ledger row is close enough behind (module docstring).
 
         Raises:
           ClientGone: the client closed the connection (the caller aborts).
         """
+        for changed in self._changes(watch):
+            self._hold_until_recorded(changed)
+            yield changed
+            for index, output in changed.items():
+                if isinstance(output, RequestOutput):
+                    self._sent[index] = output
+            self._record(self._sent)
+
+    def _changes(self, watch: ClientWatch) -> Iterator[dict[int, RequestOutput | Exception]]:
         next_watch = time.monotonic() + WATCH_INTERVAL_S
-        next_progress = time.monotonic() + PROGRESS_INTERVAL_S
         while not self.finished:
             changed: dict[int, RequestOutput | Exception] = {}
             try:
@@ -125,9 +173,6 @@ class Generation:
                 if watch.gone():
                     raise ClientGone(self.response_id)
                 next_watch = now + WATCH_INTERVAL_S
-            if now >= next_progress:
-                self._record_progress()
-                next_progress = now + PROGRESS_INTERVAL_S
             if changed:
                 yield changed
 
@@ -156,9 +201,11 @@ class Generation:
             self._done.add(index)
 
     def wait(self, watch: ClientWatch) -> None:
-        """Blocks until every engine request has finished (non-streaming responses)."""
-        for _ in self.updates(watch):
-            pass
+        """Blocks until every engine request has finished (non-streaming responses), recording
+        the generated counts as they grow."""
+        self._bills_generated = True
+        for _ in self._changes(watch):
+            self._record(self.latest)
 
     def abort(self, status: str = "aborted") -> Usage:
         """Aborts what still runs, waits for the engine's final outputs, finalizes."""
@@ -182,18 +229,28 @@ class Generation:
         return "completed"
 
     def current_usage(self) -> Usage:
-        total = Usage(0, 0, 0)
-        for output in self.latest:
-            if output is not None:
-                total = add_usage(total, output.usage)
-        return total
+        """What has been generated: every prompt's tokens and the completion tokens so far."""
+        return self._usage(self.latest)
+
+    def billable_usage(self, status: str) -> Usage:
+        """What a row finalised as `status` is billed: what was sent (module docstring)."""
+        completed = status == "completed"
+        return self._usage(self.latest if completed or self._bills_generated else self._sent)
+
+    def _usage(self, outputs: list[RequestOutput | None]) -> Usage:
+        # The cached count is fixed when a prompt is first scheduled: the newest output has it.
+        cached = sum(output.num_cached_tokens for output in self.latest if output is not None)
+        completion = sum(len(sample.token_ids) for output in outputs if output is not None
+                         for sample in output.outputs)
+        return Usage(self.prompt_tokens, completion, min(cached, self.prompt_tokens))
 
     def finalize(self, status: str | None = None) -> Usage:
         """Writes the ledger row once (later calls return the first result)."""
         with self._lock:
             if self.usage is not None:
                 return self.usage
-            usage, status = self.current_usage(), status or self.final_status()
+            status = status or self.final_status()
+            usage = self.billable_usage(status)
             try:
                 self._ledger.finalize(self.response_id, status, usage.prompt_tokens,
                                       usage.cached_tokens, usage.completion_tokens)
@@ -204,11 +261,45 @@ class Generation:
         self._on_final(self)
         return usage
 
-    def _record_progress(self) -> None:
-        usage = self.current_usage()
+    # ------------------------------------------------------------------ progress in the ledger
+    def _record(self, outputs: list[RequestOutput | None]) -> None:
+        """Queues these counts for the ledger's writer (it batches; this does not block)."""
+        if self._ledger_failed:
+            return
+        usage = self._usage(outputs)
         try:
-            self._ledger.update_progress(self.response_id, usage.prompt_tokens,
-                                         usage.cached_tokens, usage.completion_tokens)
-        except Exception:  # noqa: BLE001
+            ticket = self._ledger.record_progress(self.response_id, usage.prompt_tokens,
+                                                  usage.cached_tokens, usage.completion_tokens)
+        except Exception:  # noqa: BLE001 - the response goes on; the row keeps older counts
             logger.exception("request %s: the ledger could not record progress",
                              self.response_id)
+            self._ledger_failed = True
+            return
+        self._recorded = (ticket, usage.completion_tokens)
+
+    def _hold_until_recorded(self, changed: dict[int, RequestOutput | Exception]) -> None:
+        """Waits, before `changed` is sent, until the ledger row holds the prompt tokens and
+        all but the bound of the completion tokens the client will then have."""
+        if self._ledger_failed:
+            return
+        after = list(self._sent)
+        for index, output in changed.items():
+            if isinstance(output, RequestOutput):
+                after[index] = output
+        completion = sum(len(sample.token_ids) for output in after if output is not None
+                         for sample in output.outputs)
+        ticket, recorded = self._recorded
+        if self._written != recorded and self._ledger.progress_written(ticket):
+            self._written = recorded
+        if self._written is not None and completion - self._written <= self._unrecorded_limit:
+            return
+        if completion - recorded > self._unrecorded_limit:
+            self._record(after)   # this batch alone runs past the bound: record it before
+            ticket, recorded = self._recorded
+        if self._ledger.progress_written(ticket, PROGRESS_WAIT_S):
+            self._written = recorded
+        else:
+            logger.error("request %s: the ledger did not record progress within %.0f s; "
+                         "streaming on without waiting for it", self.response_id,
+                         PROGRESS_WAIT_S)
+            self._ledger_failed = True

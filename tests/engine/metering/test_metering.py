@@ -107,7 +107,7 @@ def test_anonymous_account_is_created_once_and_cannot_authenticate(ledger):
     assert ledger.anonymous_key() == anonymous
     assert (anonymous.rpm, anonymous.tpm, anonymous.tokens_per_day) == (None, None, None)
     assert anonymous.prefix == "-" and not anonymous.admin
-    assert ledger.check(anonymous, 10**9).allowed
+    assert ledger.check_quota(anonymous, 10**9).allowed
 
 
 # Requests: admission, exactly-once finalisation, interruption, cost
@@ -190,34 +190,6 @@ def test_bad_final_status_and_counts_are_refused(ledger):
     assert ledger.finalize("req-1", "aborted", 5, 2, 1)
 
 
-def test_mark_interrupted_after_a_crash_keeps_counts_and_spares_other_replicas(db_url, clock, rng):
-    crashed = Ledger(db_url, instance="replica-1", clock=clock)
-    other = Ledger(db_url, instance="replica-2", clock=clock)
-    key, _ = crashed.create_key("team-a")
-    crashed.set_price("*", 1.0, 0.1, 4.0)
-    for i in range(3):
-        crashed.admit(f"req-{i}", key, "llama")
-    other.admit("req-other", key, "llama")
-    progress = _counts(rng)
-    crashed.update_progress("req-0", *progress)
-    crashed.finalize("req-2", "completed", 10, 0, 10)
-    crashed.close()   # the process dies with req-0 and req-1 running
-
-    restarted = Ledger(db_url, instance="replica-1", clock=clock)
-    assert restarted.mark_interrupted() == 2
-    assert restarted.mark_interrupted() == 0
-    assert not restarted.finalize("req-0", "completed", 1, 0, 1)   # final already
-    assert other.finalize("req-other", "completed", 1, 0, 1)       # still running
-    prompt, cached, completion = progress
-    row = restarted.usage(key.id)[0]
-    assert row.requests == 4
-    assert row.prompt_tokens == prompt + 10 + 1
-    assert row.cost == pytest.approx(((prompt - cached) + cached * 0.1 + completion * 4.0
-                                      + 10 + 40 + 1 + 4) / 1e6)
-    other.close()
-    restarted.close()
-
-
 # Quotas
 
 
@@ -243,7 +215,7 @@ def test_requests_per_minute_limit_slides_and_rejections_insert_nothing(ledger, 
 def test_tokens_per_minute_counts_estimates_then_final_counts(ledger, clock):
     key, _ = ledger.create_key("team-a", tpm=1000)
     assert ledger.try_admit("req-0", key, "llama", 600).allowed
-    rejected = ledger.check(key, 500)
+    rejected = ledger.check_quota(key, 500)
     assert not rejected.allowed and "tokens/min" in rejected.reason
     assert rejected.retry_after == 60
     assert rejected.headers["x-ratelimit-remaining-tokens"] == "400"
@@ -252,7 +224,7 @@ def test_tokens_per_minute_counts_estimates_then_final_counts(ledger, clock):
     ledger.finalize("req-0", "completed", 200, 50, 100)   # used 300 of the 600 estimated
     decision = ledger.try_admit("req-1", key, "llama", 500)
     assert decision.allowed and decision.headers["x-ratelimit-remaining-tokens"] == "200"
-    too_big = ledger.check(key, 1001)
+    too_big = ledger.check_quota(key, 1001)
     assert not too_big.allowed and too_big.retry_after == 0 and "waiting" in too_big.reason
 
 
