@@ -6,13 +6,20 @@ The Service (engine/serving/service.py: start_service) holds the engine thread a
 and knows no web framework; `ember serve` runs this app under gunicorn through
 engine/serving/gunicorn_app.py, which names it by import path ("server:create_app").
 
-Every generation request goes: authenticate -> validate (400) -> reserve engine room (503) ->
-quota (429) -> ledger row admitted -> engine thread -> ledger row finalized exactly once with
-the engine's usage (completed, aborted when the client leaves, error). See docs/design.md.
+Every request first passes the edge checks (`_check_edge`): without keys (--no-auth), a Host
+that is not a loopback address is a 403 (DNS rebinding cannot aim a web page at a local
+server); a POST body must be application/json (415: a cross-site form cannot post one) of a
+known length (411). Every generation request then goes: authenticate -> validate (400) ->
+precheck on lower bounds, before tokenizing (400 / 429) -> tokenize -> reserve the key's
+sequences and engine room (429 / 503) -> exact quota (429, or 400 for a request larger than
+the whole quota) -> ledger row admitted -> engine thread -> ledger row finalized exactly once
+with the engine's usage (completed, aborted when the client leaves, error). See
+docs/design.md.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from typing import Any
@@ -25,6 +32,8 @@ from engine.openai.api import ApiError
 from engine.openai.formatting import json_text
 from engine.openai.prompts import prepare_chat, prepare_completion
 from engine.openai.responses import ChatAssembler, CompletionAssembler
+from engine.serving import admission
+from engine.serving.openapi import openapi_document
 from engine.serving.respond import EventStream, Reply, respond, stream
 from engine.serving.service import Service
 
@@ -42,6 +51,7 @@ def create_app(service: Service) -> Flask:
     """
     app = Flask("ember")
     app.extensions["ember"] = service
+    app.before_request(lambda: _check_edge(service))
     _add_error_handlers(app, service)
     _add_generation_routes(app, service)
     _add_info_routes(app, service)
@@ -70,6 +80,46 @@ def _authenticate(service: Service) -> Any:
 def _begin(service: Service) -> tuple[Any, dict, float]:
     return service.begin(request.headers.get("Authorization", ""), request.stream,
                          request.content_length)
+
+
+def _check_edge(service: Service) -> None:
+    """Refuses, before any route runs: a non-loopback Host without keys (403), a POST body
+    that is not JSON (415) or is chunked (411: a whole body of known length is read before a
+    thread runs the request, see engine/serving/request_buffer.py)."""
+    if service.no_auth and not _local_host(request.environ.get("HTTP_HOST"),
+                                           service.allowed_hosts):
+        host = request.environ.get("HTTP_HOST", "")[:100]
+        raise ApiError(403, f"Host {host!r} is not a loopback address: without API keys "
+                       "(--no-auth) the server answers only requests addressed to "
+                       "localhost, 127.0.0.1 or [::1]", type="permission_error",
+                       code="host_not_allowed")
+    if request.method != "POST":
+        return
+    if request.mimetype != "application/json":
+        raise ApiError(415, f"Content-Type {request.content_type!r}: expected "
+                       "application/json", code="unsupported_media_type")
+    if request.content_length is None and request.headers.get("Transfer-Encoding"):
+        raise ApiError(411, "a chunked body: send the body with a Content-Length",
+                       code="length_required")
+
+
+def _local_host(host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a Host header ("name", "name:port", "[v6]:port") names this machine's
+    loopback (or one of `allowed`); a request without Host (HTTP/1.0) passes."""
+    if host is None:
+        return True
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    name = name.rstrip(".")
+    if name == "localhost" or name in allowed:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _new_request_id(prefix: str) -> str:
@@ -115,6 +165,7 @@ def _add_generation_routes(app: Flask, service: Service) -> None:
     def completions():
         key, body, arrival = _begin(service)
         parsed = api.parse_completion(body, service.limits)
+        service.admission.precheck(key, parsed.prompts, parsed.sampling)
         prepared = prepare_completion(parsed, service.model_info())
         response_id = _new_request_id("cmpl")
         assembler = CompletionAssembler(parsed, prepared, service.tokenizer, response_id,
@@ -126,6 +177,8 @@ def _add_generation_routes(app: Flask, service: Service) -> None:
     def chat_completions():
         key, body, arrival = _begin(service)
         parsed = api.parse_chat(body, service.limits)
+        service.admission.precheck(key, [admission.message_text(parsed.messages)],
+                                   parsed.sampling, param="messages")
         prepared = prepare_chat(parsed, service.model_info())
         response_id = _new_request_id("chatcmpl")
         assembler = ChatAssembler(parsed, prepared, response_id, int(time.time()),
@@ -154,8 +207,13 @@ def _add_info_routes(app: Flask, service: Service) -> None:
 
     @app.get("/metrics")
     def metrics():
+        # No key needed: nothing in it is per key (engine/serving/metrics.py).
         payload, content_type = service.metrics.render()
         return Response(payload, 200, content_type=content_type)
+
+    @app.get("/openapi.json")
+    def openapi():
+        return json_response(openapi_document(service.limits), 200)
 
     _add_authenticated_routes(app, service)
 
@@ -176,12 +234,17 @@ def _add_authenticated_routes(app: Flask, service: Service) -> None:
     @app.post("/tokenize")
     def tokenize():
         key, body, _ = _begin(service)
-        return json_response(service.tokenize(body), 200)
+        return json_response(service.tokenize(key, body), 200)
 
     @app.post("/detokenize")
     def detokenize():
         key, body, _ = _begin(service)
-        return json_response(service.detokenize(body), 200)
+        return json_response(service.detokenize(key, body), 200)
+
+    @app.get("/tokenizer_info")
+    def tokenizer_info():
+        _authenticate(service)
+        return json_response(service.tokenizer_info(), 200)
 
     @app.get("/v1/usage")
     def usage():

@@ -123,8 +123,25 @@ def _add_metering_commands(commands) -> None:
     usage.add_argument("--end", default=None, help="ISO date/time, exclusive (naive is UTC)")
     usage.add_argument("--group-by", choices=["model", "day", "key"], default=None)
     usage.add_argument("--csv", action="store_true", help="CSV instead of a table")
-    for parser in (create, listing, revoke, usage):
+    for parser in (create, listing, revoke, usage, *_add_prices_command(commands)):
         parser.add_argument("--db", default=None, help=db_help)
+
+
+def _add_prices_command(commands) -> tuple:
+    prices = commands.add_parser("prices", help="set and list prices per model (USD per 1M "
+                                                "tokens), which `ember usage` costs are from")
+    actions = prices.add_subparsers(dest="prices_command", required=True)
+    set_price = actions.add_parser(
+        "set", help="set a model's price; applies to requests finalised from now on",
+        description="Prices are USD per million tokens. MODEL is the served model name "
+                    "(--served-model-name); '*' prices every model without its own row.")
+    set_price.add_argument("model")
+    set_price.add_argument("--input", type=float, required=True, help="prompt tokens")
+    set_price.add_argument("--cached-input", type=float, default=None,
+                           help="prompt tokens read from the prefix cache (default: --input)")
+    set_price.add_argument("--output", type=float, required=True, help="completion tokens")
+    listing = actions.add_parser("list", help="list the prices")
+    return set_price, listing
 
 
 def _keys(args) -> None:
@@ -148,6 +165,28 @@ def _keys(args) -> None:
                            "yes" if k.revoked else "no", limit(k.rpm), limit(k.tpm),
                            limit(k.tokens_per_day), k.created_at.isoformat(" ", "seconds")]
                           for k in ledger.list_keys()])
+
+
+def _prices(args) -> None:
+    from engine.metering import Ledger
+
+    with Ledger(args.db) as ledger:
+        if args.prices_command == "set":
+            cached = args.input if args.cached_input is None else args.cached_input
+            for flag, value in (("--input", args.input), ("--cached-input", cached),
+                                ("--output", args.output)):
+                if not 0.0 <= value < float("inf"):
+                    raise ValueError(f"{flag}={value}: expected a price >= 0 (USD per million "
+                                     "tokens)")
+            ledger.set_price(args.model, args.input, cached, args.output)
+            print(f"price of {args.model!r} set (USD per 1M tokens): input {args.input:g}, "
+                  f"cached input {cached:g}, output {args.output:g}")
+            return
+        prices = ledger.list_prices()
+    _print_table(["model", "input", "cached_input", "output"],
+                 [[model, f"{price.input:g}", f"{price.cached_input:g}", f"{price.output:g}"]
+                  for model, price in prices.items()])
+    print("USD per million tokens; '*' prices models without their own row", file=sys.stderr)
 
 
 def _parse_time(flag: str, value: str | None):
@@ -197,16 +236,29 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--db", default=None,
                        help="ledger SQLAlchemy URL (default: sqlite:///$EMBER_HOME/ledger.db)")
-    serve.add_argument("--instance", default="default",
-                       help="this replica's stable name in a shared ledger (after a crash, "
-                            "only its own open rows are marked interrupted)")
+    serve.add_argument("--instance", default=None,
+                       help="this replica's name in a shared ledger (default: an id unique to "
+                            "this process; after a crash only a gone instance's open rows are "
+                            "marked interrupted)")
     serve.add_argument("--no-auth", action="store_true",
-                       help="no API keys: all usage goes to the anonymous key")
+                       help="no API keys: all usage goes to the anonymous key, and only "
+                            "requests addressed to a loopback Host (or to --host) are answered")
     serve.add_argument("--threads", type=int, default=64, help="HTTP threads")
     serve.add_argument("--max-queue", type=int, default=1024,
                        help="most engine requests in flight; more get 503")
     serve.add_argument("--max-n", type=int, default=16, help="most samples per prompt")
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    serve.add_argument("--max-sequences-per-key", type=int, default=256,
+                       help="most sequences (prompts x n) one key may have queued or running; "
+                            "more get 429")
+    serve.add_argument("--default-max-tokens", type=int, default=None,
+                       help="max_tokens of a request that sets none, cut to the context left "
+                            "(default: 16 for completions, the whole context for chat)")
+    serve.add_argument("--shared-prefix-cache", action="store_true",
+                       help="share the prefix cache between keys (default: each key's own, "
+                            "so cached tokens never tell one key what another sent)")
+    serve.add_argument("--read-timeout", type=float, default=30.0,
+                       help="seconds a client has to send a whole request (then 408)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds SIGTERM waits for running requests (then aborts them)")
     serve.add_argument("--log-level", default="info",
@@ -231,18 +283,22 @@ def _serve(args) -> None:
         "memory_fraction", "dtype", "backend", "seed") if getattr(args, name) is not None}
     config = EngineConfig(**fields, enable_prefix_caching=not args.no_prefix_caching,
                           warmup=not args.no_warmup)
+    if args.model is not None and not Path(args.model).exists():
+        raise ValueError(f"--model={args.model!r}: no such file or directory")
     if args.model is not None and not (Path(args.model) / "config.json").is_file():
         raise ValueError(f"--model={args.model!r}: expected a model directory with a "
                          "config.json")
-    for flag in ("port", "threads", "max_queue", "max_n", "max_body_bytes"):
+    for flag in ("port", "threads", "max_queue", "max_n", "max_body_bytes",
+                 "max_sequences_per_key", "default_max_tokens", "read_timeout"):
         value = getattr(args, flag)
-        if value < (0 if flag == "port" else 1):
-            raise ValueError(f"--{flag.replace('_', '-')}={value}: expected a positive integer")
+        if value is not None and not value >= (0 if flag == "port" else 1):
+            raise ValueError(f"--{flag.replace('_', '-')}={value}: expected a positive number")
     from engine.metering import Ledger
     Ledger(args.db).close()   # a bad URL fails here, in one line, before the server starts
     if args.no_auth and args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("ember.server").warning(
-            "serving without API keys on %s: anyone who can reach it can use it", args.host)
+            "serving without API keys on %s: anyone who can reach it and names it as the "
+            "Host can use it", args.host)
     for logger_name in ("ember", "engine"):
         logging.getLogger(logger_name).setLevel(args.log_level.upper())
     from engine.serving import gunicorn_app
@@ -254,6 +310,10 @@ def _serve(args) -> None:
                        instance=args.instance, host=args.host, port=args.port, model_name=name,
                        no_auth=args.no_auth, threads=args.threads, max_queue=args.max_queue,
                        max_n=args.max_n, max_body_bytes=args.max_body_bytes,
+                       max_sequences_per_key=args.max_sequences_per_key,
+                       shared_prefix_cache=args.shared_prefix_cache,
+                       default_max_tokens=args.default_max_tokens,
+                       read_timeout=args.read_timeout,
                        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
 
 
@@ -274,7 +334,12 @@ def _default_model_in_child_process():
 
 
 def _print_examples(host: str, port: int, model_name: str, no_auth: bool) -> None:
-    """Ready-to-paste requests for the server that is starting (printed before warm-up)."""
+    """Ready-to-paste requests for the server that is starting (printed before warm-up); the
+    Python one names this interpreter, which has the openai package (a dependency)."""
+    import shlex
+
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"   # a wildcard is where it listens, not an address to send to
     base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     key = "none" if no_auth else "$EMBER_API_KEY"
     auth = "" if no_auth else f' -H "Authorization: Bearer {key}"'
@@ -283,7 +348,8 @@ def _print_examples(host: str, port: int, model_name: str, no_auth: bool) -> Non
     print(f"Ember serves {model_name} at {base} (/health answers 200 once warm-up is done)."
           + ("" if no_auth else " Create a key with: ember keys create --name me"),
           f"  curl {base}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
-          f"  python -c \"from openai import OpenAI; client = OpenAI(base_url='{base}/v1', "
+          f"  {shlex.quote(sys.executable)} -c \"from openai import OpenAI; "
+          f"client = OpenAI(base_url='{base}/v1', "
           f"api_key='{key}'); print(client.completions.create(model='{model_name}', "
           f"prompt='def fibonacci(n):', max_tokens=48).choices[0].text)\"",
           sep="\n", file=sys.stderr, flush=True)
@@ -307,9 +373,12 @@ def _add_batch_command(commands) -> None:
     batch.add_argument("--served-model-name", default=None,
                        help="the model name bodies carry (default: the model directory's name)")
     account = batch.add_mutually_exclusive_group()
-    account.add_argument("--api-key", default=None, help="bill the key with this secret")
+    account.add_argument("--api-key", default=None,
+                         help="bill the key with this secret (default: $EMBER_API_KEY; a key "
+                              "on the command line shows in `ps`)")
     account.add_argument("--account", default=None,
-                         help="bill the key of this name (default: the anonymous account)")
+                         help="bill the key of this name (default: the key in $EMBER_API_KEY, "
+                              "else the anonymous account)")
     batch.add_argument("--db", default=None,
                        help="ledger SQLAlchemy URL (default: sqlite:///$EMBER_HOME/ledger.db)")
     batch.add_argument("--batch-discount", type=float, default=0.5,
@@ -339,34 +408,51 @@ def _batch(args) -> None:
               for name, _ in _BATCH_ENGINE_FIELDS}
     config = EngineConfig(**{k: v for k, v in fields.items() if v is not None},
                           enable_prefix_caching=not args.no_prefix_caching, warmup=args.warmup)
+    output_existed = os.path.exists(args.output)
     files = open_batch(args.input, args.output)   # a repeated custom_id fails here, first
     try:
         with Ledger(args.db, instance="batch") as ledger:
-            if args.api_key is not None:
-                key = ledger.authenticate(args.api_key)
-                if key is None:
-                    raise ValueError("--api-key: not a key of this ledger")
-            elif args.account is not None:
-                key = ledger.get_key(args.account)
-                if key is None:
-                    raise ValueError(f"--account={args.account!r}: no such key (see "
-                                     "`ember keys list`)")
-            else:
-                key = ledger.anonymous_key()
-            if key.revoked:
-                raise ValueError(f"key {key.name!r} is revoked")
+            key = _batch_key(ledger, args)
             from engine.llm_engine import LLMEngine
             engine = LLMEngine(args.model, config)
             name = args.served_model_name or (Path(args.model).name if args.model
                                               else "ember-default")
             summary = run_batch(engine, files, model_name=name, ledger=ledger, key=key,
                                 discount=args.batch_discount, progress=not args.no_progress)
-    finally:
+    except BaseException:
         files.close()
+        # A run that failed before writing a line leaves no empty output behind.
+        if not output_existed and os.path.isfile(args.output) \
+                and os.path.getsize(args.output) == 0:
+            os.unlink(args.output)
+        raise
+    files.close()
     print(f"{args.output}: {summary.succeeded} succeeded, {summary.failed} failed, "
           f"{summary.skipped} already done; {summary.prompt_tokens} prompt + "
           f"{summary.completion_tokens} completion tokens in {summary.seconds:.1f} s; "
           f"{summary.billed} billed to {key.name!r}", file=sys.stderr)
+
+
+def _batch_key(ledger, args):
+    """The key to bill: --api-key, --account, $EMBER_API_KEY, else the anonymous key."""
+    secret = args.api_key
+    if secret is None and args.account is None:
+        secret = os.environ.get("EMBER_API_KEY") or None
+    source = "--api-key" if args.api_key is not None else "EMBER_API_KEY"
+    if secret is not None:
+        key = ledger.authenticate(secret)
+        if key is None:
+            raise ValueError(f"{source}: not a key of this ledger")
+    elif args.account is not None:
+        key = ledger.get_key(args.account)
+        if key is None:
+            raise ValueError(f"--account={args.account!r}: no such key (see "
+                             "`ember keys list`)")
+    else:
+        key = ledger.anonymous_key()
+    if key.revoked:
+        raise ValueError(f"key {key.name!r} is revoked")
+    return key
 
 
 def _print_table(header: list[str], rows: list[list]) -> None:
@@ -381,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("EMBER_LOG_LEVEL", "WARNING"))
     handlers = {"generate": _generate, "convert": _convert,
                 "build-default-model": _build_default_model,
-                "keys": _keys, "usage": _usage, "serve": _serve, "batch": _batch}
+                "keys": _keys, "usage": _usage, "prices": _prices, "serve": _serve,
+                "batch": _batch}
     try:
         handlers[args.command](args)
     except KeyboardInterrupt:

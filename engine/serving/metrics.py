@@ -1,8 +1,11 @@
-"""Prometheus metrics of one server: latencies, tokens by key, and the engine's gauges (no JAX).
+"""Prometheus metrics of one server: latencies, tokens, requests and the engine's gauges (no JAX).
 
-Each app owns its CollectorRegistry, so two apps in one process (tests) never share counters.
-Engine gauges are read at scrape time from the engine thread's last published stats: the
-HTTP thread that serves /metrics never touches the engine.
+/metrics answers without a key (Prometheus scrapers rarely carry one), so nothing here is
+labelled by key: every series is by model, final status or HTTP code. A tenant's own figures
+live behind GET /v1/usage, which needs its key (issue 11: a tenant never sees another's name or
+usage). Each app owns its CollectorRegistry, so two apps in one process (tests) never share
+counters. Engine gauges are read at scrape time from the engine thread's last published stats:
+the HTTP thread that serves /metrics never touches the engine.
 """
 
 from __future__ import annotations
@@ -45,13 +48,12 @@ class ServerMetrics:
         self.queue_time = histogram(
             "ember_request_queue_time_seconds", "Arrival to first scheduled step.",
             _LATENCY_BUCKETS).labels(model_name)
-        token_labels = ["model", "key"]
         self._prompt_tokens = Counter("ember_prompt_tokens", "Prompt tokens billed.",
-                                      token_labels, registry=registry)
+                                      labels, registry=registry).labels(model_name)
         self._cached_tokens = Counter("ember_cached_tokens", "Prompt tokens from the prefix cache.",
-                                      token_labels, registry=registry)
+                                      labels, registry=registry).labels(model_name)
         self._generation_tokens = Counter("ember_generation_tokens", "Tokens generated.",
-                                          token_labels, registry=registry)
+                                          labels, registry=registry).labels(model_name)
         self._requests = Counter("ember_requests", "Finished requests by ledger status.",
                                  ["model", "status"], registry=registry)
         self._http = Counter("ember_http_responses", "HTTP responses by status code.",
@@ -59,10 +61,15 @@ class ServerMetrics:
         registry.register(_EngineCollector(model_name, stats, ready))
 
     def count_request(self, key_name: str, status: str, usage: Usage) -> None:
-        labels = (self.model_name, key_name)
-        self._prompt_tokens.labels(*labels).inc(usage.prompt_tokens)
-        self._cached_tokens.labels(*labels).inc(usage.cached_tokens)
-        self._generation_tokens.labels(*labels).inc(usage.completion_tokens)
+        """Counts a finished request's tokens and final status.
+
+        key_name is deliberately not recorded (see the module docstring); the argument stays
+        so that callers need not know which figures are public.
+        """
+        del key_name
+        self._prompt_tokens.inc(usage.prompt_tokens)
+        self._cached_tokens.inc(usage.cached_tokens)
+        self._generation_tokens.inc(usage.completion_tokens)
         self._requests.labels(self.model_name, status).inc()
 
     def count_response(self, status_code: int) -> None:

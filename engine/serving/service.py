@@ -4,13 +4,17 @@ One per app. It holds the engine thread, the ledger and the metrics, and the liv
 so that a shutdown can finalize every ledger row even if a client thread is stuck. It takes
 plain values (a header, a stream, a length), never the web framework's request: server.py
 reads the request and turns answers into responses.
+
+Admission runs twice: `admission.precheck` before tokenizing, on lower bounds from the
+parsed body (engine/serving/admission.py), then `start` after it, exactly (Ledger.try_admit).
+Each key's requests go to the engine as its own tenant (fair queueing between keys) with its
+own prefix cache salt, unless the server shares the cache between keys (--shared-prefix-cache).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
 import uuid
@@ -22,6 +26,7 @@ from engine.info import ModelInfo
 from engine.openai import api
 from engine.openai.api import ApiError, invalid
 from engine.openai.prompts import PreparedRequest
+from engine.serving import admission, tokenization
 from engine.serving.engine_thread import EngineThread, Unavailable
 from engine.serving.generation import Generation
 from engine.serving.metrics import ServerMetrics
@@ -32,9 +37,19 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024   # past this an oversized body is not even read to its end
 
 
+def body_too_large(max_body_bytes: int) -> ApiError:
+    """The answer to a body over --max-body-bytes (given by the Service, or by the gunicorn
+    worker, which throws such a body away as it arrives)."""
+    return ApiError(400, f"body is larger than {max_body_bytes} bytes", param=None,
+                    code="request_too_large")
+
+
 def start_service(engine: Any | Callable[[], Any], ledger: Any, *, model_name: str,
                   no_auth: bool = False, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                   max_queue: int = 1024, max_n: int = 16,
+                  max_sequences_per_key: int = admission.DEFAULT_MAX_SEQUENCES_PER_KEY,
+                  shared_prefix_cache: bool = False, default_max_tokens: int | None = None,
+                  allowed_hosts: tuple[str, ...] = (),
                   on_engine_failure: Callable[[BaseException], None] | None = None
                   ) -> Service:
     """Marks the ledger rows a crash left open as interrupted and starts the engine thread,
@@ -48,6 +63,14 @@ def start_service(engine: Any | Callable[[], Any], ledger: Any, *, model_name: s
       max_body_bytes: larger bodies are a 400 (code request_too_large).
       max_queue: most engine requests in flight; more is a 503.
       max_n: most samples per prompt.
+      max_sequences_per_key: most engine sequences (prompts x n) one key may have queued or
+        running; more is a 429 (a request larger than that alone, a 400).
+      shared_prefix_cache: share the prefix cache between keys (default: each key's cache is
+        its own, so cached_tokens never tells one key what another sent).
+      default_max_tokens: max_tokens of a request that sets none (cut to the context left);
+        None: OpenAI's 16 for completions, the whole remaining context for chat.
+      allowed_hosts: Host names answered without keys besides the loopback ones (the address
+        the server is bound to, when it is not a wildcard).
       on_engine_failure: called on the engine thread if building the engine fails.
 
     Returns:
@@ -57,16 +80,26 @@ def start_service(engine: Any | Callable[[], Any], ledger: Any, *, model_name: s
     if interrupted:
         logger.warning("marked %d ledger rows left running by a previous process as "
                        "interrupted", interrupted)
+    limits = api.Limits(model_name, max_n=max_n, default_max_tokens=default_max_tokens)
+    sequences = admission.SequenceLimit(max_sequences_per_key)   # a bad limit fails first
     thread = EngineThread(engine, max_queue=max_queue, on_failure=on_engine_failure).start()
-    return Service(thread, ledger, api.Limits(model_name, max_n=max_n), no_auth=no_auth,
-                   max_body_bytes=max_body_bytes)
+    return Service(thread, ledger, limits, no_auth=no_auth, max_body_bytes=max_body_bytes,
+                   sequences=sequences, shared_prefix_cache=shared_prefix_cache,
+                   allowed_hosts=allowed_hosts)
 
 
 class Service:
     def __init__(self, engine: EngineThread, ledger: Any, limits: api.Limits, *,
-                 no_auth: bool, max_body_bytes: int):
+                 no_auth: bool, max_body_bytes: int,
+                 sequences: admission.SequenceLimit | None = None,
+                 shared_prefix_cache: bool = False, allowed_hosts: tuple[str, ...] = ()):
         self.engine, self.ledger, self.limits = engine, ledger, limits
         self.no_auth, self.max_body_bytes = no_auth, max_body_bytes
+        self.sequences = sequences or admission.SequenceLimit(
+            admission.DEFAULT_MAX_SEQUENCES_PER_KEY)
+        self.admission = admission.EdgeAdmission(ledger, limits.model_name, self.sequences,
+                                                 self.model_info)
+        self.shared_prefix_cache, self.allowed_hosts = shared_prefix_cache, allowed_hosts
         self.metrics = ServerMetrics(limits.model_name, lambda: engine.stats,
                                      lambda: engine.state == "ready")
         self.shutting_down = False
@@ -105,12 +138,11 @@ class Service:
           stream: the request body, read in chunks until it returns b"".
           content_length: the Content-Length header, None when absent.
         """
-        too_large = ApiError(400, f"body is larger than {self.max_body_bytes} bytes",
-                             param=None, code="request_too_large")
+        too_large = body_too_large(self.max_body_bytes)
         if content_length is not None and content_length > DRAIN_LIMIT_BYTES:
             raise too_large
         chunks, size = [], 0
-        while chunk := stream.read(1 << 16):
+        while chunk := stream.read(1 << 20):   # from memory (see request_buffer.py)
             size += len(chunk)
             if size <= self.max_body_bytes:
                 chunks.append(chunk)
@@ -149,33 +181,36 @@ class Service:
 
     def start(self, prepared: PreparedRequest, key: Any, response_id: str, arrival: float
               ) -> tuple[Generation, dict]:
-        """Reserves engine room, checks the quota, admits the ledger row, submits.
+        """Takes the key's sequences, reserves engine room, checks the quota exactly and
+        admits the ledger row, submits.
 
         Returns the Generation and the quota's x-ratelimit-* headers.
         """
         count = len(prepared.prompts)
+        sequences = count * prepared.params.n
+        self.sequences.take(key, sequences)   # 400 / 429
         try:
             self.engine.reserve(count)
         except Unavailable as error:
+            self.sequences.give_back(key, sequences)
             raise ApiError(503, str(error), type="server_error", code="unavailable",
                            headers={"Retry-After": "1"}) from None
         generation = Generation(
             response_id=response_id, prompts=prepared.prompts, params=prepared.params, key=key,
             model=self.limits.model_name, ledger=self.ledger, metrics=self.metrics,
-            engine=self.engine, arrival=arrival, on_final=self._forget)
+            engine=self.engine, arrival=arrival, on_final=self._forget,
+            tenant=str(key.id), cache_salt=None if self.shared_prefix_cache else str(key.id))
         try:
             # Checks the quota and inserts the running row in one transaction.
-            decision = self.ledger.try_admit(response_id, key, self.limits.model_name,
-                                             prepared.estimated_tokens)
-            headers = {k: str(v) for k, v in (decision.headers or {}).items()}
+            decision = self.ledger.try_admit(
+                response_id, key, self.limits.model_name, prepared.estimated_tokens,
+                prompt_tokens=sum(len(prompt.token_ids) for prompt in prepared.prompts))
+            headers = admission.header_strings(decision.headers)
             if not decision.allowed:
-                if decision.retry_after:   # 0: the request alone exceeds a limit
-                    headers["Retry-After"] = str(max(1, math.ceil(decision.retry_after)))
-                raise ApiError(429, decision.reason or "rate limit exceeded",
-                               type="rate_limit_error", code="rate_limit_exceeded",
-                               headers=headers)
+                raise admission.quota_error(decision, headers)
         except BaseException:
             self.engine.release(count)
+            self.sequences.give_back(key, sequences)
             raise
         with self._lock:
             self._generations[response_id] = generation
@@ -185,46 +220,31 @@ class Service:
 
     def _forget(self, generation: Generation) -> None:
         with self._lock:
-            self._generations.pop(generation.response_id, None)
+            known = self._generations.pop(generation.response_id, None) is not None
+        if known:   # its sequences were taken in start(), once
+            self.sequences.give_back(generation.key,
+                                     len(generation.prompts) * generation.params.n)
 
     # ------------------------------------------------------------------ other routes
-    def tokenize(self, body: dict) -> dict:
+    def tokenize(self, key: Any, body: dict) -> dict:
+        """POST /tokenize (vLLM's shape): a prompt's or messages' token ids, counted against
+        the key's requests per minute before tokenizing."""
         api.check_model(body, self.limits)
         info = self.model_info()
-        if body.get("messages") is not None:
-            chat = api.parse_chat({"messages": body["messages"]}, self.limits)
-            ids = self._render_chat(info, chat.messages, api.get_bool(
-                body, "add_generation_prompt", True))
-        else:
-            prompt = body.get("prompt")
-            if not isinstance(prompt, str):
-                raise invalid("prompt", prompt, "a string (or give messages)", "invalid_type")
-            ids = info.tokenizer.encode(prompt, add_special_tokens=api.get_bool(
-                body, "add_special_tokens", True))
-        result = {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids}
-        if api.get_bool(body, "return_token_strs"):
-            result["token_strs"] = [info.tokenizer.decode([i], skip_special_tokens=False)
-                                    for i in ids]
-        return result
+        with self.admission.counted_call(key, "tokenize"):
+            return tokenization.tokenize(info, self.limits, body)
 
-    @staticmethod
-    def _render_chat(info: ModelInfo, messages: list, add_generation_prompt: bool) -> list:
-        try:
-            return info.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        except Exception as error:  # noqa: BLE001 - a template failing on user input is a 400
-            raise ApiError(400, f"messages: the chat template could not render them: "
-                           f"{str(error)[:200]}", param="messages") from None
-
-    def detokenize(self, body: dict) -> dict:
+    def detokenize(self, key: Any, body: dict) -> dict:
+        """POST /detokenize: the text of token ids, counted as /tokenize is."""
         api.check_model(body, self.limits)
         info = self.model_info()
-        tokens = body.get("tokens")
-        if not isinstance(tokens, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < info.vocab_size
-                for t in tokens):
-            raise invalid("tokens", tokens, f"a list of token ids in [0, {info.vocab_size})")
-        return {"prompt": info.tokenizer.decode(tokens)}
+        with self.admission.counted_call(key, "detokenize"):
+            return tokenization.detokenize(info, body)
+
+    def tokenizer_info(self) -> dict:
+        """GET /tokenizer_info, as vLLM answers it (see engine/serving/tokenization.py)."""
+        info = self.model_info()
+        return tokenization.tokenizer_info(info, getattr(self.engine.engine, "model_path", None))
 
     def usage(self, key: Any, args: Mapping[str, str]) -> list[dict]:
         """The key's usage rows for GET /v1/usage's query (group_by, key, start, end)."""

@@ -101,7 +101,9 @@ def test_kill_9_mid_stream_leaves_every_admitted_request_one_interrupted_row(new
 
 
 def test_serve_rejects_bad_arguments_in_one_line(tmp_path):
-    for args, expected in ((["--model", str(tmp_path / "missing")], "--model="),
+    for args, expected in ((["--model", str(tmp_path / "missing")], "no such file"),
+                           (["--model", str(tmp_path)], "config.json"),
+                           (["--max-sequences-per-key", "0"], "--max-sequences-per-key=0"),
                            (["--db", "not a url"], "ledger url"),
                            (["--max-num-seqs", "0"], "max_num_seqs=0")):
         result = subprocess.run([sys.executable, "-m", "engine.cli", "serve", *args],
