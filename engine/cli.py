@@ -24,6 +24,16 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                              "embedded default model, built on first use")
 
 
+def _check_model(model: str | None) -> None:
+    """One line, before anything loads, when --model names no model directory."""
+    from pathlib import Path
+
+    if model is not None and not Path(model).exists():
+        raise ValueError(f"--model={model!r}: no such file or directory")
+    if model is not None and not (Path(model) / "config.json").is_file():
+        raise ValueError(f"--model={model!r}: expected a model directory with a config.json")
+
+
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0,
@@ -66,6 +76,7 @@ def _generate(args) -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             seed=args.seed, stop=args.stop)
+    _check_model(args.model)
     # A one-off command compiles only what it uses; the server warms every rung.
     engine = LLMEngine(args.model, EngineConfig(max_num_seqs=1, max_num_batched_tokens=256,
                                                 warmup=False))
@@ -283,11 +294,7 @@ def _serve(args) -> None:
         "memory_fraction", "dtype", "backend", "seed") if getattr(args, name) is not None}
     config = EngineConfig(**fields, enable_prefix_caching=not args.no_prefix_caching,
                           warmup=not args.no_warmup)
-    if args.model is not None and not Path(args.model).exists():
-        raise ValueError(f"--model={args.model!r}: no such file or directory")
-    if args.model is not None and not (Path(args.model) / "config.json").is_file():
-        raise ValueError(f"--model={args.model!r}: expected a model directory with a "
-                         "config.json")
+    _check_model(args.model)
     for flag in ("port", "threads", "max_queue", "max_n", "max_body_bytes",
                  "max_sequences_per_key", "default_max_tokens", "read_timeout"):
         value = getattr(args, flag)
@@ -401,9 +408,7 @@ def _batch(args) -> None:
     if not 0.0 <= args.batch_discount <= 1.0:
         raise ValueError(f"--batch-discount={args.batch_discount}: expected a fraction in "
                          "[0, 1]")
-    if args.model is not None and not (Path(args.model) / "config.json").is_file():
-        raise ValueError(f"--model={args.model!r}: expected a model directory with a "
-                         "config.json")
+    _check_model(args.model)
     fields = {name.replace("-", "_"): getattr(args, name.replace("-", "_"))
               for name, _ in _BATCH_ENGINE_FIELDS}
     config = EngineConfig(**{k: v for k, v in fields.items() if v is not None},

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.sampling_params import is_int
+
 
 def default_cache_dir() -> Path:
     """$EMBER_HOME (default ~/.cache/ember), read on each call: models, XLA cache, ledger."""
@@ -65,8 +67,7 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive integer")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(
-                self.seed, bool) or self.seed < 0):
+        if self.seed is not None and not (is_int(self.seed) and self.seed >= 0):
             raise ValueError(f"seed={self.seed!r}: expected None or an integer >= 0")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len={self.max_model_len!r}: expected a positive integer")
