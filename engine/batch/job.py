@@ -168,11 +168,9 @@ class _Run:
                 # What the server answers an unexpected failure; the traceback goes to the log.
                 logger.exception("batch line %d (custom_id=%r) failed", request.line_no,
                                  request.custom_id)
-                errors.append(br.error_line(request, ids, ApiError(
-                    500, f"internal server error (request {ids.request_id})",
-                    type="server_error", code="internal_error")))
+                errors.append(br.error_line(request, ids, internal_error(ids)))
         self.files.output.append(errors)
-        self.failed = len(errors)
+        self.failed += len(errors)
         self.bar.update(len(errors))
 
     def _add(self, job: br.BatchJob) -> None:
@@ -202,20 +200,32 @@ class _Run:
                 if all(o is not None for o in job.outputs):
                     finished.append(job)
         if finished:
-            self.files.output.append([br.success_line(job) for job in finished])
-            for job in finished:
+            self.files.output.append([self._answer(job) for job in finished])
+            # A line the engine failed is an error line, unbilled like every error line
+            # (reconcile bills only 200 lines, so a resumed run agrees).
+            answered = [job for job in finished if not _engine_failed(job)]
+            for job in answered:
                 usage = job.usage
                 self.unbilled.append((job.ids.request_id, usage.prompt_tokens,
                                       usage.cached_tokens, usage.completion_tokens))
                 self.prompt_tokens += usage.prompt_tokens
                 self.completion_tokens += usage.completion_tokens
-            self.succeeded += len(finished)
+            self.failed += len(finished) - len(answered)
+            self.succeeded += len(answered)
             rate = ((self.prompt_tokens + self.completion_tokens)
                     / max(time.perf_counter() - self.start, 1e-9))
             self.bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
             self.bar.update(len(finished))
         if time.perf_counter() - self.last_commit >= COMMIT_INTERVAL_S:
             self.commit()
+
+    @staticmethod
+    def _answer(job: br.BatchJob) -> bytes:
+        if _engine_failed(job):
+            logger.error("batch line %d (custom_id=%r): the engine failed it",
+                         job.request.line_no, job.request.custom_id)
+            return br.error_line(job.request, job.ids, internal_error(job.ids))
+        return br.success_line(job)
 
     def commit(self) -> None:
         """fsyncs the output, then bills the lines written since the last commit, in one
@@ -227,3 +237,15 @@ class _Run:
                 self.key, self.limits.model_name, self.unbilled, discount=self.discount))
         self.unbilled = []
         self.last_commit = time.perf_counter()
+
+
+def internal_error(ids: br.BatchIds) -> ApiError:
+    """What the server answers a request it failed inside: no internals, the request id."""
+    return ApiError(500, f"internal server error (request {ids.request_id})",
+                    type="server_error", code="internal_error")
+
+
+def _engine_failed(job: br.BatchJob) -> bool:
+    # finish_reason "error": the engine could not run this request (LLMEngine.step_failures).
+    return any(sample.finish_reason == "error" for output in job.outputs
+               for sample in output.outputs)

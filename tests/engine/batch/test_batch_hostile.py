@@ -2,6 +2,8 @@
 a line holds stops the run (every line answered, on every rerun), and the CLI's key comes
 from EMBER_API_KEY with no empty output left by an early failure."""
 
+import sqlite3
+
 import pytest
 
 from engine import LLM
@@ -129,3 +131,37 @@ def test_the_key_in_ember_api_key_is_billed(model_dir, tmp_path, monkeypatch):
     usage_a = output["a"]["response"]["body"]["usage"]
     assert (usage.requests, usage.completion_tokens) == (1, usage_a["completion_tokens"])
     assert not anonymous or anonymous[0].requests == 0
+
+
+def test_a_line_the_engine_fails_is_an_error_line_and_the_others_are_answered(
+        llm, tmp_path, monkeypatch):
+    from tests.engine.test_failure_isolation import inject_fault
+
+    marker = 317   # in no other line: their prompts are text of a 320-token vocabulary
+    lines = [line("a"), line("poisoned", prompt=[5, 6, marker]), line("b", prompt="x = 1")]
+    expected = {}
+    files = open_batch(write_lines(tmp_path / "clean.jsonl", [lines[0], lines[2]]),
+                       tmp_path / "clean-out.jsonl")
+    run_batch(llm.engine, files, model_name=MODEL, progress=False)
+    files.close()
+    for custom_id, answer in read_output(tmp_path / "clean-out.jsonl").items():
+        expected[custom_id] = answer["response"]["body"]["choices"]
+
+    failures = inject_fault(monkeypatch, llm.engine.runner, marker, "host")
+    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
+        files = open_batch(write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl")
+        summary = run_batch(llm.engine, files, model_name=MODEL, ledger=ledger,
+                            key=ledger.anonymous_key(), progress=False)
+        files.close()
+    with sqlite3.connect(tmp_path / "ledger.db") as db:
+        billed = sorted(row[0] for row in db.execute("SELECT id FROM requests"))
+    assert failures and (summary.succeeded, summary.failed) == (2, 1)
+    output = read_output(tmp_path / "out.jsonl")
+    error = output["poisoned"]["response"]
+    assert error["status_code"] == 500
+    assert error["body"]["error"]["code"] == "internal_error"
+    assert "injected" not in str(error)   # no internals
+    for custom_id in ("a", "b"):
+        assert output[custom_id]["response"]["body"]["choices"] == expected[custom_id]
+    answered = [output[c]["response"]["request_id"] for c in ("a", "b")]
+    assert billed == sorted(answered)   # the failed line, like every error line, is unbilled
