@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(generate)
     generate.add_argument("--chat", action="store_true",
                           help="treat the prompt as a user message and apply the chat template")
+    generate.add_argument("--tensor-parallel-size", type=int, default=1,
+                          help="devices the model is split over (default 1)")
     generate.add_argument("prompt")
 
     convert = commands.add_parser("convert", help="write an orbax checkpoint of a HF directory")
@@ -78,8 +80,9 @@ def _generate(args) -> None:
                             seed=args.seed, stop=args.stop)
     _check_model(args.model)
     # A one-off command compiles only what it uses; the server warms every rung.
-    engine = LLMEngine(args.model, EngineConfig(max_num_seqs=1, max_num_batched_tokens=256,
-                                                warmup=False))
+    engine = LLMEngine(args.model, EngineConfig(
+        max_num_seqs=1, max_num_batched_tokens=256, warmup=False,
+        tensor_parallel_size=args.tensor_parallel_size))
     prompt = args.prompt
     if args.chat:
         prompt = {"prompt_token_ids": engine.tokenizer.apply_chat_template(
@@ -277,7 +280,7 @@ def _add_serve_command(commands) -> None:
     for name, kind in (("max-model-len", int), ("max-num-seqs", int),
                        ("max-num-batched-tokens", int), ("page-size", int), ("num-pages", int),
                        ("memory-fraction", float), ("dtype", str), ("backend", str),
-                       ("seed", int)):
+                       ("seed", int), ("tensor-parallel-size", int)):
         serve.add_argument(f"--{name}", type=kind, default=None, help="EngineConfig field")
     serve.add_argument("--no-prefix-caching", action="store_true")
     serve.add_argument("--no-warmup", action="store_true",
@@ -291,7 +294,8 @@ def _serve(args) -> None:
 
     fields = {name: getattr(args, name) for name in (
         "max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages",
-        "memory_fraction", "dtype", "backend", "seed") if getattr(args, name) is not None}
+        "memory_fraction", "dtype", "backend", "seed", "tensor_parallel_size")
+        if getattr(args, name) is not None}
     config = EngineConfig(**fields, enable_prefix_caching=not args.no_prefix_caching,
                           warmup=not args.no_warmup)
     _check_model(args.model)
@@ -365,7 +369,7 @@ def _print_examples(host: str, port: int, model_name: str, no_auth: bool) -> Non
 _BATCH_ENGINE_FIELDS = (("max-model-len", int), ("max-num-seqs", int),
                         ("max-num-batched-tokens", int), ("page-size", int), ("num-pages", int),
                         ("memory-fraction", float), ("dtype", str), ("backend", str),
-                        ("seed", int))
+                        ("seed", int), ("tensor-parallel-size", int))
 
 
 def _add_batch_command(commands) -> None:

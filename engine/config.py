@@ -42,6 +42,9 @@ class EngineConfig:
       interpret: run Pallas kernels in interpret mode (for tests on CPU).
       compilation_cache_dir: persistent XLA cache; "" disables it.
       warmup: compile every ladder rung before serving.
+      tensor_parallel_size: devices one model is split over (tensor parallelism on a
+        ("data", "model") mesh of the first N devices; models/sharding.py). 1 runs on one
+        device, without a mesh.
       seed: None (the default) draws each unseeded request's seed from OS entropy, so
         restarts and replicas never repeat a sequence; an int makes unseeded requests
         repeat from run to run (tests, benchmarks).
@@ -61,11 +64,13 @@ class EngineConfig:
     compilation_cache_dir: str = field(default_factory=lambda: str(default_cache_dir() / "xla"))
     warmup: bool = True
     seed: int | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "cpu_num_pages"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "cpu_num_pages",
+                     "tensor_parallel_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive integer")
         if self.seed is not None and not (is_int(self.seed) and self.seed >= 0):
             raise ValueError(f"seed={self.seed!r}: expected None or an integer >= 0")

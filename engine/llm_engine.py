@@ -26,7 +26,8 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from engine.worker import compilation
 from engine.worker.runner import Runner, fit_max_model_len, pages_that_fit
-from models.checkpoint import load_generation_config, load_model
+from models.checkpoint import load_config, load_generation_config, load_model
+from models.sharding import ShardingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,11 @@ class LLMEngine:
         self.config = config
         self.tokenizer = Tokenizer.from_pretrained(self.model_path)
         self.generation_config = load_generation_config(self.model_path)
-        loaded = load_model(self.model_path, dtype=config.dtype)
-        self.model_config = loaded.config
+        # Tensor parallelism: the heads must split and the devices exist, before any loading.
+        plan = (None if config.tensor_parallel_size == 1 else ShardingPlan.create(
+            load_config(self.model_path, config.dtype), config.tensor_parallel_size))
+        loaded = load_model(self.model_path, dtype=config.dtype, plan=plan)
+        self.model_config = loaded.config if plan is None else plan.config  # the real vocab
         num_pages = config.num_pages or pages_that_fit(loaded.config, config)
         self.max_model_len = fit_max_model_len(
             config.max_model_len, loaded.config.max_position_embeddings, num_pages,
@@ -62,7 +66,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, page_size=config.page_size, num_pages=num_pages,
             enable_prefix_caching=config.enable_prefix_caching))
-        self.runner = Runner(loaded, config, self.max_model_len, num_pages)
+        self.runner = Runner(loaded, config, self.max_model_len, num_pages, plan)
         self.output_processor = OutputProcessor(self.tokenizer)
         # Unseeded requests draw from OS entropy, unless the config asks for a repeatable run.
         self._seeds = None if config.seed is None else random.Random(config.seed)

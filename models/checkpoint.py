@@ -5,7 +5,9 @@ model.safetensors.index.json), optionally generation_config.json and the tokeniz
 `convert_to_orbax` adds an `orbax/` checkpoint beside them, which `load_model` prefers.
 
 Loading builds the module abstractly (no memory) and fills it one tensor at a time, so the
-host never holds two full copies of the weights.
+host never holds two full copies of the weights. With a ShardingPlan (tensor parallelism),
+each device reads only its own slice of each tensor from the file mapping
+(models/sharding.py), so no device holds the whole model either.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.mapped import MappedArrayError, map_array, reserve_file_descriptors
+from models.sharding import ShardingPlan
 from models.transformer import Transformer
 
 ORBAX_SUBDIR = "orbax"
@@ -74,15 +77,24 @@ def _is_linear_weight(name: str) -> bool:
     return name.endswith("_proj.weight") or name == "lm_head.weight"
 
 
-def load_model(model_dir: str | os.PathLike, dtype: str | None = None) -> Transformer:
-    """Loads a model directory: its orbax checkpoint when present, else its safetensors."""
+def load_model(model_dir: str | os.PathLike, dtype: str | None = None,
+               plan: ShardingPlan | None = None) -> Transformer:
+    """Loads a model directory: its orbax checkpoint when present, else its safetensors.
+
+    Args:
+      plan: tensor parallelism (made from this directory's config and `dtype`): the model is
+        built with `plan.layout` and each weight placed on `plan.mesh` slice by slice.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model directory not found")
     config = load_config(model_dir, dtype)
+    if plan is not None and plan.config != config:
+        raise ValueError(f"the sharding plan is for {plan.config}, not for {model_dir} "
+                         f"({config})")
     if (model_dir / ORBAX_SUBDIR).is_dir():
-        return _load_orbax(model_dir / ORBAX_SUBDIR, config)
-    return _load_safetensors(model_dir, config)
+        return _load_orbax(model_dir / ORBAX_SUBDIR, config, plan)
+    return _load_safetensors(model_dir, config, plan)
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
@@ -100,10 +112,11 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _load_safetensors(model_dir: Path, config: ModelConfig) -> Transformer:
+def _load_safetensors(model_dir: Path, config: ModelConfig,
+                      plan: ShardingPlan | None = None) -> Transformer:
     from safetensors import SafetensorError, safe_open
 
-    graphdef, state = abstract_model(config)
+    graphdef, state = abstract_model(config if plan is None else plan.layout)
     wanted = {hf_name(path): path for path, _ in nnx.to_flat_state(state)}
     flat = dict(nnx.to_flat_state(state))
     dtype = jnp.dtype(config.dtype)
@@ -113,11 +126,16 @@ def _load_safetensors(model_dir: Path, config: ModelConfig) -> Transformer:
                 for name in tensors.keys():
                     if name not in wanted:
                         continue  # e.g. rotary inv_freq buffers, or a tied lm_head copy
+                    key, transposed = wanted.pop(name), _is_linear_weight(name)
+                    if plan is not None:
+                        source = tensors.get_slice(name)
+                        shape = tuple(source.get_shape())
+                        flat[key] = _placed(flat[key], source, shape[::-1] if transposed
+                                            else shape, key, file, dtype, plan, transposed)
+                        continue
                     array = tensors.get_tensor(name)
-                    if _is_linear_weight(name):
-                        array = array.T
-                    flat[wanted[name]] = _checked(flat[wanted[name]], array, name, file, dtype)
-                    del wanted[name]
+                    flat[key] = _checked(flat[key], array.T if transposed else array, name,
+                                         file, dtype)
         except SafetensorError as error:
             raise CheckpointError(f"{file}: not a valid safetensors file ({error})") from None
     if wanted:
@@ -127,11 +145,22 @@ def _load_safetensors(model_dir: Path, config: ModelConfig) -> Transformer:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+def _check_shape(shape: tuple, expected: tuple, name: str, file: Path) -> None:
+    if tuple(shape) != tuple(expected):
+        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(shape)}, expected "
+                              f"{tuple(expected)} from config.json")
+
+
+def _placed(abstract, source, shape: tuple, key: tuple, file: Path, dtype, plan: ShardingPlan,
+            transposed: bool) -> nnx.Variable:
+    """The tensor `source` (`shape` in the engine's orientation) placed on plan's mesh."""
+    _check_shape(shape, plan.checkpoint_shape(key, tuple(abstract.shape)), hf_name(key), file)
+    return abstract.replace(plan.place(key, source, tuple(abstract.shape), dtype,
+                                       transposed=transposed))
+
+
 def _checked(abstract, array: np.ndarray, name: str, file: Path, dtype) -> nnx.Variable:
-    expected = tuple(abstract.shape)
-    if tuple(array.shape) != expected:
-        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(array.shape)}, expected "
-                              f"{expected} from config.json")
+    _check_shape(array.shape, abstract.shape, name, file)
     # One tensor at a time goes to the device; the host copy is dropped right after. On the
     # CPU, jax adopts an aligned host buffer of the right dtype (a mapped file) without a copy.
     if array.dtype == dtype:
@@ -189,13 +218,19 @@ def _orbax_handler():
     return ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True, use_compression=False)
 
 
-def _load_orbax(path: Path, config: ModelConfig) -> Transformer:
-    graphdef, state = abstract_model(config)
-    flat = dict(nnx.to_flat_state(state))
+def _load_orbax(path: Path, config: ModelConfig, plan: ShardingPlan | None = None
+                ) -> Transformer:
+    graphdef, state = abstract_model(config)   # the checkpoint's shapes, for orbax's restore
+    if plan is not None:
+        graphdef, layout_state = abstract_model(plan.layout)
+    flat = dict(nnx.to_flat_state(state if plan is None else layout_state))
     dtype = jnp.dtype(config.dtype)
     arrays = _map_orbax(path, list(flat)) or _restore_orbax(path, state)
     for key, array in arrays.items():
-        flat[key] = _checked(flat[key], array, hf_name(key), path, dtype)
+        if plan is None:
+            flat[key] = _checked(flat[key], array, hf_name(key), path, dtype)
+        else:
+            flat[key] = _placed(flat[key], array, array.shape, key, path, dtype, plan, False)
         arrays[key] = None  # the host copy (if any) goes as soon as the device has it
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 

@@ -1,6 +1,8 @@
-"""The one place that knows which Pallas names each jax version has (jax 0.10.2 to 0.12).
+"""The one place that knows which Pallas (and jax) names each jax version has (jax 0.10.2 to
+0.12).
 
-Kernel files import these shims instead of probing jax themselves.
+Kernel files, and models/paged.py for shard_map, import these shims instead of probing jax
+themselves.
 """
 
 from __future__ import annotations
@@ -64,6 +66,20 @@ def tpu_compiler_params(*, dimension_semantics: tuple[str, ...], vmem_limit_byte
                     or getattr(pltpu, "TPUCompilerParams"))
     return params_class(dimension_semantics=dimension_semantics,
                         vmem_limit_bytes=vmem_limit_bytes)
+
+
+def shard_map(f, *, mesh, in_specs, out_specs):
+    """`f` run once per device on its shards, with no replication checks (a Pallas kernel
+    inside is opaque to them).
+
+    `jax.shard_map(check_vma=)` where jax has it (0.10.2 to 0.12 all do); else the older
+    `jax.experimental.shard_map.shard_map(check_rep=)`, deprecated since jax 0.8.
+    """
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)
+    from jax.experimental.shard_map import shard_map as legacy_shard_map
+    return legacy_shard_map(f, mesh, in_specs, out_specs, check_rep=False)
 
 
 @functools.cache

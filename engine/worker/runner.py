@@ -25,6 +25,7 @@ from engine.worker.step import (TOP_LOGPROBS, PenaltyArrays, SamplingArrays, for
 from models.batch import Batch
 from models.config import ModelConfig
 from models.paged import init_kv_caches
+from models.sharding import KV_PAGES, ShardingPlan
 from models.transformer import Transformer
 
 logger = logging.getLogger(__name__)
@@ -38,15 +39,16 @@ def rung(ladder: tuple[int, ...], value: int) -> int:
 
 
 def pages_that_fit(model_config: ModelConfig, config: EngineConfig) -> int:
-    """KV pages for memory_fraction of the device's free memory (cpu_num_pages on a CPU,
-    which reports no limit)."""
+    """KV pages for memory_fraction of one device's free memory (cpu_num_pages on a CPU,
+    which reports no limit). `model_config` is the model as built (on a mesh: its layout,
+    whose kv heads split evenly over tensor_parallel_size devices)."""
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if not stats or "bytes_limit" not in stats:
         return config.cpu_num_pages
     c = model_config
     page_bytes = (config.page_size * 2 * c.num_kv_heads * c.head_dim * c.num_layers
-                  * jax.numpy.dtype(c.dtype).itemsize)
+                  * jax.numpy.dtype(c.dtype).itemsize) // config.tensor_parallel_size
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     return max(2, int(free * config.memory_fraction) // page_bytes)
 
@@ -88,7 +90,8 @@ class Runner:
     """Owns the weights, the KV cache and the compiled step functions."""
 
     def __init__(self, model: Transformer, config: EngineConfig, max_model_len: int,
-                 num_pages: int):
+                 num_pages: int, plan: ShardingPlan | None = None):
+        """`plan`: tensor parallelism; `model` is then loaded on plan.mesh (load_model)."""
         if model.config.vocab_size >= 2 ** 24:
             raise ValueError("vocab_size >= 2**24 cannot travel exactly in the packed f32 output")
         self.config = config
@@ -96,17 +99,28 @@ class Runner:
         self.num_pages = num_pages
         self.max_pages_per_seq = math.ceil(max_model_len / config.page_size)
         self.graphdef, self.params = nnx.split(model)
-        self._new_kv_caches = functools.partial(init_kv_caches, model, num_pages,
-                                                config.page_size)
+        self.plan = plan
+        self._new_kv_caches = functools.partial(
+            init_kv_caches, model, num_pages, config.page_size,
+            sharding=None if plan is None else plan.sharding(KV_PAGES))
         self.kv_caches = self._new_kv_caches()
         self.num_kv_rebuilds = 0   # times a failed step lost the cache and it was re-created
         kernel = dict(backend=config.backend, interpret=config.interpret)
-        self._forward = jax.jit(functools.partial(forward_step, self.graphdef, **kernel),
-                                donate_argnums=(1,))
-        self._sample = jax.jit(functools.partial(sample_step, self.graphdef, **kernel),
-                               static_argnames=("num_seqs", "num_top"))
-        self._prompt_logprobs = jax.jit(functools.partial(prompt_logprobs_step, self.graphdef),
-                                        static_argnames=("num_top",))
+        # On a mesh every output's sharding is fixed, so each rung compiles once: the caches
+        # stay split by kv head, everything else is replicated.
+        forward_out, replicated = {}, {}
+        if plan is not None:
+            replicated = dict(out_shardings=plan.sharding())
+            forward_out = dict(out_shardings=(plan.sharding(KV_PAGES), plan.sharding(),
+                                              plan.sharding()))
+        self._forward = jax.jit(functools.partial(forward_step, self.graphdef, plan=plan,
+                                                  **kernel),
+                                donate_argnums=(1,), **forward_out)
+        self._sample = jax.jit(functools.partial(sample_step, self.graphdef, plan=plan, **kernel),
+                               static_argnames=("num_seqs", "num_top"), **replicated)
+        self._prompt_logprobs = jax.jit(functools.partial(prompt_logprobs_step, self.graphdef,
+                                                          plan=plan),
+                                        static_argnames=("num_top",), **replicated)
 
     # ------------------------------------------------------------------ warm-up
     def warmup(self, progress: bool = True) -> None:

@@ -7,6 +7,10 @@ sample_step    (per sequence rung S) LM head on each sequence's last row, penalt
 prompt_logprobs_step (per T)         logprobs of each prompt token, for evaluations
 
 Splitting the LM head from the body keeps compilations at |T| + |S| instead of |T| x |S|.
+
+With tensor parallelism (a ShardingPlan), forward_step runs attention per device under
+shard_map, and the vocab-sharded logits are gathered onto every device (padding cut off)
+before anything reads them, so sampling and logprobs are the single-device code, unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from flax import nnx
 import pallas_kernels
 from models.batch import Batch
 from models.paged import forward_paged
+from models.sharding import ShardingPlan
 
 TOP_LOGPROBS = 20  # the one top-logprobs width compiled; requests slice what they asked for
 
@@ -46,12 +51,19 @@ class PenaltyArrays(NamedTuple):
 
 
 def forward_step(graphdef, params, kv_caches, batch: Batch, logits_indices, *, backend,
-                 interpret):
+                 interpret, plan: ShardingPlan | None = None):
     """Returns (kv_caches, hidden f32[T, H], last_hidden [S_max, H] at logits_indices)."""
     model = nnx.merge(graphdef, params)
     kv_caches, hidden = forward_paged(model, kv_caches, batch, backend=backend,
-                                      interpret=interpret)
+                                      interpret=interpret,
+                                      mesh=None if plan is None else plan.mesh)
     return kv_caches, hidden, hidden[logits_indices]
+
+
+def logits_of(model, hidden, plan: ShardingPlan | None):
+    """f32[rows, V]: the LM head; under a plan gathered onto every device, padding cut off."""
+    logits = model.logits(hidden)
+    return logits if plan is None else plan.gather_logits(logits)
 
 
 def apply_penalties(logits, penalties: PenaltyArrays):
@@ -80,7 +92,8 @@ def request_keys(seeds, positions):
 
 
 def sample_step(graphdef, params, last_hidden, sampling: SamplingArrays,
-                penalties: PenaltyArrays | None, *, num_seqs, num_top, backend, interpret):
+                penalties: PenaltyArrays | None, *, num_seqs, num_top, backend, interpret,
+                plan: ShardingPlan | None = None):
     """Samples one token per sequence; returns f32[S, 3 + 2 * num_top]:
     token id, its logprob, its rank, then num_top (id, logprob) pairs.
 
@@ -88,7 +101,7 @@ def sample_step(graphdef, params, last_hidden, sampling: SamplingArrays,
     and vLLM report them; penalties and temperature shape only the draw.
     """
     model = nnx.merge(graphdef, params)
-    logits = model.logits(last_hidden[:num_seqs])  # f32[S, V]
+    logits = logits_of(model, last_hidden[:num_seqs], plan)  # f32[S, V]
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     if penalties is not None:
         logits = apply_penalties(logits, penalties)
@@ -99,11 +112,12 @@ def sample_step(graphdef, params, last_hidden, sampling: SamplingArrays,
     return _pack(logprobs, token_ids, num_top)
 
 
-def prompt_logprobs_step(graphdef, params, hidden, target_ids, *, num_top):
+def prompt_logprobs_step(graphdef, params, hidden, target_ids, *, num_top,
+                         plan: ShardingPlan | None = None):
     """Logprob, rank and top logprobs of target_ids[t] under row t's distribution:
     f32[T, 3 + 2 * num_top]."""
     model = nnx.merge(graphdef, params)
-    logprobs = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+    logprobs = jax.nn.log_softmax(logits_of(model, hidden, plan), axis=-1)
     return _pack(logprobs, target_ids, num_top)
 
 
