@@ -86,9 +86,9 @@ class QuotaGate:
                   estimated_tokens: int, *, prompt_tokens: int = 0) -> QuotaDecision:
         """check_quota() then admit() atomically: the row is inserted only when allowed.
 
-        Within a process a lock serialises admissions; across PostgreSQL replicas the key's
-        row is locked (SELECT ... FOR UPDATE) for the transaction. SQLite shared by several
-        processes may overshoot a limit by the requests admitted at the same instant.
+        Within a process a lock serialises admissions; across processes (replicas) the
+        database does, before the window is read (_lock_key): an admission waits for the one
+        ahead of it to commit and then counts its row.
 
         Args:
           prompt_tokens: the prompt's tokens, written with the row (a crash keeps them).
@@ -98,11 +98,7 @@ class QuotaGate:
         """
         self._ensure_registered()   # its own transaction, before this one
         with self._lock, self._db.begin() as conn:
-            row = conn.execute(sa.select(schema.keys.c.revoked)
-                               .where(schema.keys.c.id == key.id).with_for_update()).first()
-            if row is None:
-                raise ValueError(f"key id={key.id}: not in the ledger")
-            decision = self._decide(conn, key, estimated_tokens, revoked=bool(row.revoked))
+            decision = self._decide(conn, key, estimated_tokens, revoked=_lock_key(conn, key))
             if decision.allowed:
                 self._insert_request(conn, request_id, key, model, estimated_tokens,
                                      prompt_tokens)
@@ -133,6 +129,24 @@ class QuotaGate:
             per_day = _day_limit(key.tokens_per_day, int(used_today), estimated_tokens,
                                  (day_start + timedelta(days=1) - now).total_seconds())
         return _combine(requests, per_minute, per_day, key)
+
+
+def _lock_key(conn: sa.Connection, key: KeyInfo) -> bool:
+    """Makes the other processes' admissions for `key` wait until this transaction ends;
+    returns whether the key is revoked, as the database has it now.
+
+    PostgreSQL locks the key's row (SELECT ... FOR NO KEY UPDATE): admissions of this key
+    queue behind each other, other keys' do not, and inserts that merely reference the key
+    (batch billing's) take KEY SHARE and need not wait. The statements after the lock see
+    the rows committed while it waited, at READ COMMITTED (schema.py sets it). SQLite has
+    no row locks: the database's write lock is taken instead (schema.lock_for_writing).
+    """
+    schema.lock_for_writing(conn)
+    row = conn.execute(sa.select(schema.keys.c.revoked).where(
+        schema.keys.c.id == key.id).with_for_update(key_share=True)).first()
+    if row is None:
+        raise ValueError(f"key id={key.id}: not in the ledger")
+    return bool(row.revoked)
 
 
 @dataclass(slots=True)

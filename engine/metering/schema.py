@@ -17,9 +17,14 @@ from sqlalchemy.pool import StaticPool
 from engine.config import default_cache_dir
 
 SQLITE_BUSY_TIMEOUT_S = 30
+POSTGRES_POOL_SIZE = 8            # connections kept open per Ledger
+POSTGRES_POOL_MAX = 32            # connections open at most per Ledger
+POSTGRES_POOL_TIMEOUT_S = 30      # a thread waits this long for a free connection
+POSTGRES_CONNECT_TIMEOUT_S = 10   # an unreachable server fails a call, not hangs it
 RUNNING = "running"
 FINAL_STATUSES = ("completed", "aborted", "error", "interrupted")
 DEFAULT_PRICE_MODEL = "*"   # the prices row used by models without their own
+_SCHEMA_LOCK_ID = 0x656D6265725F6462   # "ember_db": PostgreSQL's advisory lock on creating tables
 
 metadata = sa.MetaData()
 
@@ -109,6 +114,9 @@ def open_database(url: str | None) -> sa.Engine:
     except ArgumentError as error:
         raise ValueError(f"ledger url={url!r}: expected a SQLAlchemy URL such as "
                          "sqlite:///path/to/ledger.db or postgresql://host/db") from error
+    if parsed.drivername == "postgresql":
+        # The `postgres` extra's driver, whichever SQLAlchemy's default (2.0: psycopg2).
+        parsed = parsed.set(drivername="postgresql+psycopg")
     shown = parsed.render_as_string(hide_password=True)
     options: dict = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
@@ -116,23 +124,70 @@ def open_database(url: str | None) -> sa.Engine:
         options["connect_args"] = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}
         if parsed.database in (None, "", ":memory:"):
             options["poolclass"] = StaticPool   # one in-memory database for every thread
+    elif parsed.get_backend_name() == "postgresql":
+        options.update(_postgres_options())
     try:
         engine = sa.create_engine(parsed, **options)
     except ArgumentError as error:
         raise ValueError(f"ledger url={shown!r}: {error}") from error
     except ImportError as error:
+        extra = " (pip install 'ember[postgres]')" if parsed.get_backend_name() == (
+            "postgresql") else ""
         raise ValueError(f"ledger url={shown!r}: its database driver is not installed "
-                         f"({error})") from error
+                         f"({error}){extra}") from error
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
-        # Also migrates a ledger of an earlier version: tables it lacks are created.
-        metadata.create_all(engine)
+        _create_tables(engine)
     except SQLAlchemyError as error:
         engine.dispose()
         reason = getattr(error, "orig", None) or error
         raise OSError(f"cannot open the ledger at {shown}: {reason}") from error
     return engine
+
+
+def lock_for_writing(conn: sa.Connection) -> None:
+    """On SQLite, takes the database's write lock now (BEGIN IMMEDIATE), so that what the
+    transaction reads next no other process changes before it commits; other writers wait
+    for it (the busy timeout), readers do not (WAL). Must be the transaction's first
+    statement: the driver begins transactions only before a write, and then commits this
+    one as its own. Other backends lock rows or take advisory locks instead: nothing here.
+    """
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _create_tables(engine: sa.Engine) -> None:
+    """Creates the tables missing (which migrates a ledger of an earlier version), one
+    process at a time: replicas starting together on an empty database would otherwise
+    both see a table missing and both create it (PostgreSQL: a duplicate key error)."""
+    with engine.begin() as conn:
+        lock_for_writing(conn)
+        if conn.dialect.name == "postgresql":
+            # DDL is transactional in PostgreSQL: a second process waits here, then finds
+            # the tables the first committed.
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_ID)))
+        metadata.create_all(conn)
+
+
+def _postgres_options() -> dict:
+    """Pool and session settings of a PostgreSQL ledger shared by replicas."""
+    return {
+        # try_admit's key-row lock relies on it: a statement run after the lock is granted
+        # sees the rows committed by the transaction that held it. Fixed here so that a
+        # server-wide default_transaction_isolation cannot turn waits into serialisation
+        # errors.
+        "isolation_level": "READ COMMITTED",
+        # Each ledger call holds a connection for about a millisecond, so a few connections
+        # serve the 64 HTTP threads, the progress writer and the lease heartbeat; a burst
+        # opens up to POSTGRES_POOL_MAX and the rest wait their turn (pool_timeout), so N
+        # replicas need at most N * POSTGRES_POOL_MAX of max_connections (100 by default).
+        "pool_size": POSTGRES_POOL_SIZE,
+        "max_overflow": POSTGRES_POOL_MAX - POSTGRES_POOL_SIZE,
+        "pool_timeout": POSTGRES_POOL_TIMEOUT_S,
+        "pool_recycle": 1800,   # before firewalls and poolers drop idle connections
+        "connect_args": {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S},
+    }
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from tests.hf_models import build_hf_model
+from tests.postgres import postgres  # noqa: F401 - a fixture (test_replicas.py)
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE_ARGS = ["--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--max-model-len", "256",
@@ -166,3 +167,39 @@ def openai_client(server: ServerProcess, key: str):
     import openai
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0,
                          timeout=120)
+
+
+# ---------------------------------------------------------------- replicas on PostgreSQL
+class ReplicaProcess(ServerProcess):
+    """A server whose ledger is a PostgreSQL database that other replicas share."""
+
+    def __init__(self, model_dir: Path, home: Path, db_url: str, *extra: str):
+        super().__init__(model_dir, home, home / "unused.db", *extra)
+        self.db_path, self.db_url = None, db_url
+
+    def query(self, sql: str, params: tuple = ()) -> list[dict]:
+        """Runs `sql` on the shared ledger; `?` placeholders, as rows() takes them."""
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(self.db_url.replace("+psycopg", ""), row_factory=dict_row) as db:
+            return db.execute(sql.replace("?", "%s"), params).fetchall()
+
+    def rows(self, where: str = "1=1", params: tuple = ()) -> list[dict]:
+        return self.query(f"SELECT * FROM requests WHERE {where}", params)
+
+
+@pytest.fixture(scope="session")
+def new_replica(server_model_dir, ember_home, postgres):
+    """Makes (unstarted) servers on a PostgreSQL ledger; stops them all at the end, before
+    the PostgreSQL server."""
+    replicas = []
+
+    def make(db_url: str, *extra: str) -> ReplicaProcess:
+        replicas.append(ReplicaProcess(server_model_dir, ember_home, db_url, *extra))
+        return replicas[-1]
+
+    yield make
+    for replica in replicas:
+        if replica.proc is not None:
+            replica.stop()

@@ -1,8 +1,9 @@
 """Ledger instances: a start-up marks interrupted only the running rows of instances that are
 gone (killed, or their lease lapsed), never a live one's, and migrates an older ledger.
 
-Crashed servers are real processes here: a child admits rows and records progress, then is
-killed with SIGKILL (or stopped with SIGSTOP, so its lease lapses while its pid lives)."""
+On SQLite and on a real PostgreSQL server (conftest.py). Crashed servers are real processes
+here: a child admits rows and records progress, then is killed with SIGKILL (or stopped with
+SIGSTOP, so its lease lapses while its pid lives)."""
 
 import os
 import signal
@@ -61,12 +62,11 @@ class Child:
 
 
 @pytest.fixture
-def db_url(tmp_path):
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    with Ledger(url) as ledger:
+def db_url(empty_db_url):
+    with Ledger(empty_db_url) as ledger:
         ledger.create_key("team-a")
         ledger.set_price("*", 1.0, 0.5, 3.0)
-    return url
+    return empty_db_url
 
 
 @pytest.fixture
@@ -148,9 +148,9 @@ def test_a_stable_name_held_by_a_live_server_is_refused(db_url, children, monkey
             second.mark_interrupted()
 
 
-def test_a_ledger_of_the_previous_version_is_migrated(tmp_path):
+def test_a_ledger_of_the_previous_version_is_migrated(empty_db_url):
     """The version before leases: no instances table, rows admitted as instance 'default'."""
-    url = f"sqlite:///{tmp_path / 'old.db'}"
+    url = empty_db_url
     old = sa.MetaData()
     for table in (schema.keys, schema.requests, schema.prices):
         table.to_metadata(old)

@@ -1,4 +1,5 @@
-"""Metering: keys, the ledger's exactly-once billing, quotas, usage and the CLI, on real SQLite."""
+"""Metering: keys, the ledger's exactly-once billing, quotas, usage and the CLI, on real SQLite
+and a real PostgreSQL server (conftest.py's empty_db_url)."""
 
 import csv
 import io
@@ -42,8 +43,8 @@ def clock():
 
 
 @pytest.fixture
-def db_url(tmp_path):
-    return f"sqlite:///{tmp_path / 'ledger.db'}"
+def db_url(empty_db_url):
+    return empty_db_url
 
 
 @pytest.fixture
@@ -92,9 +93,10 @@ def test_key_names_and_limits_are_checked(ledger):
         ledger.revoke_key("nobody")
 
 
-def test_database_never_holds_the_plaintext_key(tmp_path, ledger):
-    keys = [ledger.create_key(f"team-{i}")[1] for i in range(5)]
-    ledger.authenticate(keys[0])
+def test_database_never_holds_the_plaintext_key(tmp_path):
+    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:   # files the test can scan
+        keys = [ledger.create_key(f"team-{i}")[1] for i in range(5)]
+        ledger.authenticate(keys[0])
     stored = b"".join(path.read_bytes() for path in tmp_path.glob("ledger.db*"))
     assert hash_key(keys[0]).encode() in stored   # the scan reads what the ledger wrote
     for plaintext in keys:
@@ -333,15 +335,20 @@ def test_a_key_reads_only_its_own_usage_and_an_admin_reads_all(ledger, clock, rn
 # CLI
 
 
-def _ember(*args, db_url):
-    env = dict(os.environ, EMBER_HOME=str(Path(db_url.removeprefix("sqlite:///")).parent))
+def _ember(*args, db_url, home):
+    env = dict(os.environ, EMBER_HOME=str(home))
     return subprocess.run([sys.executable, "-m", "engine.cli", *args, "--db", db_url],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
 
 
-def test_cli_creates_lists_revokes_and_reports_usage(db_url, rng):
-    created = _ember("keys", "create", "--name", "team-a", "--rpm", "60", "--tpm", "9000",
-                     db_url=db_url)
+def test_cli_creates_lists_revokes_and_reports_usage(db_url, tmp_path, rng):
+    # As a user writes it: a plain postgresql:// URL gets the `postgres` extra's driver.
+    cli_url = db_url.replace("postgresql+psycopg://", "postgresql://")
+
+    def ember(*args):
+        return _ember(*args, db_url=cli_url, home=tmp_path)
+
+    created = ember("keys", "create", "--name", "team-a", "--rpm", "60", "--tpm", "9000")
     assert created.returncode == 0, created.stderr
     plaintext = created.stdout.strip()
     assert plaintext.startswith("ember-") and "only" in created.stderr
@@ -352,12 +359,12 @@ def test_cli_creates_lists_revokes_and_reports_usage(db_url, rng):
         ledger.admit("req-0", key, "llama")
         ledger.finalize("req-0", "completed", prompt, cached, completion)
 
-    listed = _ember("keys", "list", db_url=db_url)
+    listed = ember("keys", "list")
     assert listed.returncode == 0 and "team-a" in listed.stdout and key.prefix in listed.stdout
     assert plaintext not in listed.stdout + listed.stderr
     assert plaintext.removeprefix(key.prefix) not in listed.stdout
 
-    usage = _ember("usage", "--key", "team-a", "--group-by", "model", "--csv", db_url=db_url)
+    usage = ember("usage", "--key", "team-a", "--group-by", "model", "--csv")
     assert usage.returncode == 0, usage.stderr
     rows = list(csv.DictReader(io.StringIO(usage.stdout)))
     assert len(rows) == 1 and rows[0]["model"] == "llama"
@@ -365,9 +372,9 @@ def test_cli_creates_lists_revokes_and_reports_usage(db_url, rng):
                                             "completion_tokens", "total_tokens")] == [
         1, prompt, cached, completion, prompt + completion]
 
-    assert _ember("keys", "revoke", "team-a", db_url=db_url).returncode == 0
-    assert "yes" in _ember("keys", "list", db_url=db_url).stdout.splitlines()[1]
+    assert ember("keys", "revoke", "team-a").returncode == 0
+    assert "yes" in ember("keys", "list").stdout.splitlines()[1]
     for bad in (("keys", "create", "--name", "team-a"), ("usage", "--start", "tuesday"),
                 ("usage", "--key", "nobody"), ("keys", "revoke", "nobody")):
-        failed = _ember(*bad, db_url=db_url)
+        failed = ember(*bad)
         assert failed.returncode == 2 and len(failed.stderr.strip().splitlines()) == 1, bad
