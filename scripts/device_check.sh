@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Ember's GPU device check: the kernel tests natively on the GPU, then the kernel benchmark.
+# Ember's GPU device check: the kernel tests natively on the GPU, the kernel benchmark, and
+# (where more than one GPU is visible) the tensor-parallel scaling benchmark.
 #
 #   bash scripts/device_check.sh [--out DIR]
 #
@@ -45,4 +46,14 @@ timeout 140 "$python" scripts/bench_kernels.py ${out:+--out "$out"}
 bench_status=$?
 echo "benchmark: exit $bench_status in $((SECONDS - start)) s"
 
-[[ $tests_status -eq 0 && $bench_status -eq 0 ]]
+scaling_status=0
+gpus=$("$python" -c "import jax; print(jax.device_count())" 2>/dev/null || echo 1)
+if [[ "$gpus" -gt 1 ]]; then
+  echo "== tensor-parallel scaling (N = 1 .. $gpus)"
+  start=$SECONDS
+  timeout 120 "$python" scripts/bench_scaling.py 2>&1 | tee ${out:+"$out/scaling.md"}
+  scaling_status=${PIPESTATUS[0]}
+  echo "scaling: exit $scaling_status in $((SECONDS - start)) s"
+fi
+
+[[ $tests_status -eq 0 && $bench_status -eq 0 && $scaling_status -eq 0 ]]
