@@ -22,7 +22,7 @@ from engine.core.request import Request, RequestStatus, ScheduledRequest, Schedu
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.info import EngineStats, ModelInfo
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, is_int
 from engine.tokenizer import Tokenizer
 from engine.worker import compilation
 from engine.worker.runner import Runner, fit_max_model_len, pages_that_fit
@@ -116,7 +116,7 @@ class LLMEngine:
         else:
             token_ids, text = prompt, None
         if not isinstance(token_ids, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
+                is_int(t) for t in token_ids):
             raise ValueError(f"prompt_token_ids={str(token_ids)[:80]}: expected a list of ints")
         vocab = self.model_config.vocab_size
         for index, token in enumerate(token_ids):

@@ -51,7 +51,7 @@ class NumberRange:
     def contains(self, value: object) -> bool:
         if self.integer:
             return is_int(value) and self.low <= value <= self.high
-        if not _is_num(value) or not math.isfinite(value):
+        if not is_number(value) or not math.isfinite(value):
             return False
         packed = to_float32(value)
         if packed is None:
@@ -179,7 +179,8 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_num(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """An int or float that is not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

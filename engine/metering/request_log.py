@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from engine.metering import schema
 from engine.metering.keys import KeyInfo
 from engine.metering.progress import ProgressWriter
-from engine.sampling_params import is_int
+from engine.sampling_params import is_int, is_number
 
 _COUNT_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens")
 
@@ -67,7 +67,7 @@ class RequestLog:
             raise ValueError(f"model={model!r}: expected a model name or '*'")
         values = dict(input=input, cached_input=cached_input, output=output)
         for name, value in values.items():
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            if not is_number(value) or not value >= 0:
                 raise ValueError(f"{name}={value!r}: expected a price >= 0 (USD per 1M tokens)")
         values = {name: float(value) for name, value in values.items()}
         with self._lock, self._db.begin() as conn:
@@ -221,8 +221,7 @@ class RequestLog:
         """
         if status not in schema.FINAL_STATUSES:
             raise ValueError(f"status={status!r}: expected one of {schema.FINAL_STATUSES}")
-        if isinstance(discount, bool) or not isinstance(discount, int | float) or not (
-                0.0 <= discount <= 1.0):
+        if not is_number(discount) or not 0.0 <= discount <= 1.0:
             raise ValueError(f"discount={discount!r}: expected a fraction in [0, 1]")
         if key.revoked:
             raise PermissionError(f"key {key.name!r} is revoked")

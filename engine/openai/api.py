@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from engine.sampling_params import RANGES, InvalidParamError, NumberRange, check_unicode, is_int
+from engine.sampling_params import (RANGES, InvalidParamError, NumberRange, check_unicode, is_int,
+                                    is_number)
 from engine.tokenizer.chat_template import validate_messages
 
 Prompt = str | list[int]
@@ -166,8 +167,7 @@ def _reject_constant(name: str) -> None:
 
 # ------------------------------------------------------------------ typed field readers
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return is_number(value) and math.isfinite(value)
 
 
 def get_int(body: dict, name: str, low: int, high: int | None = None) -> int | None:

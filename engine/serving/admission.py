@@ -25,6 +25,7 @@ from typing import Any
 
 from engine.info import ModelInfo
 from engine.openai.api import ApiError, SamplingFields
+from engine.sampling_params import is_int
 
 DEFAULT_MAX_SEQUENCES_PER_KEY = 256
 # Decoding one token alone can drop a byte its text covers twice over: a leading
@@ -90,7 +91,7 @@ class SequenceLimit:
     """
 
     def __init__(self, limit: int):
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        if not is_int(limit) or limit < 1:
             raise ValueError(f"max_sequences_per_key={limit!r}: expected an integer >= 1")
         self.limit = limit
         self._held: dict[int, int] = {}   # key id -> sequences in flight

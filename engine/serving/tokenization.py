@@ -14,6 +14,7 @@ from typing import Any
 from engine.info import ModelInfo
 from engine.openai import api
 from engine.openai.api import ApiError, invalid
+from engine.sampling_params import is_int
 from engine.tokenizer.chat_template import load_chat_templates
 
 # Paths on the server's disk, which tell a client nothing it can use (vLLM drops them too).
@@ -52,7 +53,7 @@ def detokenize(info: ModelInfo, body: dict) -> dict:
     """POST /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
     tokens = body.get("tokens")
     if not isinstance(tokens, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < info.vocab_size
+            is_int(t) and 0 <= t < info.vocab_size
             for t in tokens):
         raise invalid("tokens", tokens, f"a list of token ids in [0, {info.vocab_size})")
     return {"prompt": info.tokenizer.decode(tokens)}
