@@ -304,7 +304,7 @@ def test_kill_9_at_random_moments_then_resume_is_exactly_once(model_dir, tmp_pat
     rng = random.Random(seed)
     lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
               "body": {"model": MODEL, "prompt": words(rng, 2, 12),
-                       "max_tokens": rng.randint(12, 32), "ignore_eos": True,
+                       "max_tokens": rng.randint(48, 96), "ignore_eos": True,
                        "temperature": rng.choice([0.0, 0.9]),
                        **({"seed": rng.randrange(1000)} if rng.random() < 0.5 else {})}}
              for i in range(36)]
