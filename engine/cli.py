@@ -283,6 +283,17 @@ def _add_serve_command(commands) -> None:
                        ("seed", int), ("tensor-parallel-size", int)):
         serve.add_argument(f"--{name}", type=kind, default=None, help="EngineConfig field")
     serve.add_argument("--no-prefix-caching", action="store_true")
+    serve.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                       help="multi-host: jax.distributed's coordinator (process 0's address); "
+                            "process 0 serves HTTP, the others run the model's steps with it")
+    serve.add_argument("--num-processes", type=int, default=None,
+                       help="multi-host: how many processes (hosts) the model spans")
+    serve.add_argument("--process-id", type=int, default=None,
+                       help="multi-host: this process's rank, 0 (the server) to P - 1")
+    serve.add_argument("--distributed", action="store_true",
+                       help="multi-host: take the three flags above from the cluster "
+                            "(SLURM, Open MPI, a TPU pod slice, Kubernetes) as "
+                            "jax.distributed.initialize() does; flags given still win")
     serve.add_argument("--no-warmup", action="store_true",
                        help="compile shapes on first use (development only)")
 
@@ -299,19 +310,25 @@ def _serve(args) -> None:
     config = EngineConfig(**fields, enable_prefix_caching=not args.no_prefix_caching,
                           warmup=not args.no_warmup)
     _check_model(args.model)
+    if args.distributed:
+        _detect_cluster(args)
+    if (args.coordinator_address, args.num_processes, args.process_id) != (None, None, None):
+        _multihost_flags(args)
     for flag in ("port", "threads", "max_queue", "max_n", "max_body_bytes",
                  "max_sequences_per_key", "default_max_tokens", "read_timeout"):
         value = getattr(args, flag)
         if value is not None and not value >= (0 if flag == "port" else 1):
             raise ValueError(f"--{flag.replace('_', '-')}={value}: expected a positive number")
-    from engine.metering import Ledger
-    Ledger(args.db).close()   # a bad URL fails here, in one line, before the server starts
     if args.no_auth and args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("ember.server").warning(
             "serving without API keys on %s: anyone who can reach it and names it as the "
             "Host can use it", args.host)
     for logger_name in ("ember", "engine"):
         logging.getLogger(logger_name).setLevel(args.log_level.upper())
+    if args.coordinator_address is not None and args.process_id != 0:
+        return _serve_follower(args, config)   # the ledger is process 0's alone
+    from engine.metering import Ledger
+    Ledger(args.db).close()   # a bad URL fails here, in one line, before the server starts
     from engine.serving import gunicorn_app
     name = args.served_model_name or (Path(args.model).name if args.model else "ember-default")
     if args.model is None:
@@ -325,7 +342,71 @@ def _serve(args) -> None:
                        shared_prefix_cache=args.shared_prefix_cache,
                        default_max_tokens=args.default_max_tokens,
                        read_timeout=args.read_timeout,
-                       shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+                       shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+                       engine_factory=_multihost_leader(args, config))
+
+
+def _detect_cluster(args) -> None:
+    """--distributed: fills the multi-host flags not given from jax's cluster detection."""
+    from pallas_kernels.compat import detect_cluster
+
+    detected = detect_cluster()
+    if detected == (None, None, None):
+        raise ValueError("--distributed: no cluster environment found (SLURM, Open MPI, a "
+                         "TPU pod slice, Kubernetes): pass --coordinator-address, "
+                         "--num-processes and --process-id instead")
+    for flag, value in zip(("coordinator_address", "num_processes", "process_id"), detected):
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+
+
+def _multihost_flags(args) -> None:
+    given = (args.coordinator_address, args.num_processes, args.process_id)
+    if None in given:
+        raise ValueError(f"--coordinator-address={given[0]}, --num-processes={given[1]}, "
+                         f"--process-id={given[2]}: multi-host serving needs all three")
+    if given[1] < 2 or not 0 <= given[2] < given[1]:
+        raise ValueError(f"--process-id={given[2]}, --num-processes={given[1]}: expected "
+                         "--num-processes >= 2 and 0 <= --process-id < --num-processes")
+
+
+def _multihost_config(args, config):
+    """jax.distributed.initialize (before anything touches a device), then the config with
+    the mesh over every process's devices unless --tensor-parallel-size says otherwise."""
+    import dataclasses
+
+    import jax
+
+    from engine.worker import multihost
+    multihost.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    if args.tensor_parallel_size is None:
+        config = dataclasses.replace(config, tensor_parallel_size=jax.device_count())
+    return config
+
+
+def _multihost_leader(args, config):
+    """None on one host; else the engine factory of process 0, run in the server's worker
+    (after gunicorn's fork, so jax starts in the process that owns the devices)."""
+    if args.coordinator_address is None:
+        return None
+
+    def build_engine():
+        from engine.llm_engine import LLMEngine
+        return LLMEngine(args.model, _multihost_config(args, config))
+
+    return build_engine
+
+
+def _serve_follower(args, config) -> None:
+    """A process other than 0: runs the model's steps as process 0 sends them; no HTTP."""
+    if args.model is None:
+        args.model = str(_default_model_in_child_process())
+    import dataclasses
+
+    from engine.llm_engine import LLMEngine
+    from engine.worker import multihost
+    config = dataclasses.replace(_multihost_config(args, config), warmup=False)
+    multihost.Follower(LLMEngine(args.model, config).runner).run()   # the leader warms up
 
 
 def _default_model_in_child_process():

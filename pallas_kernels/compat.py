@@ -89,3 +89,21 @@ def device_kind() -> str:
         return jax.devices()[0].device_kind
     except (RuntimeError, IndexError):
         return ""
+
+
+def detect_cluster() -> tuple[str | None, int | None, int | None]:
+    """(coordinator address, process count, this process's id) from jax's own cluster
+    detection (SLURM, Open MPI, TPU pod slices on GCE and GKE, Kubernetes): what
+    `jax.distributed.initialize()` with no arguments would use; Nones where no cluster
+    environment is found. jax has no public name for it, so it is called here only."""
+    import inspect
+
+    from jax._src import clusters
+    detect = clusters.ClusterEnv.auto_detect_unset_distributed_params
+    wanted = dict(coordinator_address=None, num_processes=None, process_id=None,
+                  local_device_ids=None, cluster_detection_method=None,
+                  initialization_timeout=None)
+    accepted = inspect.signature(detect).parameters
+    address, count, process_id, _ = detect(**{name: value for name, value in wanted.items()
+                                              if name in accepted})
+    return address, count, process_id

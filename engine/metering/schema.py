@@ -192,11 +192,13 @@ def _postgres_options() -> dict:
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
+    # First, so that the journal-mode switch below also waits for processes opening the
+    # same file at the same moment instead of failing with "database is locked".
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
     # WAL lets readers (auth, quota checks) run while a writer commits.
     cursor.execute("PRAGMA journal_mode=WAL")
     # WAL + NORMAL survives a process crash (what the ledger must survive); only a power
     # loss can drop the newest commits. It cuts admit + finalize from ~5 ms to ~1 ms.
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

@@ -216,7 +216,7 @@ def serve(*, model: str | None, engine_config: Any, db_url: str | None,
           max_sequences_per_key: int = DEFAULT_MAX_SEQUENCES_PER_KEY,
           shared_prefix_cache: bool = False, default_max_tokens: int | None = None,
           read_timeout: float = DEFAULT_READ_TIMEOUT_S, shutdown_timeout: float = 30.0,
-          log_level: str = "info") -> None:
+          log_level: str = "info", engine_factory: Any = None) -> None:
     """Runs the server under gunicorn (one gthread worker) until SIGTERM or SIGINT.
 
     The engine (JAX) is built in the worker process, after the fork, on the engine thread; if
@@ -237,6 +237,8 @@ def serve(*, model: str | None, engine_config: Any, db_url: str | None,
       read_timeout: seconds a client has to send a whole request (then 408).
       shutdown_timeout: seconds SIGTERM waits for running requests before aborting them.
       log_level: gunicorn's log level.
+      engine_factory: builds the engine in the worker instead of LLMEngine(model,
+        engine_config) (multi-host: jax.distributed is initialized first).
     """
 
     def fail(error: BaseException) -> None:
@@ -248,7 +250,8 @@ def serve(*, model: str | None, engine_config: Any, db_url: str | None,
         from engine.metering import Ledger
 
         ledger = Ledger(db_url, **({} if instance is None else {"instance": instance}))
-        return start_service(lambda: LLMEngine(model, engine_config), ledger,
+        factory = engine_factory or (lambda: LLMEngine(model, engine_config))
+        return start_service(factory, ledger,
                              model_name=model_name, no_auth=no_auth,
                              max_body_bytes=max_body_bytes, max_queue=max_queue, max_n=max_n,
                              max_sequences_per_key=max_sequences_per_key,

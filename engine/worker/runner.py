@@ -121,6 +121,9 @@ class Runner:
         self._prompt_logprobs = jax.jit(functools.partial(prompt_logprobs_step, self.graphdef,
                                                           plan=plan),
                                         static_argnames=("num_top",), **replicated)
+        if jax.process_count() > 1:   # several hosts: engine/worker/multihost.py
+            from engine.worker import multihost
+            multihost.attach(self)
 
     # ------------------------------------------------------------------ warm-up
     def warmup(self, progress: bool = True) -> None:
