@@ -17,6 +17,10 @@ import os
 import sys
 import time
 
+# With several hosts a follower that hangs would hold every request: steps longer than this
+# fail their requests (a step of a warmed engine takes milliseconds to seconds).
+MULTIHOST_STEP_TIMEOUT_S = 300.0
+
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
@@ -290,6 +294,10 @@ def _add_serve_command(commands) -> None:
                        help="multi-host: how many processes (hosts) the model spans")
     serve.add_argument("--process-id", type=int, default=None,
                        help="multi-host: this process's rank, 0 (the server) to P - 1")
+    serve.add_argument("--step-timeout", type=float, default=None, metavar="SECONDS",
+                       help="fail the requests of an engine step running longer, and answer "
+                            "/health with 503 until it ends (default: none on one host, "
+                            f"{MULTIHOST_STEP_TIMEOUT_S:g} s with several)")
     serve.add_argument("--distributed", action="store_true",
                        help="multi-host: take the three flags above from the cluster "
                             "(SLURM, Open MPI, a TPU pod slice, Kubernetes) as "
@@ -343,7 +351,16 @@ def _serve(args) -> None:
                        default_max_tokens=args.default_max_tokens,
                        read_timeout=args.read_timeout,
                        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
-                       engine_factory=_multihost_leader(args, config))
+                       engine_factory=_multihost_leader(args, config),
+                       step_timeout=_step_timeout(args))
+
+
+def _step_timeout(args) -> float | None:
+    if args.step_timeout is not None:
+        if not args.step_timeout > 0:
+            raise ValueError(f"--step-timeout={args.step_timeout}: expected seconds > 0")
+        return args.step_timeout
+    return None if args.coordinator_address is None else MULTIHOST_STEP_TIMEOUT_S
 
 
 def _detect_cluster(args) -> None:

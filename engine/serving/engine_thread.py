@@ -5,7 +5,9 @@ stop) on one queue, and each request's sink gets its outputs through callbacks t
 thread makes after every step. A request the engine fails alone (its step_failures) gets its
 error; a step that raises fails every live request, then the engine recovers (state
 "recovering", "failed" while recovery keeps failing, then "ready" again) and the thread keeps
-running.
+running. With a step timeout, a watchdog thread fails every live request of a step that runs
+longer (a multi-host follower that hangs) and the state reads "failed" until the step returns;
+nothing waits on the stuck step.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ class Unavailable(Exception):
     """The engine cannot take the request now (warming up, overloaded, shutting down)."""
 
 
+class StepStalled(Unavailable):
+    """A step ran past the step timeout; its requests were failed without waiting for it."""
+
+
 class EngineThread:
     """Builds (and warms) the engine in the background, then runs it step by step.
 
@@ -43,11 +49,13 @@ class EngineThread:
       max_queue: most engine requests queued or running at once; more is Unavailable.
       on_failure: called (on this thread) when building the engine fails.
       retry_seconds: pause between attempts to recover an engine whose step raised.
+      step_timeout: seconds one step may run before its requests are failed and the state
+        reads "failed" (None: no limit).
     """
 
     def __init__(self, engine: Any | Callable[[], Any], *, max_queue: int = 1024,
                  on_failure: Callable[[BaseException], None] | None = None,
-                 retry_seconds: float = 2.0):
+                 retry_seconds: float = 2.0, step_timeout: float | None = None):
         self._factory = engine if callable(engine) else (lambda: engine)
         self.max_queue = max_queue
         self._on_failure = on_failure
@@ -63,9 +71,16 @@ class EngineThread:
         self._unscheduled: set[str] = set()
         self._deadline = float("inf")
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.step_timeout = step_timeout
+        self._step_started: float | None = None   # guarded by _lock, as is _stalled
+        # Requests the watchdog failed, still in the engine (None: it has not fired).
+        self._stalled: list[str] | None = None
 
     def start(self) -> EngineThread:
         self._thread.start()
+        if self.step_timeout is not None:
+            threading.Thread(target=self._watch_steps, name="engine-watchdog",
+                             daemon=True).start()
         return self
 
     # ------------------------------------------------------------------ HTTP threads
@@ -220,10 +235,15 @@ class EngineThread:
 
     def _step(self) -> None:
         started = time.monotonic()
+        with self._lock:
+            self._step_started = started
         try:
             outputs = self.engine.step()
         except Exception as error:  # noqa: BLE001 - the engine could not recover on its own
+            self._end_step()
             self._fail_all(error)
+            return
+        if self._end_step():
             return
         finished_at = time.monotonic()
         self._note_scheduled(started)
@@ -255,6 +275,50 @@ class EngineThread:
             self._finish(request_id)
             _call(sink.on_error, request_id, error, time.monotonic())
         self._recover()
+
+    def _end_step(self) -> bool:
+        """After a step: True if the watchdog failed its requests meanwhile; those are then
+        aborted in the engine and the engine recovers."""
+        with self._lock:
+            self._step_started = None
+            stalled, self._stalled = self._stalled, None
+        if stalled is None:
+            return False
+        logger.warning("the stalled step finished after all; aborting its %d requests",
+                       len(stalled))
+        for request_id in stalled:
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # noqa: BLE001
+                logger.exception("request %s: abort after a stalled step failed", request_id)
+        self._recover()
+        return True
+
+    def _watch_steps(self) -> None:
+        """The watchdog: fails the live requests of a step running past step_timeout."""
+        timeout = self.step_timeout
+        while self._state != "stopped":
+            time.sleep(min(1.0, timeout / 4))
+            with self._lock:
+                started = self._step_started
+                if (started is None or self._stalled is not None
+                        or time.monotonic() - started <= timeout):
+                    continue
+                # The engine thread is inside step() and touches _live only after taking
+                # _lock in _end_step: these are safe to take over here.
+                live, self._live = self._live, {}
+                self._unscheduled.clear()
+                self._pending -= len(live)
+                self._stalled = list(live)
+                if self._state in ("ready", "recovering"):
+                    self._state = "failed"
+            logger.error("an engine step has run for more than %g s (a multi-host follower "
+                         "may hang); failing its %d requests", timeout, len(live))
+            error = StepStalled(f"an engine step ran for more than {timeout:g} s (the step "
+                                "timeout; on several hosts a follower may hang): the server is "
+                                "not serving until it finishes")
+            for request_id, sink in live.items():
+                _call(sink.on_error, request_id, error, time.monotonic())
 
     def _recover(self) -> None:
         # While recovery fails the state is "failed" (/health answers 503) and it is tried

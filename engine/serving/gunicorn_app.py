@@ -216,7 +216,8 @@ def serve(*, model: str | None, engine_config: Any, db_url: str | None,
           max_sequences_per_key: int = DEFAULT_MAX_SEQUENCES_PER_KEY,
           shared_prefix_cache: bool = False, default_max_tokens: int | None = None,
           read_timeout: float = DEFAULT_READ_TIMEOUT_S, shutdown_timeout: float = 30.0,
-          log_level: str = "info", engine_factory: Any = None) -> None:
+          log_level: str = "info", engine_factory: Any = None,
+          step_timeout: float | None = None) -> None:
     """Runs the server under gunicorn (one gthread worker) until SIGTERM or SIGINT.
 
     The engine (JAX) is built in the worker process, after the fork, on the engine thread; if
@@ -239,6 +240,7 @@ def serve(*, model: str | None, engine_config: Any, db_url: str | None,
       log_level: gunicorn's log level.
       engine_factory: builds the engine in the worker instead of LLMEngine(model,
         engine_config) (multi-host: jax.distributed is initialized first).
+      step_timeout: seconds one engine step may run before its requests fail (None: none).
     """
 
     def fail(error: BaseException) -> None:
@@ -255,6 +257,7 @@ def serve(*, model: str | None, engine_config: Any, db_url: str | None,
                              model_name=model_name, no_auth=no_auth,
                              max_body_bytes=max_body_bytes, max_queue=max_queue, max_n=max_n,
                              max_sequences_per_key=max_sequences_per_key,
+                             step_timeout=step_timeout,
                              shared_prefix_cache=shared_prefix_cache,
                              default_max_tokens=default_max_tokens,
                              allowed_hosts=() if host in _WILDCARD_HOSTS else (host,),

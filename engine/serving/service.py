@@ -50,8 +50,8 @@ def start_service(engine: Any | Callable[[], Any], ledger: Any, *, model_name: s
                   max_sequences_per_key: int = admission.DEFAULT_MAX_SEQUENCES_PER_KEY,
                   shared_prefix_cache: bool = False, default_max_tokens: int | None = None,
                   allowed_hosts: tuple[str, ...] = (),
-                  on_engine_failure: Callable[[BaseException], None] | None = None
-                  ) -> Service:
+                  on_engine_failure: Callable[[BaseException], None] | None = None,
+                  step_timeout: float | None = None) -> Service:
     """Marks the ledger rows a crash left open as interrupted and starts the engine thread,
     which builds and warms the engine (while /health answers 503).
 
@@ -72,6 +72,8 @@ def start_service(engine: Any | Callable[[], Any], ledger: Any, *, model_name: s
       allowed_hosts: Host names answered without keys besides the loopback ones (the address
         the server is bound to, when it is not a wildcard).
       on_engine_failure: called on the engine thread if building the engine fails.
+      step_timeout: seconds one engine step may run before its requests fail (503) and
+        /health answers 503 until it ends (None: no limit).
 
     Returns:
       The Service, its engine thread started; server.create_app puts routes around it.
@@ -82,7 +84,8 @@ def start_service(engine: Any | Callable[[], Any], ledger: Any, *, model_name: s
                        "interrupted", interrupted)
     limits = api.Limits(model_name, max_n=max_n, default_max_tokens=default_max_tokens)
     sequences = admission.SequenceLimit(max_sequences_per_key)   # a bad limit fails first
-    thread = EngineThread(engine, max_queue=max_queue, on_failure=on_engine_failure).start()
+    thread = EngineThread(engine, max_queue=max_queue, on_failure=on_engine_failure,
+                          step_timeout=step_timeout).start()
     return Service(thread, ledger, limits, no_auth=no_auth, max_body_bytes=max_body_bytes,
                    sequences=sequences, shared_prefix_cache=shared_prefix_cache,
                    allowed_hosts=allowed_hosts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import queue
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from engine.info import EngineStats, ModelInfo
 from engine.metering import Ledger
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.serving.engine_thread import EngineThread, Unavailable
+from engine.serving.engine_thread import EngineThread, StepStalled, Unavailable
 from engine.tokenizer import Tokenizer
 
 POISON = 7   # a prompt holding this token id makes the fake engine's step raise
@@ -163,6 +164,43 @@ def test_a_request_the_engine_fails_alone_gets_its_error_and_the_others_go_on():
     assert thread.state == "ready" and thread.num_pending == 0
     thread.request_stop(0)
     assert thread.join(5)
+
+
+class HangingEngine(FakeEngine):
+    """Its steps wait for `release` (a multi-host follower that hangs, as the leader sees it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def step(self) -> list[RequestOutput]:
+        self.release.wait(30)
+        return super().step()
+
+
+def test_a_step_past_the_timeout_fails_its_requests_without_waiting_for_it():
+    engine = HangingEngine()
+    thread = EngineThread(engine, max_queue=4, step_timeout=0.3).start()
+    wait_for(lambda: thread.state == "ready")
+    thread.reserve(2)
+    first, second = Collect(), Collect()
+    thread.add("a", {"prompt_token_ids": [3]}, SamplingParams(max_tokens=2), first)
+    thread.add("b", {"prompt_token_ids": [4]}, SamplingParams(max_tokens=2), second)
+    first.wait()
+    second.wait()
+    assert [type(e) for e in first.errors + second.errors] == [StepStalled, StepStalled]
+    assert "step timeout" in str(first.errors[0]) and not first.outputs
+    assert thread.state == "failed" and thread.num_pending == 0
+    with pytest.raises(Unavailable, match="failed"):
+        thread.reserve(1)
+    engine.release.set()   # the step ends after all: its requests leave the engine
+    wait_for(lambda: thread.state == "ready" and not engine.requests)
+    assert not first.outputs and not second.outputs   # failed once, never answered after
+    thread.reserve(1)
+    healthy = Collect()
+    thread.add("c", {"prompt_token_ids": [5]}, SamplingParams(max_tokens=2), healthy)
+    healthy.wait()
+    assert healthy.outputs[-1].outputs[0].token_ids == [1, 2] and not healthy.errors
 
 
 def test_state_reads_recovering_while_the_engine_isolates_a_failed_step():

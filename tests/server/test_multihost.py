@@ -56,9 +56,9 @@ class Pair:
         while time.monotonic() < deadline:
             assert self.leader.poll() is None and self.follower.poll() is None, self.log()
             try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                if requests.get(self.url + "/health", timeout=5).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):   # not up, or a busy CI host
                 pass
             time.sleep(0.2)
         raise AssertionError(f"no healthy server within {timeout} s\n{self.log()}")
@@ -128,8 +128,13 @@ def test_a_lost_follower_fails_requests_and_health_not_hangs(new_pair):
     assert time.monotonic() - started < 30
     health = requests.get(pair.url + "/health", timeout=5)
     assert health.status_code == 503
-    refused = pair.complete(PROMPTS[2], timeout=10)
-    assert refused.status_code == 503, refused.text
+    deadline = time.monotonic() + 30   # "recovering" until the recovery fails: the mesh is gone
+    while True:
+        refused = pair.complete(PROMPTS[2], timeout=10)
+        assert refused.status_code == 503, refused.text
+        if "failed" in refused.json()["error"]["message"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert "failed" in refused.json()["error"]["message"]
 
 
@@ -163,3 +168,21 @@ def test_distributed_takes_the_processes_from_the_cluster(monkeypatch, model_dir
     # Detected values fill only the flags not given: here a rank the job does not have.
     assert main(["serve", "--model", str(model_dir), "--distributed", "--process-id", "5"]) == 2
     assert "0 <= --process-id < --num-processes" in capsys.readouterr().err
+
+
+def test_a_hung_follower_fails_requests_after_the_step_timeout(new_pair):
+    pair = new_pair("--step-timeout", "4")   # warmed up: no step compiles
+    pair.wait_healthy()
+    assert pair.complete(PROMPTS[0]).status_code == 200
+    pair.follower.send_signal(signal.SIGSTOP)   # alive, holding its sockets, never answering
+    try:
+        started = time.monotonic()
+        response = pair.complete(PROMPTS[0], timeout=60)
+        assert response.status_code == 503, response.text
+        assert "step timeout" in response.json()["error"]["message"]
+        assert time.monotonic() - started < 20
+        assert requests.get(pair.url + "/health", timeout=5).status_code == 503
+        refused = pair.complete(PROMPTS[2], timeout=10)
+        assert refused.status_code == 503, refused.text
+    finally:
+        pair.follower.send_signal(signal.SIGCONT)
