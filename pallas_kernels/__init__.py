@@ -7,17 +7,25 @@ interpret mode, so the GPU and TPU kernels can be checked on a CPU.
 These run inside a jitted step: `backend`, `interpret`, `sm_scale`, `sliding_window` and
 `soft_cap` are Python values; every array is traced. Shapes and dtypes are checked here,
 once, for every backend.
+
+The KV cache may hold another dtype than q (kv_cache.py: bf16, fp8, int8 with kv_scales);
+KV_CACHE_DTYPES, resolve_kv_cache_dtype and kv_cache_bytes_per_token size it for the engine.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_kernels.kv_cache import (KV_CACHE_DTYPES, KV_PAGE_DTYPES, is_quantized,
+                                     kv_cache_bytes_per_token, kv_scales_shape,
+                                     resolve_kv_cache_dtype)
 from pallas_kernels.reference import (ragged_paged_attention_reference, sample_reference,
                                       write_kv_pages_reference)
 
 BACKENDS = ("auto", "reference", "gpu", "tpu")
-__all__ = ["BACKENDS", "resolve_backend", "ragged_paged_attention", "write_kv_pages", "sample"]
+__all__ = ["BACKENDS", "KV_CACHE_DTYPES", "resolve_backend", "resolve_kv_cache_dtype",
+           "kv_cache_bytes_per_token", "kv_scales_shape", "ragged_paged_attention",
+           "write_kv_pages", "sample"]
 
 
 def resolve_backend(backend: str) -> str:
@@ -36,13 +44,26 @@ def _expect(name, x, shape, dtypes):
         wanted = tuple("*" if s is None else s for s in shape)
         raise ValueError(f"{name}.shape={tuple(x.shape)}: expected {wanted}")
     if not any(jnp.issubdtype(x.dtype, d) for d in dtypes):
-        wanted = " or ".join("a float" if d is jnp.floating else jnp.dtype(d).name for d in dtypes)
+        wanted = ", ".join("a float" if d is jnp.floating else jnp.dtype(d).name for d in dtypes)
         raise ValueError(f"{name}.dtype={x.dtype}: expected {wanted}")
 
 
-def _check_attention_args(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
+def _check_kv_cache(kv_pages, kv_scales, head_dim=None):
+    """kv_pages in one of KV_PAGE_DTYPES; kv_scales exactly when it is int8."""
+    _expect("kv_pages", kv_pages, (None, None, None, head_dim), KV_PAGE_DTYPES)
+    if is_quantized(kv_pages.dtype) and kv_scales is None:
+        raise ValueError(f"kv_scales=None with kv_pages.dtype={kv_pages.dtype}: expected "
+                         "kv_scales f32[num_pages, page_size, 2 * num_kv_heads] for an int8 cache")
+    if not is_quantized(kv_pages.dtype) and kv_scales is not None:
+        raise ValueError(f"kv_scales given with kv_pages.dtype={kv_pages.dtype}: expected "
+                         "kv_scales=None (scales are for int8 caches only)")
+    if kv_scales is not None:
+        _expect("kv_scales", kv_scales, kv_scales_shape(kv_pages.shape), (jnp.float32,))
+
+
+def _check_attention_args(q, kv_pages, kv_scales, kv_lens, page_indices, cu_q_lens, num_seqs):
     _expect("q", q, (None, None, None), (jnp.floating,))
-    _expect("kv_pages", kv_pages, (None, None, None, q.shape[2]), (jnp.floating,))
+    _check_kv_cache(kv_pages, kv_scales, q.shape[2])
     num_seqs_max = kv_lens.shape[0] if kv_lens.ndim == 1 else None
     _expect("kv_lens", kv_lens, (None,), (jnp.int32,))
     _expect("page_indices", page_indices, (num_seqs_max, None), (jnp.int32,))
@@ -56,24 +77,29 @@ def _check_attention_args(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seq
 
 
 def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,
-                           sliding_window=None, soft_cap=None, backend="auto", interpret=False):
+                           sliding_window=None, soft_cap=None, kv_scales=None, backend="auto",
+                           interpret=False):
     """Causal attention of the flattened ragged batch over the paged KV cache.
 
     Args:
       q: [T, num_q_heads, head_dim] query rows, sequence after sequence.
-      kv_pages: [num_pages, page_size, 2 * num_kv_heads, head_dim]; K of head h at 2h, V at 2h+1.
+      kv_pages: [num_pages, page_size, 2 * num_kv_heads, head_dim]; K of head h at 2h, V at 2h+1;
+        any of kv_cache.KV_PAGE_DTYPES, whatever q's dtype.
       kv_lens: i32[S] context length of each sequence after this step.
       page_indices: i32[S, P] page table of each sequence.
       cu_q_lens: i32[S + 1] sequence s owns rows cu_q_lens[s]:cu_q_lens[s+1].
       num_seqs: i32[1] live sequences; rows from cu_q_lens[num_seqs] on are padding.
       sm_scale: score scale (Python float); sliding_window: keys within this many positions
         (Python int or None); soft_cap: scores become soft_cap * tanh(s / soft_cap) (or None).
+      kv_scales: f32[num_pages, page_size, 2 * num_kv_heads] for an int8 kv_pages (required
+        then, refused otherwise); K/V read as int8 * scale.
     Returns:
       [T, num_q_heads, head_dim] in q's dtype; padding rows are zeros.
     """
-    _check_attention_args(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    _check_attention_args(q, kv_pages, kv_scales, kv_lens, page_indices, cu_q_lens, num_seqs)
     backend = resolve_backend(backend)
-    options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                   kv_scales=kv_scales)
     if backend == "gpu":
         from pallas_kernels.gpu.ragged_paged_attention import ragged_paged_attention_gpu
         return ragged_paged_attention_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens,
@@ -86,17 +112,22 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_se
                                             num_seqs, **options)
 
 
-def write_kv_pages(kv_pages, k, v, slot_mapping, *, backend="auto", interpret=False):
-    """Writes this step's K/V rows into the cache.
+def write_kv_pages(kv_pages, k, v, slot_mapping, *, kv_scales=None, backend="auto",
+                   interpret=False):
+    """Writes this step's K/V rows into the cache, in the cache's dtype (kv_cache.py: fp8
+    saturates at +-448; int8 stores round(x / scale) and scale = max|x| / 127 per row).
 
     Args:
       kv_pages: [num_pages, page_size, 2 * num_kv_heads, head_dim] (donate it in the step).
-      k, v: [T, num_kv_heads, head_dim].
+      k, v: [T, num_kv_heads, head_dim], any float dtype.
       slot_mapping: i32[T] page * page_size + offset; padding rows point into page 0.
+      kv_scales: f32[num_pages, page_size, 2 * num_kv_heads] for an int8 kv_pages (required
+        then, refused otherwise; donate it too).
     Returns:
-      kv_pages with row t's K at [slot // page_size, slot % page_size, 2h] and V at 2h + 1.
+      kv_pages with row t's K at [slot // page_size, slot % page_size, 2h] and V at 2h + 1;
+      (kv_pages, kv_scales) when kv_scales is given, its scales at [slot..., 2h] and 2h + 1.
     """
-    _expect("kv_pages", kv_pages, (None, None, None, None), (jnp.floating,))
+    _check_kv_cache(kv_pages, kv_scales)
     num_kv_heads, head_dim = kv_pages.shape[2] // 2, kv_pages.shape[3]
     _expect("k", k, (None, num_kv_heads, head_dim), (jnp.floating,))
     _expect("v", v, k.shape, (jnp.floating,))
@@ -104,9 +135,9 @@ def write_kv_pages(kv_pages, k, v, slot_mapping, *, backend="auto", interpret=Fa
     backend = resolve_backend(backend)
     if backend == "gpu":
         from pallas_kernels.gpu.write_kv_pages import write_kv_pages_gpu
-        return write_kv_pages_gpu(kv_pages, k, v, slot_mapping, interpret=interpret)
+        return write_kv_pages_gpu(kv_pages, k, v, slot_mapping, kv_scales, interpret=interpret)
     # On "tpu" XLA's scatter into the donated cache is the write (no Mosaic kernel).
-    return write_kv_pages_reference(kv_pages, k, v, slot_mapping)
+    return write_kv_pages_reference(kv_pages, k, v, slot_mapping, kv_scales)
 
 
 def sample(logits, temperature, top_k, top_p, min_p, keys, *, backend="auto", interpret=False):

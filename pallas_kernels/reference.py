@@ -3,6 +3,7 @@
 Shapes follow the kernel contract in docs/design.md:
   q             [T, num_q_heads, head_dim]      query rows, sequence after sequence
   kv_pages      [num_pages, page_size, 2 * num_kv_heads, head_dim]   K of head h at 2h, V at 2h+1
+  kv_scales     f32[num_pages, page_size, 2 * num_kv_heads]  int8 caches only (kv_cache.py)
   kv_lens       i32[S]    context length of each sequence after this step
   page_indices  i32[S, P] page table of each sequence
   cu_q_lens     i32[S+1]  sequence s owns query rows cu_q_lens[s]:cu_q_lens[s+1]
@@ -20,6 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.kv_cache import dequantize, quantize_int8, to_float_cache
 from pallas_kernels.ragged_rows import query_blocks
 from pallas_kernels.sampling_primitives import gumbel_from_bits, ordered_key, sampling_noise_bits
 
@@ -35,32 +37,39 @@ _MASK_VALUE = -1e30
 _EXACT = jax.lax.Precision.HIGHEST
 
 
-def write_kv_pages_reference(kv_pages, k, v, slot_mapping):
-    """Scatters this step's K/V rows into their cache slots.
+def write_kv_pages_reference(kv_pages, k, v, slot_mapping, kv_scales=None):
+    """Scatters this step's K/V rows into their cache slots, converted to the cache's dtype.
 
     Args:
       kv_pages: [num_pages, page_size, 2 * num_kv_heads, head_dim]
       k, v: [T, num_kv_heads, head_dim]
       slot_mapping: i32[T], page * page_size + offset; padding rows point into page 0.
+      kv_scales: f32[num_pages, page_size, 2 * num_kv_heads] for an int8 kv_pages, else None.
     Returns:
-      kv_pages with the rows written.
+      kv_pages with the rows written; (kv_pages, kv_scales) when kv_scales is given.
     """
     num_pages, page_size, two_kv_heads, head_dim = kv_pages.shape
     tokens = k.shape[0]
     kv = jnp.stack([k, v], axis=2).reshape(tokens, two_kv_heads, head_dim)  # K at 2h, V at 2h+1
     flat = kv_pages.reshape(num_pages * page_size, two_kv_heads, head_dim)
-    flat = flat.at[slot_mapping].set(kv.astype(kv_pages.dtype))
-    return flat.reshape(kv_pages.shape)
+    if kv_scales is None:
+        return flat.at[slot_mapping].set(to_float_cache(kv, kv_pages.dtype)).reshape(
+            kv_pages.shape)
+    quantized, scales = quantize_int8(kv)                # int8[T, 2Hkv, D], f32[T, 2Hkv]
+    flat_scales = kv_scales.reshape(num_pages * page_size, two_kv_heads)
+    return (flat.at[slot_mapping].set(quantized).reshape(kv_pages.shape),
+            flat_scales.at[slot_mapping].set(scales).reshape(kv_scales.shape))
 
 
 def ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-                                     *, sm_scale, sliding_window=None, soft_cap=None):
+                                     *, sm_scale, sliding_window=None, soft_cap=None,
+                                     kv_scales=None):
     """Causal attention of ragged query rows over paged K/V, with an online softmax.
 
     Row t of sequence s sits at position p = kv_lens[s] - q_len[s] + (t - cu_q_lens[s]) and
     attends keys j with j <= p (and p - j < sliding_window when set). Scores are
     soft_cap * tanh(score / soft_cap) when soft_cap is set. Padding rows return zeros and
-    read only page 0.
+    read only page 0. K/V are read as f32 (kv_cache.dequantize: times kv_scales for int8).
 
     Rows are handled in blocks that share one gather of their sequence's pages: decode
     sequences (one row) one block each, longer ones in blocks of _PREFILL_BLOCK rows. A
@@ -71,8 +80,8 @@ def ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_le
     """
     num_rows, num_q_heads, head_dim = q.shape
     max_seqs = kv_lens.shape[0]
-    attend = functools.partial(_attend_blocks, q, kv_pages, kv_lens, page_indices, cu_q_lens,
-                               sm_scale=sm_scale, sliding_window=sliding_window,
+    attend = functools.partial(_attend_blocks, q, kv_pages, kv_scales, kv_lens, page_indices,
+                               cu_q_lens, sm_scale=sm_scale, sliding_window=sliding_window,
                                soft_cap=soft_cap)
     out = jnp.zeros((num_rows + 1, num_q_heads, head_dim), q.dtype)  # row T absorbs the dead
     # At most min(S, T) decode sequences; prefill sequences have >= 2 rows each.
@@ -103,8 +112,8 @@ def _over_live_groups(attend, blocks, out, *, block_q, group):
     return jax.lax.fori_loop(0, (num_live + group - 1) // group, body, out)
 
 
-def _attend_blocks(q, kv_pages, kv_lens, page_indices, cu_q_lens, blocks, *, block_q, sm_scale,
-                   sliding_window, soft_cap):
+def _attend_blocks(q, kv_pages, kv_scales, kv_lens, page_indices, cu_q_lens, blocks, *, block_q,
+                   sm_scale, sliding_window, soft_cap):
     """Attention for query blocks of up to block_q rows (seq, first_row, num_rows: i32[W]).
 
     Returns (rows i32[W * Bq], out [W * Bq, Hq, D]); dead rows map to row T.
@@ -136,7 +145,8 @@ def _attend_blocks(q, kv_pages, kv_lens, page_indices, cu_q_lens, blocks, *, blo
         running_max, running_sum, acc = carry
         first = index * pages_per_block
         pages = jax.lax.dynamic_slice_in_dim(pages_of_block, first, pages_per_block, axis=1)
-        kv = kv_pages[pages].reshape(num_blocks, block_tokens, two_kv_heads, head_dim)
+        kv = dequantize(kv_pages[pages], None if kv_scales is None else kv_scales[pages])
+        kv = kv.reshape(num_blocks, block_tokens, two_kv_heads, head_dim)  # f32
         keys, values = kv[:, :, 0::2], kv[:, :, 1::2]                     # [W, tokens, Hkv, D]
         scores = jnp.einsum("wqkgd,wskd->wkgqs", queries, keys, precision=_EXACT,
                             preferred_element_type=jnp.float32)
@@ -152,7 +162,7 @@ def _attend_blocks(q, kv_pages, kv_lens, page_indices, cu_q_lens, blocks, *, blo
         # Slots past a sequence's context may hold anything (even NaN): zero them, since
         # a zero weight times NaN is still NaN.
         seen = jnp.any(visible, axis=1)                                   # [W, tokens]
-        values = jnp.where(seen[:, :, None, None], values.astype(jnp.float32), 0.0)
+        values = jnp.where(seen[:, :, None, None], values, 0.0)
         rescale = jnp.exp(running_max - new_max)
         running_sum = running_sum * rescale + weights.sum(axis=-1)
         acc = acc * rescale[..., None] + jnp.einsum("wkgqs,wskd->wkgqd", weights, values,

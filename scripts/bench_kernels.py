@@ -122,6 +122,7 @@ def bench_decode(results, rng, seqs, context, bandwidth, interpret):
         ours(*args).astype(jnp.float32) - reference(*args).astype(jnp.float32)).max())
     mine = results.try_add("decode", shape, "ember gpu", lambda: ours, *args, **metrics)
     results.try_add("decode", shape, "ember reference (xla)", lambda: reference, *args, **metrics)
+    bench_decode_kv_dtypes(results, ours, args, shape, bandwidth)
 
     def jax_paged():
         from jax.experimental.pallas.ops.gpu import paged_attention as ops
@@ -139,6 +140,27 @@ def bench_decode(results, rng, seqs, context, bandwidth, interpret):
     results.try_add("decode", shape, "jax ops decode gqa", jax_gqa, q, contiguous[:, :, 0::2],
                     contiguous[:, :, 1::2], **metrics)
     return mine
+
+
+def bench_decode_kv_dtypes(results, ours, args, shape, bandwidth):
+    """The same decode step over fp8 and int8 copies of the bf16 cache: bytes moved shrink
+    with the cache (int8 adds its scales); the difference is against the bf16 cache's output."""
+    from pallas_kernels.kv_cache import kv_cache_bytes_per_token, quantize_int8, to_float_cache
+    q, kv_pages, kv_lens = args[:3]
+    tokens = int(kv_lens.sum())
+    num_kv_heads, head_dim = kv_pages.shape[2] // 2, kv_pages.shape[3]
+    bf16_out = ours(*args).astype(jnp.float32)
+    for name in ("float8_e4m3fn", "int8"):
+        cache = (jax.jit(quantize_int8)(kv_pages) if name == "int8"
+                 else (jax.jit(to_float_cache, static_argnums=1)(kv_pages, name), None))
+        step = functools.partial(ours, kv_scales=cache[1])
+        cached = (q, cache[0], *args[2:])
+        report_difference(f"decode kv {name} vs bf16 kv", lambda: jnp.abs(
+            step(*cached).astype(jnp.float32) - bf16_out).max())
+        kv_bytes = tokens * kv_cache_bytes_per_token(num_kv_heads, head_dim, name)
+        results.try_add("decode", f"{shape} kv {name}", "ember gpu", lambda: step, *cached,
+                        bytes_moved=kv_bytes + 2 * q.size * 2, ceiling=bandwidth)
+        del cache, cached
 
 
 def bench_prefill(results, seqs, length, flops_ceiling, interpret):

@@ -20,6 +20,7 @@ from pallas_kernels.compat import gpu_load, gpu_store, triton_compiler_params
 from pallas_kernels.gpu.attention_tiles import (initial_carry, kv_tile, next_power_of_2,
                                                 online_softmax_step, tile_scores)
 from pallas_kernels.gpu.block_sizes import AttentionBlockSizes
+from pallas_kernels.kv_cache import compute_dtype
 
 
 def _decode_kernel(kv_lens_ref,       # i32[S]
@@ -28,10 +29,15 @@ def _decode_kernel(kv_lens_ref,       # i32[S]
                    num_seqs_ref,      # i32[1]
                    q_ref,             # [T, Hq, D]
                    kv_pages_ref,      # [num_pages, page_size, 2 * Hkv, D]
-                   acc_ref,           # f32[splits, S, Hq, D]  unnormalised output
-                   max_ref,           # f32[splits, S, Hq]     row max (log2 units)
-                   sum_ref,           # f32[splits, S, Hq]     row sum
-                   *, group, block_m, block_kv, sm_scale, soft_cap, sliding_window):
+                   *refs,             # kv_scales_ref f32[num_pages, page_size, 2 * Hkv] if
+                                      # quantized, then the outputs:
+                                      # acc f32[splits, S, Hq, D]  unnormalised output
+                                      # max f32[splits, S, Hq]     row max (log2 units)
+                                      # sum f32[splits, S, Hq]     row sum
+                   group, block_m, block_kv, sm_scale, soft_cap, sliding_window, quantized,
+                   dtype):
+    kv_scales_ref = refs[0] if quantized else None
+    acc_ref, max_ref, sum_ref = refs[-3:]
     seq, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_splits = pl.num_programs(2)
     head_dim = q_ref.shape[2]
@@ -51,15 +57,16 @@ def _decode_kernel(kv_lens_ref,       # i32[S]
     q_heads = kv_head * group + heads
     dims = jnp.arange(head_dim, dtype=jnp.int32)
     q = gpu_load(q_ref.at[first_row, q_heads[:, None], dims[None, :]],
-                 mask=(head_live & is_decode)[:, None], other=0)            # [M, D]
+                 mask=(head_live & is_decode)[:, None], other=0).astype(dtype)  # [M, D]
 
     def body(tile, carry):
-        tokens, k, v = kv_tile(kv_pages_ref, page_indices_ref, seq, kv_head,
-                               lo + tile * block_kv, hi, block_kv)
+        tokens, k, v, k_scale, v_scale = kv_tile(kv_pages_ref, kv_scales_ref, page_indices_ref,
+                                                 seq, kv_head, lo + tile * block_kv, hi,
+                                                 block_kv, dtype)
         visible = tokens >= window_start                                   # causal: all < kv_len
         visible = jnp.broadcast_to((visible & (tokens < hi))[None, :], (block_m, block_kv))
-        scores = tile_scores(q, k, sm_scale=sm_scale, soft_cap=soft_cap)
-        return online_softmax_step(carry, scores, visible, v)
+        scores = tile_scores(q, k, k_scale, sm_scale=sm_scale, soft_cap=soft_cap)
+        return online_softmax_step(carry, scores, visible, v, v_scale)
 
     num_tiles = jnp.maximum(pl.cdiv(hi - lo, block_kv), 0)
     row_max, row_sum, acc = jax.lax.fori_loop(0, num_tiles, body, initial_carry(block_m, head_dim))
@@ -78,10 +85,10 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_pages: int, page_siz
     return max(1, min(wanted, block_sizes.decode_max_splits, most_tiles))
 
 
-def decode_attention_partials(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-                              sm_scale, sliding_window, soft_cap,
+def decode_attention_partials(q, kv_pages, kv_scales, kv_lens, page_indices, cu_q_lens,
+                              num_seqs, *, sm_scale, sliding_window, soft_cap,
                               block_sizes: AttentionBlockSizes, interpret: bool):
-    """Runs the split-K kernel.
+    """Runs the split-K kernel (kv_scales: f32[num_pages, page_size, 2 * Hkv] or None).
 
     Returns acc f32[splits, S, Hq, D] (unnormalised), max and sum f32[splits, S, Hq].
     """
@@ -94,7 +101,9 @@ def decode_attention_partials(q, kv_pages, kv_lens, page_indices, cu_q_lens, num
     block_kv = block_sizes.decode_block_kv
     kernel = functools.partial(
         _decode_kernel, group=group, block_m=max(16, next_power_of_2(group)),
-        block_kv=block_kv, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
+        block_kv=block_kv, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        quantized=kv_scales is not None, dtype=compute_dtype(q.dtype, kv_pages.dtype))
+    scales = () if kv_scales is None else (kv_scales,)
     partial_shape = (splits, max_seqs, num_q_heads)
     return pl.pallas_call(
         kernel,
@@ -106,7 +115,7 @@ def decode_attention_partials(q, kv_pages, kv_lens, page_indices, cu_q_lens, num
                                                num_stages=block_sizes.decode_num_stages),
         interpret=interpret,
         name="ember_decode_attention",
-    )(kv_lens, page_indices, cu_q_lens, num_seqs, q, kv_pages)
+    )(kv_lens, page_indices, cu_q_lens, num_seqs, q, kv_pages, *scales)
 
 
 def combine_splits(acc, row_max, row_sum):

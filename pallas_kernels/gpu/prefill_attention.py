@@ -23,6 +23,7 @@ from pallas_kernels.compat import gpu_load, gpu_store, triton_compiler_params
 from pallas_kernels.gpu.attention_tiles import (initial_carry, kv_tile, next_power_of_2,
                                                 online_softmax_step, tile_scores)
 from pallas_kernels.gpu.block_sizes import AttentionBlockSizes
+from pallas_kernels.kv_cache import compute_dtype
 from pallas_kernels.ragged_rows import query_blocks
 
 
@@ -50,9 +51,13 @@ def _prefill_kernel(block_seq_ref,     # i32[NQB]
                     cu_q_lens_ref,     # i32[S + 1]
                     q_ref,             # [T, Hq, D]
                     kv_pages_ref,      # [num_pages, page_size, 2 * Hkv, D]
-                    _out_init_ref,     # [T, Hq, D]  aliased with out_ref
-                    out_ref,           # [T, Hq, D]
-                    *, group, group_pad, block_q, block_kv, sm_scale, soft_cap, sliding_window):
+                    *refs,             # kv_scales_ref f32[num_pages, page_size, 2 * Hkv] if
+                                       # quantized; out_init [T, Hq, D] (aliased with out);
+                                       # out [T, Hq, D]
+                    group, group_pad, block_q, block_kv, sm_scale, soft_cap, sliding_window,
+                    quantized, dtype):
+    kv_scales_ref = refs[0] if quantized else None
+    out_ref = refs[-1]
     query_block, kv_head = pl.program_id(0), pl.program_id(1)
     num_rows = block_len_ref[query_block]
 
@@ -70,22 +75,23 @@ def _prefill_kernel(block_seq_ref,     # i32[NQB]
         live = (row < num_rows) & (head < group)                           # bool[M]
         index = (first_row + row[:, None], kv_head * group + head[:, None],
                  jnp.arange(head_dim, dtype=jnp.int32)[None, :])
-        q = gpu_load(q_ref.at[index], mask=live[:, None], other=0)        # [M, D]
+        q = gpu_load(q_ref.at[index], mask=live[:, None], other=0).astype(dtype)  # [M, D]
         position = first_pos + row                                        # i32[M]
 
         hi = jnp.minimum(kv_len, first_pos + num_rows)  # one past the last row's position
         tiles = _tile_ranges(first_pos, num_rows, hi, block_kv, sliding_window)
 
         def body(masked, tile, carry):
-            tokens, k, v = kv_tile(kv_pages_ref, page_indices_ref, seq, kv_head,
-                                   tile * block_kv, hi, block_kv)
-            scores = tile_scores(q, k, sm_scale=sm_scale, soft_cap=soft_cap)
+            tokens, k, v, k_scale, v_scale = kv_tile(kv_pages_ref, kv_scales_ref,
+                                                     page_indices_ref, seq, kv_head,
+                                                     tile * block_kv, hi, block_kv, dtype)
+            scores = tile_scores(q, k, k_scale, sm_scale=sm_scale, soft_cap=soft_cap)
             visible = None
             if masked:  # rows past num_rows may see extra keys: their output is dropped
                 visible = tokens[None, :] <= position[:, None]
                 if sliding_window is not None:
                     visible &= tokens[None, :] > position[:, None] - sliding_window
-            return online_softmax_step(carry, scores, visible, v)
+            return online_softmax_step(carry, scores, visible, v, v_scale)
 
         carry = initial_carry(block_m, head_dim)
         for (lo, hi_tile), masked in zip(tiles, (True, False, True)):
@@ -95,10 +101,12 @@ def _prefill_kernel(block_seq_ref,     # i32[NQB]
         gpu_store(out_ref.at[index], out.astype(out_ref.dtype), mask=live[:, None])
 
 
-def prefill_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+def prefill_attention(q, kv_pages, kv_scales, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                       sm_scale, sliding_window, soft_cap,
                       block_sizes: AttentionBlockSizes, interpret: bool):
-    """Attention of every row of a multi-row sequence; other rows are zeros. [T, Hq, D]."""
+    """Attention of every row of a multi-row sequence; other rows are zeros. [T, Hq, D].
+
+    kv_scales: f32[num_pages, page_size, 2 * Hkv] for an int8 kv_pages, else None."""
     num_rows, num_q_heads, head_dim = q.shape
     num_kv_heads = kv_pages.shape[2] // 2
     max_seqs = page_indices.shape[0]
@@ -111,14 +119,17 @@ def prefill_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *
     kernel = functools.partial(
         _prefill_kernel, group=group, group_pad=group_pad, block_q=block_q,
         block_kv=block_sizes.prefill_block_kv, sm_scale=sm_scale, soft_cap=soft_cap,
-        sliding_window=sliding_window)
+        sliding_window=sliding_window, quantized=kv_scales is not None,
+        dtype=compute_dtype(q.dtype, kv_pages.dtype))
+    inputs = (*blocks, kv_lens, page_indices, cu_q_lens, q, kv_pages,
+              *(() if kv_scales is None else (kv_scales,)), jnp.zeros_like(q))
     return pl.pallas_call(
         kernel,
         grid=(num_blocks, num_kv_heads),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        input_output_aliases={8: 0},
+        input_output_aliases={len(inputs) - 1: 0},
         compiler_params=triton_compiler_params(num_warps=block_sizes.prefill_num_warps,
                                                num_stages=block_sizes.prefill_num_stages),
         interpret=interpret,
         name="ember_prefill_attention",
-    )(*blocks, kv_lens, page_indices, cu_q_lens, q, kv_pages, jnp.zeros_like(q))
+    )(*inputs)

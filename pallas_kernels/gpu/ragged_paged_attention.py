@@ -20,26 +20,30 @@ import jax.numpy as jnp
 from pallas_kernels.gpu.block_sizes import AttentionBlockSizes, attention_block_sizes
 from pallas_kernels.gpu.decode_attention import combine_splits, decode_attention_partials
 from pallas_kernels.gpu.prefill_attention import prefill_attention
+from pallas_kernels.kv_cache import compute_dtype
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap",
                                              "block_sizes", "interpret"))
 def ragged_paged_attention_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-                               sm_scale, sliding_window=None, soft_cap=None,
+                               sm_scale, sliding_window=None, soft_cap=None, kv_scales=None,
                                block_sizes: AttentionBlockSizes | None = None,
                                interpret=False):
     """Same contract as pallas_kernels.ragged_paged_attention (arguments checked there).
 
     q [T, Hq, D]; kv_pages [num_pages, page_size, 2 * Hkv, D]; kv_lens i32[S];
-    page_indices i32[S, P]; cu_q_lens i32[S + 1]; num_seqs i32[1] -> [T, Hq, D].
+    page_indices i32[S, P]; cu_q_lens i32[S + 1]; num_seqs i32[1];
+    kv_scales f32[num_pages, page_size, 2 * Hkv] (int8 caches) or None -> [T, Hq, D].
     """
-    if block_sizes is None:
-        block_sizes = attention_block_sizes(q.shape[2], kv_pages.dtype.itemsize)
+    if block_sizes is None:  # tiles are held in the compute dtype, whatever the cache's
+        itemsize = compute_dtype(q.dtype, kv_pages.dtype).itemsize
+        block_sizes = attention_block_sizes(q.shape[2], itemsize)
     options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                    block_sizes=block_sizes, interpret=interpret)
-    out = prefill_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, **options)
-    partials = decode_attention_partials(q, kv_pages, kv_lens, page_indices, cu_q_lens,
-                                         num_seqs, **options)
+    out = prefill_attention(q, kv_pages, kv_scales, kv_lens, page_indices, cu_q_lens, num_seqs,
+                            **options)
+    partials = decode_attention_partials(q, kv_pages, kv_scales, kv_lens, page_indices,
+                                         cu_q_lens, num_seqs, **options)
     decoded = combine_splits(*partials).astype(q.dtype)                   # [S, Hq, D]
     max_seqs = kv_lens.shape[0]
     is_decode = ((jnp.arange(max_seqs) < num_seqs[0])

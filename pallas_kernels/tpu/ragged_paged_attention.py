@@ -11,6 +11,9 @@ Everything that varies per step (the query blocks, kv_lens, the page table, cu_q
 scalar-prefetched into SMEM. No ref is reshaped (only loaded values are), which keeps the
 kernel runnable in TPU interpret mode on a CPU. Only interpret mode has run it so far: it
 has not been compiled by Mosaic on a real TPU.
+
+Caches in other dtypes than q (kv_cache.py) are DMA'd as they are and converted in VMEM; an
+int8 cache's scales of this kv head are DMA'd beside each page's K and V.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.compat import tpu_compiler_params, tpu_interpret_params
+from pallas_kernels.kv_cache import compute_dtype
 from pallas_kernels.ragged_rows import query_blocks, row_metadata
 from pallas_kernels.tpu.attention_block import attend_block
 
@@ -44,10 +48,18 @@ def _kernel(block_seq_ref,      # i32[NB]  (SMEM)
             cu_q_lens_ref,      # i32[S + 1]
             q_ref,              # [G, BQ, D]  this block's rows, this kv head's query heads
             kv_hbm_ref,         # [num_pages, page_size, 2 * Hkv, D]  in HBM
-            out_ref,            # [G, BQ, D]
-            k_buf, v_buf,       # [2, pages_per_block, page_size, D]  VMEM double buffers
-            sems,               # DMA semaphores [2]
-            *, max_pages, sm_scale, soft_cap, sliding_window):
+            *refs,              # if quantized: kv_scales f32[num_pages, page_size, 2 * Hkv]
+                                #   in HBM; then out [G, BQ, D];
+                                # k_buf, v_buf [2, pages_per_block, page_size, D]  VMEM double
+                                #   buffers; if quantized: k_scale_buf, v_scale_buf
+                                #   f32[2, pages_per_block, page_size]; DMA semaphores [2]
+            max_pages, sm_scale, soft_cap, sliding_window, quantized, dtype):
+    if quantized:
+        scales_hbm_ref, out_ref, k_buf, v_buf, k_scale_buf, v_scale_buf, sems = refs
+        hbm, bufs = (kv_hbm_ref, scales_hbm_ref), (k_buf, v_buf, k_scale_buf, v_scale_buf)
+    else:
+        out_ref, k_buf, v_buf, sems = refs
+        hbm, bufs = (kv_hbm_ref,), (k_buf, v_buf)
     kv_head, block = pl.program_id(0), pl.program_id(1)
     num_rows = block_len_ref[block]
     out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
@@ -68,9 +80,8 @@ def _kernel(block_seq_ref,      # i32[NB]  (SMEM)
 
         def run(kv_block, slot, action):  # start or wait on the DMAs of one K/V block
             first_page = start_page + kv_block * pages_per_block
-            for owned, copy in _block_copies(kv_hbm_ref, k_buf, v_buf, sems, page_indices_ref,
-                                             seq * max_pages, max_pages, first_page, end_page,
-                                             kv_head, slot):
+            for owned, copy in _block_copies(hbm, bufs, sems, page_indices_ref, seq * max_pages,
+                                             max_pages, first_page, end_page, kv_head, slot):
                 pl.when(owned)(getattr(copy, action))
 
         run(0, 0, "start")
@@ -84,9 +95,11 @@ def _kernel(block_seq_ref,      # i32[NB]  (SMEM)
 
             run(kv_block, slot, "wait")
             first_token = (start_page + kv_block * pages_per_block) * page_size
-            return attend_block(carry, q_ref, k_buf.at[slot], v_buf.at[slot], first_token,
-                                first_pos, hi, sm_scale=sm_scale, soft_cap=soft_cap,
-                                sliding_window=sliding_window)
+            scale_refs = ((k_scale_buf.at[slot], v_scale_buf.at[slot]) if quantized
+                          else None)
+            return attend_block(carry, q_ref, k_buf.at[slot], v_buf.at[slot], scale_refs,
+                                first_token, first_pos, hi, sm_scale=sm_scale,
+                                soft_cap=soft_cap, sliding_window=sliding_window, dtype=dtype)
 
         group, block_q, head_dim = q_ref.shape
         rows = group * block_q
@@ -97,16 +110,21 @@ def _kernel(block_seq_ref,      # i32[NB]  (SMEM)
         out_ref[...] = out.reshape(out_ref.shape).astype(out_ref.dtype)
 
 
-def _block_copies(kv_hbm_ref, k_buf, v_buf, sems, page_indices_ref, table_start, max_pages,
-                  first_page, end_page, kv_head, slot):
-    """(owned, DMA) for K and V of each page of one K/V block; owned: the page is before
-    end_page, i.e. the sequence owns it and the block needs it."""
-    for p in range(k_buf.shape[1]):
+def _block_copies(hbm, bufs, sems, page_indices_ref, table_start, max_pages, first_page,
+                  end_page, kv_head, slot):
+    """(owned, DMA) for K and V (and their scales) of each page of one K/V block; owned: the
+    page is before end_page, i.e. the sequence owns it and the block needs it.
+
+    hbm: (kv_pages,) or (kv_pages, kv_scales); bufs: (k, v) or (k, v, k_scale, v_scale)."""
+    for p in range(bufs[0].shape[1]):
         page_slot = first_page + p
         page = page_indices_ref[table_start + jnp.minimum(page_slot, max_pages - 1)]
-        for buf, part in ((k_buf, 0), (v_buf, 1)):
-            yield page_slot < end_page, pltpu.make_async_copy(
-                kv_hbm_ref.at[page, :, 2 * kv_head + part, :], buf.at[slot, p], sems.at[slot])
+        for index, buf in enumerate(bufs):
+            source, part = hbm[index // 2], index % 2        # K at 2h, V at 2h + 1
+            source = (source.at[page, :, 2 * kv_head + part, :] if index < 2
+                      else source.at[page, :, 2 * kv_head + part])
+            yield page_slot < end_page, pltpu.make_async_copy(source, buf.at[slot, p],
+                                                              sems.at[slot])
 
 
 def _row_blocks(q, cu_q_lens, num_seqs, block_q, num_blocks):
@@ -124,7 +142,7 @@ def _row_blocks(q, cu_q_lens, num_seqs, block_q, num_blocks):
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap",
                                              "block_sizes", "interpret"))
 def ragged_paged_attention_tpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-                               sm_scale, sliding_window=None, soft_cap=None,
+                               sm_scale, sliding_window=None, soft_cap=None, kv_scales=None,
                                block_sizes: TpuBlockSizes = TpuBlockSizes(), interpret=False):
     """Same contract as pallas_kernels.ragged_paged_attention (arguments checked there).
 
@@ -142,21 +160,27 @@ def ragged_paged_attention_tpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
 
     block_spec = pl.BlockSpec((None, None, group, block_q, head_dim),
                               lambda h, b, *_: (h, b, 0, 0, 0))
+    quantized = kv_scales is not None
     kernel = functools.partial(_kernel, max_pages=max_pages, sm_scale=sm_scale,
-                               soft_cap=soft_cap, sliding_window=sliding_window)
-    buffer = pltpu.VMEM((2, pages_per_block, page_size, head_dim), kv_pages.dtype)
+                               soft_cap=soft_cap, sliding_window=sliding_window,
+                               quantized=quantized,
+                               dtype=compute_dtype(q.dtype, kv_pages.dtype))
+    hbm_inputs = (kv_pages, kv_scales) if quantized else (kv_pages,)
+    buffers = [pltpu.VMEM((2, pages_per_block, page_size, head_dim), kv_pages.dtype)] * 2
+    if quantized:
+        buffers += [pltpu.VMEM((2, pages_per_block, page_size), jnp.float32)] * 2
     out_blocks = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=6, grid=(num_kv_heads, num_blocks),
-            in_specs=[block_spec, pl.BlockSpec(memory_space=pl.ANY)],
+            in_specs=[block_spec] + [pl.BlockSpec(memory_space=pl.ANY)] * len(hbm_inputs),
             out_specs=block_spec,
-            scratch_shapes=[buffer, buffer, pltpu.SemaphoreType.DMA((2,))]),
+            scratch_shapes=buffers + [pltpu.SemaphoreType.DMA((2,))]),
         out_shape=jax.ShapeDtypeStruct(q_blocks.shape, q.dtype),
         compiler_params=tpu_compiler_params(dimension_semantics=("parallel", "parallel")),
         interpret=tpu_interpret_params() if interpret else False,
         name="ember_ragged_paged_attention_tpu",
-    )(*blocks, kv_lens, page_indices.reshape(-1), cu_q_lens, q_blocks, kv_pages)
+    )(*blocks, kv_lens, page_indices.reshape(-1), cu_q_lens, q_blocks, *hbm_inputs)
     return _unblock(out_blocks, kv_lens, cu_q_lens, num_seqs, block_q, num_tokens)
 
 
