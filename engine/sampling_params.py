@@ -6,6 +6,8 @@ import math
 import struct
 from dataclasses import dataclass, field
 
+from engine.structured.spec import StructuredOutput
+
 MAX_TOP_LOGPROBS = 20
 INT32_MAX = 2 ** 31 - 1
 # Below this a positive temperature is raised to it, as vLLM does: logits / T would overflow
@@ -111,6 +113,9 @@ class SamplingParams:
       stop_token_ids: token ids that end generation (besides EOS unless ignore_eos).
       logprobs: number of top logprobs per output token (0 gives only the chosen token's).
       prompt_logprobs: number of top logprobs per prompt token (0 gives only the actual token's).
+      structured_output: what the output must match (a JSON schema, a regex, a grammar, one
+        of some strings; engine/structured); None leaves it free. The draw only ever picks
+        a token the grammar allows, and a complete match allows only EOS.
 
     Each numeric field must lie in its RANGES entry (what the runner packs without overflow);
     a value outside raises InvalidParamError (a ValueError) naming the field.
@@ -134,6 +139,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and stored as tuples so params stay hashable.
@@ -160,6 +166,9 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
                    "True or False")
+        _check(self.structured_output is None
+               or isinstance(self.structured_output, StructuredOutput), "structured_output",
+               self.structured_output, "a StructuredOutput or None")
 
     @property
     def greedy(self) -> bool:

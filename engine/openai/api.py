@@ -12,33 +12,20 @@ context) live in `engine/openai/prompts.py`.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from engine.sampling_params import (RANGES, InvalidParamError, NumberRange, check_unicode, is_int,
-                                    is_number)
+from engine.openai.constraints import (ToolRequest, parse_structured_output, parse_tools,
+                                       tool_call_constraint)
+# The shared error and field readers, also re-exported: callers take them from here.
+from engine.openai.fields import (OPENAI_RANGES, ApiError, get_bool, get_int,  # noqa: F401
+                                  get_ranged, get_str, invalid)
+from engine.openai.tools import PARSERS
+from engine.sampling_params import RANGES, InvalidParamError, check_unicode, is_int
+from engine.structured import StructuredOutput
 from engine.tokenizer.chat_template import validate_messages
 
 Prompt = str | list[int]
-# OpenAI's documented range where it is narrower than the engine's (RANGES); every other
-# numeric field is read with the engine's own bounds, so what parses here also packs.
-OPENAI_RANGES = {"temperature": NumberRange(0.0, 2.0)}
-
-
-class ApiError(Exception):
-    """An HTTP error answered as {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.param, self.code, self.headers = param, code, dict(headers or {})
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
 
 
 @dataclass(slots=True, frozen=True)
@@ -52,6 +39,9 @@ class Limits:
     # max_tokens of a request that gives none (cut to the context it leaves); None: OpenAI's
     # 16 for completions, the whole remaining context for chat.
     default_max_tokens: int | None = None
+    # The format tool calls are parsed in for tool_choice "auto" (--tool-call-parser); None:
+    # the one the chat template writes (engine/openai/tools.py: detect_parser).
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_n", "max_prompts", "max_stop", "default_max_tokens"):
@@ -59,6 +49,9 @@ class Limits:
             if value is not None or name != "default_max_tokens":
                 if not (is_int(value) and value >= 1):
                     raise ValueError(f"{name}={value!r}: expected an integer >= 1")
+        if self.tool_call_parser not in (None, *PARSERS):
+            raise ValueError(f"tool_call_parser={self.tool_call_parser!r}: expected one of "
+                             f"{PARSERS}")
 
 
 @dataclass(slots=True)
@@ -79,20 +72,20 @@ class CompletionRequest:
     sampling: SamplingFields
     echo: bool
     logprobs: int | None
+    structured_output: StructuredOutput | None = None
 
 
 @dataclass(slots=True)
 class ChatRequest:
+    """structured_output: response_format / guided_* / a tool_choice that constrains;
+    tools: the tools and tool_choice (None without tools)."""
+
     messages: list[dict]
     sampling: SamplingFields
     logprobs: bool
     top_logprobs: int | None
-
-
-def invalid(name: str, value: Any, expected: str, code: str = "invalid_value") -> ApiError:
-    shown = repr(value)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    return ApiError(400, f"{name}={shown}: expected {expected}", param=name, code=code)
+    structured_output: StructuredOutput | None = None
+    tools: ToolRequest | None = None
 
 
 def parse_json_body(raw: bytes) -> dict:
@@ -163,53 +156,6 @@ def json_object(body: Any) -> dict:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
-
-
-# ------------------------------------------------------------------ typed field readers
-def _is_number(value: Any) -> bool:
-    return is_number(value) and math.isfinite(value)
-
-
-def get_int(body: dict, name: str, low: int, high: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not is_int(value):
-        raise invalid(name, value, "an integer", "invalid_type")
-    if value < low or (high is not None and value > high):
-        raise invalid(name, value, f"an integer in [{low}, {high}]" if high is not None
-                      else f"an integer >= {low}")
-    return value
-
-
-def get_ranged(body: dict, name: str) -> int | float | None:
-    """A numeric sampling field within its bounds (OPENAI_RANGES, else the engine's RANGES)."""
-    bounds = OPENAI_RANGES.get(name) or RANGES[name]
-    value = body.get(name)
-    if value is None:
-        return None
-    if not (is_int(value) if bounds.integer else _is_number(value)):
-        raise invalid(name, value, "an integer" if bounds.integer else "a finite number",
-                      "invalid_type")
-    if not bounds.contains(value):
-        raise invalid(name, value, bounds.expected())
-    return value if bounds.integer else float(value)
-
-
-def get_bool(body: dict, name: str, default: bool = False) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise invalid(name, value, "true or false", "invalid_type")
-    return value
-
-
-def get_str(body: dict, name: str) -> str | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, str):
-        raise invalid(name, value, "a string", "invalid_type")
-    return value
 
 
 # ------------------------------------------------------------------ shared fields
@@ -292,7 +238,8 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
     if sampling.default_max_tokens is None:
         sampling.default_max_tokens = 16   # OpenAI's legacy default for completions
     logprobs = get_ranged(body, "logprobs")
-    return CompletionRequest(prompts, sampling, get_bool(body, "echo"), logprobs)
+    return CompletionRequest(prompts, sampling, get_bool(body, "echo"), logprobs,
+                             parse_structured_output(body))
 
 
 def _prompts(prompt: Any, limits: Limits) -> list[Prompt]:
@@ -326,13 +273,12 @@ def parse_chat(body: dict, limits: Limits) -> ChatRequest:
         validate_messages(messages)
     except ValueError as error:
         raise ApiError(400, str(error)[:300], param="messages", code="invalid_value") from None
-    for name in ("tools", "functions"):
-        _unsupported(body, name, (None, []))
-    _unsupported(body, "tool_choice", (None, "none", "auto"))
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise invalid("response_format", fmt, '{"type": "text"}: structured output is not '
-                      "supported", "unsupported_parameter")
+    tools = parse_tools(body, limits.tool_call_parser)
+    structured = parse_structured_output(body)
+    forced = tool_call_constraint(tools) if tools is not None else None
+    if forced is not None and structured is not None:
+        raise invalid("tool_choice", body.get("tool_choice"), f"{tools.choice!r} only without "
+                      "response_format or guided_* (both constrain the output)")
     max_tokens = get_int(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = get_int(body, "max_tokens", 1)
@@ -341,4 +287,4 @@ def parse_chat(body: dict, limits: Limits) -> ChatRequest:
     top_logprobs = get_int(body, "top_logprobs", 0, RANGES["logprobs"].high)
     if top_logprobs is not None and not logprobs:
         raise invalid("top_logprobs", top_logprobs, "it only together with logprobs=true")
-    return ChatRequest(messages, sampling, logprobs, top_logprobs)
+    return ChatRequest(messages, sampling, logprobs, top_logprobs, forced or structured, tools)

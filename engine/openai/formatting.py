@@ -121,10 +121,11 @@ def _chat_entry(entry) -> dict:
             "bytes": list(entry.decoded_token.encode("utf-8"))}
 
 
-def chat_choice(index: int, content: str, finish_reason: str | None,
-                logprobs: dict | None = None) -> dict:
+def chat_choice(index: int, content: str | None, finish_reason: str | None,
+                logprobs: dict | None = None, tool_calls: list[dict] | None = None) -> dict:
+    """One choice of a chat response; tool_calls as engine/openai/tools.py builds them."""
     return {"index": index, "message": {"role": "assistant", "content": content,
-                                        "refusal": None, "tool_calls": []},
+                                        "refusal": None, "tool_calls": tool_calls or []},
             "logprobs": logprobs, "finish_reason": finish_reason}
 
 

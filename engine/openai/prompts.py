@@ -8,11 +8,15 @@ before the request is admitted, never an error inside the engine thread.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 from engine.info import ModelInfo
 from engine.openai.api import ApiError, ChatRequest, CompletionRequest, SamplingFields, invalid
+from engine.openai.constraints import ToolRequest
+from engine.openai.tools import ToolCallFormat, detect_parser
 from engine.sampling_params import InvalidParamError, SamplingParams
+from engine.structured import StructuredOutput, StructuredOutputError, compiler_for
 
 
 @dataclass(slots=True, frozen=True)
@@ -28,8 +32,11 @@ class EnginePrompt:
 
 @dataclass(slots=True, frozen=True)
 class PreparedRequest:
+    """tool_calls: how the output holds tool calls (None: it is all content)."""
+
     prompts: list[EnginePrompt]
     params: SamplingParams
+    tool_calls: ToolCallFormat | None = None
 
     @property
     def estimated_tokens(self) -> int:
@@ -47,7 +54,7 @@ def prepare_completion(request: CompletionRequest, model: ModelInfo) -> Prepared
         else:
             _check_ids(name, prompt, model.vocab_size)
             prompts.append(EnginePrompt(None, prompt))
-    extra = {}
+    extra = _structured(request.structured_output, model)
     if request.logprobs is not None:
         extra["logprobs"] = request.logprobs
         if request.echo:
@@ -56,17 +63,78 @@ def prepare_completion(request: CompletionRequest, model: ModelInfo) -> Prepared
 
 
 def prepare_chat(request: ChatRequest, model: ModelInfo) -> PreparedRequest:
+    tools = request.tools
     try:
         token_ids = model.tokenizer.apply_chat_template(
-            request.messages, add_generation_prompt=True, tokenize=True)
+            template_messages(request.messages), add_generation_prompt=True, tokenize=True,
+            tools=None if tools is None else list(tools.tools))
     except Exception as error:  # noqa: BLE001 - a template failing on user messages is a 400
         raise ApiError(400, f"messages: the chat template could not render them: "
                        f"{str(error)[:200]}", param="messages", code="invalid_value") from None
     prompts = [EnginePrompt(None, token_ids)]
-    extra = {}
+    extra = _structured(request.structured_output, model)
     if request.logprobs:
         extra["logprobs"] = request.top_logprobs or 0
-    return PreparedRequest(prompts, _params(request.sampling, prompts, model, extra))
+    return PreparedRequest(prompts, _params(request.sampling, prompts, model, extra),
+                           _tool_call_format(tools, model))
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """The messages as chat templates expect them: an assistant's tool call arguments as a
+    dict, where OpenAI sends JSON text (vLLM converts them alike; templates such as Llama
+    3.1's write `arguments | tojson`, which would quote the text once more)."""
+    rendered = []
+    for message in messages:
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if isinstance(calls, list):
+            message = {**message, "tool_calls": [_call_for_template(call) for call in calls]}
+        rendered.append(message)
+    return rendered
+
+
+def _call_for_template(call: object) -> object:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+def _structured(spec: StructuredOutput | None, model: ModelInfo) -> dict:
+    """{"structured_output": spec} once its grammar compiles for the model's vocabulary (a
+    400 otherwise), so the engine thread only ever takes a cached compiled grammar."""
+    if spec is None:
+        return {}
+    try:
+        compiler = compiler_for(model.tokenizer, model.vocab_size)
+    except ValueError as error:   # the model's vocabulary is narrower than its tokenizer's
+        raise ApiError(400, f"structured output is not available for this model: {error}"[:500],
+                       param=_PARAMS.get(spec.kind), code="unsupported_parameter") from None
+    try:
+        compiler.compile(spec)
+    except StructuredOutputError as error:
+        raise ApiError(400, str(error)[:500], param=_PARAMS.get(spec.kind),
+                       code="invalid_value") from None
+    return {"structured_output": spec}
+
+
+# The body field each kind comes from most often (a 400 here is rare: only a grammar that
+# names a special token the vocabulary lacks passes the checks without a tokenizer).
+_PARAMS = {"grammar": "guided_grammar", "regex": "guided_regex",
+           "json_schema": "response_format", "choice": "guided_choice"}
+
+
+def _tool_call_format(tools: ToolRequest | None, model: ModelInfo) -> ToolCallFormat | None:
+    if tools is None or tools.choice == "none":
+        return None
+    if tools.choice == "function":
+        return ToolCallFormat("named", function_name=tools.function_name)
+    if tools.choice == "required":
+        return ToolCallFormat("array")
+    return ToolCallFormat("parse", parser=tools.parser or detect_parser(model.tokenizer))
 
 
 def _check_ids(name: str, token_ids: list[int], vocab_size: int) -> None:

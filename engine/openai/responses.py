@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.openai import formatting as fmt
+from engine.openai import tools
 from engine.openai.api import ChatRequest, CompletionRequest
 from engine.openai.prompts import PreparedRequest
 from engine.outputs import CompletionOutput, RequestOutput, Usage
@@ -120,7 +121,7 @@ class CompletionAssembler(_Assembler):
 
 
 class ChatAssembler(_Assembler):
-    """/v1/chat/completions: assistant messages and chat logprobs."""
+    """/v1/chat/completions: assistant messages, tool calls and chat logprobs."""
 
     def __init__(self, request: ChatRequest, prepared: PreparedRequest, response_id: str,
                  created: int, model: str):
@@ -128,6 +129,9 @@ class ChatAssembler(_Assembler):
                          request.sampling.include_usage)
         self.logprobs = request.logprobs
         self.top_logprobs = request.top_logprobs or 0
+        self._tool_format = prepared.tool_calls
+        self._tool_streams = None if prepared.tool_calls is None else [
+            tools.ToolCallStream(prepared.tool_calls) for _ in self._sent]
 
     def _body(self, choices, usage, chunk):
         return fmt.chat_body(self.response_id, self.created, self.model, choices, usage,
@@ -148,14 +152,34 @@ class ChatAssembler(_Assembler):
         chunks = []
         for prompt_index, output in sorted(changed.items()):
             for choice, sample, text, first_token in self._deltas(prompt_index, output):
-                delta = {"content": text} if text else {}
-                body = fmt.chat_delta(choice, delta, sample.finish_reason,
-                                      self._logprobs(sample, first_token))
-                chunks.append(self._body([body], None, chunk=True))
+                deltas, finish_reason = self._choice_deltas(choice, sample, text)
+                for place, delta in enumerate(deltas):   # logprobs first, finish_reason last
+                    body = fmt.chat_delta(
+                        choice, delta, finish_reason if place == len(deltas) - 1 else None,
+                        self._logprobs(sample, first_token) if place == 0 else None)
+                    chunks.append(self._body([body], None, chunk=True))
         return chunks
 
+    def _choice_deltas(self, choice: int, sample: CompletionOutput, text: str
+                       ) -> tuple[list[dict], str | None]:
+        """The deltas one step of a choice sends (at least one), and its finish_reason."""
+        if self._tool_streams is None:
+            return [{"content": text} if text else {}], sample.finish_reason
+        stream, done = self._tool_streams[choice], sample.finish_reason is not None
+        deltas = stream.feed(text, done)
+        if not deltas and (done or self.logprobs):   # text held back: an empty delta carries
+            deltas = [{}]                            # the finish_reason or the logprobs
+        return deltas, tools.finish_reason(sample.finish_reason, stream.called)
+
     def response(self, outputs: list[RequestOutput], usage: Usage) -> dict:
-        choices = [fmt.chat_choice(sample.index, sample.text, sample.finish_reason,
-                                   self._logprobs(sample, 0))
-                   for output in outputs for sample in output.outputs]
+        choices = [self._message(sample) for output in outputs for sample in output.outputs]
         return self._body(choices, usage, chunk=False)
+
+    def _message(self, sample: CompletionOutput) -> dict:
+        if self._tool_format is None:
+            return fmt.chat_choice(sample.index, sample.text, sample.finish_reason,
+                                   self._logprobs(sample, 0))
+        content, calls = tools.message_tool_calls(sample.text, self._tool_format)
+        return fmt.chat_choice(sample.index, content,
+                               tools.finish_reason(sample.finish_reason, bool(calls)),
+                               self._logprobs(sample, 0), calls)

@@ -92,6 +92,12 @@ class Tokenizer:
         return self._vocab_size
 
     @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The HF Rust tokenizer behind this one, for read-only use (structured output reads
+        every token's bytes from it)."""
+        return self._backend
+
+    @property
     def bos_token_id(self) -> int | None:
         return self._token_id("bos_token")
 
