@@ -14,6 +14,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("EMBER_HOME") or "~/.cache/ember").expanduser()
 
 
+# Auto scan_layers: models this deep run their layers under jax.lax.scan (EngineConfig.scans).
+SCAN_FROM_LAYERS = 4
+
+
 def ladder(smallest: int, largest: int) -> tuple[int, ...]:
     """Powers of two from `smallest` up to `largest`, which is always the last rung."""
     rungs, rung = [], smallest
@@ -45,6 +49,9 @@ class EngineConfig:
       tensor_parallel_size: devices one model is split over (tensor parallelism on a
         ("data", "model") mesh of the first N devices; models/sharding.py). 1 runs on one
         device, without a mesh.
+      scan_layers: run the layers under jax.lax.scan over stacked weights (compile time
+        flat in depth) or unrolled (compile time growing with depth); None (auto) scans
+        models of 4 layers or more (see `scans`).
       seed: None (the default) draws each unseeded request's seed from OS entropy, so
         restarts and replicas never repeat a sequence; an int makes unseeded requests
         repeat from run to run (tests, benchmarks).
@@ -65,6 +72,7 @@ class EngineConfig:
     warmup: bool = True
     seed: int | None = None
     tensor_parallel_size: int = 1
+    scan_layers: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "cpu_num_pages",
@@ -72,6 +80,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive integer")
+        if not (self.scan_layers is None or isinstance(self.scan_layers, bool)):
+            raise ValueError(f"scan_layers={self.scan_layers!r}: expected None (auto), True "
+                             "or False")
         if self.seed is not None and not (is_int(self.seed) and self.seed >= 0):
             raise ValueError(f"seed={self.seed!r}: expected None or an integer >= 0")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -85,9 +96,22 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below "
                              f"max_num_seqs={self.max_num_seqs}: every sequence needs a token")
 
+    def scans(self, num_layers: int) -> bool:
+        """Whether the layers run under jax.lax.scan: scan_layers, or when None (auto) for
+        models of SCAN_FROM_LAYERS layers or more.
+
+        A scanned step compiles one layer whatever the depth; an unrolled one compiles
+        every layer, faster only below 4 layers. Their steps ran within 10% of each other
+        on a CPU (docs/perf.md, "Scanned layers").
+        """
+        if self.scan_layers is not None:
+            return self.scan_layers
+        return num_layers >= SCAN_FROM_LAYERS
+
     @property
     def token_ladder(self) -> tuple[int, ...]:
-        return ladder(min(16, self.max_num_batched_tokens), self.max_num_batched_tokens)
+        # From 1: a decode of a few sequences pads to 1, 2, 4 or 8 rows, not to 16.
+        return ladder(1, self.max_num_batched_tokens)
 
     @property
     def seq_ladder(self) -> tuple[int, ...]:

@@ -53,10 +53,13 @@ class LLMEngine:
         self.config = config
         self.tokenizer = Tokenizer.from_pretrained(self.model_path)
         self.generation_config = load_generation_config(self.model_path)
+        scan_layers = config.scans(load_config(self.model_path).num_layers)
         # Tensor parallelism: the heads must split and the devices exist, before any loading.
         plan = (None if config.tensor_parallel_size == 1 else ShardingPlan.create(
-            load_config(self.model_path, config.dtype), config.tensor_parallel_size))
-        loaded = load_model(self.model_path, dtype=config.dtype, plan=plan)
+            load_config(self.model_path, config.dtype, scan_layers=scan_layers),
+            config.tensor_parallel_size))
+        loaded = load_model(self.model_path, dtype=config.dtype, plan=plan,
+                            scan_layers=scan_layers)
         self.model_config = loaded.config if plan is None else plan.config  # the real vocab
         num_pages = config.num_pages or pages_that_fit(loaded.config, config)
         self.max_model_len = fit_max_model_len(
@@ -225,7 +228,7 @@ class LLMEngine:
         requests it failed): rebuilds a lost KV cache. Raises when it cannot."""
         self.is_recovering = True
         try:
-            if self.runner.restore_kv_caches():
+            if self.runner.restore_kv_cache():
                 self._forget_computed_kv()
         finally:
             self.is_recovering = False
@@ -237,7 +240,7 @@ class LLMEngine:
         self.is_recovering = True
         try:
             rebuilds = self.runner.num_kv_rebuilds
-            self.runner.restore_kv_caches()
+            self.runner.restore_kv_cache()
             retry_error = self._probe(items)   # the step once more, as it was
             failing = {} if retry_error is None else self._bisect(list(items), retry_error)
             outputs = [self._fail(request_id, cause) for request_id, cause in failing.items()]
@@ -268,7 +271,7 @@ class LLMEngine:
         try:
             self.runner.execute(part, self._requests_of(part.scheduled))
         except Exception as error:  # noqa: BLE001 - the probe's purpose
-            self.runner.restore_kv_caches()
+            self.runner.restore_kv_cache()
             return error
         return None
 

@@ -4,25 +4,31 @@ A model directory holds config.json, the weights (model.safetensors, or shards l
 model.safetensors.index.json), optionally generation_config.json and the tokenizer files.
 `convert_to_orbax` adds an `orbax/` checkpoint beside them, which `load_model` prefers.
 
-Loading builds the module abstractly (no memory) and fills it one tensor at a time, so the
-host never holds two full copies of the weights. With a ShardingPlan (tensor parallelism),
-each device reads only its own slice of each tensor from the file mapping
-(models/sharding.py), so no device holds the whole model either.
+Every source ends in `load_from_tensors` / models/assembly.py: the module is built
+abstractly (no memory) and filled one tensor at a time, so the host never holds two full
+copies of the weights. With a ShardingPlan (tensor parallelism), each device reads only its
+own slice of each tensor from the file mapping (models/sharding.py), so no device holds the
+whole model either. Names are Hugging Face's (`model.layers.{i}.…`) whether the model
+scans its layers (stacked weights) or not; an orbax checkpoint holds the structure of the
+model that wrote it, and loads into either.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.assembly import (CheckpointError, ModelAssembly, abstract_model, hf_name,
+                             is_linear_weight)
 from models.config import ModelConfig
 from models.mapped import MappedArrayError, map_array, reserve_file_descriptors
 from models.sharding import ShardingPlan
@@ -32,10 +38,8 @@ ORBAX_SUBDIR = "orbax"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                     "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
                     "generation_config.json")
-
-
-class CheckpointError(ValueError):
-    """A model directory that cannot be loaded; the message names the file and field."""
+__all__ = ["CheckpointError", "abstract_model", "convert_to_orbax", "load_config",
+           "load_from_tensors", "load_generation_config", "load_model", "save_safetensors"]
 
 
 def read_json(path: Path) -> dict:
@@ -47,10 +51,11 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({error})") from None
 
 
-def load_config(model_dir: str | os.PathLike, dtype: str | None = None) -> ModelConfig:
+def load_config(model_dir: str | os.PathLike, dtype: str | None = None, *,
+                scan_layers: bool = True) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     try:
-        return ModelConfig.from_hf(read_json(path), dtype=dtype)
+        return ModelConfig.from_hf(read_json(path), dtype=dtype, scan_layers=scan_layers)
     except CheckpointError:
         raise
     except ValueError as error:
@@ -63,38 +68,55 @@ def load_generation_config(model_dir: str | os.PathLike) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
-def abstract_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """The module's structure and parameter shapes, with no memory allocated."""
-    # Large weights are shapes only; the few small vectors (norms, biases) are real zeros.
-    return nnx.split(Transformer(config, rngs=None))
-
-
-def hf_name(path: tuple) -> str:
-    return ".".join(str(part) for part in path)
-
-
-def _is_linear_weight(name: str) -> bool:
-    return name.endswith("_proj.weight") or name == "lm_head.weight"
-
-
 def load_model(model_dir: str | os.PathLike, dtype: str | None = None,
-               plan: ShardingPlan | None = None) -> Transformer:
+               plan: ShardingPlan | None = None, *, scan_layers: bool = True) -> Transformer:
     """Loads a model directory: its orbax checkpoint when present, else its safetensors.
 
     Args:
-      plan: tensor parallelism (made from this directory's config and `dtype`): the model is
-        built with `plan.layout` and each weight placed on `plan.mesh` slice by slice.
+      plan: tensor parallelism (made from this directory's config, `dtype` and
+        `scan_layers`): the model is built with `plan.layout` and each weight placed on
+        `plan.mesh` slice by slice.
+      scan_layers: stack the layers' weights and scan them (ModelConfig.scan_layers).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model directory not found")
-    config = load_config(model_dir, dtype)
+    config = load_config(model_dir, dtype, scan_layers=scan_layers)
     if plan is not None and plan.config != config:
         raise ValueError(f"the sharding plan is for {plan.config}, not for {model_dir} "
                          f"({config})")
     if (model_dir / ORBAX_SUBDIR).is_dir():
         return _load_orbax(model_dir / ORBAX_SUBDIR, config, plan)
-    return _load_safetensors(model_dir, config, plan)
+    return load_from_tensors(config, _safetensors_tensors(model_dir), source=model_dir,
+                             plan=plan)
+
+
+def load_from_tensors(config: ModelConfig, tensors: Iterable[tuple[str, object]], *,
+                      source: str | os.PathLike, dtype: str | None = None,
+                      plan: ShardingPlan | None = None) -> Transformer:
+    """Builds a model from Hugging Face-named tensors in Hugging Face's orientation.
+
+    Args:
+      config: the model's config (its scan_layers picks the module structure).
+      tensors: (name, tensor) pairs, e.g. ("model.layers.0.self_attn.q_proj.weight",
+        [out, in]): linear weights as Hugging Face stores them ([out, in]), one tensor per
+        layer. A tensor is a numpy array (a memory map is read only where needed) or a
+        lazy slice (safetensors' `get_slice`); it is read once, when its pair comes.
+        Names no weight wants (rotary buffers, a tied LM head's copy) are skipped.
+      source: the file or directory named in errors.
+      dtype: the weights' dtype, overriding config.dtype; tensors are cast to it.
+      plan: tensor parallelism, made from the same config: each device reads its slices.
+
+    Raises:
+      CheckpointError naming the source and tensor for a shape that does not match the
+      config, or the first missing weights.
+    """
+    if dtype is not None:
+        config = dataclasses.replace(config, dtype=dtype)
+    assembly = ModelAssembly(config, plan)
+    for name, tensor in tensors:
+        assembly.add(name, tensor, transposed=is_linear_weight(name), source=source)
+    return assembly.finish(source)
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
@@ -112,60 +134,30 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _load_safetensors(model_dir: Path, config: ModelConfig,
-                      plan: ShardingPlan | None = None) -> Transformer:
+def _safetensors_tensors(model_dir: Path) -> Iterator[tuple[str, object]]:
+    """Every tensor of the directory's files as a lazy slice: read only if it is wanted,
+    and under a plan only the parts each device holds."""
     from safetensors import SafetensorError, safe_open
 
-    graphdef, state = abstract_model(config if plan is None else plan.layout)
-    wanted = {hf_name(path): path for path, _ in nnx.to_flat_state(state)}
-    flat = dict(nnx.to_flat_state(state))
-    dtype = jnp.dtype(config.dtype)
     for file in _safetensors_files(model_dir):
         try:
             with safe_open(file, framework="numpy") as tensors:
                 for name in tensors.keys():
-                    if name not in wanted:
-                        continue  # e.g. rotary inv_freq buffers, or a tied lm_head copy
-                    key, transposed = wanted.pop(name), _is_linear_weight(name)
-                    if plan is not None:
-                        source = tensors.get_slice(name)
-                        shape = tuple(source.get_shape())
-                        flat[key] = _placed(flat[key], source, shape[::-1] if transposed
-                                            else shape, key, file, dtype, plan, transposed)
-                        continue
-                    array = tensors.get_tensor(name)
-                    flat[key] = _checked(flat[key], array.T if transposed else array, name,
-                                         file, dtype)
+                    yield name, tensors.get_slice(name)
         except SafetensorError as error:
             raise CheckpointError(f"{file}: not a valid safetensors file ({error})") from None
-    if wanted:
-        missing = sorted(wanted)[:5]
-        raise CheckpointError(f"{model_dir}: weights missing from the checkpoint: {missing}"
-                              f"{' ...' if len(wanted) > 5 else ''}")
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _check_shape(shape: tuple, expected: tuple, name: str, file: Path) -> None:
-    if tuple(shape) != tuple(expected):
-        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(shape)}, expected "
-                              f"{tuple(expected)} from config.json")
-
-
-def _placed(abstract, source, shape: tuple, key: tuple, file: Path, dtype, plan: ShardingPlan,
-            transposed: bool) -> nnx.Variable:
-    """The tensor `source` (`shape` in the engine's orientation) placed on plan's mesh."""
-    _check_shape(shape, plan.checkpoint_shape(key, tuple(abstract.shape)), hf_name(key), file)
-    return abstract.replace(plan.place(key, source, tuple(abstract.shape), dtype,
-                                       transposed=transposed))
-
-
-def _checked(abstract, array: np.ndarray, name: str, file: Path, dtype) -> nnx.Variable:
-    _check_shape(array.shape, abstract.shape, name, file)
-    # One tensor at a time goes to the device; the host copy is dropped right after. On the
-    # CPU, jax adopts an aligned host buffer of the right dtype (a mapped file) without a copy.
-    if array.dtype == dtype:
-        return abstract.replace(jax.device_put(array))
-    return abstract.replace(jnp.asarray(array, dtype=dtype))
+def hf_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray]]:
+    """The model's weights as Hugging Face names them and lays them out: one tensor per
+    layer, linear weights [out, in]; host numpy copies, one at a time."""
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        array = np.asarray(jax.device_get(variable[...]))
+        stacked = model.config.scan_layers and path[:2] == ("model", "layers")
+        rows = enumerate(array) if stacked else [(None, array)]
+        for layer, row in rows:
+            name = hf_name(path if layer is None else (*path[:2], layer, *path[2:]))
+            yield name, np.ascontiguousarray(row.T if is_linear_weight(name) else row)
 
 
 def save_safetensors(model: Transformer, hf_config: dict, out_dir: str | os.PathLike) -> None:
@@ -174,21 +166,24 @@ def save_safetensors(model: Transformer, hf_config: dict, out_dir: str | os.Path
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = hf_name(path)
-        array = np.asarray(jax.device_get(variable[...]))
-        tensors[name] = np.ascontiguousarray(array.T if _is_linear_weight(name) else array)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dict(hf_tensors(model)), str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
-def convert_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """`ember convert`: copies config and tokenizer files and writes the weights as orbax."""
+def convert_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                     scan_layers: bool = True) -> Path:
+    """`ember convert`: copies config and tokenizer files and writes the weights as orbax.
+
+    Args:
+      scan_layers: the structure written: stacked layer weights (what a scanning engine
+        maps straight from the files) or one array per layer. Either loads either way.
+    """
     import orbax.checkpoint as ocp
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir).absolute()
-    model = _load_safetensors(hf_dir, load_config(hf_dir))
+    config = load_config(hf_dir, scan_layers=scan_layers)
+    model = load_from_tensors(config, _safetensors_tensors(hf_dir), source=hf_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("config.json",) + _TOKENIZER_FILES:
         if (hf_dir / name).is_file() and hf_dir.resolve() != out_dir.resolve():
@@ -220,54 +215,63 @@ def _orbax_handler():
 
 def _load_orbax(path: Path, config: ModelConfig, plan: ShardingPlan | None = None
                 ) -> Transformer:
-    graphdef, state = abstract_model(config)   # the checkpoint's shapes, for orbax's restore
-    if plan is not None:
-        graphdef, layout_state = abstract_model(plan.layout)
-    flat = dict(nnx.to_flat_state(state if plan is None else layout_state))
-    dtype = jnp.dtype(config.dtype)
-    arrays = _map_orbax(path, list(flat)) or _restore_orbax(path, state)
-    for key, array in arrays.items():
-        if plan is None:
-            flat[key] = _checked(flat[key], array, hf_name(key), path, dtype)
-        else:
-            flat[key] = _placed(flat[key], array, array.shape, key, path, dtype, plan, False)
-        arrays[key] = None  # the host copy (if any) goes as soon as the device has it
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    """Either structure (stacked layers or one array per layer) into either model."""
+    tree = _orbax_tree(path)
+    names = list(_flatten(tree))
+    arrays = _map_orbax(path, names) or _restore_orbax(path, tree)
+    assembly = ModelAssembly(config, plan)
+    for name in names:
+        # The host copy (if any) goes as soon as the device has it.
+        assembly.add(name, arrays.pop(name), transposed=False, source=path)
+    return assembly.finish(path)
 
 
-def _map_orbax(path: Path, keys: list[tuple]) -> dict[tuple, np.ndarray] | None:
+def _orbax_tree(path: Path):
+    """The checkpoint's tree of array metadata (its structure, as saved)."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.Checkpointer(_orbax_handler()) as checkpointer:
+            metadata = checkpointer.metadata(path.absolute())
+    except Exception as error:  # orbax raises many types for a damaged checkpoint
+        raise CheckpointError(f"{path}: not a readable orbax checkpoint "
+                              f"({type(error).__name__}: {str(error)[:300]})") from None
+    metadata = getattr(metadata, "item_metadata", metadata)   # orbax >= 0.11 wraps the tree
+    return getattr(metadata, "tree", metadata)
+
+
+def _flatten(tree) -> dict[str, object]:
+    """{name: leaf}, a name being the tree's keys joined by dots."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {hf_name(getattr(part, "key", part) for part in path): leaf for path, leaf in leaves}
+
+
+def _map_orbax(path: Path, names: list[str]) -> dict[str, np.ndarray] | None:
     """Each weight memory-mapped from its file, or None when the checkpoint's layout needs
     orbax's restore. Beyond the file-descriptor budget a weight is copied, not kept mapped."""
-    keep_mapped = reserve_file_descriptors(len(keys))
+    keep_mapped = reserve_file_descriptors(len(names))
     arrays = {}
-    for number, key in enumerate(keys):
+    for number, name in enumerate(names):
         try:
-            array = map_array(path / hf_name(key))
+            array = map_array(path / name)
         except MappedArrayError as error:
             raise CheckpointError(str(error)) from None
         if array is None:
             return None
-        arrays[key] = array if number < keep_mapped else np.array(array)
+        arrays[name] = array if number < keep_mapped else np.array(array)
     return arrays
 
 
-def _restore_orbax(path: Path, state: nnx.State) -> dict[tuple, np.ndarray]:
+def _restore_orbax(path: Path, tree) -> dict[str, np.ndarray]:
     """Every weight read into host memory by orbax's restore: any orbax layout works."""
     import orbax.checkpoint as ocp
 
-    target = nnx.to_pure_dict(state)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     try:
         with ocp.Checkpointer(_orbax_handler()) as checkpointer:
             restored = checkpointer.restore(path.absolute(), args=ocp.args.PyTreeRestore(
-                item=target, restore_args=restore_args))
-    except Exception as error:  # orbax raises many types for a damaged or mismatched tree
-        raise CheckpointError(f"{path}: orbax checkpoint does not match config.json "
+                restore_args=restore_args))
+    except Exception as error:  # orbax raises many types for a damaged checkpoint
+        raise CheckpointError(f"{path}: orbax checkpoint cannot be restored "
                               f"({type(error).__name__}: {str(error)[:300]})") from None
-    return {key: _pop(restored, key) for key, _ in nnx.to_flat_state(state)}
-
-
-def _pop(tree: dict, key: tuple) -> np.ndarray:
-    for part in key[:-1]:
-        tree = tree[part]
-    return tree.pop(key[-1])
+    return _flatten(restored)

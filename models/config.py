@@ -66,6 +66,11 @@ class ModelConfig:
     qkv_bias (Qwen2), qk_norm (Qwen3), norm_offset=1 and scale_embeddings (Gemma's (1 + w)
     RMSNorm and sqrt(hidden) embedding scale), sliding_window (Mistral), activation
     (Gemma's GeGLU is gelu_pytorch_tanh), and tie_word_embeddings.
+
+    Two fields say how the model runs, not what it is: dtype, and scan_layers (True: every
+    layer weight stacked on a leading [num_layers] axis and the layers run under
+    jax.lax.scan, so a step compiles one layer whatever the depth; False: one module per
+    layer, unrolled). Checkpoints hold the same per-layer tensors either way.
     """
 
     vocab_size: int
@@ -89,6 +94,7 @@ class ModelConfig:
     scale_embeddings: bool = False
     sliding_window: int | None = None
     dtype: str = "float32"
+    scan_layers: bool = True
 
     def __post_init__(self) -> None:
         if self.architecture not in _ARCHITECTURES:
@@ -99,6 +105,8 @@ class ModelConfig:
                              f"{SUPPORTED_ACTIVATIONS}")
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: expected one of {SUPPORTED_DTYPES}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"scan_layers={self.scan_layers!r}: expected True or False")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
@@ -118,7 +126,8 @@ class ModelConfig:
         return self.num_layers * (attention + mlp + 2 * self.hidden_size) + embeddings
 
     @classmethod
-    def from_hf(cls, hf: dict, dtype: str | None = None) -> "ModelConfig":
+    def from_hf(cls, hf: dict, dtype: str | None = None, scan_layers: bool = True
+                ) -> "ModelConfig":
         """Builds a ModelConfig from a Hugging Face config.json dict.
 
         Raises:
@@ -160,6 +169,7 @@ class ModelConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)),
             sliding_window=_sliding_window(hf, architecture),
             dtype=dtype or _dtype_from_hf(hf),
+            scan_layers=scan_layers,
             **switches,
         )
 

@@ -2,7 +2,8 @@
 a checkpoint is laid out on the mesh (gpt-fast's and tpu-inference's habit: the model file stays
 plain, and sharding is one table beside it).
 
-Mesh axes ("data", "model") of shape (1, N). Linear weights are stored [in, out]:
+Mesh axes ("data", "model") of shape (1, N). Linear weights are stored [in, out] (with a
+leading [num_layers] axis, never split, when the layers are stacked for scanning):
 
   q/k/v_proj, gate/up_proj   column-parallel  weight P(None, "model"), bias P("model")
   o_proj, down_proj          row-parallel     weight P("model", None), bias replicated
@@ -26,8 +27,10 @@ The layout on the mesh differs from the checkpoint in two ways, applied while lo
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -36,7 +39,7 @@ from models.config import ModelConfig
 
 MODEL_AXIS = "model"
 HEADS = P(None, MODEL_AXIS, None)                # q, k, v, attention out: [T, heads, D]
-KV_PAGES = P(None, None, MODEL_AXIS, None)       # [num_pages, page_size, 2 * kv_heads, D]
+KV_PAGES = P(None, None, None, MODEL_AXIS, None)  # [L, num_pages, page_size, 2 * kv_heads, D]
 
 # (module, parameter) -> PartitionSpec; anything not listed (the norms) is replicated.
 _COLUMN, _ROW = P(None, MODEL_AXIS), P(MODEL_AXIS, None)
@@ -52,6 +55,18 @@ PARTITION_TABLE: dict[tuple[str, str], P] = {
 }
 _VOCAB_MODULES = ("embed_tokens", "lm_head")
 _KV_MODULES = ("k_proj", "v_proj")
+
+
+def zeros(shape: tuple[int, ...], dtype, sharding: NamedSharding | None = None) -> jax.Array:
+    """Zeros allocated where they live: with a sharding, each device only its own block."""
+    return _zeros_program(tuple(shape), jnp.dtype(dtype), sharding)()
+
+
+@functools.cache
+def _zeros_program(shape, dtype, sharding):
+    # Cached, so re-creating an array (a lost KV cache) reuses the compiled program.
+    placement = {} if sharding is None else dict(out_shardings=sharding)
+    return jax.jit(functools.partial(jnp.zeros, shape, dtype), **placement)
 
 
 def make_mesh(size: int) -> Mesh:
@@ -99,9 +114,14 @@ class ShardingPlan:
                                      num_kv_heads=max(kv_heads, size))
         return cls(make_mesh(size), config, layout)
 
-    def spec(self, path: tuple) -> P:
-        """The PartitionSpec of the parameter at `path` (e.g. ('lm_head', 'weight'))."""
-        return PARTITION_TABLE.get(tuple(str(part) for part in path[-2:]), P())
+    def spec(self, path: tuple, rank: int) -> P:
+        """The PartitionSpec of the parameter at `path` (e.g. ('lm_head', 'weight')) with
+        `rank` axes: a layer weight stacked for scanning has a leading layer axis more than
+        the table's entry, and that axis is not split."""
+        spec = PARTITION_TABLE.get(tuple(str(part) for part in path[-2:]), P())
+        if len(spec) and rank > len(spec):
+            spec = P(*(None,) * (rank - len(spec)), *spec)
+        return spec
 
     def sharding(self, spec: P = P()) -> NamedSharding:
         return NamedSharding(self.mesh, spec)
@@ -118,7 +138,7 @@ class ShardingPlan:
 
     def checkpoint_shape(self, path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape in the checkpoint (engine orientation) of a parameter of `shape` here."""
-        axis = self._sharded_axis(path)
+        axis = self._sharded_axis(path, len(shape))
         module = str(path[-2])
         if axis is None or module not in _VOCAB_MODULES + _KV_MODULES:
             return shape
@@ -137,7 +157,7 @@ class ShardingPlan:
           transposed: the file stores the parameter transposed (HF linear weights, [out, in]).
         """
         def read(index: tuple[slice, ...]) -> np.ndarray:  # this device's block of `shape`
-            wanted = [self._source_indices(path, axis, index[axis], size)
+            wanted = [self._source_indices(path, len(shape), axis, index[axis], size)
                       for axis, size in enumerate(shape)]
             bounds = tuple(_bounds(indices) for indices in wanted)
             block = np.asarray(source[bounds[::-1] if transposed else bounds])
@@ -146,17 +166,19 @@ class ShardingPlan:
                 block = _gather(block, axis, indices - bounds[axis].start)
             return block
 
-        return jax.make_array_from_callback(shape, self.sharding(self.spec(path)), read)
+        return jax.make_array_from_callback(shape, self.sharding(self.spec(path, len(shape))),
+                                            read)
 
-    def _sharded_axis(self, path: tuple) -> int | None:
-        spec = tuple(self.spec(path))
+    def _sharded_axis(self, path: tuple, rank: int) -> int | None:
+        spec = tuple(self.spec(path, rank))
         return spec.index(MODEL_AXIS) if MODEL_AXIS in spec else None
 
-    def _source_indices(self, path: tuple, axis: int, index: slice, size: int) -> np.ndarray:
+    def _source_indices(self, path: tuple, rank: int, axis: int, index: slice, size: int
+                        ) -> np.ndarray:
         """i64[n]: the checkpoint index of each layout index in `index`; -1 is padding."""
         target = np.arange(*index.indices(size))
         module = str(path[-2])
-        if axis != self._sharded_axis(path):
+        if axis != self._sharded_axis(path, rank):
             return target
         if module in _VOCAB_MODULES:
             return np.where(target < self.config.vocab_size, target, -1)

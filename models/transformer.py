@@ -1,17 +1,23 @@
 """The one decoder-only transformer (Flax NNX) behind every supported architecture.
 
 Parameter names follow Hugging Face's, so a checkpoint maps onto the module tree by name:
-`Transformer.model.layers[i].self_attn.q_proj.weight` is `model.layers.i.self_attn.q_proj.weight`.
+unrolled (`config.scan_layers=False`), `Transformer.model.layers[i].self_attn.q_proj.weight`
+is `model.layers.i.self_attn.q_proj.weight`; scanned (ModelConfig's default), `model.layers`
+is one DecoderLayer whose parameters are stacked on a leading [num_layers] axis, so that
+tensor is `model.layers.self_attn.q_proj.weight[i]` (models/assembly.py maps one onto the
+other).
 Linear weights are stored [in, out] (HF stores [out, in]; the loader transposes).
 
 Attention is not built in: each call takes an `attend(cache, q, k, v) -> (cache, out)` function
-and the per-layer caches, so the same layers serve the paged engine (each layer's KV pages go
-in, are written and attended over, and come back updated: `hidden_states` returns them) and the
-dense causal path used for training and scoring (no cache: None in, None out).
+and the KV cache, so the same layers serve the paged engine (each layer gets a LayerCache,
+its handle on the cache of every layer, writes its K/V and attends over its pages, and hands
+the updated cache on: `hidden_states` returns it) and the dense causal path used for
+training and tests (no cache: None in, None out).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import jax
@@ -22,10 +28,24 @@ from jaxtyping import Array, Float, Int
 
 from models.config import ModelConfig
 
+
+@dataclass(slots=True, frozen=True)
+class LayerCache:
+    """One layer's handle on the KV cache: the cache of every layer and which layer runs.
+
+    The cache is one array for all layers (models/paged.py), carried through the layers;
+    layer `layer` reads and writes only its own part, in place, so no layer's pages are
+    ever copied out of it.
+    """
+
+    kv: jax.Array              # the whole cache, e.g. [L, num_pages, page_size, 2 * Hkv, D]
+    layer: jax.Array | int     # i32[] under scan; a Python int when unrolled
+
+
 # attend(cache, q [..., Hq, D], k [..., Hkv, D], v [..., Hkv, D]) -> (cache, out [..., Hq, D]);
-# cache is one layer's KV pages on the paged path (models/paged.py), None on the dense path.
-LayerCache = jax.Array | None
-AttendFn = Callable[[LayerCache, jax.Array, jax.Array, jax.Array], tuple[LayerCache, jax.Array]]
+# cache is a LayerCache on the paged path (models/paged.py), None on the dense path.
+AttendFn = Callable[[LayerCache | None, jax.Array, jax.Array, jax.Array],
+                    tuple[LayerCache | None, jax.Array]]
 
 
 def _init(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, std: float = 0.02
@@ -103,8 +123,8 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
 
-    def __call__(self, x, positions, inv_freq, attend: AttendFn, cache: LayerCache
-                 ) -> tuple[LayerCache, jax.Array]:
+    def __call__(self, x, positions, inv_freq, attend: AttendFn, cache: LayerCache | None
+                 ) -> tuple[LayerCache | None, jax.Array]:
         lead = x.shape[:-1]
         q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
@@ -144,8 +164,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, attend: AttendFn, cache: LayerCache
-                 ) -> tuple[LayerCache, jax.Array]:
+    def __call__(self, x, positions, inv_freq, attend: AttendFn, cache: LayerCache | None
+                 ) -> tuple[LayerCache | None, jax.Array]:
         cache, attended = self.self_attn(self.input_layernorm(x), positions, inv_freq, attend,
                                          cache)
         x = x + attended
@@ -153,14 +173,73 @@ class DecoderLayer(nnx.Module):
 
 
 class DecoderStack(nnx.Module):
-    """HF's `model.*`: embeddings, layers and the final norm."""
+    """HF's `model.*`: embeddings, layers and the final norm.
+
+    `layers` is, by config.scan_layers, one DecoderLayer with every parameter stacked on a
+    leading [num_layers] axis, run under jax.lax.scan (compile time flat in depth), or an
+    nnx.List of num_layers DecoderLayers, unrolled.
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=config.dtype,
                                       rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.scan_layers = config.scan_layers
+        if config.scan_layers:
+            self.layers = stacked_layers(config, rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(config, rngs=rngs)
+                                    for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
                             offset=config.norm_offset, dtype=config.dtype)
+
+    def layer(self, index: int) -> DecoderLayer:
+        """Layer `index`; scanned, a module holding its slices of the stacked parameters."""
+        if not self.scan_layers:
+            return self.layers[index]
+        graphdef, stacked = nnx.split(self.layers)
+        return nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf[index], stacked))
+
+    def run_layers(self, x: Float[Array, "*tokens hidden"], positions: Int[Array, "*tokens"],
+                   inv_freq: Float[Array, "half_head_dim"], attend: AttendFn,
+                   kv_cache: jax.Array | None
+                   ) -> tuple[jax.Array | None, Float[Array, "*tokens hidden"]]:
+        """Every layer in order: (the cache as the last layer left it, hidden states)."""
+        def one(layer, layer_index, x, kv_cache):   # -> (x, kv_cache): the scan's carry
+            cache = None if kv_cache is None else LayerCache(kv_cache, layer_index)
+            cache, x = layer(x, positions, inv_freq, attend, cache)
+            return x, None if cache is None else cache.kv
+
+        if not self.scan_layers:
+            for index, layer in enumerate(self.layers):
+                x, kv_cache = one(layer, index, x, kv_cache)
+            return kv_cache, x
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(carry, per_layer):
+            params, layer_index = per_layer
+            return one(nnx.merge(graphdef, params), layer_index, *carry), None
+
+        num_layers = jax.tree.leaves(stacked)[0].shape[0]
+        (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache),
+                                        (stacked, jnp.arange(num_layers, dtype=jnp.int32)))
+        return kv_cache, x
+
+
+def stacked_layers(config: ModelConfig, rngs: nnx.Rngs | None) -> DecoderLayer:
+    """num_layers DecoderLayers as one module, each parameter stacked on a leading axis.
+
+    With rngs the layers are drawn one after another, as the unrolled model draws them, so
+    one seed gives the same weights scanned or not; without, shapes only (no memory).
+    """
+    if rngs is None:
+        graphdef, state = nnx.split(DecoderLayer(config, rngs=None))
+        return nnx.merge(graphdef, jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct((config.num_layers, *leaf.shape), leaf.dtype),
+            state))
+    layers = [DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)]
+    graphdef, _ = nnx.split(layers[0])
+    return nnx.merge(graphdef, jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                                            *(nnx.state(layer) for layer in layers)))
 
 
 class Transformer(nnx.Module):
@@ -174,29 +253,26 @@ class Transformer(nnx.Module):
                                dtype=config.dtype, rngs=rngs))
 
     def hidden_states(self, input_ids: Int[Array, "*tokens"], positions: Int[Array, "*tokens"],
-                      attend: AttendFn, kv_caches: list[jax.Array] | None = None
-                      ) -> tuple[list[jax.Array] | None, Float[Array, "*tokens hidden"]]:
+                      attend: AttendFn, kv_cache: jax.Array | None = None
+                      ) -> tuple[jax.Array | None, Float[Array, "*tokens hidden"]]:
         """Runs the decoder stack.
 
         Args:
           input_ids, positions: the tokens and their positions in their sequences.
           attend: the attention seam (see AttendFn).
-          kv_caches: one cache per layer, handed to `attend` with that layer's q, k, v; None
-            on the dense path.
+          kv_cache: the cache of every layer (opaque here: each layer hands `attend` a
+            LayerCache of it and takes back the updated one); None on the dense path.
         Returns:
-          (the caches `attend` returned, one per layer, or None; final-norm hidden states).
+          (the cache as the last layer's `attend` returned it, or None; final-norm hidden
+          states).
         """
         c = self.config
         x = self.model.embed_tokens(input_ids)
         if c.scale_embeddings:
             x = x * jnp.asarray(c.hidden_size ** 0.5, x.dtype)
         inv_freq = jnp.asarray(c.rope.inverse_frequencies(c.head_dim), jnp.float32)
-        caches = [None] * len(self.model.layers) if kv_caches is None else kv_caches
-        updated = []
-        for layer, cache in zip(self.model.layers, caches, strict=True):
-            cache, x = layer(x, positions, inv_freq, attend, cache)
-            updated.append(cache)
-        return (None if kv_caches is None else updated), self.model.norm(x)
+        kv_cache, x = self.model.run_layers(x, positions, inv_freq, attend, kv_cache)
+        return kv_cache, self.model.norm(x)
 
     def logits(self, hidden: Float[Array, "*rows hidden"]) -> Float[Array, "*rows vocab"]:
         """The LM head in float32 accumulation: [..., hidden] -> [..., vocab]."""

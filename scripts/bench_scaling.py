@@ -56,10 +56,10 @@ def step_collectives(runner, num_tokens: int, num_seqs: int) -> tuple[tuple, tup
     """The collectives of one step, (counts, bytes) for its forward (token rung) and its
     sampling (seq rung)."""
     batch, indices = runner._empty_batch(num_tokens)
-    forward = runner._forward.lower(runner.params, runner.kv_caches, batch, indices)
+    forward = runner._forward.lower(runner.params, runner.kv_cache, batch, indices)
     # A padding-only step (it writes page 0) gives last_hidden as sampling receives it.
-    runner.kv_caches, _, last_hidden = runner._forward(runner.params, runner.kv_caches, batch,
-                                                       indices)
+    runner.kv_cache, _, last_hidden = runner._forward(runner.params, runner.kv_cache, batch,
+                                                      indices)
     sampling, _ = runner._sampling_arrays([], num_seqs, False)
     sample = runner._sample.lower(runner.params, last_hidden, sampling, None,
                                   num_seqs=num_seqs, num_top=0)

@@ -83,20 +83,20 @@ class StepBroadcaster:
         self._replicated = runner.plan.sharding()
         self._forward, self._sample = runner._forward, runner._sample
         self._prompt_logprobs = runner._prompt_logprobs
-        self._restore_kv_caches = runner.restore_kv_caches
+        self._restore_kv_cache = runner.restore_kv_cache
         self._lock = threading.Lock()
         self.lost: Exception | None = None
         self.stopped = False
         runner._forward, runner._sample = self.forward, self.sample
         runner._prompt_logprobs = self.prompt_logprobs
-        runner.restore_kv_caches = self.restore_kv_caches
+        runner.restore_kv_cache = self.restore_kv_cache
         atexit.register(self.stop)
 
-    def forward(self, params, kv_caches, batch, logits_indices):
+    def forward(self, params, kv_cache, batch, logits_indices):
         with self._lock:
             batch, logits_indices = self._send(_header(FORWARD, batch.input_ids.shape[0]),
                                                (batch, logits_indices))
-            return self._run(self._forward, params, kv_caches, batch, logits_indices)
+            return self._run(self._forward, params, kv_cache, batch, logits_indices)
 
     def sample(self, params, last_hidden, sampling, penalties, *, num_seqs, num_top):
         with self._lock:
@@ -111,10 +111,10 @@ class StepBroadcaster:
             return self._run(self._prompt_logprobs, params, hidden, targets,
                              num_top=num_top).addressable_data(0)
 
-    def restore_kv_caches(self) -> bool:
+    def restore_kv_cache(self) -> bool:
         if self.lost is not None:
             raise _lost(self.lost)
-        return self._restore_kv_caches()
+        return self._restore_kv_cache()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Tells the followers to exit (once; registered to run at the leader's exit)."""
@@ -172,8 +172,8 @@ class Follower:
                 os._exit(0)
             if kind == FORWARD:
                 batch, indices = self._receive(r._empty_batch(a))
-                r.kv_caches, hidden, last_hidden = r._forward(r.params, r.kv_caches, batch,
-                                                              indices)
+                r.kv_cache, hidden, last_hidden = r._forward(r.params, r.kv_cache, batch,
+                                                             indices)
             elif kind == SAMPLE:
                 sampling, penalties = self._receive(r._sampling_arrays([], a, bool(b)))
                 r._sample(r.params, last_hidden, sampling, penalties, num_seqs=a,

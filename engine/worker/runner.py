@@ -16,15 +16,15 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import SingleDeviceSharding
 from tqdm import tqdm
 
 from engine.config import EngineConfig
 from engine.core.request import ModelOutput, Request, SchedulerOutput
-from engine.worker.step import (TOP_LOGPROBS, PenaltyArrays, SamplingArrays, forward_step,
-                                prompt_logprobs_step, sample_step)
+from engine.worker.step import TOP_LOGPROBS, PenaltyArrays, SamplingArrays, jit_steps
 from models.batch import Batch
 from models.config import ModelConfig
-from models.paged import init_kv_caches
+from models.paged import init_kv_cache
 from models.sharding import KV_PAGES, ShardingPlan
 from models.transformer import Transformer
 
@@ -75,6 +75,51 @@ def fit_max_model_len(requested: int | None, model_limit: int, num_pages: int,
     return length
 
 
+def empty_batch(num_tokens: int, max_num_seqs: int, max_pages_per_seq: int
+                ) -> tuple[Batch, np.ndarray]:
+    """An all-padding Batch of token rung `num_tokens`, and logits_indices i32[max_num_seqs]."""
+    batch = Batch(input_ids=np.zeros(num_tokens, np.int32),
+                  positions=np.zeros(num_tokens, np.int32),
+                  slot_mapping=np.zeros(num_tokens, np.int32),
+                  cu_q_lens=np.zeros(max_num_seqs + 1, np.int32),
+                  kv_lens=np.zeros(max_num_seqs, np.int32),
+                  page_indices=np.zeros((max_num_seqs, max_pages_per_seq), np.int32),
+                  num_seqs=np.zeros(1, np.int32))
+    return batch, np.zeros(max_num_seqs, np.int32)
+
+
+def sampling_arrays(chosen: list[Request], num_seqs: int, with_penalties: bool,
+                    max_model_len: int) -> tuple[SamplingArrays, PenaltyArrays | None]:
+    """The sampling (and penalty) arrays of `chosen`, padded to the sequence rung."""
+    params = [r.sampling_params for r in chosen]
+    pad = num_seqs - len(chosen)
+
+    def column(values, dtype, fill):
+        return np.asarray(list(values) + [fill] * pad, dtype)
+
+    sampling = SamplingArrays(
+        temperature=column((p.temperature for p in params), np.float32, 0.0),
+        top_k=column((p.top_k for p in params), np.int32, 0),
+        top_p=column((p.top_p for p in params), np.float32, 1.0),
+        min_p=column((p.min_p for p in params), np.float32, 0.0),
+        seeds=column((r.seed for r in chosen), np.uint32, 0),
+        positions=column((r.num_output_tokens for r in chosen), np.int32, 0))
+    if not with_penalties:
+        return sampling, None
+    history = np.full((num_seqs, max_model_len), -1, np.int32)
+    for s, request in enumerate(chosen):
+        if request.sampling_params.has_penalties:
+            tokens = request.all_token_ids
+            history[s, :len(tokens)] = tokens
+    penalties = PenaltyArrays(
+        history=history,
+        num_prompt=column((r.num_prompt_tokens for r in chosen), np.int32, 0),
+        repetition=column((p.repetition_penalty for p in params), np.float32, 1.0),
+        presence=column((p.presence_penalty for p in params), np.float32, 0.0),
+        frequency=column((p.frequency_penalty for p in params), np.float32, 0.0))
+    return sampling, penalties
+
+
 @dataclass(slots=True, frozen=True)
 class PromptLogprobs:
     """Logprobs of prompt tokens at `positions` (the position of each scored token)."""
@@ -100,27 +145,16 @@ class Runner:
         self.max_pages_per_seq = math.ceil(max_model_len / config.page_size)
         self.graphdef, self.params = nnx.split(model)
         self.plan = plan
-        self._new_kv_caches = functools.partial(
-            init_kv_caches, model, num_pages, config.page_size,
-            sharding=None if plan is None else plan.sharding(KV_PAGES))
-        self.kv_caches = self._new_kv_caches()
+        # Committed to its device(s) from the start: a jitted step's outputs are committed
+        # when any input is, so a first cache that was not would compile a rung twice.
+        self._new_kv_cache = functools.partial(
+            init_kv_cache, model, num_pages, config.page_size,
+            sharding=(SingleDeviceSharding(jax.devices()[0]) if plan is None
+                      else plan.sharding(KV_PAGES)))
+        self.kv_cache = self._new_kv_cache()   # [L, num_pages, page_size, 2 * Hkv, D]
         self.num_kv_rebuilds = 0   # times a failed step lost the cache and it was re-created
-        kernel = dict(backend=config.backend, interpret=config.interpret)
-        # On a mesh every output's sharding is fixed, so each rung compiles once: the caches
-        # stay split by kv head, everything else is replicated.
-        forward_out, replicated = {}, {}
-        if plan is not None:
-            replicated = dict(out_shardings=plan.sharding())
-            forward_out = dict(out_shardings=(plan.sharding(KV_PAGES), plan.sharding(),
-                                              plan.sharding()))
-        self._forward = jax.jit(functools.partial(forward_step, self.graphdef, plan=plan,
-                                                  **kernel),
-                                donate_argnums=(1,), **forward_out)
-        self._sample = jax.jit(functools.partial(sample_step, self.graphdef, plan=plan, **kernel),
-                               static_argnames=("num_seqs", "num_top"), **replicated)
-        self._prompt_logprobs = jax.jit(functools.partial(prompt_logprobs_step, self.graphdef,
-                                                          plan=plan),
-                                        static_argnames=("num_top",), **replicated)
+        self._forward, self._sample, self._prompt_logprobs = jit_steps(self.graphdef, config,
+                                                                       plan)
         if jax.process_count() > 1:   # several hosts: engine/worker/multihost.py
             from engine.worker import multihost
             multihost.attach(self)
@@ -138,8 +172,8 @@ class Runner:
         for kind, shape in tqdm(jobs, desc="warm-up (compile)", unit="bucket", disable=not progress):
             if kind == "forward":
                 batch, indices = self._empty_batch(shape)
-                self.kv_caches, hidden, last_hidden = self._forward(self.params, self.kv_caches,
-                                                                    batch, indices)
+                self.kv_cache, hidden, last_hidden = self._forward(self.params, self.kv_cache,
+                                                                   batch, indices)
                 self._prompt_logprobs(self.params, hidden, np.zeros(shape, np.int32),
                                       num_top=TOP_LOGPROBS).block_until_ready()
             elif kind == "sample":
@@ -149,15 +183,7 @@ class Runner:
                              num_top=num_top).block_until_ready()
 
     def _empty_batch(self, num_tokens: int) -> tuple[Batch, np.ndarray]:
-        max_seqs = self.config.max_num_seqs
-        batch = Batch(input_ids=np.zeros(num_tokens, np.int32),
-                      positions=np.zeros(num_tokens, np.int32),
-                      slot_mapping=np.zeros(num_tokens, np.int32),
-                      cu_q_lens=np.zeros(max_seqs + 1, np.int32),
-                      kv_lens=np.zeros(max_seqs, np.int32),
-                      page_indices=np.zeros((max_seqs, self.max_pages_per_seq), np.int32),
-                      num_seqs=np.zeros(1, np.int32))
-        return batch, np.zeros(max_seqs, np.int32)
+        return empty_batch(num_tokens, self.config.max_num_seqs, self.max_pages_per_seq)
 
     # ------------------------------------------------------------------ one step
     def execute(self, scheduler_output: SchedulerOutput, requests: Mapping[str, Request]
@@ -172,8 +198,8 @@ class Runner:
         with_penalties = any(r.sampling_params.has_penalties for r in chosen)
         num_top = TOP_LOGPROBS if any(r.sampling_params.logprobs for r in chosen) else 0
         sampling, penalties = self._sampling_arrays(chosen, num_seqs, with_penalties)
-        self.kv_caches, hidden, last_hidden = self._forward(self.params, self.kv_caches, batch,
-                                                            logits_indices)
+        self.kv_cache, hidden, last_hidden = self._forward(self.params, self.kv_cache, batch,
+                                                           logits_indices)
         packed = self._sample(self.params, last_hidden, sampling, penalties, num_seqs=num_seqs,
                               num_top=num_top)
         prompt_logprobs = self._prompt_logprobs_for(scheduler_output, chosen, batch, hidden)
@@ -185,7 +211,7 @@ class Runner:
         output.top_logprobs = packed[:, 3 + num_top:]
         return output
 
-    def restore_kv_caches(self) -> bool:
+    def restore_kv_cache(self) -> bool:
         """Re-creates the KV cache if a failed step lost it: the forward donates the cache, so
         after an error raised while it ran the old buffers may be deleted, or (the error
         surfacing later, dispatch being asynchronous) the new ones may hold that error.
@@ -195,14 +221,14 @@ class Runner:
           the scheduler believes computed must be computed again.
         """
         try:
-            lost = any(cache.is_deleted() for cache in self.kv_caches)
+            lost = self.kv_cache.is_deleted()
             if not lost:
-                jax.block_until_ready(self.kv_caches)   # raises what their computation raised
+                jax.block_until_ready(self.kv_cache)   # raises what its computation raised
         except Exception:  # noqa: BLE001 - an array that cannot be read is lost too
             lost = True
         if not lost:
             return False
-        self.kv_caches = self._new_kv_caches()
+        self.kv_cache = self._new_kv_cache()
         self.num_kv_rebuilds += 1
         return True
 
@@ -231,33 +257,7 @@ class Runner:
 
     def _sampling_arrays(self, chosen: list[Request], num_seqs: int, with_penalties: bool
                          ) -> tuple[SamplingArrays, PenaltyArrays | None]:
-        params = [r.sampling_params for r in chosen]
-        pad = num_seqs - len(chosen)
-
-        def column(values, dtype, fill):
-            return np.asarray(list(values) + [fill] * pad, dtype)
-
-        sampling = SamplingArrays(
-            temperature=column((p.temperature for p in params), np.float32, 0.0),
-            top_k=column((p.top_k for p in params), np.int32, 0),
-            top_p=column((p.top_p for p in params), np.float32, 1.0),
-            min_p=column((p.min_p for p in params), np.float32, 0.0),
-            seeds=column((r.seed for r in chosen), np.uint32, 0),
-            positions=column((r.num_output_tokens for r in chosen), np.int32, 0))
-        if not with_penalties:
-            return sampling, None
-        history = np.full((num_seqs, self.max_model_len), -1, np.int32)
-        for s, request in enumerate(chosen):
-            if request.sampling_params.has_penalties:
-                tokens = request.all_token_ids
-                history[s, :len(tokens)] = tokens
-        penalties = PenaltyArrays(
-            history=history,
-            num_prompt=column((r.num_prompt_tokens for r in chosen), np.int32, 0),
-            repetition=column((p.repetition_penalty for p in params), np.float32, 1.0),
-            presence=column((p.presence_penalty for p in params), np.float32, 0.0),
-            frequency=column((p.frequency_penalty for p in params), np.float32, 0.0))
-        return sampling, penalties
+        return sampling_arrays(chosen, num_seqs, with_penalties, self.max_model_len)
 
     def _prompt_logprobs_for(self, scheduler_output, chosen, batch, hidden):
         """Scores prompt tokens fed this step for requests that asked for prompt_logprobs."""

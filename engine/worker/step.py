@@ -7,6 +7,7 @@ sample_step    (per sequence rung S) LM head on each sequence's last row, penalt
 prompt_logprobs_step (per T)         logprobs of each prompt token, for evaluations
 
 Splitting the LM head from the body keeps compilations at |T| + |S| instead of |T| x |S|.
+`jit_steps` jits the three as the runner runs them.
 
 With tensor parallelism (a ShardingPlan), forward_step runs attention per device under
 shard_map, and the vocab-sharded logits are gathered onto every device (padding cut off)
@@ -15,6 +16,8 @@ before anything reads them, so sampling and logprobs are the single-device code,
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -22,9 +25,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from engine.config import EngineConfig
 from models.batch import Batch
 from models.paged import forward_paged
-from models.sharding import ShardingPlan
+from models.sharding import KV_PAGES, ShardingPlan
 
 TOP_LOGPROBS = 20  # the one top-logprobs width compiled; requests slice what they asked for
 
@@ -50,14 +54,16 @@ class PenaltyArrays(NamedTuple):
     frequency: jax.Array           # f32[S]
 
 
-def forward_step(graphdef, params, kv_caches, batch: Batch, logits_indices, *, backend,
+def forward_step(graphdef, params, kv_cache, batch: Batch, logits_indices, *, backend,
                  interpret, plan: ShardingPlan | None = None):
-    """Returns (kv_caches, hidden f32[T, H], last_hidden [S_max, H] at logits_indices)."""
+    """kv_cache [L, num_pages, page_size, 2 * Hkv, D] (donated); logits_indices i32[S_max].
+
+    Returns (kv_cache, hidden [T, H], last_hidden [S_max, H] at logits_indices)."""
     model = nnx.merge(graphdef, params)
-    kv_caches, hidden = forward_paged(model, kv_caches, batch, backend=backend,
-                                      interpret=interpret,
-                                      mesh=None if plan is None else plan.mesh)
-    return kv_caches, hidden, hidden[logits_indices]
+    kv_cache, hidden = forward_paged(model, kv_cache, batch, backend=backend,
+                                     interpret=interpret,
+                                     mesh=None if plan is None else plan.mesh)
+    return kv_cache, hidden, hidden[logits_indices]
 
 
 def logits_of(model, hidden, plan: ShardingPlan | None):
@@ -131,3 +137,32 @@ def _pack(logprobs, token_ids, num_top):
         top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
         packed = jnp.concatenate([packed, top_ids.astype(jnp.float32), top_logprobs], axis=-1)
     return packed
+
+
+class StepFunctions(NamedTuple):
+    """The three jitted functions of a step, the graphdef bound."""
+
+    forward: Callable           # (params, kv_cache, batch, logits_indices), cache donated
+    sample: Callable            # (params, last_hidden, sampling, penalties, *, num_seqs, num_top)
+    prompt_logprobs: Callable   # (params, hidden, target_ids, *, num_top)
+
+
+def jit_steps(graphdef: nnx.GraphDef, config: EngineConfig, plan: ShardingPlan | None = None
+              ) -> StepFunctions:
+    """The step functions jitted as the runner runs them (scripts/bench_compile.py lowers
+    them on abstract arrays)."""
+    kernel = dict(backend=config.backend, interpret=config.interpret)
+    # On a mesh every output's sharding is fixed, so each rung compiles once: the cache
+    # stays split by kv head, everything else is replicated.
+    forward_out, replicated = {}, {}
+    if plan is not None:
+        replicated = dict(out_shardings=plan.sharding())
+        forward_out = dict(out_shardings=(plan.sharding(KV_PAGES), plan.sharding(),
+                                          plan.sharding()))
+    return StepFunctions(
+        forward=jax.jit(functools.partial(forward_step, graphdef, plan=plan, **kernel),
+                        donate_argnums=(1,), **forward_out),
+        sample=jax.jit(functools.partial(sample_step, graphdef, plan=plan, **kernel),
+                       static_argnames=("num_seqs", "num_top"), **replicated),
+        prompt_logprobs=jax.jit(functools.partial(prompt_logprobs_step, graphdef, plan=plan),
+                                static_argnames=("num_top",), **replicated))

@@ -107,23 +107,50 @@ def per_device_bytes(model) -> dict:
     return totals
 
 
-def test_each_device_holds_a_quarter_of_the_weights(model_dirs, tmp_path):
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_each_device_holds_a_quarter_of_the_weights(model_dirs, tmp_path, scan_layers):
     model_dir = model_dirs["mistral"]   # 4 kv heads: nothing repeated at N = 4
-    plan = ShardingPlan.create(load_config(model_dir), 4)
-    weights = dict(nnx.to_flat_state(nnx.state(load_model(model_dir), nnx.Param)))
+    plan = ShardingPlan.create(load_config(model_dir, scan_layers=scan_layers), 4)
+    weights = dict(nnx.to_flat_state(nnx.state(load_model(model_dir, scan_layers=scan_layers),
+                                               nnx.Param)))
     total = sum(v[...].nbytes for v in weights.values())
     norms = sum(v[...].nbytes for k, v in weights.items() if "norm" in str(k[-2]))
-    for source in (model_dir, convert_to_orbax(model_dir, tmp_path / "orbax")):
-        model = load_model(source, plan=plan)
+    # Orbax checkpoints of either structure (unrolled: the layout before scanning).
+    converted = [convert_to_orbax(model_dir, tmp_path / str(scanned), scan_layers=scanned)
+                 for scanned in (True, False)]
+    for source in (model_dir, *converted):
+        model = load_model(source, plan=plan, scan_layers=scan_layers)
         held = per_device_bytes(model)
         assert len(held) == 4
         # A quarter of what splits, with the vocabulary padded from 333 to 336 rows.
         assert max(held.values()) <= (total - norms) / 4 * 336 / 333 + norms, (held, total)
         sharded = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-        embed = next(k for k in sharded if "embed_tokens" in str(k))
-        np.testing.assert_array_equal(np.asarray(sharded[embed][...])[:VOCAB],
-                                      np.asarray(weights[embed][...]))
-        assert not np.asarray(sharded[embed][...])[VOCAB:].any()   # zero padding rows
+        assert sorted(sharded) == sorted(weights)
+        for key, variable in sharded.items():
+            array = np.asarray(variable[...])
+            if key[-2] in ("embed_tokens", "lm_head"):   # vocabulary rows / columns
+                vocab_axis = 0 if key[-2] == "embed_tokens" else 1
+                assert not np.take(array, range(VOCAB, 336), vocab_axis).any()   # zero padding
+                array = np.take(array, range(VOCAB), vocab_axis)
+            np.testing.assert_array_equal(array, np.asarray(weights[key][...]),
+                                          err_msg=str(key))
+
+
+def test_scanned_layers_on_a_mesh_equal_unrolled_on_one_device(model_dirs):
+    prompts, params = parity_requests(seed=6)
+    params = [dataclasses.replace(p, prompt_logprobs=None) for p in params]
+
+    def samples(**options):
+        outputs = LLM(model_dirs["llama"], **SMALL, **options).generate(prompts, params,
+                                                                       use_tqdm=False)
+        return [output.outputs[0] for output in outputs]
+
+    expected = samples(scan_layers=False)
+    for want, got in zip(expected, samples(scan_layers=True, tensor_parallel_size=4)):
+        assert got.token_ids == want.token_ids
+        for want_top, got_top in zip(want.logprobs, got.logprobs, strict=True):
+            for token, logprob in want_top.items():
+                assert abs(got_top[token].logprob - logprob.logprob) < 1e-4
 
 
 def mixed_requests():
@@ -145,7 +172,7 @@ def mixed_requests():
 def test_zero_compilations_after_warmup_with_four_devices(model_dirs):
     llm = LLM(model_dirs["llama"], tensor_parallel_size=4, max_num_seqs=4,
               max_num_batched_tokens=32, page_size=4, num_pages=128, max_model_len=64,
-              warmup=True, compilation_cache_dir="")
+              warmup=True, compilation_cache_dir="", scan_layers=True)
     prompts, params = mixed_requests()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert all(output.finished for output in outputs)
@@ -153,7 +180,7 @@ def test_zero_compilations_after_warmup_with_four_devices(model_dirs):
     # The plan XLA compiled: partial sums added up (all-reduce), no weight gathered.
     runner = llm.engine.runner
     batch, indices = runner._empty_batch(16)
-    hlo = runner._forward.lower(runner.params, runner.kv_caches, batch, indices).compile()
+    hlo = runner._forward.lower(runner.params, runner.kv_cache, batch, indices).compile()
     collectives = re.findall(r"\b(all-reduce|all-gather|all-to-all)(?:-start)?\(",
                              hlo.as_text())
     assert "all-reduce" in collectives and "all-gather" not in collectives, collectives

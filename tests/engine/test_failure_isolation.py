@@ -52,14 +52,13 @@ def inject_fault(monkeypatch, runner, marker: int, kind: str) -> list[int]:
         monkeypatch.setattr(runner, "_forward", failing_jitted_forward(runner, marker, failures))
         return failures
 
-    def forward(params, kv_caches, batch, logits_indices):
+    def forward(params, kv_cache, batch, logits_indices):
         if marker in np.asarray(batch.input_ids):
             failures.append(marker)
             if kind == "lost":   # what a run that fails on the device leaves of a donated cache
-                for cache in kv_caches:
-                    cache.delete()
+                kv_cache.delete()
             raise RuntimeError("injected device fault")
-        return real_forward(params, kv_caches, batch, logits_indices)
+        return real_forward(params, kv_cache, batch, logits_indices)
 
     monkeypatch.setattr(runner, "_forward", forward)
     return failures
@@ -72,9 +71,9 @@ def failing_jitted_forward(runner, marker: int, failures: list[int]):
             raise RuntimeError("injected device fault")
         return np.int32(0)
 
-    def forward(graphdef, params, kv_caches, batch, logits_indices):
+    def forward(graphdef, params, kv_cache, batch, logits_indices):
         io_callback(check, jax.ShapeDtypeStruct((), jnp.int32), batch.input_ids)
-        return forward_step(graphdef, params, kv_caches, batch, logits_indices,
+        return forward_step(graphdef, params, kv_cache, batch, logits_indices,
                             backend=runner.config.backend, interpret=runner.config.interpret)
 
     return jax.jit(functools.partial(forward, runner.graphdef), donate_argnums=(1,))

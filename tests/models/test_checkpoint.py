@@ -67,15 +67,19 @@ def test_converted_checkpoint_is_one_orbax_restores(converted_qwen2):
 
 @pytest.mark.skipif(sys.platform != "linux" or jax.default_backend() != "cpu",
                     reason="reads /proc/self/maps; only the CPU adopts host buffers")
-def test_converted_weights_are_mapped_not_copied(converted_qwen2):
-    model = load_model(converted_qwen2)
-    weight = model.model.layers[0].mlp.up_proj.weight[...]
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_converted_weights_are_mapped_not_copied(converted_qwen2, scan_layers):
+    # The conversion stacks the layers: a scanned model maps the stacked weight, an
+    # unrolled one each layer's rows of it.
+    model = load_model(converted_qwen2, scan_layers=scan_layers)
+    layers = model.model.layers
+    weight = (layers.mlp.up_proj.weight if scan_layers else layers[1].mlp.up_proj.weight)[...]
     address = weight.unsafe_buffer_pointer()
     for line in Path("/proc/self/maps").read_text().splitlines():
         span, *_, name = line.split(maxsplit=5)
         start, end = (int(bound, 16) for bound in span.split("-"))
         if start <= address < end:
-            assert "model.layers.0.mlp.up_proj.weight" in name
+            assert "model.layers.mlp.up_proj.weight" in name
             return
     pytest.fail("the weight's buffer is in no mapping")
 
