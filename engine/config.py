@@ -16,6 +16,8 @@ def default_cache_dir() -> Path:
 
 # Auto scan_layers: models this deep run their layers under jax.lax.scan (EngineConfig.scans).
 SCAN_FROM_LAYERS = 4
+# EngineConfig.quantization: None keeps the checkpoint's own (see the class docstring).
+QUANTIZATIONS = (None, "none", "int8", "int4")
 
 
 def ladder(smallest: int, largest: int) -> tuple[int, ...]:
@@ -52,6 +54,14 @@ class EngineConfig:
       scan_layers: run the layers under jax.lax.scan over stacked weights (compile time
         flat in depth) or unrolled (compile time growing with depth); None (auto) scans
         models of 4 layers or more (see `scans`).
+      quantization: how linear weights are held in memory: None (the checkpoint's own: a
+        GGUF file's Q8_0/Q4_0/Q4_1 blocks stay quantized, other tensors and float
+        checkpoints are float), "none" (everything dequantized to dtype), "int8" (symmetric
+        per output channel) or "int4" (groups of 32 with a scale and a minimum, as Q4_1),
+        quantized at load (models/quantization.py).
+      kv_cache_dtype: the KV pages' dtype: "auto" (the model dtype), "bfloat16",
+        "float8_e4m3fn" or "int8" (one scale per token and head); one of
+        pallas_kernels.KV_CACHE_DTYPES, checked by LLMEngine.
       seed: None (the default) draws each unseeded request's seed from OS entropy, so
         restarts and replicas never repeat a sequence; an int makes unseeded requests
         repeat from run to run (tests, benchmarks).
@@ -73,6 +83,8 @@ class EngineConfig:
     seed: int | None = None
     tensor_parallel_size: int = 1
     scan_layers: bool | None = None
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "cpu_num_pages",
@@ -83,6 +95,9 @@ class EngineConfig:
         if not (self.scan_layers is None or isinstance(self.scan_layers, bool)):
             raise ValueError(f"scan_layers={self.scan_layers!r}: expected None (auto), True "
                              "or False")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={self.quantization!r}: expected one of "
+                             f"{QUANTIZATIONS}")
         if self.seed is not None and not (is_int(self.seed) and self.seed >= 0):
             raise ValueError(f"seed={self.seed!r}: expected None or an integer >= 0")
         if self.max_model_len is not None and self.max_model_len < 1:

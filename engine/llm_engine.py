@@ -23,6 +23,7 @@ from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.info import EngineStats, ModelInfo
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams, is_int
+from engine.structured import compiler_for
 from engine.tokenizer import Tokenizer
 from engine.worker import compilation
 from engine.worker.runner import Runner, fit_max_model_len, pages_that_fit
@@ -38,28 +39,66 @@ class RequestFailed(RuntimeError):
     """The engine could not run this request; the requests that shared its step went on."""
 
 
+def model_files(model: Path) -> Path:
+    """The directory holding a model's config.json, tokenizer and generation config: the
+    model directory itself, or for a GGUF file one written from its metadata into the cache
+    ($EMBER_HOME/gguf), once per file version (path, size and modification time)."""
+    if model.suffix != ".gguf" or not model.is_file():
+        return model
+    import hashlib
+    import json
+    import os
+    import tempfile
+
+    from engine.config import default_cache_dir
+    from engine.tokenizer.gguf_tokenizer import write_tokenizer_files
+    from models.gguf import read_gguf
+
+    stat = model.stat()
+    version = f"{model.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    target = default_cache_dir() / "gguf" / f"{model.stem}-{hashlib.sha256(version).hexdigest()[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    checkpoint = read_gguf(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".staging-") as staging:
+        staging = Path(staging)
+        (staging / "config.json").write_text(json.dumps(checkpoint.hf_config(), indent=2))
+        (staging / "generation_config.json").write_text(
+            json.dumps(checkpoint.generation_config(), indent=2))
+        write_tokenizer_files(model, staging)
+        try:
+            os.rename(staging, target)   # whole or not at all; a concurrent writer won first
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    return target
+
+
 class LLMEngine:
     """Owns the scheduler, the runner and the tokenizer of one model."""
 
     def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None):
         config = config or EngineConfig()
         pallas_kernels.resolve_backend(config.backend)  # a bad name fails before any loading
+        pallas_kernels.resolve_kv_cache_dtype(config.kv_cache_dtype, "float32")   # likewise
         compilation.compilations()  # start listening before anything compiles
         compilation.enable_persistent_cache(config.compilation_cache_dir)
         if model is None:
-            from engine.default_model.build import ensure_default_model
+            from engine.default_model.fetch import ensure_default_model
             model = ensure_default_model()
         self.model_path = Path(model)
         self.config = config
-        self.tokenizer = Tokenizer.from_pretrained(self.model_path)
-        self.generation_config = load_generation_config(self.model_path)
-        scan_layers = config.scans(load_config(self.model_path).num_layers)
+        files = model_files(self.model_path)   # config.json, tokenizer, generation config
+        self.tokenizer = Tokenizer.from_pretrained(files)
+        self.generation_config = load_generation_config(files)
+        scan_layers = config.scans(load_config(files).num_layers)
         # Tensor parallelism: the heads must split and the devices exist, before any loading.
         plan = (None if config.tensor_parallel_size == 1 else ShardingPlan.create(
-            load_config(self.model_path, config.dtype, scan_layers=scan_layers),
+            load_config(files, config.dtype, scan_layers=scan_layers),
             config.tensor_parallel_size))
         loaded = load_model(self.model_path, dtype=config.dtype, plan=plan,
-                            scan_layers=scan_layers)
+                            scan_layers=scan_layers, quantization=config.quantization)
         self.model_config = loaded.config if plan is None else plan.config  # the real vocab
         num_pages = config.num_pages or pages_that_fit(loaded.config, config)
         self.max_model_len = fit_max_model_len(
@@ -154,13 +193,16 @@ class LLMEngine:
             raise ValueError("prompt: expected at least one token")
         base_seed = params.seed if params.seed is not None else self._draw_seed()
         eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        grammar = None if params.structured_output is None else compiler_for(
+            self.tokenizer, self.model_config.vocab_size).compile(params.structured_output)
         samples = []
         for index in range(params.n):
             sample_id = request_id if params.n == 1 else f"{request_id}#{index}"
             samples.append(Request(sample_id, token_ids, params, eos_token_ids=eos,
                                    priority=priority, seed=(base_seed + index) % 2 ** 32,
                                    wait_for=None if index == 0 else samples[0].request_id,
-                                   tenant=tenant, cache_salt=cache_salt))
+                                   tenant=tenant, cache_salt=cache_salt,
+                                   matcher=None if grammar is None else grammar.matcher()))
         self.scheduler.add_request(samples[0])  # validates before any page is taken
         for sample in samples[1:]:
             self.scheduler.add_request(sample)

@@ -13,10 +13,17 @@ scanning engine holds it. Either kind fills either module structure:
   stacked tensor   -> unrolled model   each layer's row placed (a view: nothing copied)
 
 With a ShardingPlan, each device reads only its slice of each tensor (models/sharding.py).
+
+Quantized projections (config.quantization) take their HF-named weight as a float [out, in]
+tensor (quantized here, on the host, one tensor at a time) or as a QuantizedWeight already
+in [in, out] (GGUF blocks through `from_gguf_blocks`); its arrays fill the module's
+`q`/`scale` or `packed`/`scale`/`minimum` parameters. Every array keeps the dtype the module
+declares (int8/uint8 weights, f16/f32 scales): only float weights are cast to config.dtype.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -27,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
+from models.quantization import QuantizedWeight, quantize
 from models.sharding import ShardingPlan, zeros
 from models.transformer import Transformer
 
@@ -70,8 +78,12 @@ class ModelAssembly:
     def __init__(self, config: ModelConfig, plan: ShardingPlan | None = None):
         if plan is not None and plan.config != config:
             raise ValueError(f"the sharding plan is for {plan.config}, not for {config}")
+        if plan is not None and config.quantization:
+            raise ValueError(f"quantized weights ({dict(config.quantization)}) with "
+                             f"tensor_parallel_size={plan.mesh.size}: not supported yet; "
+                             "expected quantization='none' or tensor_parallel_size=1")
         self.plan = plan
-        self.dtype = jnp.dtype(config.dtype)
+        self.config = config
         self.num_layers = config.num_layers
         self.graphdef, state = abstract_model(config if plan is None else plan.layout)
         self.flat = dict(nnx.to_flat_state(state))
@@ -86,6 +98,8 @@ class ModelAssembly:
     def wants(self, name: str) -> bool:
         """Whether `name` fills a weight not filled yet (`add` skips the others: rotary
         buffers, a tied LM head's copy, a tensor given twice)."""
+        if self._quantized_format(name) is not None:
+            return self.wants(_field_name(name, "scale"))
         if name in self.whole:
             return self.whole[name] not in self.done
         if name in self.rows:
@@ -104,7 +118,10 @@ class ModelAssembly:
         """
         if not self.wants(name):
             return
-        if name in self.whole:
+        fmt = self._quantized_format(name)
+        if fmt is not None:
+            self._add_quantized(name, tensor, fmt, transposed, source)
+        elif name in self.whole:
             key = self.whole[name]
             array = self._placed(key, tensor, tuple(self.flat[key].shape), name, transposed,
                                  source)
@@ -139,6 +156,35 @@ class ModelAssembly:
                                   f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
         return nnx.merge(self.graphdef, nnx.from_flat_state(self.flat))
 
+    def _quantized_format(self, name: str):
+        """The QuantFormat the model holds the linear weight `name` in, or None (float)."""
+        parts = name.split(".")
+        if parts[-1] != "weight" or not _is_layer_key(tuple(parts)):
+            return None
+        return self.config.linear_format(parts[-2])
+
+    def _add_quantized(self, name: str, tensor, fmt, transposed: bool, source) -> None:
+        """A quantized projection's weight: a float tensor quantized here (a stacked one
+        layer by layer), or a QuantizedWeight; each of its arrays fills its parameter."""
+        parts = name.split(".")
+        if not parts[2].isdigit():   # stacked [num_layers, ...]: one layer at a time
+            for layer in range(self.num_layers):
+                self.add(_layer_name(tuple(parts), layer), _Row(tensor, layer),
+                         transposed=transposed, source=source)
+            return
+        if isinstance(tensor, QuantizedWeight):
+            weight = tensor
+        else:
+            array = np.asarray(tensor[...], np.float32)
+            weight = quantize(array.T if transposed else array, fmt)
+        for field in dataclasses.fields(weight):
+            self.add(_field_name(name, field.name), np.asarray(getattr(weight, field.name)),
+                     transposed=False, source=source)
+
+    def _dtype(self, key: tuple) -> jnp.dtype:
+        """The dtype the module declares for `key` (int8/uint8 and scales keep theirs)."""
+        return jnp.dtype(self.flat[key].get_value().dtype)
+
     def _add_row(self, name: str, tensor, transposed: bool, source) -> None:
         """Writes one layer's tensor into its row of the stacked weight, on the device."""
         key, layer = self.rows[name]
@@ -146,7 +192,7 @@ class ModelAssembly:
         if key not in self.stacked:
             sharding = (None if self.plan is None else
                         self.plan.sharding(self.plan.spec(key, len(shape))))
-            self.stacked[key] = _Stacked(zeros(shape, self.dtype, sharding), set())
+            self.stacked[key] = _Stacked(zeros(shape, self._dtype(key), sharding), set())
         stacked = self.stacked[key]
         row = self._placed(key, tensor, shape[1:], name, transposed, source)
         # Without a plan the weights stay uncommitted (placed like jax.device_put's).
@@ -176,16 +222,16 @@ class ModelAssembly:
         if self.plan is not None:
             _check_shape(_shape(tensor)[::-1] if transposed else _shape(tensor),
                          self.plan.checkpoint_shape(key, shape), name, source)
-            return self.plan.place(key, tensor, shape, self.dtype, transposed=transposed)
+            return self.plan.place(key, tensor, shape, self._dtype(key), transposed=transposed)
         array = np.asarray(tensor[...])
         array = array.T if transposed else array
         _check_shape(array.shape, shape, name, source)
         # One tensor at a time goes to the device; the host copy is dropped right after. On
         # the CPU, jax adopts an aligned host buffer of the right dtype (a mapped file)
         # without a copy.
-        if array.dtype == self.dtype:
+        if array.dtype == self._dtype(key):
             return jax.device_put(array)
-        return jnp.asarray(array, dtype=self.dtype)
+        return jnp.asarray(array, dtype=self._dtype(key))
 
 
 class _Row:
@@ -198,6 +244,11 @@ class _Row:
     def __getitem__(self, index):
         index = index if isinstance(index, tuple) else (index,)
         return self.tensor[(self.layer, *index)]
+
+
+def _field_name(weight_name: str, field: str) -> str:
+    """`…q_proj.weight` -> `…q_proj.{field}` (a QuantizedLinear's array)."""
+    return weight_name.rsplit(".", 1)[0] + "." + field
 
 
 def _is_layer_key(key: tuple) -> bool:

@@ -31,10 +31,15 @@ from models.assembly import (CheckpointError, ModelAssembly, abstract_model, hf_
                              is_linear_weight)
 from models.config import ModelConfig
 from models.mapped import MappedArrayError, map_array, reserve_file_descriptors
+from models.quantization import GGUF_FORMATS, INT4, INT8, from_gguf_blocks
 from models.sharding import ShardingPlan
 from models.transformer import Transformer
 
 ORBAX_SUBDIR = "orbax"
+# The linear layers quantization applies to (never embeddings nor the LM head).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTIZATIONS = (None, "none", "int8", "int4")   # load_model's `quantization`
+LOAD_FORMATS = {"int8": INT8, "int4": INT4}     # ... quantized at load
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                     "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
                     "generation_config.json")
@@ -69,22 +74,38 @@ def load_generation_config(model_dir: str | os.PathLike) -> dict:
 
 
 def load_model(model_dir: str | os.PathLike, dtype: str | None = None,
-               plan: ShardingPlan | None = None, *, scan_layers: bool = True) -> Transformer:
-    """Loads a model directory: its orbax checkpoint when present, else its safetensors.
+               plan: ShardingPlan | None = None, *, scan_layers: bool = True,
+               quantization: str | None = None) -> Transformer:
+    """Loads a model directory (its orbax checkpoint when present, else its safetensors) or
+    a GGUF file.
 
     Args:
       plan: tensor parallelism (made from this directory's config, `dtype` and
         `scan_layers`): the model is built with `plan.layout` and each weight placed on
         `plan.mesh` slice by slice.
       scan_layers: stack the layers' weights and scan them (ModelConfig.scan_layers).
+      quantization: how the linear weights are held (EngineConfig.quantization): None, the
+        checkpoint's own (a GGUF projection whose every layer is Q8_0, Q4_0 or Q4_1 keeps its
+        blocks; anything else is float); "none", all float; "int8" / "int4", every
+        projection quantized at load. Under a plan, None means "none" (quantized weights are
+        not split over devices yet) and "int8" / "int4" are a ValueError.
     """
     model_dir = Path(model_dir)
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r}: expected one of {QUANTIZATIONS}")
+    if plan is not None and quantization in LOAD_FORMATS:
+        raise ValueError(f"quantization={quantization!r} with tensor_parallel_size="
+                         f"{plan.mesh.size}: quantized weights are not split over devices yet; "
+                         "expected quantization=None or 'none'")
+    if model_dir.suffix == ".gguf" and model_dir.is_file():
+        return _load_gguf(model_dir, dtype, plan, scan_layers, quantization)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model directory not found")
     config = load_config(model_dir, dtype, scan_layers=scan_layers)
     if plan is not None and plan.config != config:
         raise ValueError(f"the sharding plan is for {plan.config}, not for {model_dir} "
                          f"({config})")
+    config = dataclasses.replace(config, quantization=_load_formats(quantization))
     if (model_dir / ORBAX_SUBDIR).is_dir():
         return _load_orbax(model_dir / ORBAX_SUBDIR, config, plan)
     return load_from_tensors(config, _safetensors_tensors(model_dir), source=model_dir,
@@ -117,6 +138,52 @@ def load_from_tensors(config: ModelConfig, tensors: Iterable[tuple[str, object]]
     for name, tensor in tensors:
         assembly.add(name, tensor, transposed=is_linear_weight(name), source=source)
     return assembly.finish(source)
+
+
+def _load_formats(quantization: str | None) -> tuple:
+    """config.quantization for "int8" / "int4" (every projection), else () (float)."""
+    if quantization not in LOAD_FORMATS:
+        return ()
+    return tuple((projection, LOAD_FORMATS[quantization]) for projection in PROJECTIONS)
+
+
+def _gguf_formats(tensors: Iterable[tuple[str, object]]) -> tuple:
+    """config.quantization keeping a GGUF file's blocks: a projection whose every layer is
+    Q8_0, or every layer Q4_0 / Q4_1, gets that format (int8 groups of 32 / int4, f16
+    scales); one with another type in any layer (F16, K quants, ...) stays float, since a
+    scanned model holds one format per projection."""
+    seen: dict[str, set] = {}
+    for name, tensor in tensors:
+        parts = name.split(".")
+        if parts[-1] == "weight" and parts[-2] in PROJECTIONS:
+            seen.setdefault(parts[-2], set()).add(GGUF_FORMATS.get(tensor.qtype))
+    return tuple((projection, seen[projection].pop()) for projection in PROJECTIONS
+                 if len(seen.get(projection, ())) == 1 and None not in seen[projection])
+
+
+def _load_gguf(path: Path, dtype: str | None, plan: ShardingPlan | None,
+               scan_layers: bool, quantization: str | None) -> Transformer:
+    """A GGUF file's weights (models/gguf.py): kept projections as their blocks, converted
+    without a float round trip (`from_gguf_blocks`), the rest dequantized to float as each
+    is placed (and quantized again for "int8" / "int4")."""
+    from models.gguf import read_gguf
+
+    checkpoint = read_gguf(path)
+    config = ModelConfig.from_hf(checkpoint.hf_config(), dtype=dtype, scan_layers=scan_layers)
+    if plan is not None and plan.config != config:
+        raise ValueError(f"the sharding plan is for {plan.config}, not for {path} ({config})")
+    kept = quantization is None and plan is None
+    formats = _gguf_formats(checkpoint.tensors()) if kept else _load_formats(quantization)
+    config = dataclasses.replace(config, quantization=formats)
+
+    def weight(name: str, tensor):
+        parts = name.split(".")
+        if kept and parts[-1] == "weight" and config.linear_format(parts[-2]) is not None:
+            return from_gguf_blocks(tensor.qtype, tensor.blocks, tensor.shape)
+        return tensor.dequantize()
+
+    tensors = ((name, weight(name, tensor)) for name, tensor in checkpoint.tensors())
+    return load_from_tensors(config, tensors, source=path, plan=plan)
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:

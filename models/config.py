@@ -71,6 +71,10 @@ class ModelConfig:
     layer weight stacked on a leading [num_layers] axis and the layers run under
     jax.lax.scan, so a step compiles one layer whatever the depth; False: one module per
     layer, unrolled). Checkpoints hold the same per-layer tensors either way.
+
+    `quantization` says how linear weights are held: (projection, QuantFormat) pairs, e.g.
+    (("q_proj", INT4), ...); a projection listed is a QuantizedLinear in every layer
+    (models/quantization.py), the others (and embeddings, the LM head) are float.
     """
 
     vocab_size: int
@@ -95,6 +99,7 @@ class ModelConfig:
     sliding_window: int | None = None
     dtype: str = "float32"
     scan_layers: bool = True
+    quantization: tuple = ()   # ((projection, QuantFormat), ...): see the docstring
 
     def __post_init__(self) -> None:
         if self.architecture not in _ARCHITECTURES:
@@ -117,6 +122,10 @@ class ModelConfig:
                              f"num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim}: expected an even number (rotary pairs)")
+
+    def linear_format(self, projection: str):
+        """The QuantFormat of `projection` (e.g. "q_proj"), or None: a float Linear."""
+        return dict(self.quantization).get(projection)
 
     @property
     def num_parameters(self) -> int:

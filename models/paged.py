@@ -7,6 +7,11 @@ unrolled, and each layer writes and reads its own pages in place. The kernels ta
 viewed as the pages of every layer end to end, `[L * num_pages, ...]` (a reshape of leading
 axes: no copy), with its page numbers and slots moved past the pages of the layers before it.
 A layer never slices its pages out, which would copy them every step.
+
+An int8 cache is the pair `(kv_pages, kv_scales f32[L, num_pages, page_size, 2 * Hkv])`
+(pallas_kernels/kv_cache.py: one scale per token per K or V head), carried, reshaped, donated
+and sharded (on the kv-head axis) the same way; a float cache (the model's dtype, bf16,
+fp8) is the pages array alone.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from jaxtyping import Array, Float
 import pallas_kernels
 from models.batch import Batch
 from models.config import ModelConfig
-from models.sharding import HEADS, KV_PAGES, zeros
+from models.sharding import HEADS, KV_PAGES, KV_SCALES, zeros
 from models.transformer import LayerCache, Transformer
 from pallas_kernels.compat import shard_map
+from pallas_kernels.kv_cache import SCALE_DTYPE
 
 
 def kv_cache_shape(config: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
@@ -40,17 +46,33 @@ def kv_cache_shape(config: ModelConfig, num_pages: int, page_size: int) -> tuple
     return (c.num_layers, num_pages, page_size, 2 * c.num_kv_heads, c.head_dim)
 
 
+# The KV cache: the pages, or for an int8 cache (pages, scales); see the module docstring.
+KVCache = jax.Array | tuple[jax.Array, jax.Array]
+
+
 def init_kv_cache(model: Transformer, num_pages: int, page_size: int, dtype=None,
-                  sharding: NamedSharding | None = None) -> jax.Array:
-    """Zeros [L, num_pages, page_size, 2 * Hkv, D]; with a sharding (KV_PAGES on a mesh),
-    each device allocates only its kv heads."""
+                  sharding: jax.sharding.Sharding | None = None) -> KVCache:
+    """Zeros [L, num_pages, page_size, 2 * Hkv, D] in `dtype` (None: the model's), with
+    zero scales [L, num_pages, page_size, 2 * Hkv] beside int8 pages; with a sharding
+    (KV_PAGES on a mesh), each device allocates only its kv heads."""
     shape = kv_cache_shape(model.config, num_pages, page_size)
-    return zeros(shape, dtype or model.config.dtype, sharding)
+    dtype = jnp.dtype(dtype or model.config.dtype)
+    pages = zeros(shape, dtype, sharding)
+    if not pallas_kernels.is_quantized(dtype):
+        return pages
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, KV_SCALES)
+    return pages, zeros(shape[:4], SCALE_DTYPE, sharding)
 
 
-def forward_paged(model: Transformer, kv_cache: jax.Array, batch: Batch, *,
+def kv_cache_spec(kv_cache_dtype) -> P | tuple[P, P]:
+    """The cache's PartitionSpec pytree on a mesh, for a cache of pages in `kv_cache_dtype`."""
+    return (KV_PAGES, KV_SCALES) if pallas_kernels.is_quantized(kv_cache_dtype) else KV_PAGES
+
+
+def forward_paged(model: Transformer, kv_cache: KVCache, batch: Batch, *,
                   backend: str = "auto", interpret: bool = False, mesh: Mesh | None = None
-                  ) -> tuple[jax.Array, Float[Array, "T hidden"]]:
+                  ) -> tuple[KVCache, Float[Array, "T hidden"]]:
     """Runs the model over one step's batch.
 
     Each layer writes its K/V rows into its pages (at batch.slot_mapping), then attends over
@@ -59,18 +81,23 @@ def forward_paged(model: Transformer, kv_cache: jax.Array, batch: Batch, *,
     their head axis, the batch replicated.
 
     Args:
-      kv_cache: [L, num_pages, page_size, 2 * Hkv, D] (donate it: it is updated in place).
+      kv_cache: [L, num_pages, page_size, 2 * Hkv, D], or for int8 pages the pair (pages,
+        scales f32[L, num_pages, page_size, 2 * Hkv]) (donate it: updated in place).
     Returns:
       (kv_cache after this step, final-norm hidden states [T, hidden]).
     """
     config = model.config
     scale = config.head_dim ** -0.5
 
-    # kv_cache: [L, num_pages, page_size, 2 * Hkv, D]; layer: i32[]; q: [T, Hq, D];
-    # k, v: [T, Hkv, D] (per device under a mesh: Hq / N query heads, Hkv / N kv heads)
+    # kv_cache: [L, num_pages, page_size, 2 * Hkv, D] (or that and scales [L, num_pages,
+    # page_size, 2 * Hkv]); layer: i32[]; q: [T, Hq, D]; k, v: [T, Hkv, D] (per device under
+    # a mesh: Hq / N query heads, Hkv / N kv heads)
     def write_and_attend(kv_cache, layer, q, k, v, batch):
-        num_layers, num_pages, page_size = kv_cache.shape[:3]
-        pages = kv_cache.reshape(num_layers * num_pages, *kv_cache.shape[2:])
+        kv_pages, kv_scales = kv_cache if isinstance(kv_cache, tuple) else (kv_cache, None)
+        num_layers, num_pages, page_size = kv_pages.shape[:3]
+        every_layer = lambda a: a.reshape(num_layers * num_pages, *a.shape[2:])
+        pages = every_layer(kv_pages)
+        scales = None if kv_scales is None else every_layer(kv_scales)
         first_page = layer * num_pages       # this layer's page 0 among every layer's pages
         slots = batch.slot_mapping + first_page * page_size
         if k.shape[0] == 1 and pallas_kernels.resolve_backend(backend) == "reference":
@@ -80,18 +107,22 @@ def forward_paged(model: Transformer, kv_cache: jax.Array, batch: Batch, *,
             # scatter, updated in place.
             k, v = (jnp.concatenate([x, jnp.zeros_like(x)]) for x in (k, v))
             slots = jnp.concatenate([slots, first_page[None] * page_size])
-        pages = pallas_kernels.write_kv_pages(pages, k, v, slots, backend=backend,
-                                              interpret=interpret)
+        written = pallas_kernels.write_kv_pages(pages, k, v, slots, kv_scales=scales,
+                                                backend=backend, interpret=interpret)
+        pages, scales = (written, None) if scales is None else written
         out = pallas_kernels.ragged_paged_attention(
             q, pages, batch.kv_lens, batch.page_indices + first_page, batch.cu_q_lens,
             batch.num_seqs, sm_scale=scale, sliding_window=config.sliding_window,
-            backend=backend, interpret=interpret)
-        return pages.reshape(kv_cache.shape), out
+            kv_scales=scales, backend=backend, interpret=interpret)
+        if scales is None:
+            return pages.reshape(kv_pages.shape), out
+        return (pages.reshape(kv_pages.shape), scales.reshape(kv_scales.shape)), out
 
     if mesh is not None:
+        cache_spec = kv_cache_spec(jax.tree.leaves(kv_cache)[0].dtype)
         write_and_attend = shard_map(write_and_attend, mesh=mesh,
-                                     in_specs=(KV_PAGES, P(), HEADS, HEADS, HEADS, P()),
-                                     out_specs=(KV_PAGES, HEADS))
+                                     in_specs=(cache_spec, P(), HEADS, HEADS, HEADS, P()),
+                                     out_specs=(cache_spec, HEADS))
 
     def attend(cache: LayerCache, q, k, v):
         layer = jnp.asarray(cache.layer, jnp.int32)

@@ -40,6 +40,7 @@ from models.config import ModelConfig
 MODEL_AXIS = "model"
 HEADS = P(None, MODEL_AXIS, None)                # q, k, v, attention out: [T, heads, D]
 KV_PAGES = P(None, None, None, MODEL_AXIS, None)  # [L, num_pages, page_size, 2 * kv_heads, D]
+KV_SCALES = P(None, None, None, MODEL_AXIS)       # int8 cache: [L, num_pages, page_size, 2 * kv_heads]
 
 # (module, parameter) -> PartitionSpec; anything not listed (the norms) is replicated.
 _COLUMN, _ROW = P(None, MODEL_AXIS), P(MODEL_AXIS, None)

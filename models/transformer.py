@@ -27,6 +27,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from models.config import ModelConfig
+from models.quantization import QuantizedLinear
 
 
 @dataclass(slots=True, frozen=True)
@@ -38,7 +39,8 @@ class LayerCache:
     ever copied out of it.
     """
 
-    kv: jax.Array              # the whole cache, e.g. [L, num_pages, page_size, 2 * Hkv, D]
+    kv: object                 # the whole cache, e.g. [L, num_pages, page_size, 2 * Hkv, D]
+                               # (an int8 cache: (pages, scales); models/paged.py)
     layer: jax.Array | int     # i32[] under scan; a Python int when unrolled
 
 
@@ -72,6 +74,16 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x @ self.weight[...]
         return y if self.bias is None else y + self.bias[...]
+
+
+def linear(config: ModelConfig, projection: str, in_features: int, out_features: int, *,
+           bias: bool, rngs: nnx.Rngs | None) -> Linear | QuantizedLinear:
+    """The `projection` layer (e.g. "q_proj"): quantized when config.quantization lists it."""
+    fmt = config.linear_format(projection)
+    if fmt is None:
+        return Linear(in_features, out_features, bias=bias, dtype=config.dtype, rngs=rngs)
+    return QuantizedLinear.create(in_features, out_features, bias=bias, dtype=config.dtype,
+                                  quantization=fmt, rngs=rngs)
 
 
 class Embedding(nnx.Module):
@@ -111,14 +123,11 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None):
         c, dtype = config, config.dtype
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype,
-                             rngs=rngs)
-        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias,
-                             dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias,
-                             dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias, dtype=dtype,
-                             rngs=rngs)
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.q_proj = linear(c, "q_proj", c.hidden_size, q_size, bias=c.qkv_bias, rngs=rngs)
+        self.k_proj = linear(c, "k_proj", c.hidden_size, kv_size, bias=c.qkv_bias, rngs=rngs)
+        self.v_proj = linear(c, "v_proj", c.hidden_size, kv_size, bias=c.qkv_bias, rngs=rngs)
+        self.o_proj = linear(c, "o_proj", q_size, c.hidden_size, bias=c.o_bias, rngs=rngs)
         norm = dict(eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype)
         self.q_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
@@ -138,13 +147,13 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None):
-        c, dtype = config, config.dtype
-        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype,
-                                rngs=rngs)
-        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype,
+        c = config
+        self.gate_proj = linear(c, "gate_proj", c.hidden_size, c.intermediate_size,
+                                bias=c.mlp_bias, rngs=rngs)
+        self.up_proj = linear(c, "up_proj", c.hidden_size, c.intermediate_size, bias=c.mlp_bias,
                               rngs=rngs)
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype,
-                                rngs=rngs)
+        self.down_proj = linear(c, "down_proj", c.intermediate_size, c.hidden_size,
+                                bias=c.mlp_bias, rngs=rngs)
         self.activation = c.activation
 
     def __call__(self, x: jax.Array) -> jax.Array:

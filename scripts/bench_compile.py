@@ -111,8 +111,8 @@ def compile_warmup(shape: str, scan_layers: bool, engine, max_seconds: float,
                                                            engine.max_model_len))
             for num_top in (0, TOP_LOGPROBS):
                 result["sample"] = _add(result["sample"], timed_compile(
-                    steps.sample, params, last_hidden, sampling, penalties, num_seqs=num_seqs,
-                    num_top=num_top))
+                    steps.sample, params, last_hidden, sampling, penalties, None,
+                    num_seqs=num_seqs, num_top=num_top))
     return result
 
 

@@ -56,7 +56,7 @@ def timed_steps(model, config, num_pages: int, batch_size: int, context: int,
         start, start_cpu = time.perf_counter(), time.process_time()
         runner.kv_cache, _, last_hidden = runner._forward(runner.params, runner.kv_cache,
                                                           batch, indices)
-        packed = runner._sample(runner.params, last_hidden, sampling, None,
+        packed = runner._sample(runner.params, last_hidden, sampling, None, None,
                                 num_seqs=num_seqs, num_top=0)
         np.asarray(jax.device_get(packed))
         if step >= 2:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.sampling_params import SamplingParams
+from engine.structured import Matcher
 
 
 class RequestStatus(enum.Enum):
@@ -82,6 +83,10 @@ class Request:
         the number billed as cached; a re-admission after preemption does not change it.
       num_preemptions: how often the request lost its pages.
       stop_reason: the stop token id or stop string that ended it; None for EOS or length.
+      matcher: the grammar state of a request with sampling_params.structured_output (its
+        own, also for each of n samples), else None. It has accepted exactly
+        output_token_ids, so preemption (which keeps them) leaves it as it is; the runner
+        fills the request's bitmask row from it and the scheduler advances it.
     """
 
     request_id: str
@@ -102,6 +107,7 @@ class Request:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     stop_reason: int | str | None = None
+    matcher: Matcher | None = None
 
     def __post_init__(self) -> None:
         # Accepts tuples or numpy arrays; stored as plain ints so hashing and slicing are cheap.
@@ -151,11 +157,15 @@ def check_stop(request: Request, max_model_len: int) -> tuple[RequestStatus | No
     """Whether the request's newest output token ends it: (status, stop_reason).
 
     EOS (unless ignore_eos) and stop_token_ids count only from min_tokens on; a stop token
-    is reported as the stop_reason. Then max_tokens and max_model_len end it as "length".
-    Stop strings are the engine's to find (it holds the text).
+    is reported as the stop_reason. A complete grammar match ends it as "stop" at once
+    (only EOS could follow: the step that would draw it is saved, with ignore_eos too).
+    Then max_tokens and max_model_len end it as "length". Stop strings are the engine's to
+    find (it holds the text).
     """
     params = request.sampling_params
     token_id = request.output_token_ids[-1]
+    if request.matcher is not None and request.matcher.is_finished():
+        return RequestStatus.FINISHED_STOPPED, None
     if request.num_output_tokens >= params.min_tokens:
         if token_id in request.eos_token_ids and not params.ignore_eos:
             return RequestStatus.FINISHED_STOPPED, None

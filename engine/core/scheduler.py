@@ -11,6 +11,7 @@ tokens later) fall out of that rule.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from engine.core.fair_queue import FairQueue, TenantShares
@@ -19,6 +20,8 @@ from engine.core.request import (ModelOutput, Request, RequestStatus, ScheduledR
                                  SchedulerOutput, check_stop)
 # The engine imports both from here; they live apart to keep this file to the scheduling.
 from engine.core.scheduler_config import SchedulerConfig, SchedulerStats
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -301,6 +304,13 @@ class Scheduler:
             self.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH)
             return
         request.output_token_ids.append(token_id)
+        if request.matcher is not None and not request.matcher.accept(token_id):
+            # Drawn under the request's mask, so the grammar takes it; if not, its output can
+            # no longer match: end it rather than generate text the grammar refuses.
+            logger.error("request %s: token %d is outside its grammar; finished",
+                         request.request_id, token_id)
+            self.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+            return
         status, stop_reason = check_stop(request, self.config.max_model_len)
         if status is not None:
             self.finish_request(request.request_id, status, stop_reason)

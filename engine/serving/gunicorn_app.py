@@ -217,7 +217,7 @@ def serve(*, model: str | None, engine_config: Any, db_url: str | None,
           shared_prefix_cache: bool = False, default_max_tokens: int | None = None,
           read_timeout: float = DEFAULT_READ_TIMEOUT_S, shutdown_timeout: float = 30.0,
           log_level: str = "info", engine_factory: Any = None,
-          step_timeout: float | None = None) -> None:
+          step_timeout: float | None = None, tool_call_parser: str | None = None) -> None:
     """Runs the server under gunicorn (one gthread worker) until SIGTERM or SIGINT.
 
     The engine (JAX) is built in the worker process, after the fork, on the engine thread; if
@@ -233,7 +233,7 @@ def serve(*, model: str | None, engine_config: Any, db_url: str | None,
         requests whose Host names a loopback address, or `host` itself when it is not a
         wildcard, are answered.
       model_name, no_auth, max_queue, max_n, max_body_bytes, max_sequences_per_key,
-      shared_prefix_cache, default_max_tokens: as for start_service.
+      shared_prefix_cache, default_max_tokens, tool_call_parser: as for start_service.
       threads: HTTP threads of the one worker.
       read_timeout: seconds a client has to send a whole request (then 408).
       shutdown_timeout: seconds SIGTERM waits for running requests before aborting them.
@@ -260,6 +260,7 @@ def serve(*, model: str | None, engine_config: Any, db_url: str | None,
                              step_timeout=step_timeout,
                              shared_prefix_cache=shared_prefix_cache,
                              default_max_tokens=default_max_tokens,
+                             tool_call_parser=tool_call_parser,
                              allowed_hosts=() if host in _WILDCARD_HOSTS else (host,),
                              on_engine_failure=fail)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.openai import api
+from engine.openai.constraints import MAX_TOOLS, TOOL_CHOICES
 from engine.sampling_params import RANGES
 
 _SAMPLED = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
@@ -45,7 +46,50 @@ def _sampling(limits: api.Limits) -> dict:
         "ignore_eos": {"type": "boolean"},
         "user": {"type": "string"},
     })
+    fields.update(_constraints())
     return fields
+
+
+def _constraints() -> dict:
+    """The output constraints both routes take (engine/openai/constraints.py); one per body."""
+    name = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
+    schema = {"type": "object"}
+    text = {"type": "string", "minLength": 1}
+    choice = _array(text, least=1)
+    json_schema = {"type": "object", "required": ["name", "schema"], "properties": {
+        "name": name, "schema": schema, "strict": {"type": "boolean"},
+        "description": {"type": "string"}}}
+    return {
+        "response_format": {"anyOf": [
+            {"type": "object", "required": ["type"],
+             "properties": {"type": {"enum": ["text", "json_object"]}}},
+            {"type": "object", "required": ["type", "json_schema"],
+             "properties": {"type": {"const": "json_schema"}, "json_schema": json_schema}}]},
+        "guided_json": {"anyOf": [schema, text]},
+        "guided_regex": text,
+        "guided_grammar": text,
+        "guided_choice": choice,
+        "structured_outputs": {"type": "object", "properties": {
+            "json": {"anyOf": [schema, text]}, "regex": text, "grammar": text,
+            "choice": choice, "json_object": {"type": "boolean"}}},
+    }
+
+
+def _tools() -> dict:
+    """Chat's tools, tool_choice and parallel_tool_calls; a named function must be one of
+    the tools."""
+    name = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
+    tool = {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"], "properties": {
+            "name": name, "description": {"type": "string"},
+            "parameters": {"type": "object"}}}}}
+    named = {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"], "properties": {"name": name}}}}
+    return {"tools": _array(tool, MAX_TOOLS),
+            "tool_choice": {"anyOf": [{"enum": list(TOOL_CHOICES)}, named]},
+            "parallel_tool_calls": {"type": "boolean"}}
 
 
 def _completion(limits: api.Limits) -> dict:
@@ -67,7 +111,7 @@ def _chat(limits: api.Limits) -> dict:
         "role": {"enum": ["system", "user", "assistant", "developer"]},
         "content": {"anyOf": [{"type": "string"}, _array(part, least=1)]}}}
     max_tokens = {"type": "integer", "minimum": 1, "maximum": RANGES["max_tokens"].high}
-    properties = {**_sampling(limits), "messages": _array(message, least=1),
+    properties = {**_sampling(limits), **_tools(), "messages": _array(message, least=1),
                   "max_tokens": max_tokens, "max_completion_tokens": max_tokens,
                   "logprobs": {"type": "boolean"}, "top_logprobs": _ranged("logprobs")}
     return {"type": "object", "required": ["messages"], "properties": properties}
@@ -77,6 +121,7 @@ def _tokenize(limits: api.Limits) -> dict:
     return {"type": "object", "properties": {
         "model": {"type": "string", "enum": [limits.model_name]},
         "prompt": {"type": "string"}, "messages": _chat(limits)["properties"]["messages"],
+        "tools": _tools()["tools"],
         "add_special_tokens": {"type": "boolean"}, "add_generation_prompt": {"type": "boolean"},
         "return_token_strs": {"type": "boolean"}}}
 

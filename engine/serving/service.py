@@ -51,7 +51,8 @@ def start_service(engine: Any | Callable[[], Any], ledger: Any, *, model_name: s
                   shared_prefix_cache: bool = False, default_max_tokens: int | None = None,
                   allowed_hosts: tuple[str, ...] = (),
                   on_engine_failure: Callable[[BaseException], None] | None = None,
-                  step_timeout: float | None = None) -> Service:
+                  step_timeout: float | None = None,
+                  tool_call_parser: str | None = None) -> Service:
     """Marks the ledger rows a crash left open as interrupted and starts the engine thread,
     which builds and warms the engine (while /health answers 503).
 
@@ -74,6 +75,8 @@ def start_service(engine: Any | Callable[[], Any], ledger: Any, *, model_name: s
       on_engine_failure: called on the engine thread if building the engine fails.
       step_timeout: seconds one engine step may run before its requests fail (503) and
         /health answers 503 until it ends (None: no limit).
+      tool_call_parser: the format tool calls are parsed in for tool_choice "auto"
+        (engine/openai/tools.py PARSERS; None: the one the chat template writes).
 
     Returns:
       The Service, its engine thread started; server.create_app puts routes around it.
@@ -82,7 +85,8 @@ def start_service(engine: Any | Callable[[], Any], ledger: Any, *, model_name: s
     if interrupted:
         logger.warning("marked %d ledger rows left running by a previous process as "
                        "interrupted", interrupted)
-    limits = api.Limits(model_name, max_n=max_n, default_max_tokens=default_max_tokens)
+    limits = api.Limits(model_name, max_n=max_n, default_max_tokens=default_max_tokens,
+                        tool_call_parser=tool_call_parser)   # a bad name fails here
     sequences = admission.SequenceLimit(max_sequences_per_key)   # a bad limit fails first
     thread = EngineThread(engine, max_queue=max_queue, on_failure=on_engine_failure,
                           step_timeout=step_timeout).start()

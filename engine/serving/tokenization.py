@@ -22,11 +22,14 @@ _PRIVATE_FIELDS = ("vocab_file", "merges_file", "tokenizer_file", "name_or_path"
 
 
 def tokenize(info: ModelInfo, limits: api.Limits, body: dict) -> dict:
-    """POST /tokenize: {"prompt": text} or {"messages": [...]} -> count, max_model_len, tokens
-    (and token_strs when return_token_strs is true)."""
+    """POST /tokenize: {"prompt": text} or {"messages": [...], "tools": [...]} -> count,
+    max_model_len, tokens (and token_strs when return_token_strs is true). Tools render
+    through the chat template as a chat request's do, so the count is the one billed."""
     if body.get("messages") is not None:
-        chat = api.parse_chat({"messages": body["messages"]}, limits)
-        ids = _render_chat(info, chat.messages, api.get_bool(body, "add_generation_prompt", True))
+        chat = api.parse_chat({"messages": body["messages"], "tools": body.get("tools")},
+                              limits)
+        ids = _render_chat(info, chat.messages, api.get_bool(body, "add_generation_prompt", True),
+                           None if chat.tools is None else list(chat.tools.tools))
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
@@ -40,10 +43,11 @@ def tokenize(info: ModelInfo, limits: api.Limits, body: dict) -> dict:
     return result
 
 
-def _render_chat(info: ModelInfo, messages: list, add_generation_prompt: bool) -> list:
+def _render_chat(info: ModelInfo, messages: list, add_generation_prompt: bool,
+                 tools: list[dict] | None = None) -> list:
     try:
         return info.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, tools=tools)
     except Exception as error:  # noqa: BLE001 - a template failing on user input is a 400
         raise ApiError(400, f"messages: the chat template could not render them: "
                        f"{str(error)[:200]}", param="messages") from None

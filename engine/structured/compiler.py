@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.structured.bitmask import bitmask_width
-from engine.structured.matcher import Matcher
+from engine.structured.matcher import Matcher, fill_bitmasks
 from engine.structured.spec import StructuredOutput, StructuredOutputError, library_message
 
 if TYPE_CHECKING:
@@ -78,7 +78,6 @@ class GrammarCompiler:
         self._cache: OrderedDict[tuple[str, str], CompiledGrammar] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self._executor = None   # an llguidance.LLExecutor, made on the first batch fill
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer, vocab_size: int, **kwargs) -> GrammarCompiler:
@@ -127,14 +126,7 @@ class GrammarCompiler:
                 or bitmask.shape[1] != self.bitmask_width or not bitmask.flags.c_contiguous):
             raise ValueError(f"bitmask: {bitmask.dtype}{list(bitmask.shape)}: expected a "
                              f"contiguous uint32[S, {self.bitmask_width}]")
-        if any(not 0 <= row < bitmask.shape[0] for _, row in rows):
-            raise ValueError(f"rows {[row for _, row in rows]}: expected indices below "
-                             f"{bitmask.shape[0]}")
-        if self._executor is None:
-            self._executor = self._llguidance.LLExecutor()
-        self._executor.unsafe_compute_mask_ptr(
-            [(matcher.state, row) for matcher, row in rows], bitmask.ctypes.data,
-            bitmask.shape[1] * 4, bitmask.shape[0])
+        fill_bitmasks(rows, bitmask)
 
     @property
     def num_cached(self) -> int:

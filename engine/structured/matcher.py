@@ -9,6 +9,8 @@ output tokens and recomputes their KV) keeps its matcher as it is.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -100,3 +102,40 @@ class Matcher:
         clone = Matcher(self._state.deep_copy(), self._width, self._eos_token_ids)
         clone._num_accepted = self._num_accepted
         return clone
+
+
+_executor: Any = None   # an llguidance.LLExecutor, made on the first batch fill
+_executor_lock = threading.Lock()
+
+
+def fill_bitmasks(rows: Sequence[tuple[Matcher, int]], bitmask: np.ndarray) -> None:
+    """Fills `bitmask[row]` from each (matcher, row) at once, on the host's cores: one call
+    per step for every constrained sequence (llguidance's LLExecutor, without the GIL).
+    Rows not named are left as they are.
+
+    Args:
+      rows: (matcher, row index) pairs, each row at most once, every matcher of the width
+        bitmask.shape[1].
+      bitmask: u32[S, ceil(V/32)], C-contiguous; S above every row index.
+
+    Raises:
+      ValueError: a bitmask or row that does not fit.
+    """
+    global _executor
+    widths = {matcher._width for matcher, _ in rows}
+    if (bitmask.dtype != np.uint32 or bitmask.ndim != 2 or not bitmask.flags.c_contiguous
+            or not widths <= {bitmask.shape[1]}):
+        raise ValueError(f"bitmask: {bitmask.dtype}{list(bitmask.shape)}: expected a "
+                         f"contiguous uint32[S, W], W the matchers' width {sorted(widths)}")
+    if any(not 0 <= row < bitmask.shape[0] for _, row in rows):
+        raise ValueError(f"rows {[row for _, row in rows]}: expected indices below "
+                         f"{bitmask.shape[0]}")
+    if not rows:
+        return
+    with _executor_lock:   # one batch at a time; each already spreads over every core
+        if _executor is None:
+            import llguidance   # here, not at import: see engine/structured/spec.py
+            _executor = llguidance.LLExecutor()
+        _executor.unsafe_compute_mask_ptr([(matcher.state, row) for matcher, row in rows],
+                                          bitmask.ctypes.data, bitmask.shape[1] * 4,
+                                          bitmask.shape[0])

@@ -98,11 +98,12 @@ class StepBroadcaster:
                                                (batch, logits_indices))
             return self._run(self._forward, params, kv_cache, batch, logits_indices)
 
-    def sample(self, params, last_hidden, sampling, penalties, *, num_seqs, num_top):
+    def sample(self, params, last_hidden, sampling, penalties, bitmask, *, num_seqs, num_top):
         with self._lock:
-            sampling, penalties = self._send(
-                _header(SAMPLE, num_seqs, penalties is not None, num_top), (sampling, penalties))
-            return self._run(self._sample, params, last_hidden, sampling, penalties,
+            flags = int(penalties is not None) | int(bitmask is not None) << 1
+            sampling, penalties, bitmask = self._send(
+                _header(SAMPLE, num_seqs, flags, num_top), (sampling, penalties, bitmask))
+            return self._run(self._sample, params, last_hidden, sampling, penalties, bitmask,
                              num_seqs=num_seqs, num_top=num_top).addressable_data(0)
 
     def prompt_logprobs(self, params, hidden, targets, *, num_top):
@@ -175,8 +176,11 @@ class Follower:
                 r.kv_cache, hidden, last_hidden = r._forward(r.params, r.kv_cache, batch,
                                                              indices)
             elif kind == SAMPLE:
-                sampling, penalties = self._receive(r._sampling_arrays([], a, bool(b)))
-                r._sample(r.params, last_hidden, sampling, penalties, num_seqs=a,
+                # b: bit 0 penalties, bit 1 a token bitmask (StepBroadcaster.sample)
+                sampling, penalties = r._sampling_arrays([], a, bool(b & 1))
+                bitmask = r._open_bitmask(a) if b & 2 else None
+                sampling, penalties, bitmask = self._receive((sampling, penalties, bitmask))
+                r._sample(r.params, last_hidden, sampling, penalties, bitmask, num_seqs=a,
                           num_top=c).block_until_ready()
             elif kind == PROMPT_LOGPROBS:
                 targets = self._receive(np.zeros(a, np.int32))

@@ -19,9 +19,12 @@ from flax import nnx
 from jax.sharding import SingleDeviceSharding
 from tqdm import tqdm
 
+import pallas_kernels
 from engine.config import EngineConfig
 from engine.core.request import ModelOutput, Request, SchedulerOutput
-from engine.worker.step import TOP_LOGPROBS, PenaltyArrays, SamplingArrays, jit_steps
+from engine.structured import bitmask_width, fill_bitmasks
+from engine.worker.step import (TOP_LOGPROBS, PenaltyArrays, SamplingArrays, TokenBitmask,
+                                jit_steps)
 from models.batch import Batch
 from models.config import ModelConfig
 from models.paged import init_kv_cache
@@ -41,16 +44,22 @@ def rung(ladder: tuple[int, ...], value: int) -> int:
 def pages_that_fit(model_config: ModelConfig, config: EngineConfig) -> int:
     """KV pages for memory_fraction of one device's free memory (cpu_num_pages on a CPU,
     which reports no limit). `model_config` is the model as built (on a mesh: its layout,
-    whose kv heads split evenly over tensor_parallel_size devices)."""
+    whose kv heads split evenly over tensor_parallel_size devices). A page's bytes are those
+    of config.kv_cache_dtype (int8 scales included): a smaller dtype fits more pages."""
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if not stats or "bytes_limit" not in stats:
         return config.cpu_num_pages
-    c = model_config
-    page_bytes = (config.page_size * 2 * c.num_kv_heads * c.head_dim * c.num_layers
-                  * jax.numpy.dtype(c.dtype).itemsize) // config.tensor_parallel_size
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    return max(2, int(free * config.memory_fraction) // page_bytes)
+    return max(2, int(free * config.memory_fraction) // page_bytes(model_config, config))
+
+
+def page_bytes(model_config: ModelConfig, config: EngineConfig) -> int:
+    """One KV page's bytes on one device, every layer's slice of it."""
+    c = model_config
+    dtype = pallas_kernels.resolve_kv_cache_dtype(config.kv_cache_dtype, c.dtype)
+    per_token = pallas_kernels.kv_cache_bytes_per_token(c.num_kv_heads, c.head_dim, dtype)
+    return config.page_size * per_token * c.num_layers // config.tensor_parallel_size
 
 
 def fit_max_model_len(requested: int | None, model_limit: int, num_pages: int,
@@ -120,6 +129,14 @@ def sampling_arrays(chosen: list[Request], num_seqs: int, with_penalties: bool,
     return sampling, penalties
 
 
+def open_bitmask(num_seqs: int, vocab_size: int) -> TokenBitmask:
+    """A token bitmask of sequence rung `num_seqs`, every token allowed and every row
+    disabled: the runner fills and enables the constrained rows."""
+    return TokenBitmask(
+        bitmask=np.full((num_seqs, bitmask_width(vocab_size)), 0xFFFFFFFF, np.uint32),
+        enabled=np.zeros(num_seqs, np.bool_))
+
+
 @dataclass(slots=True, frozen=True)
 class PromptLogprobs:
     """Logprobs of prompt tokens at `positions` (the position of each scored token)."""
@@ -145,13 +162,17 @@ class Runner:
         self.max_pages_per_seq = math.ceil(max_model_len / config.page_size)
         self.graphdef, self.params = nnx.split(model)
         self.plan = plan
+        # The logits' width, which bitmask rows cover (under a plan the padding is cut off).
+        self.vocab_size = (model if plan is None else plan).config.vocab_size
         # Committed to its device(s) from the start: a jitted step's outputs are committed
         # when any input is, so a first cache that was not would compile a rung twice.
         self._new_kv_cache = functools.partial(
             init_kv_cache, model, num_pages, config.page_size,
+            pallas_kernels.resolve_kv_cache_dtype(config.kv_cache_dtype, model.config.dtype),
             sharding=(SingleDeviceSharding(jax.devices()[0]) if plan is None
                       else plan.sharding(KV_PAGES)))
-        self.kv_cache = self._new_kv_cache()   # [L, num_pages, page_size, 2 * Hkv, D]
+        # [L, num_pages, page_size, 2 * Hkv, D], or (that, scales) for int8 (models/paged.py)
+        self.kv_cache = self._new_kv_cache()
         self.num_kv_rebuilds = 0   # times a failed step lost the cache and it was re-created
         self._forward, self._sample, self._prompt_logprobs = jit_steps(self.graphdef, config,
                                                                        plan)
@@ -162,12 +183,12 @@ class Runner:
     # ------------------------------------------------------------------ warm-up
     def warmup(self, progress: bool = True) -> None:
         """Compiles every rung: forward and prompt logprobs per token rung, sampling per
-        sequence rung with and without penalties and top logprobs."""
+        sequence rung with and without penalties, top logprobs and a token bitmask."""
         c = self.config
         jobs = [("forward", t) for t in c.token_ladder]
         jobs += [("prompt_logprobs", t) for t in c.token_ladder]
-        jobs += [("sample", (s, pen, top)) for s in c.seq_ladder for pen in (False, True)
-                 for top in (0, TOP_LOGPROBS)]
+        jobs += [("sample", (s, pen, top, mask)) for s in c.seq_ladder for pen in (False, True)
+                 for top in (0, TOP_LOGPROBS) for mask in (False, True)]
         last_hidden = None
         for kind, shape in tqdm(jobs, desc="warm-up (compile)", unit="bucket", disable=not progress):
             if kind == "forward":
@@ -177,10 +198,11 @@ class Runner:
                 self._prompt_logprobs(self.params, hidden, np.zeros(shape, np.int32),
                                       num_top=TOP_LOGPROBS).block_until_ready()
             elif kind == "sample":
-                num_seqs, with_penalties, num_top = shape
+                num_seqs, with_penalties, num_top, with_bitmask = shape
                 sampling, penalties = self._sampling_arrays([], num_seqs, with_penalties)
-                self._sample(self.params, last_hidden, sampling, penalties, num_seqs=num_seqs,
-                             num_top=num_top).block_until_ready()
+                bitmask = self._open_bitmask(num_seqs) if with_bitmask else None
+                self._sample(self.params, last_hidden, sampling, penalties, bitmask,
+                             num_seqs=num_seqs, num_top=num_top).block_until_ready()
 
     def _empty_batch(self, num_tokens: int) -> tuple[Batch, np.ndarray]:
         return empty_batch(num_tokens, self.config.max_num_seqs, self.max_pages_per_seq)
@@ -198,10 +220,20 @@ class Runner:
         with_penalties = any(r.sampling_params.has_penalties for r in chosen)
         num_top = TOP_LOGPROBS if any(r.sampling_params.logprobs for r in chosen) else 0
         sampling, penalties = self._sampling_arrays(chosen, num_seqs, with_penalties)
+        # Rows that draw a token this step under a grammar (a prefill chunk draws none).
+        constrained = [(request.matcher, s) for s, (item, request) in
+                       enumerate(zip(scheduled, chosen))
+                       if item.sample and request.matcher is not None]
+        bitmask = self._open_bitmask(num_seqs) if constrained else None
         self.kv_cache, hidden, last_hidden = self._forward(self.params, self.kv_cache, batch,
                                                            logits_indices)
-        packed = self._sample(self.params, last_hidden, sampling, penalties, num_seqs=num_seqs,
-                              num_top=num_top)
+        if bitmask is not None:
+            # Filled while the forward runs (dispatch is asynchronous): the host's grammar
+            # work overlaps the device's, and the masks reach the device with the sampler.
+            fill_bitmasks(constrained, bitmask.bitmask)
+            bitmask.enabled[[s for _, s in constrained]] = True
+        packed = self._sample(self.params, last_hidden, sampling, penalties, bitmask,
+                              num_seqs=num_seqs, num_top=num_top)
         prompt_logprobs = self._prompt_logprobs_for(scheduler_output, chosen, batch, hidden)
         packed = np.asarray(jax.device_get(packed))[:len(scheduled)]
         output = ModelOutput(sampled_token_ids=packed[:, 0].astype(np.int32),
@@ -221,7 +253,7 @@ class Runner:
           the scheduler believes computed must be computed again.
         """
         try:
-            lost = self.kv_cache.is_deleted()
+            lost = any(array.is_deleted() for array in jax.tree.leaves(self.kv_cache))
             if not lost:
                 jax.block_until_ready(self.kv_cache)   # raises what its computation raised
         except Exception:  # noqa: BLE001 - an array that cannot be read is lost too
@@ -258,6 +290,9 @@ class Runner:
     def _sampling_arrays(self, chosen: list[Request], num_seqs: int, with_penalties: bool
                          ) -> tuple[SamplingArrays, PenaltyArrays | None]:
         return sampling_arrays(chosen, num_seqs, with_penalties, self.max_model_len)
+
+    def _open_bitmask(self, num_seqs: int) -> TokenBitmask:
+        return open_bitmask(num_seqs, self.vocab_size)
 
     def _prompt_logprobs_for(self, scheduler_output, chosen, batch, hidden):
         """Scores prompt tokens fed this step for requests that asked for prompt_logprobs."""

@@ -1,7 +1,8 @@
 """The device side of one engine step: pure functions the runner jits once per ladder rung.
 
 forward_step   (per token rung T)   embeds, attends over the paged cache, writes K/V
-sample_step    (per sequence rung S) LM head on each sequence's last row, penalties, sampling,
+sample_step    (per sequence rung S) LM head on each sequence's last row, penalties, the
+                                     structured-output token bitmask, sampling,
                                      chosen-token logprob, rank and optional top logprobs,
                                      all packed in one f32 array for a single host transfer
 prompt_logprobs_step (per T)         logprobs of each prompt token, for evaluations
@@ -23,12 +24,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from engine.config import EngineConfig
 from models.batch import Batch
-from models.paged import forward_paged
-from models.sharding import KV_PAGES, ShardingPlan
+from models.paged import forward_paged, kv_cache_spec
+from models.sharding import ShardingPlan
+from pallas_kernels.token_bitmask import apply_token_bitmask
 
 TOP_LOGPROBS = 20  # the one top-logprobs width compiled; requests slice what they asked for
 
@@ -52,6 +55,13 @@ class PenaltyArrays(NamedTuple):
     repetition: jax.Array          # f32[S]     1 disables
     presence: jax.Array            # f32[S]
     frequency: jax.Array           # f32[S]
+
+
+class TokenBitmask(NamedTuple):
+    """Structured output's allowed tokens (engine/structured), filled on the host per step."""
+
+    bitmask: jax.Array   # u32[S, ceil(V/32)]  token t allowed: bit t % 32 of word t // 32
+    enabled: jax.Array   # bool[S]             False rows are left free
 
 
 def forward_step(graphdef, params, kv_cache, batch: Batch, logits_indices, *, backend,
@@ -98,19 +108,23 @@ def request_keys(seeds, positions):
 
 
 def sample_step(graphdef, params, last_hidden, sampling: SamplingArrays,
-                penalties: PenaltyArrays | None, *, num_seqs, num_top, backend, interpret,
-                plan: ShardingPlan | None = None):
+                penalties: PenaltyArrays | None, bitmask: TokenBitmask | None, *, num_seqs,
+                num_top, backend, interpret, plan: ShardingPlan | None = None):
     """Samples one token per sequence; returns f32[S, 3 + 2 * num_top]:
     token id, its logprob, its rank, then num_top (id, logprob) pairs.
 
     Logprobs are the model's own distribution (log_softmax of the raw logits), as OpenAI
-    and vLLM report them; penalties and temperature shape only the draw.
+    and vLLM report them; penalties, the structured-output mask and temperature shape only
+    the draw. The mask sets forbidden logits to -inf before the draw, so a greedy row's
+    argmax obeys it too. `bitmask` None (no constrained row) compiles without it.
     """
     model = nnx.merge(graphdef, params)
     logits = logits_of(model, last_hidden[:num_seqs], plan)  # f32[S, V]
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     if penalties is not None:
         logits = apply_penalties(logits, penalties)
+    if bitmask is not None:
+        logits = apply_token_bitmask(logits, bitmask.bitmask, bitmask.enabled)
     keys = request_keys(sampling.seeds, sampling.positions)
     token_ids, _ = pallas_kernels.sample(logits, sampling.temperature, sampling.top_k,
                                          sampling.top_p, sampling.min_p, keys, backend=backend,
@@ -143,7 +157,8 @@ class StepFunctions(NamedTuple):
     """The three jitted functions of a step, the graphdef bound."""
 
     forward: Callable           # (params, kv_cache, batch, logits_indices), cache donated
-    sample: Callable            # (params, last_hidden, sampling, penalties, *, num_seqs, num_top)
+    sample: Callable            # (params, last_hidden, sampling, penalties, bitmask, *,
+                                #  num_seqs, num_top)
     prompt_logprobs: Callable   # (params, hidden, target_ids, *, num_top)
 
 
@@ -157,8 +172,12 @@ def jit_steps(graphdef: nnx.GraphDef, config: EngineConfig, plan: ShardingPlan |
     forward_out, replicated = {}, {}
     if plan is not None:
         replicated = dict(out_shardings=plan.sharding())
-        forward_out = dict(out_shardings=(plan.sharding(KV_PAGES), plan.sharding(),
-                                          plan.sharding()))
+        cache_dtype = pallas_kernels.resolve_kv_cache_dtype(config.kv_cache_dtype,
+                                                            plan.layout.dtype)
+        spec = kv_cache_spec(cache_dtype)   # a PartitionSpec, or (pages', scales') for int8
+        cache = (tuple(map(plan.sharding, spec)) if isinstance(spec[0], P)
+                 else plan.sharding(spec))
+        forward_out = dict(out_shardings=(cache, plan.sharding(), plan.sharding()))
     return StepFunctions(
         forward=jax.jit(functools.partial(forward_step, graphdef, plan=plan, **kernel),
                         donate_argnums=(1,), **forward_out),

