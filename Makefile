@@ -11,7 +11,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-# Builds the embedded default model on first use (about 5 minutes), then serves it on
+# Fetches the default model (SmolLM2-135M-Instruct, 93 MB) on first use, then serves it on
 # 127.0.0.1:8000 without keys (local use), printing a curl and a Python example.
 run: $(BIN)/.installed
 	$(BIN)/ember serve --no-auth

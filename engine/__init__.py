@@ -8,7 +8,7 @@ the output records. The parts behind it, one folder each (docs/design.md has the
     serving/    engine thread, generation lifecycle, service, metrics, gunicorn process
     metering/   API keys, the usage ledger, quotas (SQLAlchemy)
     batch/      `ember batch`: OpenAI Batch files, resumable and billed exactly once
-    default_model/  the embedded default model, built on first use
+    default_model/  the default model (SmolLM2-135M-Instruct), fetched on first use
     cli.py      the `ember` command
 """
 

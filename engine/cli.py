@@ -1,11 +1,11 @@
-"""The `ember` command: generate, serve, batch, keys, usage, convert, build-default-model.
+"""The `ember` command: generate, serve, batch, keys, usage, convert, fetch-default-model.
 
     generate              stream one completion to the terminal
     serve                 the OpenAI-compatible HTTP server (engine/serving/gunicorn_app.py)
     batch                 an OpenAI Batch API file, resumable and billed (engine/batch)
     keys, usage           API keys and usage in the metering ledger (engine/metering)
-    convert               a Hugging Face directory -> an orbax checkpoint
-    build-default-model   (re)build the embedded default model
+    convert               a Hugging Face directory or a GGUF file -> an orbax checkpoint
+    fetch-default-model   fetch the default model (SmolLM2-135M-Instruct) into the cache
 """
 
 from __future__ import annotations
@@ -17,6 +17,36 @@ import os
 import sys
 import time
 
+# EngineConfig fields `serve` and `batch` take as flags (--max-model-len ...); `generate` takes
+# the model-shaping ones (_MODEL_FIELDS).
+_MODEL_FIELDS = (("dtype", str), ("tensor-parallel-size", int), ("quantization", str),
+                 ("kv-cache-dtype", str))
+_ENGINE_FIELDS = (("max-model-len", int), ("max-num-seqs", int),
+                  ("max-num-batched-tokens", int), ("page-size", int), ("num-pages", int),
+                  ("memory-fraction", float), ("backend", str), ("seed", int),
+                  *_MODEL_FIELDS)
+_FIELD_HELP = {
+    "quantization": "weights: none (float), int8 (per channel), int4 (groups of 32); default: "
+                    "the checkpoint's own (a GGUF's Q8_0/Q4_0/Q4_1 blocks stay quantized)",
+    "kv-cache-dtype": "auto (the model dtype), bfloat16, float8_e4m3fn or int8",
+    "tensor-parallel-size": "devices the model is split over (default 1)",
+}
+
+
+def _add_engine_fields(parser: argparse.ArgumentParser, fields=_ENGINE_FIELDS) -> None:
+    for name, kind in fields:
+        parser.add_argument(f"--{name}", type=kind, default=None,
+                            help=_FIELD_HELP.get(name, "EngineConfig field"))
+    parser.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the layers under jax.lax.scan (compile time flat in depth) "
+                             "or unrolled; default: scan models of 4 layers or more")
+
+
+def _engine_fields(args, fields=_ENGINE_FIELDS) -> dict:
+    """The EngineConfig fields given as flags (those left out keep their defaults)."""
+    names = [name.replace("-", "_") for name, _ in fields] + ["scan_layers"]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
 # With several hosts a follower that hangs would hold every request: steps longer than this
 # fail their requests (a step of a warmed engine takes milliseconds to seconds).
 MULTIHOST_STEP_TIMEOUT_S = 300.0
@@ -24,18 +54,24 @@ MULTIHOST_STEP_TIMEOUT_S = 300.0
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="model directory (Hugging Face or converted); default: the "
-                             "embedded default model, built on first use")
+                        help="model directory (Hugging Face or converted) or GGUF file; "
+                             "default: the "
+                             "default model, SmolLM2-135M-Instruct, fetched on first use")
 
 
 def _check_model(model: str | None) -> None:
     """One line, before anything loads, when --model names no model directory."""
     from pathlib import Path
 
-    if model is not None and not Path(model).exists():
+    if model is None:
+        return
+    if not Path(model).exists():
         raise ValueError(f"--model={model!r}: no such file or directory")
-    if model is not None and not (Path(model) / "config.json").is_file():
-        raise ValueError(f"--model={model!r}: expected a model directory with a config.json")
+    if Path(model).is_file() and Path(model).suffix == ".gguf":
+        return
+    if not (Path(model) / "config.json").is_file():
+        raise ValueError(f"--model={model!r}: expected a model directory with a config.json, "
+                         "or a .gguf file")
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
@@ -58,16 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(generate)
     generate.add_argument("--chat", action="store_true",
                           help="treat the prompt as a user message and apply the chat template")
-    generate.add_argument("--tensor-parallel-size", type=int, default=1,
-                          help="devices the model is split over (default 1)")
+    _add_engine_fields(generate, _MODEL_FIELDS)
     generate.add_argument("prompt")
 
-    convert = commands.add_parser("convert", help="write an orbax checkpoint of a HF directory")
-    convert.add_argument("hf_dir")
+    convert = commands.add_parser(
+        "convert", help="write an orbax checkpoint of a HF directory or of a GGUF file")
+    convert.add_argument("hf_dir", metavar="HF_DIR_OR_GGUF")
     convert.add_argument("out_dir")
 
-    build = commands.add_parser("build-default-model", help="(re)build the embedded model")
-    build.add_argument("--force", action="store_true")
+    commands.add_parser("fetch-default-model",
+                        help="fetch the default model (SmolLM2-135M-Instruct) into the cache")
     _add_metering_commands(commands)
     _add_serve_command(commands)
     _add_batch_command(commands)
@@ -86,7 +122,7 @@ def _generate(args) -> None:
     # A one-off command compiles only what it uses; the server warms every rung.
     engine = LLMEngine(args.model, EngineConfig(
         max_num_seqs=1, max_num_batched_tokens=256, warmup=False,
-        tensor_parallel_size=args.tensor_parallel_size))
+        **_engine_fields(args, _MODEL_FIELDS)))
     prompt = args.prompt
     if args.chat:
         prompt = {"prompt_token_ids": engine.tokenizer.apply_chat_template(
@@ -110,16 +146,28 @@ def _generate(args) -> None:
 
 
 def _convert(args) -> None:
+    """A Hugging Face directory, or a GGUF file, to a directory with orbax weights (the GGUF
+    file's Hugging Face directory, float32 safetensors, is written beside it as OUT/hf)."""
+    from pathlib import Path
+
     from models.checkpoint import convert_to_orbax
 
     start = time.perf_counter()
-    out_dir = convert_to_orbax(args.hf_dir, args.out_dir)
+    source = Path(args.hf_dir)
+    if source.suffix == ".gguf":
+        from engine.tokenizer.gguf_tokenizer import write_tokenizer_files
+        from models.gguf import write_hf_directory
+
+        if not source.is_file():
+            raise ValueError(f"{source}: no such GGUF file")
+        source = write_hf_directory(source, Path(args.out_dir) / "hf", write_tokenizer_files)
+    out_dir = convert_to_orbax(source, args.out_dir)
     print(f"wrote {out_dir} in {time.perf_counter() - start:.1f} s")
 
 
-def _build_default_model(args) -> None:
-    from engine.default_model.build import ensure_default_model
-    print(ensure_default_model(force=args.force))
+def _fetch_default_model(args) -> None:
+    from engine.default_model.fetch import ensure_default_model
+    print(ensure_default_model())
 
 
 def _add_metering_commands(commands) -> None:
@@ -281,11 +329,7 @@ def _add_serve_command(commands) -> None:
                        help="seconds SIGTERM waits for running requests (then aborts them)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
-    for name, kind in (("max-model-len", int), ("max-num-seqs", int),
-                       ("max-num-batched-tokens", int), ("page-size", int), ("num-pages", int),
-                       ("memory-fraction", float), ("dtype", str), ("backend", str),
-                       ("seed", int), ("tensor-parallel-size", int)):
-        serve.add_argument(f"--{name}", type=kind, default=None, help="EngineConfig field")
+    _add_engine_fields(serve)
     serve.add_argument("--no-prefix-caching", action="store_true")
     serve.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                        help="multi-host: jax.distributed's coordinator (process 0's address); "
@@ -294,6 +338,9 @@ def _add_serve_command(commands) -> None:
                        help="multi-host: how many processes (hosts) the model spans")
     serve.add_argument("--process-id", type=int, default=None,
                        help="multi-host: this process's rank, 0 (the server) to P - 1")
+    serve.add_argument("--tool-call-parser", default=None, choices=_tool_call_parsers(),
+                       help="how the model writes tool calls (tool_choice auto); default: "
+                            "detected from the chat template")
     serve.add_argument("--step-timeout", type=float, default=None, metavar="SECONDS",
                        help="fail the requests of an engine step running longer, and answer "
                             "/health with 503 until it ends (default: none on one host, "
@@ -307,15 +354,10 @@ def _add_serve_command(commands) -> None:
 
 
 def _serve(args) -> None:
-    from pathlib import Path
-
     from engine.config import EngineConfig
 
-    fields = {name: getattr(args, name) for name in (
-        "max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages",
-        "memory_fraction", "dtype", "backend", "seed", "tensor_parallel_size")
-        if getattr(args, name) is not None}
-    config = EngineConfig(**fields, enable_prefix_caching=not args.no_prefix_caching,
+    config = EngineConfig(**_engine_fields(args),
+                          enable_prefix_caching=not args.no_prefix_caching,
                           warmup=not args.no_warmup)
     _check_model(args.model)
     if args.distributed:
@@ -338,9 +380,9 @@ def _serve(args) -> None:
     from engine.metering import Ledger
     Ledger(args.db).close()   # a bad URL fails here, in one line, before the server starts
     from engine.serving import gunicorn_app
-    name = args.served_model_name or (Path(args.model).name if args.model else "ember-default")
+    name = _served_model_name(args)
     if args.model is None:
-        args.model = str(_default_model_in_child_process())
+        args.model = str(_default_model())
     _print_examples(args.host, args.port, name, args.no_auth)
     gunicorn_app.serve(model=args.model, engine_config=config, db_url=args.db,
                        instance=args.instance, host=args.host, port=args.port, model_name=name,
@@ -352,7 +394,13 @@ def _serve(args) -> None:
                        read_timeout=args.read_timeout,
                        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
                        engine_factory=_multihost_leader(args, config),
-                       step_timeout=_step_timeout(args))
+                       step_timeout=_step_timeout(args),
+                       tool_call_parser=args.tool_call_parser)
+
+
+def _tool_call_parsers() -> tuple[str, ...]:
+    from engine.openai.tools import PARSERS
+    return tuple(PARSERS)
 
 
 def _step_timeout(args) -> float | None:
@@ -417,7 +465,7 @@ def _multihost_leader(args, config):
 def _serve_follower(args, config) -> None:
     """A process other than 0: runs the model's steps as process 0 sends them; no HTTP."""
     if args.model is None:
-        args.model = str(_default_model_in_child_process())
+        args.model = str(_default_model())
     import dataclasses
 
     from engine.llm_engine import LLMEngine
@@ -426,20 +474,23 @@ def _serve_follower(args, config) -> None:
     multihost.Follower(LLMEngine(args.model, config).runner).run()   # the leader warms up
 
 
-def _default_model_in_child_process():
-    """The default model's directory, built first if missing, in a child process: the server
-    forks its worker, and a process that forks must not have started tensorstore's (orbax's)
-    threads, as the build does."""
-    import subprocess
+def _served_model_name(args) -> str:
+    """--served-model-name, else the model directory's name or the GGUF file's stem."""
+    from pathlib import Path
 
-    from engine.default_model.build import MODEL_SUBDIR, default_model_root, is_complete
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model is None:
+        from engine.default_model.fetch import MODEL_NAME
+        return MODEL_NAME
+    path = Path(args.model)
+    return path.stem if path.suffix == ".gguf" else path.name
 
-    root = default_model_root()
-    if not is_complete(root):
-        build = subprocess.run([sys.executable, "-m", "engine.cli", "build-default-model"])
-        if build.returncode != 0:
-            raise OSError(f"building the default model failed (exit code {build.returncode})")
-    return root / MODEL_SUBDIR
+
+def _default_model():
+    """The default model's GGUF file, fetched first if missing (no JAX: the server forks)."""
+    from engine.default_model.fetch import ensure_default_model
+    return ensure_default_model()
 
 
 def _print_examples(host: str, port: int, model_name: str, no_auth: bool) -> None:
@@ -452,22 +503,19 @@ def _print_examples(host: str, port: int, model_name: str, no_auth: bool) -> Non
     base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     key = "none" if no_auth else "$EMBER_API_KEY"
     auth = "" if no_auth else f' -H "Authorization: Bearer {key}"'
-    body = json.dumps({"model": model_name, "prompt": "def fibonacci(n):", "max_tokens": 48,
-                       "temperature": 0})
+    question = "What is the capital of France?"
+    body = json.dumps({"model": model_name, "max_tokens": 48, "temperature": 0,
+                       "messages": [{"role": "user", "content": question}]})
     print(f"Ember serves {model_name} at {base} (/health answers 200 once warm-up is done)."
           + ("" if no_auth else " Create a key with: ember keys create --name me"),
-          f"  curl {base}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
+          f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+          f"-d '{body}'",
           f"  {shlex.quote(sys.executable)} -c \"from openai import OpenAI; "
-          f"client = OpenAI(base_url='{base}/v1', "
-          f"api_key='{key}'); print(client.completions.create(model='{model_name}', "
-          f"prompt='def fibonacci(n):', max_tokens=48).choices[0].text)\"",
+          f"client = OpenAI(base_url='{base}/v1', api_key='{key}'); "
+          f"print(client.chat.completions.create(model='{model_name}', max_tokens=48, "
+          f"temperature=0, messages=[{{'role': 'user', 'content': '{question}'}}])"
+          f".choices[0].message.content)\"",
           sep="\n", file=sys.stderr, flush=True)
-
-
-_BATCH_ENGINE_FIELDS = (("max-model-len", int), ("max-num-seqs", int),
-                        ("max-num-batched-tokens", int), ("page-size", int), ("num-pages", int),
-                        ("memory-fraction", float), ("dtype", str), ("backend", str),
-                        ("seed", int), ("tensor-parallel-size", int))
 
 
 def _add_batch_command(commands) -> None:
@@ -492,8 +540,7 @@ def _add_batch_command(commands) -> None:
                        help="ledger SQLAlchemy URL (default: sqlite:///$EMBER_HOME/ledger.db)")
     batch.add_argument("--batch-discount", type=float, default=0.5,
                        help="fraction taken off the ledger price (default 0.5: half price)")
-    for name, kind in _BATCH_ENGINE_FIELDS:
-        batch.add_argument(f"--{name}", type=kind, default=None, help="EngineConfig field")
+    _add_engine_fields(batch)
     batch.add_argument("--no-prefix-caching", action="store_true")
     batch.add_argument("--warmup", action="store_true",
                        help="compile every shape first (default: compile on first use)")
@@ -501,8 +548,6 @@ def _add_batch_command(commands) -> None:
 
 
 def _batch(args) -> None:
-    from pathlib import Path
-
     from engine.batch.job import open_batch, run_batch
     from engine.config import EngineConfig
     from engine.metering import Ledger
@@ -511,9 +556,7 @@ def _batch(args) -> None:
         raise ValueError(f"--batch-discount={args.batch_discount}: expected a fraction in "
                          "[0, 1]")
     _check_model(args.model)
-    fields = {name.replace("-", "_"): getattr(args, name.replace("-", "_"))
-              for name, _ in _BATCH_ENGINE_FIELDS}
-    config = EngineConfig(**{k: v for k, v in fields.items() if v is not None},
+    config = EngineConfig(**_engine_fields(args),
                           enable_prefix_caching=not args.no_prefix_caching, warmup=args.warmup)
     output_existed = os.path.exists(args.output)
     files = open_batch(args.input, args.output)   # a repeated custom_id fails here, first
@@ -522,8 +565,7 @@ def _batch(args) -> None:
             key = _batch_key(ledger, args)
             from engine.llm_engine import LLMEngine
             engine = LLMEngine(args.model, config)
-            name = args.served_model_name or (Path(args.model).name if args.model
-                                              else "ember-default")
+            name = _served_model_name(args)
             summary = run_batch(engine, files, model_name=name, ledger=ledger, key=key,
                                 discount=args.batch_discount, progress=not args.no_progress)
     except BaseException:
@@ -573,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("EMBER_LOG_LEVEL", "WARNING"))
     handlers = {"generate": _generate, "convert": _convert,
-                "build-default-model": _build_default_model,
+                "fetch-default-model": _fetch_default_model,
                 "keys": _keys, "usage": _usage, "prices": _prices, "serve": _serve,
                 "batch": _batch}
     try:

