@@ -125,11 +125,9 @@ def engine_expectation(llm, line):
     return prompts, SamplingParams(**fields)
 
 
-def test_200_lines_round_trip_equal_the_engine_outputs(llm, tmp_path):
-    rng = random.Random(11)
-    shared = words(rng, 30, 30) + " "
-    lines = [random_line(rng, i, shared) for i in range(200)]
-    rng.shuffle(lines)
+def run_billed(llm, tmp_path, lines):
+    """Runs `lines` (in.jsonl -> out.jsonl under tmp_path) through the engine, billed to a new
+    key on a ledger (tmp_path/ledger.db) pricing MODEL at PRICE; returns the summary."""
     files = open_batch(write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl")
     with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
         ledger.set_price(MODEL, *PRICE)
@@ -137,7 +135,16 @@ def test_200_lines_round_trip_equal_the_engine_outputs(llm, tmp_path):
         summary = run_batch(llm.engine, files, model_name=MODEL, ledger=ledger, key=key,
                             progress=False)
         files.close()
-        rows = {row["id"]: row for row in _ledger_rows(tmp_path / "ledger.db")}
+    return summary
+
+
+def test_200_lines_round_trip_equal_the_engine_outputs(llm, tmp_path):
+    rng = random.Random(11)
+    shared = words(rng, 30, 30) + " "
+    lines = [random_line(rng, i, shared) for i in range(200)]
+    rng.shuffle(lines)
+    summary = run_billed(llm, tmp_path, lines)
+    rows = {row["id"]: row for row in _ledger_rows(tmp_path / "ledger.db")}
     assert (summary.succeeded, summary.failed, summary.billed) == (200, 0, 200)
     output = read_output(tmp_path / "out.jsonl")
     assert sorted(output) == sorted(line["custom_id"] for line in lines)

@@ -6,10 +6,8 @@ import re
 
 import jsonschema
 
-from engine.batch.job import open_batch, run_batch
-from engine.metering import Ledger
-from tests.engine.batch.test_batch import (MODEL, PRICE, _ledger_rows, llm,  # noqa: F401
-                                           model_dir, read_output, write_lines)
+from tests.engine.batch.test_batch import (MODEL, _ledger_rows, llm,  # noqa: F401
+                                           model_dir, read_output, run_billed)
 
 SCHEMA = {"type": "object", "properties": {"size": {"enum": ["S", "M", "L"]},
                                            "count": {"type": "integer", "minimum": 1,
@@ -38,13 +36,7 @@ def _line(index: int) -> dict:
 
 def test_constrained_lines_match_and_are_billed_once(llm, tmp_path):
     lines = [_line(i) for i in range(12)]
-    files = open_batch(write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl")
-    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
-        ledger.set_price(MODEL, *PRICE)
-        key, _ = ledger.create_key("team-a")
-        summary = run_batch(llm.engine, files, model_name=MODEL, ledger=ledger, key=key,
-                            progress=False)
-        files.close()
+    summary = run_billed(llm, tmp_path, lines)
     assert (summary.succeeded, summary.failed, summary.billed) == (12, 0, 12)
     rows = {row["id"]: row for row in _ledger_rows(tmp_path / "ledger.db")}
     for custom_id, line in read_output(tmp_path / "out.jsonl").items():
