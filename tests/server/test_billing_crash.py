@@ -146,7 +146,17 @@ def _start_while_paused(starting: ServerProcess, paused: ServerProcess) -> None:
     paused.signal(signal.SIGSTOP)
     try:
         starting.start(wait=False)
-        _wait_for(lambda: _instances(paused) - before, "the new server's instance row")
+        deadline, nudge_at = time.monotonic() + 60, time.monotonic() + 5
+        while not _instances(paused) - before:
+            assert time.monotonic() < deadline, "timed out waiting for the new server's row"
+            if time.monotonic() > nudge_at:
+                # Stopped inside a write (its progress writer commits every 10 ms), the paused
+                # server holds SQLite's write lock: let it finish that write, stop it again.
+                paused.signal(signal.SIGCONT)
+                time.sleep(0.02)
+                paused.signal(signal.SIGSTOP)
+                nudge_at = time.monotonic() + 1
+            time.sleep(0.01)
         time.sleep(0.5)   # its start-up sweep runs right after it registers
     finally:
         paused.signal(signal.SIGCONT)
