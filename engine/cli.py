@@ -40,11 +40,14 @@ def _add_engine_fields(parser: argparse.ArgumentParser, fields=_ENGINE_FIELDS) -
     parser.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
                         help="run the layers under jax.lax.scan (compile time flat in depth) "
                              "or unrolled; default: scan models of 4 layers or more")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        default=None, help="plan step N+1 while step N runs (default: on; "
+                                           "off on several hosts)")
 
 
 def _engine_fields(args, fields=_ENGINE_FIELDS) -> dict:
     """The EngineConfig fields given as flags (those left out keep their defaults)."""
-    names = [name.replace("-", "_") for name, _ in fields] + ["scan_layers"]
+    names = [name.replace("-", "_") for name, _ in fields] + ["scan_layers", "async_scheduling"]
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 # With several hosts a follower that hangs would hold every request: steps longer than this

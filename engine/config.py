@@ -62,6 +62,9 @@ class EngineConfig:
       kv_cache_dtype: the KV pages' dtype: "auto" (the model dtype), "bfloat16",
         "float8_e4m3fn" or "int8" (one scale per token and head); one of
         pallas_kernels.KV_CACHE_DTYPES, checked by LLMEngine.
+      async_scheduling: plan and launch step N+1 before step N's results come back, so
+        the host's scheduling and output processing overlap the device (engine/
+        llm_engine.py); the outputs are the same either way. Off on several hosts.
       seed: None (the default) draws each unseeded request's seed from OS entropy, so
         restarts and replicas never repeat a sequence; an int makes unseeded requests
         repeat from run to run (tests, benchmarks).
@@ -85,6 +88,7 @@ class EngineConfig:
     scan_layers: bool | None = None
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "cpu_num_pages",

@@ -2,6 +2,12 @@
 
     schedule -> run -> update -> detokenize and check stop strings
 
+With async scheduling (the default) each step() schedules and launches step N+1 before it
+waits for step N, then applies step N's results while N+1 runs on the device: the host's
+work hides behind the device's. Outputs are the same either way (tests/engine/
+test_async_scheduling.py); a request that finished at step N has its row of step N+1
+discarded, never emitted nor billed.
+
 The server drives it with add_request / step / abort; LLM.generate drives it to the end.
 A step that raises is run again in halves to find the requests that fail on their own; only
 those fail (finish_reason "error", listed in step_failures) and the others go on.
@@ -15,6 +21,8 @@ import secrets
 import time
 from pathlib import Path
 
+import jax
+
 import pallas_kernels
 from engine.config import EngineConfig
 from engine.core.output_processor import OutputProcessor, RequestGroup
@@ -26,7 +34,7 @@ from engine.sampling_params import SamplingParams, is_int
 from engine.structured import compiler_for
 from engine.tokenizer import Tokenizer
 from engine.worker import compilation
-from engine.worker.runner import Runner, fit_max_model_len, pages_that_fit
+from engine.worker.runner import Runner, StepInFlight, fit_max_model_len, pages_that_fit
 from models.checkpoint import load_config, load_generation_config, load_model
 from models.sharding import ShardingPlan
 
@@ -109,6 +117,9 @@ class LLMEngine:
             max_model_len=self.max_model_len, page_size=config.page_size, num_pages=num_pages,
             enable_prefix_caching=config.enable_prefix_caching))
         self.runner = Runner(loaded, config, self.max_model_len, num_pages, plan)
+        # Several hosts run each call in lockstep (engine/worker/multihost.py): one at a time.
+        self.async_scheduling = config.async_scheduling and jax.process_count() == 1
+        self._in_flight: StepInFlight | None = None   # launched, not yet applied
         self.output_processor = OutputProcessor(self.tokenizer)
         # Unseeded requests draw from OS entropy, unless the config asks for a repeatable run.
         self._seeds = None if config.seed is None else random.Random(config.seed)
@@ -243,31 +254,67 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled step; returns an output for every request that changed.
 
-        When the model run raises, the step's requests are run again in halves (results
-        dropped) to find those that fail on their own: only those finish, with
-        finish_reason "error" and their error in `step_failures`; the others are simply
-        scheduled again. A KV cache lost with the failure is rebuilt and every running
-        request recomputes its tokens. Raises only when the engine cannot recover.
+        With async scheduling it launches the next step, then applies the one launched by
+        the previous call (so the first call returns no tokens, and the last launched step
+        is applied by the next call). When the model run raises, the step's requests are
+        run again in halves (results dropped) to find those that fail on their own: only
+        those finish, with finish_reason "error" and their error in `step_failures`; the
+        others are simply scheduled again. A KV cache lost with the failure is rebuilt and
+        every running request recomputes its tokens. Raises only when the engine cannot
+        recover.
         """
         self.step_failures = {}
+        previous, self._in_flight = self._in_flight, None
         scheduler_output = self.scheduler.schedule()
-        if scheduler_output.is_empty:
-            return []
+        current, failure = None, None
+        if not scheduler_output.is_empty:
+            try:
+                current = self.runner.launch(
+                    scheduler_output, self._requests_of(scheduler_output.scheduled), previous)
+            except Exception as error:  # noqa: BLE001 - isolated below; the engine goes on
+                self.scheduler.rollback(scheduler_output)
+                failure = (scheduler_output, error)
+        if previous is not None:
+            failed = self._apply(previous)
+            if failed is not None:   # `current` ran on its lost results: undone too
+                if current is not None:
+                    self.scheduler.rollback(scheduler_output)
+                current, failure = None, failed
+        if current is not None:
+            try:   # a grammar's bitmask waited for `previous`' tokens: they are applied now
+                self.runner.dispatch_sample(current)
+            except Exception as error:  # noqa: BLE001 - isolated below
+                self.scheduler.rollback(scheduler_output)
+                current, failure = None, (scheduler_output, error)
+        if current is not None and not self.async_scheduling:
+            failed = self._apply(current)
+            current, failure = None, failed or failure
+        self._in_flight = current
+        failures = [] if failure is None else self._recover_step(failure[0].scheduled,
+                                                                 failure[1])
+        return self.output_processor.collect() + failures
+
+    def _apply(self, step: StepInFlight) -> tuple[SchedulerOutput, Exception] | None:
+        """Waits for a launched step and applies its results; on failure undoes it and
+        returns (its scheduler output, the error)."""
         try:
-            model_output = self.runner.execute(scheduler_output,
-                                               self._requests_of(scheduler_output.scheduled))
-        except Exception as error:  # noqa: BLE001 - isolated below; the engine goes on
-            return self._recover_step(scheduler_output.scheduled, error)
-        updated = self.scheduler.update(scheduler_output, model_output)
-        stopped = self.output_processor.process(scheduler_output, model_output, updated)
+            model_output = self.runner.collect(step)
+        except Exception as error:  # noqa: BLE001 - isolated by the caller
+            self.scheduler.rollback(step.scheduler_output)
+            return step.scheduler_output, error
+        updated = self.scheduler.update(step.scheduler_output, model_output)
+        stopped = self.output_processor.process(step.scheduler_output, model_output, updated)
         for request_id, stop_string in stopped:
             self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED, stop_string)
-        return self.output_processor.collect()
+        return None
 
     # ------------------------------------------------------------------ failures
     def recover(self) -> None:
         """Makes the engine serve again after step() raised (the caller has aborted the
         requests it failed): rebuilds a lost KV cache. Raises when it cannot."""
+        if self._in_flight is not None:   # its results may depend on the failed step's
+            self.scheduler.rollback(self._in_flight.scheduler_output)
+            self._in_flight = None
         self.is_recovering = True
         try:
             if self.runner.restore_kv_cache():
@@ -279,6 +326,9 @@ class LLMEngine:
                       ) -> list[RequestOutput]:
         logger.error("an engine step of %d requests failed (%r); isolating the failing ones",
                      len(items), error)
+        # Requests that finished or were preempted since it was scheduled are left out:
+        # their pages may be another's by now (a preempted one fails later if it must).
+        items = tuple(item for item in items if self._is_running(item.request_id))
         self.is_recovering = True
         try:
             rebuilds = self.runner.num_kv_rebuilds
@@ -349,6 +399,10 @@ class LLMEngine:
             if group is not None and any(s.request_id == sample_id for s in group.samples):
                 return group
         return None
+
+    def _is_running(self, request_id: str) -> bool:
+        request = self.scheduler.get_request(request_id)
+        return request is not None and request.status is RequestStatus.RUNNING
 
     def _requests_of(self, items) -> dict[str, Request]:
         return {item.request_id: self.scheduler.get_request(item.request_id) for item in items}

@@ -89,6 +89,7 @@ def compile_warmup(shape: str, scan_layers: bool, engine, max_seconds: float,
     kv_cache = jax.ShapeDtypeStruct(kv_cache_shape(config, 1024, engine.page_size), dtype)
     pages_per_seq = math.ceil(engine.max_model_len / engine.page_size)
     last_hidden = jax.ShapeDtypeStruct((engine.max_num_seqs, config.hidden_size), dtype)
+    draws = jax.ShapeDtypeStruct((engine.max_num_seqs,), np.int32)   # the previous step's
     result = {"forward": {}, "prompt_logprobs": (0.0, 0.0), "sample": (0.0, 0.0),
               "complete": True}
     for rung in engine.token_ladder:
@@ -96,7 +97,9 @@ def compile_warmup(shape: str, scan_layers: bool, engine, max_seconds: float,
             result["complete"] = False
             break
         batch, indices = abstract(empty_batch(rung, engine.max_num_seqs, pages_per_seq))
-        result["forward"][rung] = timed_compile(steps.forward, params, kv_cache, batch, indices)
+        result["forward"][rung] = timed_compile(
+            steps.forward, params, kv_cache, batch, indices,
+            jax.ShapeDtypeStruct((rung,), np.int32), draws)
         wall, cpu = result["forward"][rung]
         print(f"  {shape} {'scan' if scan_layers else 'unrolled'} forward T={rung}: "
               f"{wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
@@ -111,7 +114,7 @@ def compile_warmup(shape: str, scan_layers: bool, engine, max_seconds: float,
                                                            engine.max_model_len))
             for num_top in (0, TOP_LOGPROBS):
                 result["sample"] = _add(result["sample"], timed_compile(
-                    steps.sample, params, last_hidden, sampling, penalties, None,
+                    steps.sample, params, last_hidden, sampling, penalties, None, draws,
                     num_seqs=num_seqs, num_top=num_top))
     return result
 

@@ -164,13 +164,17 @@ class PageManager:
             parent = page_hash
         return CachedPrefix(tuple(pages), tuple(hashes), len(pages) * self.page_size)
 
-    def commit(self, request: Request) -> None:
-        """Register the request's pages that became full of computed tokens."""
+    def commit(self, request: Request, num_computed: int | None = None) -> None:
+        """Register the request's pages that became full of computed tokens: of its first
+        `num_computed` tokens (default all its computed ones; with a step in flight, the
+        tokens known and computed so far)."""
         if not self.enable_prefix_caching:
             return
         table = self._tables[request.request_id]
         hashes = self._table_hashes[request.request_id]
-        num_full = min(request.num_computed_tokens // self.page_size, len(table))
+        num_computed = request.num_computed_tokens if num_computed is None else num_computed
+        num_full = min(num_computed, request.num_tokens) // self.page_size
+        num_full = min(num_full, len(table))
         for index in range(len(hashes), num_full):
             parent = hashes[-1] if hashes else root_hash(request.cache_salt)
             token_ids = tuple(self._page_token_ids(request, index))

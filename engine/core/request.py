@@ -22,6 +22,11 @@ from engine.sampling_params import SamplingParams
 from engine.structured import Matcher
 
 
+# A token id the host does not know yet: the runner feeds the step before's draw instead,
+# straight from the device (engine/worker/runner.py).
+PENDING_TOKEN = -1
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"                    # never admitted yet
     RUNNING = "running"                    # holds pages, scheduled each step
@@ -87,6 +92,10 @@ class Request:
         own, also for each of n samples), else None. It has accepted exactly
         output_token_ids, so preemption (which keeps them) leaves it as it is; the runner
         fills the request's bitmask row from it and the scheduler advances it.
+      num_pending: tokens drawn by scheduled steps whose results have not come back yet
+        (0 or 1 between steps; async scheduling plans the next step before they arrive).
+        Scheduler.schedule() counts them and num_computed_tokens on as if each step had
+        run; update() appends the drawn token; rollback() undoes a step that never ran.
     """
 
     request_id: str
@@ -108,6 +117,7 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     matcher: Matcher | None = None
+    num_pending: int = 0
 
     def __post_init__(self) -> None:
         # Accepts tuples or numpy arrays; stored as plain ints so hashing and slicing are cheap.
@@ -134,6 +144,11 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def num_planned_tokens(self) -> int:
+        """num_tokens plus the tokens being drawn: what the next step computes up to."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
     def all_token_ids(self) -> list[int]:
         """Prompt then output tokens (a new list)."""
         return self.prompt_token_ids + self.output_token_ids
@@ -150,6 +165,13 @@ class Request:
         if start >= num_prompt:
             return self.output_token_ids[start - num_prompt:stop - num_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[:stop - num_prompt]
+
+
+def planned_token_ids(request: Request, start: int, stop: int) -> list[int]:
+    """Tokens at positions [start, stop) of the request, PENDING_TOKEN for those still
+    being drawn (only the last position can be: one step is in flight at most)."""
+    known = min(stop, request.num_tokens)
+    return request.token_ids_between(start, known) + [PENDING_TOKEN] * (stop - max(known, start))
 
 
 def check_stop(request: Request, max_model_len: int) -> tuple[RequestStatus | None,
@@ -184,6 +206,7 @@ class ScheduledRequest:
       request_id: the request.
       token_ids: tokens fed this step, positions start_position .. start_position + len - 1.
         For a preempted request these are its prompt AND output tokens again (recompute).
+        The last may be PENDING_TOKEN: the token the previous step draws for it.
       start_position: the request's num_computed_tokens before this step; tokens before it
         have their KV in page_table already (computed earlier or served from the cache).
       page_table: the request's pages in order, covering every position up to

@@ -7,6 +7,13 @@ order of priority, then turns between tenants, then (preempted first, arrival) w
 tenant (engine/core/fair_queue.py; with one tenant: (priority, preempted first, arrival)).
 Chunked prefill, prefix caching and preemption (free a request's pages, recompute its
 tokens later) fall out of that rule.
+
+schedule() counts each scheduled step as run (num_computed_tokens advances, a drawn token
+is pending), so with async scheduling the next step is planned while this one runs: a
+request whose token is pending feeds PENDING_TOKEN, which the runner takes from the device.
+update() then appends the drawn tokens; a request that finished meanwhile (EOS, a stop
+string, an abort) has its planned row in the next step ignored. Pages are committed to the
+prefix cache only once their tokens are known.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from dataclasses import dataclass, field
 from engine.core.fair_queue import FairQueue, TenantShares
 from engine.core.page_manager import PageManager
 from engine.core.request import (ModelOutput, Request, RequestStatus, ScheduledRequest,
-                                 SchedulerOutput, check_stop)
+                                 SchedulerOutput, check_stop, planned_token_ids)
 # The engine imports both from here; they live apart to keep this file to the scheduling.
 from engine.core.scheduler_config import SchedulerConfig, SchedulerStats
 
@@ -38,6 +45,8 @@ class Scheduler:
     """Admits requests, plans each step and applies its results.
 
     Usage, once per step: `out = schedule()`; run the model on it; `update(out, model_out)`.
+    With async scheduling the next schedule() comes before this update(): at most one step
+    is in flight. A step that fails is undone with `rollback(out)` instead of update().
     """
 
     def __init__(self, config: SchedulerConfig):
@@ -95,6 +104,7 @@ class Scheduler:
         self.page_manager.free(request)
         request.status = status
         request.stop_reason = stop_reason
+        request.num_pending = 0   # a draw still in flight is discarded, never appended
         self._finished_ids.append(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -103,7 +113,7 @@ class Scheduler:
     def preempt_all(self) -> list[str]:
         """Take back every running request's pages, as a preemption does (for a KV cache
         whose contents were lost): each waits again, keeps its output and recomputes its
-        tokens. Call between update() and schedule(), or instead of update(). Returns their
+        tokens. Call with no step in flight (each updated or rolled back). Returns their
         ids."""
         step = _Step(budget=0)
         for request in list(self._running):
@@ -159,14 +169,21 @@ class Scheduler:
             finished_ids=finished_ids)
 
     def _schedule_running(self, step: _Step) -> None:
-        # Snapshot: preemption removes requests from _running while we iterate.
-        decodes = [r for r in self._running if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in self._running if r.num_tokens - r.num_computed_tokens > 1]
+        # Snapshot: preemption removes requests from _running while we iterate. A request
+        # sure to end with its pending token (max_tokens, max_model_len) gets no more.
+        running = [r for r in self._running if not self._ends_when_pending_arrives(r)]
+        decodes = [r for r in running if r.num_planned_tokens - r.num_computed_tokens == 1]
+        prefills = [r for r in running if r.num_planned_tokens - r.num_computed_tokens > 1]
         for request in decodes + prefills:
             if step.budget == 0:
                 return
             if request.status is RequestStatus.RUNNING:   # else preempted in this loop
                 self._schedule_or_preempt(request, step)
+
+    def _ends_when_pending_arrives(self, request: Request) -> bool:
+        return request.num_pending > 0 and (
+            request.num_output_tokens + request.num_pending >= request.max_tokens
+            or request.num_planned_tokens >= self.config.max_model_len)
 
     def _schedule_or_preempt(self, request: Request, step: _Step) -> None:
         """Schedule the request's next chunk, preempting until its pages fit: the
@@ -174,7 +191,7 @@ class Scheduler:
         (TenantShares.pick_victim); that victim may be the request itself."""
         while True:
             # Recomputed each try: preempting a request scheduled earlier returns its tokens.
-            num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
+            num_new = min(request.num_planned_tokens - request.num_computed_tokens, step.budget)
             page_table = self.page_manager.allocate(request, num_new)
             if page_table is not None:
                 self._add_to_step(step, request, num_new, page_table)
@@ -188,6 +205,7 @@ class Scheduler:
         entry = step.scheduled.pop(request.request_id, None)
         if entry is not None:   # already planned this step: take back its tokens
             step.budget += len(entry.token_ids)
+            request.num_pending -= entry.sample
         self._running.remove(request)
         self._tenants.stop(request.tenant)
         self.page_manager.free(request)
@@ -203,8 +221,9 @@ class Scheduler:
         for request in self._waiting.in_order(skipped=full_tenants):
             if step.budget == 0 or (full_tenants and request.priority > blocked_priority):
                 break   # priorities are strict: nothing less important overtakes
-            if self._must_wait_for_sibling(request):
+            if self._must_wait_for_sibling(request) or request.num_pending:
                 continue   # skipped, but does not hold back the requests behind it
+                           # (a request preempted in flight waits for its drawn token)
             if self._try_admit(request, step):
                 continue
             if self._tenants.below_share(request.tenant):
@@ -256,48 +275,66 @@ class Scheduler:
         sibling = self._requests.get(request.wait_for) if request.wait_for else None
         if sibling is None:
             return False
-        # Output tokens mean the prompt was computed once (and its pages committed), even
+        # An output token means the prompt was computed once and its pages committed, even
         # if the sibling has been preempted since.
-        return (sibling.num_output_tokens == 0
-                and sibling.num_computed_tokens < sibling.num_prompt_tokens)
+        return sibling.num_output_tokens == 0
 
     def _add_to_step(self, step: _Step, request: Request, num_new: int,
                      page_table: list[int]) -> None:
         start = request.num_computed_tokens
-        sample = start + num_new == request.num_tokens
-        is_decode = sample and num_new == 1 and request.num_output_tokens > 0
+        sample = start + num_new == request.num_planned_tokens
+        has_output = request.num_output_tokens + request.num_pending > 0
+        is_decode = sample and num_new == 1 and has_output
         step.scheduled[request.request_id] = ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.token_ids_between(start, start + num_new),
+            token_ids=planned_token_ids(request, start, start + num_new),
             start_position=start, page_table=page_table,
             sample=sample, is_prefill=not is_decode)
         step.budget -= num_new
+        # Counted as run: the next schedule() may come before this step's update().
+        request.num_computed_tokens = start + num_new
+        request.num_pending += sample
 
     def update(self, scheduler_output: SchedulerOutput,
                model_output: ModelOutput) -> list[Request]:
         """Apply one step's results.
 
-        Advances num_computed_tokens by the tokens fed, commits newly full pages to the
-        prefix cache, appends each sampled token and checks the stop conditions; finished
-        requests get their status and stop_reason, and their pages are freed.
+        Commits the pages its tokens filled to the prefix cache, appends each sampled token
+        and checks the stop conditions; finished requests get their status and stop_reason,
+        and their pages are freed. A request preempted since the step was scheduled still
+        gets its token (drawn from its whole context); it recomputes it with the rest.
 
         Returns:
           The requests that got a new token this step, finished ones included (a request
           with max_tokens=0 is returned once its prompt is computed, with no new token).
-          Entries aborted between schedule() and update() are skipped.
+          Entries of requests that finished since schedule() (abort, stop string) are
+          skipped: their tokens are never emitted.
         """
         changed: list[Request] = []
         for row, entry in enumerate(scheduler_output.scheduled):
             request = self._requests.get(entry.request_id)
-            if (request is None or request.status is not RequestStatus.RUNNING
-                    or request.num_computed_tokens != entry.start_position):
+            if request is None:
                 continue
-            request.num_computed_tokens += len(entry.token_ids)
-            self.page_manager.commit(request)
+            if request.status is RequestStatus.RUNNING:
+                self.page_manager.commit(request, entry.start_position + len(entry.token_ids))
             if entry.sample:
+                request.num_pending -= 1
                 self._append_token(request, int(model_output.sampled_token_ids[row]))
                 changed.append(request)
         return changed
+
+    def rollback(self, scheduler_output: SchedulerOutput) -> None:
+        """Undo what schedule() counted for a step that did not run (it failed, or ran on
+        the results of one that failed): its requests compute those tokens again. Roll
+        back the newer of two steps first."""
+        for entry in scheduler_output.scheduled:
+            request = self._requests.get(entry.request_id)
+            if request is None:
+                continue
+            request.num_pending -= entry.sample
+            if request.status is RequestStatus.RUNNING:
+                request.num_computed_tokens = min(request.num_computed_tokens,
+                                                  entry.start_position)
 
     def _append_token(self, request: Request, token_id: int) -> None:
         if request.max_tokens == 0:   # prompt only (e.g. scoring): nothing to append

@@ -92,19 +92,25 @@ class StepBroadcaster:
         runner.restore_kv_cache = self.restore_kv_cache
         atexit.register(self.stop)
 
-    def forward(self, params, kv_cache, batch, logits_indices):
+    def forward(self, params, kv_cache, batch, logits_indices, previous_rows, previous_draws):
+        # previous_draws: the last sampler's draws, which every process holds as its own.
         with self._lock:
-            batch, logits_indices = self._send(_header(FORWARD, batch.input_ids.shape[0]),
-                                               (batch, logits_indices))
-            return self._run(self._forward, params, kv_cache, batch, logits_indices)
+            header = _header(FORWARD, batch.input_ids.shape[0])
+            batch, logits_indices, previous_rows = self._send(
+                header, (batch, logits_indices, previous_rows))
+            return self._run(self._forward, params, kv_cache, batch, logits_indices,
+                             previous_rows, previous_draws)
 
-    def sample(self, params, last_hidden, sampling, penalties, bitmask, *, num_seqs, num_top):
+    def sample(self, params, last_hidden, sampling, penalties, bitmask, previous_draws, *,
+               num_seqs, num_top):
         with self._lock:
             flags = int(penalties is not None) | int(bitmask is not None) << 1
             sampling, penalties, bitmask = self._send(
                 _header(SAMPLE, num_seqs, flags, num_top), (sampling, penalties, bitmask))
-            return self._run(self._sample, params, last_hidden, sampling, penalties, bitmask,
-                             num_seqs=num_seqs, num_top=num_top).addressable_data(0)
+            packed, drawn = self._run(self._sample, params, last_hidden, sampling, penalties,
+                                      bitmask, previous_draws, num_seqs=num_seqs,
+                                      num_top=num_top)
+            return packed.addressable_data(0), drawn
 
     def prompt_logprobs(self, params, hidden, targets, *, num_top):
         with self._lock:
@@ -165,6 +171,7 @@ class Follower:
         StepBroadcaster.stop); a failed collective (the leader is gone) raises."""
         r = self.runner
         hidden = last_hidden = None
+        drawn = r._no_draws   # the leader's last sampler's draws, mirrored
         while True:
             kind, a, b, c = (int(v) for v in multihost_utils.broadcast_one_to_all(_header(-1)))
             if kind == STOP:
@@ -172,16 +179,19 @@ class Follower:
                 logging.shutdown()   # a follower holds nothing else that needs flushing
                 os._exit(0)
             if kind == FORWARD:
-                batch, indices = self._receive(r._empty_batch(a))
+                batch, indices = r._empty_batch(a)
+                batch, indices, previous_rows = self._receive(
+                    (batch, indices, np.full(a, -1, np.int32)))
                 r.kv_cache, hidden, last_hidden = r._forward(r.params, r.kv_cache, batch,
-                                                             indices)
+                                                             indices, previous_rows, drawn)
             elif kind == SAMPLE:
                 # b: bit 0 penalties, bit 1 a token bitmask (StepBroadcaster.sample)
                 sampling, penalties = r._sampling_arrays([], a, bool(b & 1))
                 bitmask = r._open_bitmask(a) if b & 2 else None
                 sampling, penalties, bitmask = self._receive((sampling, penalties, bitmask))
-                r._sample(r.params, last_hidden, sampling, penalties, bitmask, num_seqs=a,
-                          num_top=c).block_until_ready()
+                _, drawn = r._sample(r.params, last_hidden, sampling, penalties, bitmask,
+                                     drawn, num_seqs=a, num_top=c)
+                drawn.block_until_ready()
             elif kind == PROMPT_LOGPROBS:
                 targets = self._receive(np.zeros(a, np.int32))
                 r._prompt_logprobs(r.params, hidden, targets, num_top=b).block_until_ready()

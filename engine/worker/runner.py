@@ -3,6 +3,12 @@
 Host side only builds numpy arrays; the device side lives in engine/worker/step.py. Every array is
 padded to a ladder rung, so after warm-up no step compiles. Results come back in one packed
 transfer per step (two when prompt logprobs were asked for).
+
+A step is launched, then collected (`launch`, `dispatch_sample`, `collect`; `execute` does all
+three): with async scheduling the engine launches step N+1 before it collects step N. A token
+step N draws reaches step N+1's input on the device (PENDING_TOKEN rows, `previous_rows`),
+and a grammar's token bitmask, which needs that token on the host, is filled once step N is
+collected, while step N+1's forward runs; its sampler is dispatched then.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,10 +28,10 @@ from tqdm import tqdm
 
 import pallas_kernels
 from engine.config import EngineConfig
-from engine.core.request import ModelOutput, Request, SchedulerOutput
+from engine.core.request import PENDING_TOKEN, ModelOutput, Request, SchedulerOutput
 from engine.structured import bitmask_width, fill_bitmasks
-from engine.worker.step import (TOP_LOGPROBS, PenaltyArrays, SamplingArrays, TokenBitmask,
-                                jit_steps)
+from engine.worker.step import (HISTORY_PENDING, TOP_LOGPROBS, PenaltyArrays, SamplingArrays,
+                                TokenBitmask, jit_steps)
 from models.batch import Batch
 from models.config import ModelConfig
 from models.paged import init_kv_cache
@@ -98,10 +105,18 @@ def empty_batch(num_tokens: int, max_num_seqs: int, max_pages_per_seq: int
 
 
 def sampling_arrays(chosen: list[Request], num_seqs: int, with_penalties: bool,
-                    max_model_len: int) -> tuple[SamplingArrays, PenaltyArrays | None]:
-    """The sampling (and penalty) arrays of `chosen`, padded to the sequence rung."""
+                    max_model_len: int, previous_rows: Mapping[str, int] | None = None
+                    ) -> tuple[SamplingArrays, PenaltyArrays | None]:
+    """The sampling (and penalty) arrays of `chosen`, padded to the sequence rung.
+
+    Each row draws the request's output position num_output_tokens + num_pending - 1 (its
+    own draw is pending since it was scheduled); a token still pending from the previous
+    step enters the penalty history as HISTORY_PENDING, read on the device from that step's
+    row `previous_rows[request_id]`.
+    """
     params = [r.sampling_params for r in chosen]
     pad = num_seqs - len(chosen)
+    previous_rows = previous_rows or {}
 
     def column(values, dtype, fill):
         return np.asarray(list(values) + [fill] * pad, dtype)
@@ -112,16 +127,21 @@ def sampling_arrays(chosen: list[Request], num_seqs: int, with_penalties: bool,
         top_p=column((p.top_p for p in params), np.float32, 1.0),
         min_p=column((p.min_p for p in params), np.float32, 0.0),
         seeds=column((r.seed for r in chosen), np.uint32, 0),
-        positions=column((r.num_output_tokens for r in chosen), np.int32, 0))
+        positions=column((r.num_output_tokens + max(r.num_pending - 1, 0) for r in chosen),
+                         np.int32, 0))
     if not with_penalties:
         return sampling, None
     history = np.full((num_seqs, max_model_len), -1, np.int32)
+    pending_rows = np.full(num_seqs, -1, np.int32)
     for s, request in enumerate(chosen):
         if request.sampling_params.has_penalties:
             tokens = request.all_token_ids
             history[s, :len(tokens)] = tokens
+            if request.num_pending > 1 and request.request_id in previous_rows:
+                history[s, len(tokens)] = HISTORY_PENDING
+                pending_rows[s] = previous_rows[request.request_id]
     penalties = PenaltyArrays(
-        history=history,
+        history=history, pending_rows=pending_rows,
         num_prompt=column((r.num_prompt_tokens for r in chosen), np.int32, 0),
         repetition=column((p.repetition_penalty for p in params), np.float32, 1.0),
         presence=column((p.presence_penalty for p in params), np.float32, 0.0),
@@ -135,6 +155,26 @@ def open_bitmask(num_seqs: int, vocab_size: int) -> TokenBitmask:
     return TokenBitmask(
         bitmask=np.full((num_seqs, bitmask_width(vocab_size)), 0xFFFFFFFF, np.uint32),
         enabled=np.zeros(num_seqs, np.bool_))
+
+
+@dataclass(slots=True)
+class StepInFlight:
+    """A launched step: what its sampler and its collection need."""
+
+    scheduler_output: SchedulerOutput
+    chosen: list[Request]           # the request of each scheduled row
+    num_seqs: int                   # sequence rung
+    num_top: int                    # top logprobs compiled for
+    last_hidden: jax.Array          # [S_max, H]
+    rows: dict[str, int]            # request id -> its row (its draw in `drawn`)
+    packed: jax.Array | None = None   # the sampler's packed f32 output, once dispatched
+    drawn: jax.Array | None = None    # i32[S_max]: the draws, for the next step's inputs
+    prompt_logprobs: tuple | None = None   # (packed f32 on the device, rows wanted, spans)
+    previous_rows: dict[str, int] | None = None   # rows of the step before, for penalties
+
+    @property
+    def is_sampled(self) -> bool:
+        return self.packed is not None
 
 
 @dataclass(slots=True, frozen=True)
@@ -174,6 +214,12 @@ class Runner:
         # [L, num_pages, page_size, 2 * Hkv, D], or (that, scales) for int8 (models/paged.py)
         self.kv_cache = self._new_kv_cache()
         self.num_kv_rebuilds = 0   # times a failed step lost the cache and it was re-created
+        self.timeline = None   # a DeviceTimeline a benchmark attaches (engine/worker/timeline.py)
+        # The "previous draws" of a step that follows none: placed as the sampler's own
+        # output is, so both compile alike.
+        self._no_draws = jax.device_put(
+            np.zeros(config.max_num_seqs, np.int32),
+            SingleDeviceSharding(jax.devices()[0]) if plan is None else plan.sharding())
         self._forward, self._sample, self._prompt_logprobs = jit_steps(self.graphdef, config,
                                                                        plan)
         if jax.process_count() > 1:   # several hosts: engine/worker/multihost.py
@@ -193,16 +239,18 @@ class Runner:
         for kind, shape in tqdm(jobs, desc="warm-up (compile)", unit="bucket", disable=not progress):
             if kind == "forward":
                 batch, indices = self._empty_batch(shape)
-                self.kv_cache, hidden, last_hidden = self._forward(self.params, self.kv_cache,
-                                                                   batch, indices)
+                self.kv_cache, hidden, last_hidden = self._forward(
+                    self.params, self.kv_cache, batch, indices, np.full(shape, -1, np.int32),
+                    self._no_draws)
                 self._prompt_logprobs(self.params, hidden, np.zeros(shape, np.int32),
                                       num_top=TOP_LOGPROBS).block_until_ready()
             elif kind == "sample":
                 num_seqs, with_penalties, num_top, with_bitmask = shape
                 sampling, penalties = self._sampling_arrays([], num_seqs, with_penalties)
                 bitmask = self._open_bitmask(num_seqs) if with_bitmask else None
-                self._sample(self.params, last_hidden, sampling, penalties, bitmask,
-                             num_seqs=num_seqs, num_top=num_top).block_until_ready()
+                jax.block_until_ready(self._sample(
+                    self.params, last_hidden, sampling, penalties, bitmask, self._no_draws,
+                    num_seqs=num_seqs, num_top=num_top))
 
     def _empty_batch(self, num_tokens: int) -> tuple[Batch, np.ndarray]:
         return empty_batch(num_tokens, self.config.max_num_seqs, self.max_pages_per_seq)
@@ -210,38 +258,88 @@ class Runner:
     # ------------------------------------------------------------------ one step
     def execute(self, scheduler_output: SchedulerOutput, requests: Mapping[str, Request]
                 ) -> ModelOutput:
-        """Runs one step; returns sampled tokens and logprobs as numpy, row s for scheduled[s]."""
+        """Runs one step to the end; returns sampled tokens and logprobs as numpy, row s for
+        scheduled[s]. Every PENDING_TOKEN must be known to its request by now."""
+        step = self.launch(scheduler_output, requests)
+        self.dispatch_sample(step)
+        return self.collect(step)
+
+    def launch(self, scheduler_output: SchedulerOutput, requests: Mapping[str, Request],
+               previous: StepInFlight | None = None) -> StepInFlight:
+        """Dispatches the step's forward (and its sampler, unless a row's grammar waits for
+        `previous`' tokens; then call dispatch_sample once they are applied). A
+        PENDING_TOKEN its request knows by now is fed from the host, any other from
+        `previous`' draws on the device."""
         scheduled = scheduler_output.scheduled
+        chosen = [requests[item.request_id] for item in scheduled]
         # Every host array is packed before the forward runs, so a value that does not fit
         # its dtype fails the step before the (donated) KV cache is touched.
-        batch, logits_indices = self._build_batch(scheduler_output)
-        chosen = [requests[item.request_id] for item in scheduled]
-        num_seqs = rung(self.config.seq_ladder, len(scheduled))
+        batch, logits_indices, previous_rows = self._build_batch(scheduler_output, chosen,
+                                                                 previous)
+        self.kv_cache, hidden, last_hidden = self._forward(
+            self.params, self.kv_cache, batch, logits_indices, previous_rows,
+            self._no_draws if previous is None else previous.drawn)
+        self._record(last_hidden)
+        step = StepInFlight(
+            scheduler_output, chosen, rung(self.config.seq_ladder, len(scheduled)),
+            TOP_LOGPROBS if any(r.sampling_params.logprobs for r in chosen) else 0,
+            last_hidden, {item.request_id: s for s, item in enumerate(scheduled)},
+            previous_rows=None if previous is None else previous.rows)
+        step.prompt_logprobs = self._launch_prompt_logprobs(scheduler_output, chosen, batch,
+                                                            hidden)
+        grammar_waits = previous is not None and any(
+            request.matcher is not None and request.num_pending > 1 for request in chosen)
+        if not grammar_waits:
+            self.dispatch_sample(step, previous)
+        return step
+
+    def dispatch_sample(self, step: StepInFlight, previous: StepInFlight | None = None
+                        ) -> None:
+        """Dispatches the step's sampler (once): penalties, the grammar rows' token
+        bitmasks, filled from their matchers now, and the draw. `previous`: the step whose
+        draws are still pending (None once they are applied)."""
+        if step.is_sampled:
+            return
+        scheduled, chosen = step.scheduler_output.scheduled, step.chosen
         with_penalties = any(r.sampling_params.has_penalties for r in chosen)
-        num_top = TOP_LOGPROBS if any(r.sampling_params.logprobs for r in chosen) else 0
-        sampling, penalties = self._sampling_arrays(chosen, num_seqs, with_penalties)
-        # Rows that draw a token this step under a grammar (a prefill chunk draws none).
+        sampling, penalties = sampling_arrays(chosen, step.num_seqs, with_penalties,
+                                              self.max_model_len, step.previous_rows)
+        # Rows that draw a token this step under a grammar (a prefill chunk draws none; a
+        # request finished since it was scheduled is left free: its row is discarded).
         constrained = [(request.matcher, s) for s, (item, request) in
                        enumerate(zip(scheduled, chosen))
-                       if item.sample and request.matcher is not None]
-        bitmask = self._open_bitmask(num_seqs) if constrained else None
-        self.kv_cache, hidden, last_hidden = self._forward(self.params, self.kv_cache, batch,
-                                                           logits_indices)
+                       if item.sample and request.matcher is not None
+                       and not request.is_finished]
+        bitmask = self._open_bitmask(step.num_seqs) if constrained else None
         if bitmask is not None:
             # Filled while the forward runs (dispatch is asynchronous): the host's grammar
             # work overlaps the device's, and the masks reach the device with the sampler.
             fill_bitmasks(constrained, bitmask.bitmask)
             bitmask.enabled[[s for _, s in constrained]] = True
-        packed = self._sample(self.params, last_hidden, sampling, penalties, bitmask,
-                              num_seqs=num_seqs, num_top=num_top)
-        prompt_logprobs = self._prompt_logprobs_for(scheduler_output, chosen, batch, hidden)
-        packed = np.asarray(jax.device_get(packed))[:len(scheduled)]
+        step.packed, step.drawn = self._sample(
+            self.params, step.last_hidden, sampling, penalties, bitmask,
+            self._no_draws if previous is None else previous.drawn,
+            num_seqs=step.num_seqs, num_top=step.num_top)
+        self._record(step.packed)
+
+    def collect(self, step: StepInFlight) -> ModelOutput:
+        """Waits for the step's results: sampled tokens and logprobs as numpy, row s for
+        scheduled[s]."""
+        num_top = step.num_top
+        start = time.perf_counter()
+        packed = np.asarray(jax.device_get(step.packed))[:len(step.chosen)]
+        if self.timeline is not None:
+            self.timeline.add_wait(time.perf_counter() - start)
         output = ModelOutput(sampled_token_ids=packed[:, 0].astype(np.int32),
                              logprobs=packed[:, 1], ranks=packed[:, 2].astype(np.int32),
-                             prompt_logprobs=prompt_logprobs)
+                             prompt_logprobs=self._collect_prompt_logprobs(step))
         output.top_logprob_ids = packed[:, 3:3 + num_top].astype(np.int32)
         output.top_logprobs = packed[:, 3 + num_top:]
         return output
+
+    def _record(self, output: jax.Array) -> None:
+        if self.timeline is not None:
+            self.timeline.record(output)
 
     def restore_kv_cache(self) -> bool:
         """Re-creates the KV cache if a failed step lost it: the forward donates the cache, so
@@ -264,10 +362,14 @@ class Runner:
         self.num_kv_rebuilds += 1
         return True
 
-    def _build_batch(self, scheduler_output: SchedulerOutput) -> tuple[Batch, np.ndarray]:
+    def _build_batch(self, scheduler_output: SchedulerOutput, chosen: list[Request],
+                     previous: StepInFlight | None = None
+                     ) -> tuple[Batch, np.ndarray, np.ndarray]:
+        """The flattened batch, logits_indices and previous_rows i32[T] (engine/worker/step.py)."""
         page_size = self.config.page_size
         num_real = scheduler_output.num_batched_tokens
         batch, logits_indices = self._empty_batch(rung(self.config.token_ladder, num_real))
+        previous_rows = np.full(batch.input_ids.shape[0], -1, np.int32)
         cu_q_lens = batch.cu_q_lens
         cu_q_lens[:] = num_real  # padding sequences own no rows
         row = 0
@@ -276,6 +378,10 @@ class Runner:
             positions = np.arange(item.start_position, item.start_position + count, dtype=np.int32)
             pages = np.asarray(item.page_table, np.int32)
             batch.input_ids[row:row + count] = item.token_ids
+            if count and item.token_ids[-1] == PENDING_TOKEN:
+                last = row + count - 1
+                batch.input_ids[last], previous_rows[last] = self._pending_input(
+                    chosen[s], int(positions[-1]), previous)
             batch.positions[row:row + count] = positions
             batch.slot_mapping[row:row + count] = (pages[positions // page_size] * page_size
                                                    + positions % page_size)
@@ -285,17 +391,31 @@ class Runner:
             logits_indices[s] = row + count - 1
             row += count
         batch.num_seqs[0] = len(scheduler_output.scheduled)
-        return batch, logits_indices
+        return batch, logits_indices, previous_rows
+
+    @staticmethod
+    def _pending_input(request: Request, position: int, previous: StepInFlight | None
+                       ) -> tuple[int, int]:
+        """(input id, previous row) of a PENDING_TOKEN: the request's own token when it has
+        come back since (a step run again), else the previous step's draw on the device."""
+        if position < request.num_tokens:
+            return request.token_ids_between(position, position + 1)[0], -1
+        if previous is None or request.request_id not in previous.rows:
+            raise RuntimeError(f"request {request.request_id!r}: its token at position "
+                               f"{position} is neither known nor being drawn")
+        return 0, previous.rows[request.request_id]
 
     def _sampling_arrays(self, chosen: list[Request], num_seqs: int, with_penalties: bool
                          ) -> tuple[SamplingArrays, PenaltyArrays | None]:
         return sampling_arrays(chosen, num_seqs, with_penalties, self.max_model_len)
 
+
     def _open_bitmask(self, num_seqs: int) -> TokenBitmask:
         return open_bitmask(num_seqs, self.vocab_size)
 
-    def _prompt_logprobs_for(self, scheduler_output, chosen, batch, hidden):
-        """Scores prompt tokens fed this step for requests that asked for prompt_logprobs."""
+    def _launch_prompt_logprobs(self, scheduler_output, chosen, batch, hidden):
+        """Dispatches the scoring of prompt tokens fed this step for requests that asked
+        for prompt_logprobs: (packed on the device, rows wanted, spans), or None."""
         wanted = [(s, item) for s, (item, r) in enumerate(zip(scheduler_output.scheduled, chosen))
                   if r.sampling_params.prompt_logprobs is not None and item.is_prefill]
         if not wanted:
@@ -307,15 +427,23 @@ class Runner:
             count = len(item.token_ids)
             spans[item.request_id] = (row, count)
             # Row at position p predicts the token at p + 1, when that token is in the prompt.
-            following = request.token_ids_between(item.start_position + 1,
-                                                  item.start_position + count + 1)
+            following = request.token_ids_between(
+                item.start_position + 1,
+                min(item.start_position + count + 1, request.num_prompt_tokens))
             targets[row:row + len(following)] = following
             row += count
-        packed = np.asarray(jax.device_get(self._prompt_logprobs(
-            self.params, hidden, targets, num_top=TOP_LOGPROBS)))
+        packed = self._prompt_logprobs(self.params, hidden, targets, num_top=TOP_LOGPROBS)
+        self._record(packed)
+        return packed, wanted, spans
+
+    def _collect_prompt_logprobs(self, step: StepInFlight) -> dict | None:
+        if step.prompt_logprobs is None:
+            return None
+        packed, wanted, spans = step.prompt_logprobs
+        packed = np.asarray(jax.device_get(packed))
         result = {}
         for s, item in wanted:
-            request = chosen[s]
+            request = step.chosen[s]
             first, count = spans[item.request_id]
             # Scored positions: p + 1 for rows whose next token is still a prompt token.
             positions = np.arange(item.start_position + 1, item.start_position + count + 1)

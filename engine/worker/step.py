@@ -17,6 +17,7 @@ before anything reads them, so sampling and logprobs are the single-device code,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -34,6 +35,7 @@ from models.sharding import ShardingPlan
 from pallas_kernels.token_bitmask import apply_token_bitmask
 
 TOP_LOGPROBS = 20  # the one top-logprobs width compiled; requests slice what they asked for
+HISTORY_PENDING = -2   # a penalty history entry drawn by the previous step (-1 is padding)
 
 
 class SamplingArrays(NamedTuple):
@@ -50,7 +52,9 @@ class SamplingArrays(NamedTuple):
 class PenaltyArrays(NamedTuple):
     """Token history for repetition / presence / frequency penalties."""
 
-    history: jax.Array             # i32[S, L]  prompt then output ids, -1 padded
+    history: jax.Array             # i32[S, L]  prompt then output ids, -1 padded; a token
+                                   #            still being drawn is PENDING_TOKEN (-2 here)
+    pending_rows: jax.Array        # i32[S]     its row in the previous step's draws, or -1
     num_prompt: jax.Array          # i32[S]     history[:num_prompt] is the prompt
     repetition: jax.Array          # f32[S]     1 disables
     presence: jax.Array            # f32[S]
@@ -64,11 +68,17 @@ class TokenBitmask(NamedTuple):
     enabled: jax.Array   # bool[S]             False rows are left free
 
 
-def forward_step(graphdef, params, kv_cache, batch: Batch, logits_indices, *, backend,
-                 interpret, plan: ShardingPlan | None = None):
+def forward_step(graphdef, params, kv_cache, batch: Batch, logits_indices, previous_rows,
+                 previous_tokens, *, backend, interpret, plan: ShardingPlan | None = None):
     """kv_cache [L, num_pages, page_size, 2 * Hkv, D] (donated); logits_indices i32[S_max].
 
+    Async scheduling: input row t whose previous_rows[t] (i32[T]) is a row r >= 0 feeds
+    previous_tokens[r] (i32[S_max], the previous step's draws, still on the device).
+
     Returns (kv_cache, hidden [T, H], last_hidden [S_max, H] at logits_indices)."""
+    input_ids = jnp.where(previous_rows >= 0,
+                          previous_tokens[jnp.maximum(previous_rows, 0)], batch.input_ids)
+    batch = dataclasses.replace(batch, input_ids=input_ids)
     model = nnx.merge(graphdef, params)
     kv_cache, hidden = forward_paged(model, kv_cache, batch, backend=backend,
                                      interpret=interpret,
@@ -82,11 +92,14 @@ def logits_of(model, hidden, plan: ShardingPlan | None):
     return logits if plan is None else plan.gather_logits(logits)
 
 
-def apply_penalties(logits, penalties: PenaltyArrays):
+def apply_penalties(logits, penalties: PenaltyArrays, previous_tokens):
     """vLLM/OpenAI semantics: repetition over prompt and output tokens (divide positive
-    logits, multiply negative ones); presence and frequency over output tokens only."""
+    logits, multiply negative ones); presence and frequency over output tokens only.
+    A history entry HISTORY_PENDING takes the row's token from previous_tokens."""
     num_seqs, vocab = logits.shape
-    history = penalties.history
+    pending = previous_tokens[jnp.maximum(penalties.pending_rows, 0)]
+    history = jnp.where(penalties.history == HISTORY_PENDING, pending[:, None],
+                        penalties.history)
     valid = history >= 0
     is_output = jnp.arange(history.shape[1])[None, :] >= penalties.num_prompt[:, None]
     ids = jnp.where(valid, history, vocab)  # padding lands in a dropped extra column
@@ -108,10 +121,12 @@ def request_keys(seeds, positions):
 
 
 def sample_step(graphdef, params, last_hidden, sampling: SamplingArrays,
-                penalties: PenaltyArrays | None, bitmask: TokenBitmask | None, *, num_seqs,
-                num_top, backend, interpret, plan: ShardingPlan | None = None):
-    """Samples one token per sequence; returns f32[S, 3 + 2 * num_top]:
-    token id, its logprob, its rank, then num_top (id, logprob) pairs.
+                penalties: PenaltyArrays | None, bitmask: TokenBitmask | None,
+                previous_tokens, *, num_seqs, num_top, backend, interpret,
+                plan: ShardingPlan | None = None):
+    """Samples one token per sequence; returns (f32[S, 3 + 2 * num_top]: token id, its
+    logprob, its rank, then num_top (id, logprob) pairs; the token ids as i32[S_max], for
+    the next step's forward to feed without a trip through the host).
 
     Logprobs are the model's own distribution (log_softmax of the raw logits), as OpenAI
     and vLLM report them; penalties, the structured-output mask and temperature shape only
@@ -122,14 +137,15 @@ def sample_step(graphdef, params, last_hidden, sampling: SamplingArrays,
     logits = logits_of(model, last_hidden[:num_seqs], plan)  # f32[S, V]
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     if penalties is not None:
-        logits = apply_penalties(logits, penalties)
+        logits = apply_penalties(logits, penalties, previous_tokens)
     if bitmask is not None:
         logits = apply_token_bitmask(logits, bitmask.bitmask, bitmask.enabled)
     keys = request_keys(sampling.seeds, sampling.positions)
     token_ids, _ = pallas_kernels.sample(logits, sampling.temperature, sampling.top_k,
                                          sampling.top_p, sampling.min_p, keys, backend=backend,
                                          interpret=interpret)
-    return _pack(logprobs, token_ids, num_top)
+    drawn = jnp.zeros(previous_tokens.shape, jnp.int32).at[:num_seqs].set(token_ids)
+    return _pack(logprobs, token_ids, num_top), drawn
 
 
 def prompt_logprobs_step(graphdef, params, hidden, target_ids, *, num_top,
@@ -156,9 +172,10 @@ def _pack(logprobs, token_ids, num_top):
 class StepFunctions(NamedTuple):
     """The three jitted functions of a step, the graphdef bound."""
 
-    forward: Callable           # (params, kv_cache, batch, logits_indices), cache donated
-    sample: Callable            # (params, last_hidden, sampling, penalties, bitmask, *,
-                                #  num_seqs, num_top)
+    forward: Callable           # (params, kv_cache, batch, logits_indices, previous_rows,
+                                #  previous_tokens), cache donated
+    sample: Callable            # (params, last_hidden, sampling, penalties, bitmask,
+                                #  previous_tokens, *, num_seqs, num_top)
     prompt_logprobs: Callable   # (params, hidden, target_ids, *, num_top)
 
 

@@ -28,9 +28,11 @@ def test_lost_kv_is_recomputed_and_never_served_from_the_cache(apply_update):
     for _ in range(4):
         out = scheduler.schedule()
         scheduler.update(out, runner.execute(out))
-    out = scheduler.schedule()   # this step "fails": its results are dropped, or applied
+    out = scheduler.schedule()   # this step "fails": it is undone, or its results applied
     if apply_update:
         scheduler.update(out, runner.execute(out))
+    else:
+        scheduler.rollback(out)
     running = [r.request_id for r in requests if r.status is RequestStatus.RUNNING]
     assert running and sorted(scheduler.preempt_all()) == sorted(running)
     scheduler.reset_prefix_cache()

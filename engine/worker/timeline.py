@@ -1,0 +1,82 @@
+"""When the device works and when it waits for the host: a measurement for benchmarks.
+
+Each computation the runner dispatches (forward, sampler, prompt logprobs) is recorded with
+its dispatch time; a waiter thread blocks until the computation's output is ready and records
+that time. The computations of consecutive steps form one chain (each reads the one before:
+the KV cache, the hidden states, the draws), so computation i starts at
+max(dispatched_i, done_{i-1}), and the device waits for the host whenever dispatched_i comes
+after done_{i-1}. Off unless a benchmark attaches one (`Runner.timeline`): it costs a thread
+wake-up per computation.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import jax
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineSummary:
+    computations: int
+    wall_s: float     # first computation's start to the last one's end
+    busy_s: float     # the device computing
+    idle_s: float     # the device waiting for the host to dispatch
+    waited_s: float   # the host blocked on results (Runner.collect)
+
+    @property
+    def idle_share(self) -> float:
+        return self.idle_s / self.wall_s if self.wall_s else 0.0
+
+
+class DeviceTimeline:
+    """Dispatch and completion times of every computation recorded."""
+
+    def __init__(self):
+        self._dispatched: list[float] = []
+        self._done: list[float | None] = []
+        self._waited = 0.0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._wait_each, daemon=True,
+                                        name="ember-timeline")
+        self._thread.start()
+
+    def record(self, output: jax.Array) -> None:
+        """A computation was just dispatched; `output` is one of its (never donated) outputs."""
+        self._dispatched.append(time.perf_counter())
+        self._done.append(None)
+        self._queue.put((len(self._done) - 1, output))
+
+    def add_wait(self, seconds: float) -> None:
+        self._waited += seconds
+
+    def summary(self) -> TimelineSummary:
+        """Waits for every recorded computation, then sums the chain."""
+        done = threading.Event()
+        self._queue.put((None, done))
+        done.wait()
+        idle = busy = 0.0
+        previous_done = None
+        for dispatched, finished in zip(self._dispatched, self._done):
+            start = dispatched if previous_done is None else max(dispatched, previous_done)
+            if previous_done is not None:
+                idle += max(0.0, dispatched - previous_done)
+            busy += max(0.0, finished - start)
+            previous_done = finished
+        wall = (self._done[-1] - self._dispatched[0]) if self._done else 0.0
+        return TimelineSummary(len(self._done), wall, busy, idle, self._waited)
+
+    def _wait_each(self) -> None:
+        while True:
+            index, output = self._queue.get()
+            if index is None:
+                output.set()
+                continue
+            try:
+                jax.block_until_ready(output)
+            except Exception:  # noqa: BLE001 - a failed step ends when it fails
+                pass
+            self._done[index] = time.perf_counter()
