@@ -78,10 +78,6 @@ class ModelAssembly:
     def __init__(self, config: ModelConfig, plan: ShardingPlan | None = None):
         if plan is not None and plan.config != config:
             raise ValueError(f"the sharding plan is for {plan.config}, not for {config}")
-        if plan is not None and config.quantization:
-            raise ValueError(f"quantized weights ({dict(config.quantization)}) with "
-                             f"tensor_parallel_size={plan.mesh.size}: not supported yet; "
-                             "expected quantization='none' or tensor_parallel_size=1")
         self.plan = plan
         self.config = config
         self.num_layers = config.num_layers

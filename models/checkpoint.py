@@ -8,9 +8,11 @@ Every source ends in `load_from_tensors` / models/assembly.py: the module is bui
 abstractly (no memory) and filled one tensor at a time, so the host never holds two full
 copies of the weights. With a ShardingPlan (tensor parallelism), each device reads only its
 own slice of each tensor from the file mapping (models/sharding.py), so no device holds the
-whole model either. Names are Hugging Face's (`model.layers.{i}.…`) whether the model
-scans its layers (stacked weights) or not; an orbax checkpoint holds the structure of the
-model that wrote it, and loads into either.
+whole model either; a quantized weight (int8/int4 at load, a GGUF file's blocks) is made on
+the host one tensor at a time, and each device gets only its block of the weight's integer
+arrays and scales, never a float copy. Names are Hugging Face's (`model.layers.{i}.…`)
+whether the model scans its layers (stacked weights) or not; an orbax checkpoint holds the
+structure of the model that wrote it, and loads into either.
 """
 
 from __future__ import annotations
@@ -87,16 +89,13 @@ def load_model(model_dir: str | os.PathLike, dtype: str | None = None,
       quantization: how the linear weights are held (EngineConfig.quantization): None, the
         checkpoint's own (a GGUF projection whose every layer is Q8_0, Q4_0 or Q4_1 keeps its
         blocks; anything else is float); "none", all float; "int8" / "int4", every
-        projection quantized at load. Under a plan, None means "none" (quantized weights are
-        not split over devices yet) and "int8" / "int4" are a ValueError.
+        projection quantized at load. Under a plan each device holds its block of every
+        quantized weight (models/sharding.py); a row-parallel grouped weight (int4, Q8_0)
+        whose groups would straddle two devices is a ValueError.
     """
     model_dir = Path(model_dir)
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r}: expected one of {QUANTIZATIONS}")
-    if plan is not None and quantization in LOAD_FORMATS:
-        raise ValueError(f"quantization={quantization!r} with tensor_parallel_size="
-                         f"{plan.mesh.size}: quantized weights are not split over devices yet; "
-                         "expected quantization=None or 'none'")
     if model_dir.suffix == ".gguf" and model_dir.is_file():
         return _load_gguf(model_dir, dtype, plan, scan_layers, quantization)
     if not model_dir.is_dir():
@@ -134,10 +133,18 @@ def load_from_tensors(config: ModelConfig, tensors: Iterable[tuple[str, object]]
     """
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype)
-    assembly = ModelAssembly(config, plan)
+    assembly = _assembly(config, plan)
     for name, tensor in tensors:
         assembly.add(name, tensor, transposed=is_linear_weight(name), source=source)
     return assembly.finish(source)
+
+
+def _assembly(config: ModelConfig, plan: ShardingPlan | None) -> ModelAssembly:
+    """An empty model of `config`; under a plan (made from the unquantized config, as the
+    engine makes it) laid out for config.quantization as well."""
+    if plan is not None and config.quantization:
+        plan = plan.with_quantization(config.quantization)
+    return ModelAssembly(config, plan)
 
 
 def _load_formats(quantization: str | None) -> tuple:
@@ -172,7 +179,7 @@ def _load_gguf(path: Path, dtype: str | None, plan: ShardingPlan | None,
     config = ModelConfig.from_hf(checkpoint.hf_config(), dtype=dtype, scan_layers=scan_layers)
     if plan is not None and plan.config != config:
         raise ValueError(f"the sharding plan is for {plan.config}, not for {path} ({config})")
-    kept = quantization is None and plan is None
+    kept = quantization is None
     formats = _gguf_formats(checkpoint.tensors()) if kept else _load_formats(quantization)
     config = dataclasses.replace(config, quantization=formats)
 
@@ -286,7 +293,7 @@ def _load_orbax(path: Path, config: ModelConfig, plan: ShardingPlan | None = Non
     tree = _orbax_tree(path)
     names = list(_flatten(tree))
     arrays = _map_orbax(path, names) or _restore_orbax(path, tree)
-    assembly = ModelAssembly(config, plan)
+    assembly = _assembly(config, plan)
     for name in names:
         # The host copy (if any) goes as soon as the device has it.
         assembly.add(name, arrays.pop(name), transposed=False, source=path)

@@ -22,9 +22,10 @@ Scales are f32 when quantized here from a float checkpoint and f16 (the file's o
 conversion) when taken from GGUF blocks; both widen to f32 exactly. Bytes per weight: int8
 per channel ~1, Q8_0 form 1.0625, int4 from GGUF 0.625, int4 from a float checkpoint 0.75.
 
-Sharding: column-parallel splits axis 1 of every array; row-parallel splits axis 0, so each
-shard's `in` must be a multiple of 32 (a group never straddles two devices), and a per-channel
-scale (one row) is replicated. The CPU loop below interleaves its blocks so that a row-parallel
+Sharding (models/sharding.py): column-parallel splits axis 1 of every array; row-parallel
+splits axis 0, so each shard's `in` must be a multiple of 32 for a grouped weight (a group
+never straddles two devices; ShardingPlan.with_quantization refuses one that would), and a
+per-channel scale (one row) is replicated. The CPU loop below interleaves its blocks so that a row-parallel
 weight needs no gather (with 256-row blocks, for up to 8 devices).
 
 The step (`quantized_matmul`) computes x @ w from the same dequantized values, a block of

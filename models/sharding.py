@@ -11,6 +11,12 @@ leading [num_layers] axis, never split, when the layers are stacked for scanning
   lm_head [H, V]             vocab-parallel   P(None, "model")
   norms                      replicated
 
+A quantized projection (models/quantization.py) is split the same way: every array of a
+column-parallel one (int8 q, int4 packed, scale, minimum) on its out axis 1; every array of a
+row-parallel one on its in axis 0, except a per-channel scale (one row), which is replicated.
+A group of 32 input rows never straddles two devices: `with_quantization` refuses a
+row-parallel grouped weight whose rows per device are not a multiple of the group.
+
 Under jit, XLA completes the plan from these shardings: one all-reduce after each row-parallel
 matmul and one after the embedding lookup (each device looks up its rows, the others add 0).
 Attention runs per device under shard_map (models/paged.py) on whole kv heads, so it needs none.
@@ -36,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from models.config import ModelConfig
+from models.quantization import format_for
 
 MODEL_AXIS = "model"
 HEADS = P(None, MODEL_AXIS, None)                # q, k, v, attention out: [T, heads, D]
@@ -43,14 +50,16 @@ KV_PAGES = P(None, None, None, MODEL_AXIS, None)  # [L, num_pages, page_size, 2 
 KV_SCALES = P(None, None, None, MODEL_AXIS)       # int8 cache: [L, num_pages, page_size, 2 * kv_heads]
 
 # (module, parameter) -> PartitionSpec; anything not listed (the norms) is replicated.
+# "weight" is a float Linear's; q, packed, scale, minimum a QuantizedLinear's arrays.
 _COLUMN, _ROW = P(None, MODEL_AXIS), P(MODEL_AXIS, None)
+_COLUMN_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_ROW_MODULES = ("o_proj", "down_proj")
+_LINEAR_ARRAYS = ("weight", "q", "packed", "scale", "minimum")
 PARTITION_TABLE: dict[tuple[str, str], P] = {
-    **{(name, "weight"): _COLUMN for name in ("q_proj", "k_proj", "v_proj", "gate_proj",
-                                               "up_proj")},
-    **{(name, "bias"): P(MODEL_AXIS) for name in ("q_proj", "k_proj", "v_proj", "gate_proj",
-                                                   "up_proj")},
-    ("o_proj", "weight"): _ROW, ("o_proj", "bias"): P(),
-    ("down_proj", "weight"): _ROW, ("down_proj", "bias"): P(),
+    **{(name, array): _COLUMN for name in _COLUMN_MODULES for array in _LINEAR_ARRAYS},
+    **{(name, "bias"): P(MODEL_AXIS) for name in _COLUMN_MODULES},
+    **{(name, array): _ROW for name in _ROW_MODULES for array in _LINEAR_ARRAYS},
+    **{(name, "bias"): P() for name in _ROW_MODULES},
     ("embed_tokens", "weight"): _ROW,
     ("lm_head", "weight"): _COLUMN,
 }
@@ -115,11 +124,40 @@ class ShardingPlan:
                                      num_kv_heads=max(kv_heads, size))
         return cls(make_mesh(size), config, layout)
 
+    def with_quantization(self, formats: tuple) -> ShardingPlan:
+        """This plan for a model whose projections are held in `formats` (a
+        ModelConfig.quantization: ((projection, QuantFormat), ...)).
+
+        Raises:
+          ValueError naming the projection and its sizes when a row-parallel weight's groups
+          (int4, or int8 in groups as GGUF's Q8_0) would straddle two devices.
+        """
+        size = self.mesh.size
+        for projection, fmt in formats:
+            if projection not in _ROW_MODULES:
+                continue
+            in_features = _row_in_features(self.config, projection)
+            group = format_for(fmt, in_features).group
+            if group is not None and (in_features // size) % group:
+                raise ValueError(
+                    f"{projection}: {fmt.kind} weights in groups of {group} input rows with "
+                    f"in_features={in_features} over tensor_parallel_size={size} leave "
+                    f"{in_features // size} rows per device, not a multiple of {group} (a "
+                    "group would straddle two devices); expected quantization='int8' (per "
+                    "channel) or 'none', or a tensor_parallel_size leaving a multiple of "
+                    f"{group} rows")
+        return dataclasses.replace(
+            self, config=dataclasses.replace(self.config, quantization=formats),
+            layout=dataclasses.replace(self.layout, quantization=formats))
+
     def spec(self, path: tuple, rank: int) -> P:
         """The PartitionSpec of the parameter at `path` (e.g. ('lm_head', 'weight')) with
         `rank` axes: a layer weight stacked for scanning has a leading layer axis more than
         the table's entry, and that axis is not split."""
-        spec = PARTITION_TABLE.get(tuple(str(part) for part in path[-2:]), P())
+        key = tuple(str(part) for part in path[-2:])
+        if key[-1] == "scale" and key[0] in _ROW_MODULES and self._per_channel(key[0]):
+            return P()   # one row, which every device's rows share
+        spec = PARTITION_TABLE.get(key, P())
         if len(spec) and rank > len(spec):
             spec = P(*(None,) * (rank - len(spec)), *spec)
         return spec
@@ -170,6 +208,12 @@ class ShardingPlan:
         return jax.make_array_from_callback(shape, self.sharding(self.spec(path, len(shape))),
                                             read)
 
+    def _per_channel(self, projection: str) -> bool:
+        """Whether the row-parallel `projection` holds int8 with one scale row."""
+        fmt = self.layout.linear_format(projection)
+        in_features = _row_in_features(self.layout, projection)
+        return fmt is not None and format_for(fmt, in_features).group is None
+
     def _sharded_axis(self, path: tuple, rank: int) -> int | None:
         spec = tuple(self.spec(path, rank))
         return spec.index(MODEL_AXIS) if MODEL_AXIS in spec else None
@@ -188,6 +232,12 @@ class ShardingPlan:
             repeats = self.layout.num_kv_heads // self.config.num_kv_heads
             return target // head_dim // repeats * head_dim + target % head_dim
         return target
+
+
+def _row_in_features(config: ModelConfig, projection: str) -> int:
+    """The input size of a row-parallel projection (the axis its weights split on)."""
+    return config.num_heads * config.head_dim if projection == "o_proj" else (
+        config.intermediate_size)
 
 
 def _bounds(indices: np.ndarray) -> slice:

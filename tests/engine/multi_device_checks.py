@@ -1,6 +1,6 @@
 """Tensor parallelism on 8 fake CPU devices: the same tokens, logprobs and seeded draws as one
-device for every architecture, weights split across devices as loaded, no compilation after
-warm-up.
+device for every architecture, weights split across devices as loaded (quantized ones too,
+as their integer blocks), no compilation after warm-up.
 
 Not collected by the main test session (which keeps one device): test_tensor_parallel.py runs
 it in a child pytest with XLA_FLAGS=--xla_force_host_platform_device_count=8.
@@ -13,10 +13,13 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from gguf import GGMLQuantizationType as Q
 
 from engine import LLM, SamplingParams
 from models import convert_to_orbax, load_config, load_model
+from models.checkpoint import PROJECTIONS
 from models.sharding import ShardingPlan
+from tests.gguf_files import write_model_gguf
 from tests.hf_models import ARCHITECTURES, build_hf_model
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (run by "
@@ -177,10 +180,74 @@ def test_zero_compilations_after_warmup_with_four_devices(model_dirs):
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert all(output.finished for output in outputs)
     assert llm.engine.compilations_after_warmup == 0
-    # The plan XLA compiled: partial sums added up (all-reduce), no weight gathered.
+    assert_no_weight_gathered(llm)
+
+
+def assert_no_weight_gathered(llm):
+    """The plan XLA compiled: partial sums added up (all-reduce), no weight gathered."""
     runner = llm.engine.runner
     batch, indices = runner._empty_batch(16)
-    hlo = runner._forward.lower(runner.params, runner.kv_cache, batch, indices).compile()
+    hlo = runner._forward.lower(runner.params, runner.kv_cache, batch, indices,
+                                np.full(batch.input_ids.shape[0], -1, np.int32),
+                                runner._no_draws).compile()
     collectives = re.findall(r"\b(all-reduce|all-gather|all-to-all)(?:-start)?\(",
                              hlo.as_text())
     assert "all-reduce" in collectives and "all-gather" not in collectives, collectives
+
+
+# Quantized weights on the mesh: GGUF blocks of every kept type, both row-parallel kinds.
+GGUF_BLOCKS = {"q_proj": Q.Q8_0, "k_proj": Q.Q4_1, "v_proj": Q.Q4_0, "o_proj": Q.Q4_1,
+               "gate_proj": Q.Q4_1, "up_proj": Q.Q4_0, "down_proj": Q.Q8_0}
+
+
+@pytest.fixture(scope="module")
+def quantized_sources(model_dirs, tmp_path_factory):
+    """(model, quantization) per case: the float llama quantized at load, or its GGUF file
+    whose blocks are kept (quantization=None)."""
+    gguf_file = write_model_gguf(model_dirs["llama"], tmp_path_factory.mktemp("q") / "q.gguf",
+                                 GGUF_BLOCKS)
+    return {"int8": (model_dirs["llama"], "int8"), "int4": (model_dirs["llama"], "int4"),
+            "gguf": (gguf_file, None)}
+
+
+def greedy_tokens(model, size, **options):
+    rng = np.random.default_rng(8)
+    prompts = [{"prompt_token_ids": rng.integers(3, 259, size=n).tolist()} for n in (3, 5, 8)]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    llm = LLM(model, tensor_parallel_size=size, **SMALL, **options)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [output.outputs[0].token_ids for output in outputs], llm
+
+
+# int8 per channel at 4 devices repeats llama's 2 kv heads (k/v arrays read twice); int4 and
+# the GGUF blocks (groups of 32 over o_proj's 64 inputs) split at most 2 ways. Scanned layers
+# fill stacked arrays row by row on the mesh; unrolled ones are placed whole.
+@pytest.mark.parametrize("case, size, scan_layers", [("int8", 4, False), ("int4", 2, True),
+                                                     ("gguf", 2, True)])
+def test_quantized_weights_split_over_devices_give_one_devices_tokens(quantized_sources,
+                                                                      case, size, scan_layers):
+    model, quantization = quantized_sources[case]
+    options = dict(quantization=quantization, scan_layers=scan_layers)
+    expected, _ = greedy_tokens(model, 1, **options)
+    assert len({tuple(tokens) for tokens in expected}) == 3   # text that varies
+    tokens, llm = greedy_tokens(model, size, **options)
+    assert tokens == expected
+    arrays = {path: variable.get_value() for path, variable
+              in nnx.to_flat_state(llm.engine.runner.params) if path[-2] in PROJECTIONS}
+    assert not any(path[-1] == "weight" for path in arrays)   # no float projection
+    for path, array in arrays.items():
+        shards = array.addressable_shards
+        assert len(shards) == size and {s.data.dtype for s in shards} == {array.dtype}
+        if path[-1] in ("q", "packed"):   # each device its block of the integers
+            assert array.dtype in (np.int8, np.uint8), path
+            assert all(s.data.size * size == array.size for s in shards), path
+    assert_no_weight_gathered(llm)
+
+
+def test_int4_groups_that_would_straddle_devices_are_refused(model_dirs):
+    """o_proj's 64 inputs over 4 devices: 16 rows each, half an int4 group."""
+    plan = ShardingPlan.create(load_config(model_dirs["llama"]), 4)
+    with pytest.raises(ValueError, match=r"o_proj: int4 weights in groups of 32 input rows "
+                                         r"with in_features=64 over tensor_parallel_size=4 "
+                                         r"leave 16 rows per device.*quantization='int8'"):
+        load_model(model_dirs["llama"], plan=plan, quantization="int4")
