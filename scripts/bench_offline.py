@@ -13,7 +13,12 @@ output lengths, and measures in one run:
     the weights, the K/V read by attention (whole pages) and the K/V written; the share of
     its sum that Ember's wall time reaches is printed beside the weight-only one.
 
+With --structured FRACTION it measures instead Ember's output tokens/s with FRACTION of the
+requests under a JSON schema against none, in one run (scripts/offline_structured.py); with
+--model, on that checkpoint or GGUF ("default": the default model) instead of the preset.
+
 Usage: python scripts/bench_offline.py [--preset 25m|60m] [--requests 64] [--seed 0]
+       python scripts/bench_offline.py --structured 0.5 [--model default]
 """
 
 from __future__ import annotations
@@ -98,13 +103,19 @@ def measure_ceilings():
     return flops, bandwidth
 
 
-def run_ember(model_dir, prompts, outputs, args):
-    from engine import EngineConfig, LLMEngine, SamplingParams
+def engine_config(args):
+    from engine import EngineConfig
 
-    config = EngineConfig(max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_model_len=1024, num_pages=args.num_pages,
-                          compilation_cache_dir=args.cache_dir)
+    return EngineConfig(max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_model_len=1024, num_pages=args.num_pages,
+                        compilation_cache_dir=args.cache_dir)
+
+
+def run_ember(model_dir, prompts, outputs, args):
+    from engine import LLMEngine, SamplingParams
+
+    config = engine_config(args)
     engine = LLMEngine(model_dir, config)
     steps = record_steps(engine)
     start = time.perf_counter()
@@ -240,11 +251,23 @@ def main():
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "ember-bench-xla"))
+    parser.add_argument("--structured", type=float, default=0.0, metavar="FRACTION",
+                        help="run the workload free and with this fraction of the requests "
+                        "under a JSON schema, and compare Ember's tok/s (default 0: off)")
+    parser.add_argument("--model", help="with --structured: a checkpoint directory or GGUF, "
+                        "or 'default', instead of the random-weight preset")
     parser.add_argument("--transformers-only", help=argparse.SUPPRESS)  # subprocess mode
     args = parser.parse_args()
+    if not 0 <= args.structured <= 1:
+        parser.error(f"--structured {args.structured}: expected a fraction in [0, 1]")
+    if args.model and not args.structured:
+        parser.error(f"--model {args.model}: only with --structured")
     if args.transformers_only:
         model_dir, prompts, outputs = json.loads(Path(args.transformers_only).read_text())
         print(json.dumps(run_transformers(model_dir, prompts, outputs, args.hf_batch_size)))
+        return
+    if args.structured:
+        run_structured(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(args.preset, Path(tmp) / "model")
@@ -268,6 +291,18 @@ def main():
     report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest)
 
 
+def run_structured(args):
+    from engine import LLMEngine
+    from scripts.offline_structured import compare
+
+    prompts, outputs = workload(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or build_model(args.preset, Path(tmp) / "model")
+        engine = LLMEngine(None if model == "default" else model, engine_config(args))
+        print(f"model: {engine.model_path}; warm-up (compile) {engine.warmup_seconds:.1f} s")
+        compare(engine, prompts, outputs, args.structured)
+
+
 def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest):
     prompt_tokens, output_tokens = sum(map(len, prompts)), sum(outputs)
     roofline = output_tokens / ((prompt_tokens + output_tokens) * 2 * params / flops)
@@ -281,7 +316,7 @@ def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest):
             ("TTFT p50/p99 ms", "ttft", "{0[0]:.0f} / {0[1]:.0f}"),
             ("per-token p50/p99 ms", "itl", "{0[0]:.1f} / {0[1]:.1f}"),
             ("peak RSS MB", "peak_mb", "{:.0f}")]
-    print(f"| metric | ember | transformers |\n|---|---|---|")
+    print("| metric | ember | transformers |\n|---|---|---|")
     for label, key, fmt in rows:
         theirs = fmt.format(hf[key]) if hf else "skipped"
         print(f"| {label} | {fmt.format(ember[key])} | {theirs} |")
