@@ -34,7 +34,8 @@ from engine.sampling_params import SamplingParams, is_int
 from engine.structured import compiler_for
 from engine.tokenizer import Tokenizer
 from engine.worker import compilation
-from engine.worker.runner import Runner, StepInFlight, fit_max_model_len, pages_that_fit
+from engine.worker.runner import Runner, StepInFlight
+from engine.worker.sizing import fit_max_model_len, pages_that_fit
 from models.checkpoint import load_config, load_generation_config, load_model
 from models.sharding import ShardingPlan
 

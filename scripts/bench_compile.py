@@ -76,7 +76,7 @@ def compile_warmup(shape: str, scan_layers: bool, engine, max_seconds: float,
     import jax
     import numpy as np
 
-    from engine.worker.runner import empty_batch, sampling_arrays
+    from engine.worker.host_arrays import empty_batch, sampling_arrays
     from engine.worker.step import TOP_LOGPROBS, jit_steps
     from models.checkpoint import abstract_model
     from models.paged import kv_cache_shape

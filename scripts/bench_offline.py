@@ -8,6 +8,9 @@ output lengths, and measures in one run:
   - transformers (torch CPU, same weights, same prompts, padded batches): the same numbers,
     in a subprocess so each peak memory is its own,
   - the compute roofline of the workload and batch-1 decode against the memory roofline,
+  - async scheduling on (the default) and off on the same workload: output tokens/s, the
+    host's milliseconds per step and the share of wall time the device waited for the host
+    (engine/worker/timeline.py),
   - an honest roofline: for every step the engine ran, max(FLOPs / matmul rate, bytes /
     copy bandwidth), where FLOPs count the weights' and attention's work and bytes count
     the weights, the K/V read by attention (whole pages) and the K/V written; the share of
@@ -113,19 +116,52 @@ def engine_config(args):
 
 
 def run_ember(model_dir, prompts, outputs, args):
-    from engine import LLMEngine, SamplingParams
+    from engine import LLMEngine
 
     config = engine_config(args)
     engine = LLMEngine(model_dir, config)
+    # First the workload with the host's work in line (its own cache salt: no prefix hits);
+    # it also touches the KV cache's memory for the first time, which the second run does
+    # not pay for again.
+    engine.async_scheduling = False
+    sync = run_workload(engine, prompts, outputs, cache_salt="sync")
+    engine.async_scheduling = True
     steps = record_steps(engine)
+    result = run_workload(engine, prompts, outputs)
+    result["sync"] = sync
+    steps = list(steps)   # the workload's steps only
+    stats = engine.stats()
+    batch1 = decode_batch1(engine, prompts[0])
+    return dict(result, warmup_s=engine.warmup_seconds,
+                compilations_after_warmup=engine.compilations_after_warmup,
+                prefix_hit_rate=stats.prefix_cache_hit_rate, batch1_tokens_per_s=batch1,
+                peak_mb=peak_rss_mb(), steps=steps, page_size=config.page_size)
+
+
+def run_workload(engine, prompts, outputs, cache_salt=None) -> dict:
+    """Runs every request to the end: tokens/s, TTFT and per-token latency, and from a
+    DeviceTimeline the host's milliseconds per step (step() time not spent waiting for
+    results) and the share of wall time the device waited for the host."""
+    from engine import SamplingParams
+    from engine.worker.timeline import DeviceTimeline
+
+    timeline = engine.runner.timeline = DeviceTimeline()
     start = time.perf_counter()
     arrival, first, last, gaps, total = {}, {}, {}, [], 0
     for index, (prompt, count) in enumerate(zip(prompts, outputs)):
-        engine.add_request(str(index), {"prompt_token_ids": prompt},
+        request = {"prompt_token_ids": prompt}
+        if cache_salt:
+            request["cache_salt"] = cache_salt
+        engine.add_request(f"{cache_salt or ''}{index}", request,
                            SamplingParams(max_tokens=count, temperature=0, ignore_eos=True))
-        arrival[str(index)] = start
+        arrival[f"{cache_salt or ''}{index}"] = start
+    num_steps, in_step = 0, 0.0
     while engine.has_unfinished_requests():
-        for output in engine.step():
+        step_start = time.perf_counter()
+        step_outputs = engine.step()
+        in_step += time.perf_counter() - step_start
+        num_steps += 1
+        for output in step_outputs:
             now = time.perf_counter()
             rid = output.request_id
             if rid not in first:
@@ -136,15 +172,12 @@ def run_ember(model_dir, prompts, outputs, args):
             if output.finished:
                 total += len(output.outputs[0].token_ids)
     elapsed = time.perf_counter() - start
-    steps = list(steps)   # the workload's steps only
-    stats = engine.stats()
-    batch1 = decode_batch1(engine, prompts[0])
+    device = timeline.summary()
+    engine.runner.timeline = None
     return dict(tokens_per_s=total / elapsed, seconds=elapsed,
                 ttft=percentiles([first[r] - arrival[r] for r in first]), itl=percentiles(gaps),
-                warmup_s=engine.warmup_seconds,
-                compilations_after_warmup=engine.compilations_after_warmup,
-                prefix_hit_rate=stats.prefix_cache_hit_rate, batch1_tokens_per_s=batch1,
-                peak_mb=peak_rss_mb(), steps=steps, page_size=config.page_size)
+                host_ms=1000 * (in_step - device.waited_s) / num_steps,
+                idle_share=device.idle_share, num_steps=num_steps)
 
 
 def record_steps(engine) -> list:
@@ -330,6 +363,13 @@ def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest):
           f"{honest:.2f} s of {ember['seconds']:.2f} s)")
     if hf:
         print(f"ember / transformers: {ember['tokens_per_s'] / hf['tokens_per_s']:.2f}x")
+    sync = ember["sync"]
+    print("\n| scheduling | output tok/s | host ms per step | device idle (share of wall) |\n"
+          "|---|---|---|---|")
+    for label, run in (("async (default)", ember), ("in line (--no-async-scheduling)", sync)):
+        print(f"| {label} | {run['tokens_per_s']:.1f} | {run['host_ms']:.2f} | "
+              f"{run['idle_share']:.1%} |")
+    print(f"device idle with async scheduling: {ember['idle_share']:.1%} (target < 5%)")
     print(f"batch-1 decode: {ember['batch1_tokens_per_s']:.1f} tok/s = "
           f"{ember['batch1_tokens_per_s'] / memory_roofline:.1%} of the memory roofline "
           f"(target >= 80%)")

@@ -1,6 +1,7 @@
 """Runner: turns a SchedulerOutput into one flattened ragged batch and runs the jitted step.
 
-Host side only builds numpy arrays; the device side lives in engine/worker/step.py. Every array is
+Host side only builds numpy arrays (engine/worker/host_arrays.py); the device side lives in
+engine/worker/step.py; KV cache sizing is engine/worker/sizing.py. Every array is
 padded to a ladder rung, so after warm-up no step compiles. Results come back in one packed
 transfer per step (two when prompt logprobs were asked for).
 
@@ -29,11 +30,10 @@ from tqdm import tqdm
 import pallas_kernels
 from engine.config import EngineConfig
 from engine.core.request import PENDING_TOKEN, ModelOutput, Request, SchedulerOutput
-from engine.structured import bitmask_width, fill_bitmasks
-from engine.worker.step import (HISTORY_PENDING, TOP_LOGPROBS, PenaltyArrays, SamplingArrays,
-                                TokenBitmask, jit_steps)
+from engine.structured import fill_bitmasks
+from engine.worker.host_arrays import empty_batch, open_bitmask, sampling_arrays
+from engine.worker.step import TOP_LOGPROBS, PenaltyArrays, SamplingArrays, TokenBitmask, jit_steps
 from models.batch import Batch
-from models.config import ModelConfig
 from models.paged import init_kv_cache
 from models.sharding import KV_PAGES, ShardingPlan
 from models.transformer import Transformer
@@ -46,115 +46,6 @@ def rung(ladder: tuple[int, ...], value: int) -> int:
         if size >= value:
             return size
     raise ValueError(f"{value} is beyond the largest ladder rung {ladder[-1]}")
-
-
-def pages_that_fit(model_config: ModelConfig, config: EngineConfig) -> int:
-    """KV pages for memory_fraction of one device's free memory (cpu_num_pages on a CPU,
-    which reports no limit). `model_config` is the model as built (on a mesh: its layout,
-    whose kv heads split evenly over tensor_parallel_size devices). A page's bytes are those
-    of config.kv_cache_dtype (int8 scales included): a smaller dtype fits more pages."""
-    device = jax.devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if not stats or "bytes_limit" not in stats:
-        return config.cpu_num_pages
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    return max(2, int(free * config.memory_fraction) // page_bytes(model_config, config))
-
-
-def page_bytes(model_config: ModelConfig, config: EngineConfig) -> int:
-    """One KV page's bytes on one device, every layer's slice of it."""
-    c = model_config
-    dtype = pallas_kernels.resolve_kv_cache_dtype(config.kv_cache_dtype, c.dtype)
-    per_token = pallas_kernels.kv_cache_bytes_per_token(c.num_kv_heads, c.head_dim, dtype)
-    return config.page_size * per_token * c.num_layers // config.tensor_parallel_size
-
-
-def fit_max_model_len(requested: int | None, model_limit: int, num_pages: int,
-                      page_size: int) -> int:
-    """The longest sequence served: `requested` (None: the model's limit), never beyond
-    the model's limit nor what the KV cache holds for one sequence.
-
-    Raises:
-      ValueError when `requested` is beyond the KV cache (as vLLM refuses to start).
-    """
-    capacity = (num_pages - 1) * page_size   # page 0 is reserved for padding
-    if requested is not None and requested > capacity:
-        raise ValueError(f"max_model_len={requested} is beyond the {capacity} tokens the KV "
-                         f"cache holds for one sequence ({num_pages - 1} usable pages of "
-                         f"{page_size} tokens): lower max_model_len or give the cache more "
-                         "pages (num_pages, memory_fraction)")
-    length = min(requested or model_limit, model_limit)
-    if length > capacity:
-        logger.warning("max_model_len %d (the model's limit) clamped to %d: the KV cache holds "
-                       "%d pages of %d tokens", length, capacity, num_pages - 1, page_size)
-        return capacity
-    return length
-
-
-def empty_batch(num_tokens: int, max_num_seqs: int, max_pages_per_seq: int
-                ) -> tuple[Batch, np.ndarray]:
-    """An all-padding Batch of token rung `num_tokens`, and logits_indices i32[max_num_seqs]."""
-    batch = Batch(input_ids=np.zeros(num_tokens, np.int32),
-                  positions=np.zeros(num_tokens, np.int32),
-                  slot_mapping=np.zeros(num_tokens, np.int32),
-                  cu_q_lens=np.zeros(max_num_seqs + 1, np.int32),
-                  kv_lens=np.zeros(max_num_seqs, np.int32),
-                  page_indices=np.zeros((max_num_seqs, max_pages_per_seq), np.int32),
-                  num_seqs=np.zeros(1, np.int32))
-    return batch, np.zeros(max_num_seqs, np.int32)
-
-
-def sampling_arrays(chosen: list[Request], num_seqs: int, with_penalties: bool,
-                    max_model_len: int, previous_rows: Mapping[str, int] | None = None
-                    ) -> tuple[SamplingArrays, PenaltyArrays | None]:
-    """The sampling (and penalty) arrays of `chosen`, padded to the sequence rung.
-
-    Each row draws the request's output position num_output_tokens + num_pending - 1 (its
-    own draw is pending since it was scheduled); a token still pending from the previous
-    step enters the penalty history as HISTORY_PENDING, read on the device from that step's
-    row `previous_rows[request_id]`.
-    """
-    params = [r.sampling_params for r in chosen]
-    pad = num_seqs - len(chosen)
-    previous_rows = previous_rows or {}
-
-    def column(values, dtype, fill):
-        return np.asarray(list(values) + [fill] * pad, dtype)
-
-    sampling = SamplingArrays(
-        temperature=column((p.temperature for p in params), np.float32, 0.0),
-        top_k=column((p.top_k for p in params), np.int32, 0),
-        top_p=column((p.top_p for p in params), np.float32, 1.0),
-        min_p=column((p.min_p for p in params), np.float32, 0.0),
-        seeds=column((r.seed for r in chosen), np.uint32, 0),
-        positions=column((r.num_output_tokens + max(r.num_pending - 1, 0) for r in chosen),
-                         np.int32, 0))
-    if not with_penalties:
-        return sampling, None
-    history = np.full((num_seqs, max_model_len), -1, np.int32)
-    pending_rows = np.full(num_seqs, -1, np.int32)
-    for s, request in enumerate(chosen):
-        if request.sampling_params.has_penalties:
-            tokens = request.all_token_ids
-            history[s, :len(tokens)] = tokens
-            if request.num_pending > 1 and request.request_id in previous_rows:
-                history[s, len(tokens)] = HISTORY_PENDING
-                pending_rows[s] = previous_rows[request.request_id]
-    penalties = PenaltyArrays(
-        history=history, pending_rows=pending_rows,
-        num_prompt=column((r.num_prompt_tokens for r in chosen), np.int32, 0),
-        repetition=column((p.repetition_penalty for p in params), np.float32, 1.0),
-        presence=column((p.presence_penalty for p in params), np.float32, 0.0),
-        frequency=column((p.frequency_penalty for p in params), np.float32, 0.0))
-    return sampling, penalties
-
-
-def open_bitmask(num_seqs: int, vocab_size: int) -> TokenBitmask:
-    """A token bitmask of sequence rung `num_seqs`, every token allowed and every row
-    disabled: the runner fills and enables the constrained rows."""
-    return TokenBitmask(
-        bitmask=np.full((num_seqs, bitmask_width(vocab_size)), 0xFFFFFFFF, np.uint32),
-        enabled=np.zeros(num_seqs, np.bool_))
 
 
 @dataclass(slots=True)

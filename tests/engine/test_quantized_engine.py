@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as Q
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.worker import runner as runner_module
-from engine.worker.runner import page_bytes, pages_that_fit
+from engine.worker.sizing import page_bytes, pages_that_fit
 from models.checkpoint import PROJECTIONS, load_config
 from tests.gguf_files import write_model_gguf
 
