@@ -1,8 +1,9 @@
 """Ember's kernels behind one contract (docs/design.md), dispatched by backend.
 
 backend: "auto" (by jax.default_backend()), "reference" (plain jnp, the CPU default),
-"gpu" (Pallas Triton), "tpu" (Pallas Mosaic). interpret=True runs a Pallas kernel in
-interpret mode, so the GPU and TPU kernels can be checked on a CPU.
+"gpu" (Pallas Triton; decode attention on Mosaic GPU on Hopper and newer, as
+gpu/kernel_choice.py and EMBER_GPU_KERNELS decide), "tpu" (Pallas Mosaic). interpret=True
+runs a Pallas kernel in interpret mode, so the GPU and TPU kernels can be checked on a CPU.
 
 These run inside a jitted step: `backend`, `interpret`, `sm_scale`, `sliding_window` and
 `soft_cap` are Python values; every array is traced. Shapes and dtypes are checked here,

@@ -7,6 +7,7 @@ themselves.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -46,6 +47,78 @@ def gpu_block_barrier(*, interpret: bool):
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
         plgpu.debug_barrier()
+
+
+def cuda_lowering_target(device_kind: str = "NVIDIA H200"):
+    """A context in which GPU kernels lower for `device_kind` without a GPU (tests, export).
+
+    jax 0.11.2 and 0.12 read the compute capability for the Triton lowering from the device,
+    or from the abstract mesh's device on a machine without one (and fail without either);
+    jax 0.10.2 needs neither and ignores it. On a GPU, the GPU itself is the target.
+    """
+    if jax.default_backend() == "gpu":
+        return contextlib.nullcontext()
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+    device = AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    try:
+        return use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device))
+    except TypeError:  # an AbstractMesh without abstract_device
+        return contextlib.nullcontext()
+
+
+@functools.cache
+def has_mosaic_gpu() -> bool:
+    """True where this jax has the Pallas Mosaic GPU backend with `plgpu.kernel`."""
+    try:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+    except ImportError:
+        return False
+    return hasattr(plgpu, "kernel") and hasattr(plgpu, "wgmma")
+
+
+def mosaic_gpu_interpret_params():
+    """The `interpret=` value that runs a Mosaic GPU kernel on a CPU.
+
+    `plgpu.InterpretGPUParams` from jax 0.11 on; jax 0.10.2 has the class but does not
+    export it.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    params_class = getattr(plgpu, "InterpretGPUParams", None)
+    if params_class is None:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        params_class = InterpretGPUParams
+    return params_class()
+
+
+def mosaic_gpu_interprets_wgmma() -> bool:
+    """Whether GPU interpret mode runs wgmma on a transposed shared-memory operand.
+
+    jax 0.11.2 and 0.12 do (checked); jax 0.10.2's interpreter has no rule for the transpose
+    (nor for layout_cast). Told apart by `plgpu.InterpretGPUParams`, which only the newer
+    ones export.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return hasattr(plgpu, "InterpretGPUParams")
+
+
+def mosaic_gpu_layout_cast(x, layout_name: str, *, interpret: bool):
+    """x in the Mosaic GPU register layout `plgpu.Layout.<layout_name>` ("WGMMA",
+    "WGMMA_ROW": its reduction over columns); x itself in interpret mode, where layouts
+    mean nothing and jax 0.10.2's GPU interpreter has no rule for layout_cast."""
+    if interpret:
+        return x
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    if layout_name == "WGMMA_ROW":
+        return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
+    return plgpu.layout_cast(x, getattr(plgpu.Layout, layout_name))
+
+
+def cuda_compute_capability() -> float | None:
+    """The first device's CUDA compute capability (9.0 on Hopper), None off NVIDIA GPUs."""
+    try:
+        return float(jax.devices()[0].compute_capability)
+    except (RuntimeError, IndexError, AttributeError, TypeError, ValueError):
+        return None
 
 
 def tpu_interpret_params():

@@ -7,6 +7,8 @@ per call. Ceilings are measured in the same run: a large device-to-device copy (
 and a large bf16 matmul (FLOP/s). Other paths: the plain-jnp reference (XLA), jax's own
 Pallas GPU ops (decode_attention, paged_attention, flash attention) where they import, and
 a sort-based top-p sampler. --quick shrinks every shape (a smoke run, e.g. on a CPU).
+--decode-kernels only checks the Triton and the Mosaic GPU decode kernels against the
+reference and times them side by side (exit status 1 if one fails or differs).
 """
 
 from __future__ import annotations
@@ -142,6 +144,52 @@ def bench_decode(results, rng, seqs, context, bandwidth, interpret):
     return mine
 
 
+DECODE_TOLERANCE = 3e-2   # max |kernel - reference| of bf16 outputs
+
+
+def compare_decode_kernels(results, args, shape, metrics, reference, interpret) -> bool:
+    """Each decode kernel by name (pallas_kernels/gpu/kernel_choice.py), against the reference
+    and timed. True if both ran and stayed within DECODE_TOLERANCE (Mosaic GPU declining
+    this shape, or missing from this jax, counts as a pass: Triton runs instead)."""
+    from pallas_kernels.compat import has_mosaic_gpu
+    from pallas_kernels.gpu.ragged_paged_attention import ragged_paged_attention_gpu
+    expected = reference(*args).astype(jnp.float32)
+    sm_scale = args[0].shape[2] ** -0.5
+    ok = True
+    for kernel in ("triton", "mosaic") if has_mosaic_gpu() else ("triton",):
+        fn = jax.jit(functools.partial(ragged_paged_attention_gpu, sm_scale=sm_scale,
+                                       interpret=interpret, decode_kernel=kernel))
+        try:
+            difference = float(jnp.abs(fn(*args).astype(jnp.float32) - expected).max())
+        except Exception as error:
+            print(f"  decode {kernel}: failed: {type(error).__name__}: {str(error)[:2000]}",
+                  flush=True)
+            ok = False
+            continue
+        print(f"  decode {kernel} vs reference: {difference:.3g}", flush=True)
+        ok &= difference <= DECODE_TOLERANCE
+        results.try_add("decode", shape, f"ember gpu {kernel}", lambda: fn, *args, **metrics)
+    return ok
+
+
+def decode_kernels_only(results, rng, quick, interpret) -> bool:
+    """--decode-kernels: both decode kernels on two shapes, bandwidth as the share of HBM
+    bytes per second (no ceiling measured)."""
+    ok = True
+    for seqs, context in [(4, 256)] if quick else [(64, 4096), (8, 1000)]:
+        heads, kv_heads, head_dim, page_size = 32, 8, 128, 16
+        args = paged_decode_batch(rng, seqs, -(-context // page_size) * page_size, page_size,
+                                  heads, kv_heads, head_dim)
+        args = (args[0], args[1], jnp.full((seqs,), context, jnp.int32), *args[3:])
+        shape = f"S={seqs} ctx={context} 32/8 d128 p{page_size}"
+        reference = jax.jit(functools.partial(pallas_kernels.ragged_paged_attention,
+                                              sm_scale=head_dim ** -0.5, backend="reference"))
+        kv_bytes = seqs * context * 2 * kv_heads * head_dim * 2
+        ok &= compare_decode_kernels(results, args, shape, dict(bytes_moved=kv_bytes),
+                                     reference, interpret)
+    return ok
+
+
 def bench_decode_kv_dtypes(results, ours, args, shape, bandwidth):
     """The same decode step over fp8 and int8 copies of the bf16 cache: bytes moved shrink
     with the cache (int8 adds its scales); the difference is against the bf16 cache's output."""
@@ -155,7 +203,7 @@ def bench_decode_kv_dtypes(results, ours, args, shape, bandwidth):
                  else (jax.jit(to_float_cache, static_argnums=1)(kv_pages, name), None))
         step = functools.partial(ours, kv_scales=cache[1])
         cached = (q, cache[0], *args[2:])
-        report_difference(f"decode kv {name} vs bf16 kv", lambda: jnp.abs(
+        report_difference(f"decode kv {name} vs bf16 kv", lambda cached=cached: jnp.abs(
             step(*cached).astype(jnp.float32) - bf16_out).max())
         kv_bytes = tokens * kv_cache_bytes_per_token(num_kv_heads, head_dim, name)
         results.try_add("decode", f"{shape} kv {name}", "ember gpu", lambda: step, *cached,
@@ -310,6 +358,8 @@ def main():
     parser.add_argument("--out", type=Path, help="directory for table.md, timings.json/.csv")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
     parser.add_argument("--sweep", action="store_true", help="only time block-size choices")
+    parser.add_argument("--decode-kernels", action="store_true",
+                        help="only check and time the Triton and Mosaic GPU decode kernels")
     options = parser.parse_args()
     quick = options.quick
     interpret = jax.default_backend() != "gpu"  # a CPU smoke run interprets the kernels
@@ -319,6 +369,10 @@ def main():
     if options.sweep:
         sweep_sampling(results, interpret)
         return sweep_block_sizes(results, rng, interpret)
+    if options.decode_kernels:
+        ok = decode_kernels_only(results, rng, quick, interpret)
+        print(f"\n{markdown(results, [])}\n\ndecode kernels: {'PASS' if ok else 'FAIL'}")
+        sys.exit(0 if ok else 1)
     bandwidth, flops = measure_ceilings(results, quick)
     targets = []
     for seqs, context in ([(4, 256)] if quick else [(64, 4096), (32, 16384)]):

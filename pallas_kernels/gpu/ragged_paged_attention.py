@@ -4,7 +4,8 @@ A step's batch mixes sequences with one query row (decode) and sequences with ma
 (prefill chunks). Both kernels run on every step; each skips the other's sequences:
 
   prefill_attention         rows of multi-row sequences; every other row stays zero
-  decode_attention_partials one row per decode sequence, context split over programs
+  decode_attention_partials one row per decode sequence, context split over programs (Triton;
+                            or its Mosaic GPU twin on Hopper and newer: kernel_choice.py)
   combine_splits            merges the splits, scattered into the decode rows
 
 Padding rows (from cu_q_lens[num_seqs] on) belong to neither and stay zero.
@@ -19,22 +20,36 @@ import jax.numpy as jnp
 
 from pallas_kernels.gpu.block_sizes import AttentionBlockSizes, attention_block_sizes
 from pallas_kernels.gpu.decode_attention import combine_splits, decode_attention_partials
+from pallas_kernels.gpu.kernel_choice import decode_kernel_for
+from pallas_kernels.gpu.mosaic_decode_attention import mosaic_decode_attention_partials
 from pallas_kernels.gpu.prefill_attention import prefill_attention
 from pallas_kernels.kv_cache import compute_dtype
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap",
-                                             "block_sizes", "interpret"))
 def ragged_paged_attention_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                                sm_scale, sliding_window=None, soft_cap=None, kv_scales=None,
                                block_sizes: AttentionBlockSizes | None = None,
-                               interpret=False):
+                               interpret=False, decode_kernel: str | None = None):
     """Same contract as pallas_kernels.ragged_paged_attention (arguments checked there).
 
     q [T, Hq, D]; kv_pages [num_pages, page_size, 2 * Hkv, D]; kv_lens i32[S];
     page_indices i32[S, P]; cu_q_lens i32[S + 1]; num_seqs i32[1];
     kv_scales f32[num_pages, page_size, 2 * Hkv] (int8 caches) or None -> [T, Hq, D].
+    decode_kernel: "triton" or "mosaic"; None chooses (kernel_choice.decode_kernel_for), here
+    outside the jit, so that EMBER_GPU_KERNELS is read on every trace.
     """
+    decode_kernel = decode_kernel or decode_kernel_for(q, kv_pages, kv_scales)
+    return _ragged_paged_attention_gpu(
+        q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+        sliding_window=sliding_window, soft_cap=soft_cap, kv_scales=kv_scales,
+        block_sizes=block_sizes, interpret=interpret, decode_kernel=decode_kernel)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap",
+                                             "block_sizes", "interpret", "decode_kernel"))
+def _ragged_paged_attention_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                                sm_scale, sliding_window, soft_cap, kv_scales, block_sizes,
+                                interpret, decode_kernel):
     if block_sizes is None:  # tiles are held in the compute dtype, whatever the cache's
         itemsize = compute_dtype(q.dtype, kv_pages.dtype).itemsize
         block_sizes = attention_block_sizes(q.shape[2], itemsize)
@@ -42,8 +57,12 @@ def ragged_paged_attention_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
                    block_sizes=block_sizes, interpret=interpret)
     out = prefill_attention(q, kv_pages, kv_scales, kv_lens, page_indices, cu_q_lens, num_seqs,
                             **options)
-    partials = decode_attention_partials(q, kv_pages, kv_scales, kv_lens, page_indices,
-                                         cu_q_lens, num_seqs, **options)
+    if decode_kernel == "mosaic":
+        partials = mosaic_decode_attention_partials(q, kv_pages, kv_lens, page_indices,
+                                                    cu_q_lens, num_seqs, **options)
+    else:
+        partials = decode_attention_partials(q, kv_pages, kv_scales, kv_lens, page_indices,
+                                             cu_q_lens, num_seqs, **options)
     decoded = combine_splits(*partials).astype(q.dtype)                   # [S, Hq, D]
     max_seqs = kv_lens.shape[0]
     is_decode = ((jnp.arange(max_seqs) < num_seqs[0])

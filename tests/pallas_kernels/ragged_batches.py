@@ -67,7 +67,7 @@ def dense_attention(batch: RaggedBatch, *, sm_scale, sliding_window=None, soft_c
     """Causal attention sequence by sequence in float64 numpy, from contiguous K/V: [T, Hq, D]."""
     q = np.asarray(batch.q, np.float64)
     kv = np.asarray(batch.kv_pages, np.float64)
-    page_size, num_kv_heads = kv.shape[1], kv.shape[2] // 2
+    num_kv_heads = kv.shape[2] // 2
     group = q.shape[1] // num_kv_heads
     out = np.zeros_like(q)
     cu, kv_lens = np.asarray(batch.cu_q_lens), np.asarray(batch.kv_lens)

@@ -3,9 +3,11 @@ kernels to Triton IR for CUDA (verified as XLA will verify it), the TPU kernel t
 
 Interpret mode checks what a kernel computes; this checks what only the real lowering
 rejects (non-power-of-2 tiles, unsupported primitives or indexing) before a device sees it.
-It does not run the compilers behind them (Triton to PTX, Mosaic to TPU code).
+It does not run the compilers behind them (Triton to PTX, Mosaic to TPU code). These pin the
+Triton decode kernel; test_mosaic_gpu.py lowers the Mosaic GPU one.
 """
 
+import contextlib
 import functools
 
 import jax
@@ -14,8 +16,15 @@ import pytest
 from jax import export
 
 import pallas_kernels
+from pallas_kernels.compat import cuda_lowering_target
+from pallas_kernels.gpu.kernel_choice import GPU_KERNELS_VARIABLE
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+@pytest.fixture(autouse=True)
+def triton_kernels(monkeypatch):
+    monkeypatch.setenv(GPU_KERNELS_VARIABLE, "triton")
 
 
 @pytest.fixture(autouse=True)
@@ -40,9 +49,10 @@ def verify_triton_modules(monkeypatch):
 
 
 def lower_for(platform, fn, *args):
-    exported = export.export(
-        jax.jit(fn), platforms=[platform],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+    with cuda_lowering_target() if platform == "cuda" else contextlib.nullcontext():
+        exported = export.export(
+            jax.jit(fn), platforms=[platform],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
     return exported.mlir_module()
 
 

@@ -1,0 +1,120 @@
+"""The Mosaic GPU decode kernel (pallas_kernels/gpu/mosaic_decode_attention.py) and the choice
+between it and the Triton one (gpu/kernel_choice.py).
+
+On a CPU the kernel runs in Mosaic GPU interpret mode (TMA copies, barriers and wgmma
+simulated) and lowers for CUDA through the real Mosaic GPU lowering; natively on a GPU of
+compute capability >= 9.0 (the device check) it runs compiled. Batches hold NaN in every slot
+a sequence does not own, including the tail of its last page, which TMA copies do read.
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import pallas_kernels
+from pallas_kernels.compat import cuda_compute_capability, cuda_lowering_target, has_mosaic_gpu
+from pallas_kernels.gpu.kernel_choice import GPU_KERNELS_VARIABLE, decode_kernel_for
+from tests.pallas_kernels.common import GPU_INTERPRET, ON_GPU
+from tests.pallas_kernels.test_ragged_paged_attention import (TOLERANCE, Case, make_batch,
+                                                              options_for)
+
+pytestmark = pytest.mark.skipif(not has_mosaic_gpu(), reason="this jax has no Mosaic GPU")
+MOSAIC_CALL = "mosaic_gpu_v2"
+TRITON_CALL = "__gpu$xla.gpu.triton"
+HOPPER = (cuda_compute_capability() or 0) >= 9.0
+
+CASES = {
+    "decode-page16-gqa4-d128": Case([1, 1, 1, 1], [37, 5, 300, 130], 16, 8, 2, 128,
+                                    jnp.bfloat16, None, None),
+    "decode-page32-gqa8-d64-cap-window": Case([1, 1, 1], [70, 1, 200], 32, 8, 1, 64,
+                                              jnp.bfloat16, 30.0, 45),
+    # Pages larger than a tile (two copies a page), and prefill rows by Triton beside it.
+    "mixed-page128-mha-d64-f16": Case([1, 17, 1], [200, 0, 64], 128, 2, 2, 64,
+                                      jnp.float16, None, None),
+    "mixed-page8-gqa3-d64-window": Case([1, 9, 1], [20, 11, 90], 8, 6, 2, 64,
+                                        jnp.bfloat16, None, 30),
+}
+
+
+@pytest.fixture
+def force_mosaic(monkeypatch):
+    monkeypatch.setenv(GPU_KERNELS_VARIABLE, "mosaic")
+
+
+def attention(interpret, **options):
+    """A fresh jit: the kernel choice is read when it traces."""
+    return jax.jit(functools.partial(pallas_kernels.ragged_paged_attention, backend="gpu",
+                                     interpret=interpret, **options))
+
+
+@pytest.mark.skipif(ON_GPU and not HOPPER, reason="Mosaic GPU kernel needs compute 9.0")
+@pytest.mark.skipif(os.environ.get(GPU_KERNELS_VARIABLE) == "triton",
+                    reason="EMBER_GPU_KERNELS=triton (the device check sets it when the Mosaic "
+                           "GPU kernel failed its first stage)")
+@pytest.mark.parametrize("name", list(CASES))
+def test_mosaic_decode_matches_reference(force_mosaic, name):
+    case = CASES[name]
+    batch = make_batch(5, case)
+    options = options_for(case)
+    out = np.asarray(attention(GPU_INTERPRET, **options)(*batch.args()), np.float32)
+    expected = jax.jit(functools.partial(pallas_kernels.ragged_paged_attention,
+                                         backend="reference", **options))(*batch.args())
+    assert not np.isnan(out).any(), "a slot the sequence does not own reached the output"
+    np.testing.assert_array_equal(out[int(np.sum(case.q_lens)):], 0.0)     # padding rows
+    np.testing.assert_allclose(out, np.asarray(expected, np.float32), **TOLERANCE[jnp.bfloat16])
+
+
+def spec(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize("head_dim,num_q_heads,num_kv_heads,page_size,soft_cap,window", [
+    (128, 32, 8, 16, None, None),
+    (64, 16, 16, 128, 30.0, 1024),
+    (128, 28, 4, 32, None, None),     # group 7: padded to 64 rows
+])
+def test_mosaic_decode_lowers_for_cuda(force_mosaic, head_dim, num_q_heads, num_kv_heads,
+                                       page_size, soft_cap, window):
+    """The Pallas-to-Mosaic-GPU lowering runs on a CPU (ptxas does not: that is the device
+    check's). Prefill stays on Triton."""
+    tokens, seqs, pages, max_pages = 512, 64, 4096, 256
+    args = (spec((tokens, num_q_heads, head_dim), jnp.bfloat16),
+            spec((pages, page_size, 2 * num_kv_heads, head_dim), jnp.bfloat16),
+            spec((seqs,), jnp.int32), spec((seqs, max_pages), jnp.int32),
+            spec((seqs + 1,), jnp.int32), spec((1,), jnp.int32))
+    fn = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=0.1,
+                           soft_cap=soft_cap, sliding_window=window, backend="gpu")
+    with cuda_lowering_target():
+        module = export.export(
+            jax.jit(fn), platforms=["cuda"],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+    text = module.mlir_module()
+    assert text.count(MOSAIC_CALL) == 1 and text.count(TRITON_CALL) == 1
+
+
+def test_kernel_choice(monkeypatch):
+    q = spec((8, 8, 128), jnp.bfloat16)
+    kv_pages = spec((32, 16, 4, 128), jnp.bfloat16)
+    monkeypatch.setenv(GPU_KERNELS_VARIABLE, "mosaic")
+    assert decode_kernel_for(q, kv_pages, None) == "mosaic"
+    # What the Mosaic kernel declines runs on Triton, whatever the setting.
+    assert decode_kernel_for(spec(q.shape, jnp.float32), spec(kv_pages.shape, jnp.float32),
+                             None) == "triton"
+    assert decode_kernel_for(q, spec(kv_pages.shape, jnp.float8_e4m3fn), None) == "triton"
+    assert decode_kernel_for(q, spec(kv_pages.shape, jnp.int8),
+                             spec(kv_pages.shape[:3], jnp.float32)) == "triton"
+    assert decode_kernel_for(spec((8, 8, 256), jnp.bfloat16), spec((32, 16, 4, 256),
+                                                                   jnp.bfloat16),
+                             None) == "triton"
+    monkeypatch.setenv(GPU_KERNELS_VARIABLE, "triton")
+    assert decode_kernel_for(q, kv_pages, None) == "triton"
+    monkeypatch.delenv(GPU_KERNELS_VARIABLE)
+    assert decode_kernel_for(q, kv_pages, None) == ("mosaic" if HOPPER else "triton")
+    monkeypatch.setenv(GPU_KERNELS_VARIABLE, "cuda")
+    with pytest.raises(ValueError, match="EMBER_GPU_KERNELS='cuda'"):
+        decode_kernel_for(q, kv_pages, None)
