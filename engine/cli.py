@@ -20,7 +20,7 @@ import time
 # EngineConfig fields `serve` and `batch` take as flags (--max-model-len ...); `generate` takes
 # the model-shaping ones (_MODEL_FIELDS).
 _MODEL_FIELDS = (("dtype", str), ("tensor-parallel-size", int), ("quantization", str),
-                 ("kv-cache-dtype", str))
+                 ("kv-cache-dtype", str), ("load-format", str))
 _ENGINE_FIELDS = (("max-model-len", int), ("max-num-seqs", int),
                   ("max-num-batched-tokens", int), ("page-size", int), ("num-pages", int),
                   ("memory-fraction", float), ("backend", str), ("seed", int),
@@ -30,6 +30,8 @@ _FIELD_HELP = {
                     "the checkpoint's own (a GGUF's Q8_0/Q4_0/Q4_1 blocks stay quantized)",
     "kv-cache-dtype": "auto (the model dtype), bfloat16, float8_e4m3fn or int8",
     "tensor-parallel-size": "devices the model is split over (default 1)",
+    "load-format": "auto (read the weights) or dummy (random weights from config.json alone, "
+                   "for benchmarks)",
 }
 
 

@@ -18,6 +18,8 @@ def default_cache_dir() -> Path:
 SCAN_FROM_LAYERS = 4
 # EngineConfig.quantization: None keeps the checkpoint's own (see the class docstring).
 QUANTIZATIONS = (None, "none", "int8", "int4")
+# EngineConfig.load_format: read the checkpoint, or random weights from config.json alone.
+LOAD_FORMATS = ("auto", "dummy")
 
 
 def ladder(smallest: int, largest: int) -> tuple[int, ...]:
@@ -59,6 +61,9 @@ class EngineConfig:
         checkpoints are float), "none" (everything dequantized to dtype), "int8" (symmetric
         per output channel) or "int4" (groups of 32 with a scale and a minimum, as Q4_1),
         quantized at load (models/quantization.py).
+      load_format: "auto" reads the checkpoint's weights; "dummy" (vLLM's) reads only
+        config.json and draws every weight at random on the device(s) (models/dummy.py),
+        in dtype, quantized and sharded as asked: benchmarks of a shape with no weight file.
       kv_cache_dtype: the KV pages' dtype: "auto" (the model dtype), "bfloat16",
         "float8_e4m3fn" or "int8" (one scale per token and head); one of
         pallas_kernels.KV_CACHE_DTYPES, checked by LLMEngine.
@@ -87,6 +92,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     scan_layers: bool | None = None
     quantization: str | None = None
+    load_format: str = "auto"
     kv_cache_dtype: str = "auto"
     async_scheduling: bool = True
 
@@ -102,6 +108,9 @@ class EngineConfig:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={self.quantization!r}: expected one of "
                              f"{QUANTIZATIONS}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format={self.load_format!r}: expected one of "
+                             f"{LOAD_FORMATS}")
         if self.seed is not None and not (is_int(self.seed) and self.seed >= 0):
             raise ValueError(f"seed={self.seed!r}: expected None or an integer >= 0")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -107,7 +107,8 @@ class LLMEngine:
             load_config(files, config.dtype, scan_layers=scan_layers),
             config.tensor_parallel_size))
         loaded = load_model(self.model_path, dtype=config.dtype, plan=plan,
-                            scan_layers=scan_layers, quantization=config.quantization)
+                            scan_layers=scan_layers, quantization=config.quantization,
+                            load_format=config.load_format)
         self.model_config = loaded.config if plan is None else plan.config  # the real vocab
         num_pages = config.num_pages or pages_that_fit(loaded.config, config)
         self.max_model_len = fit_max_model_len(

@@ -32,6 +32,7 @@ from flax import nnx
 from models.assembly import (CheckpointError, ModelAssembly, abstract_model, hf_name,
                              is_linear_weight)
 from models.config import ModelConfig
+from models.dummy import dummy_model
 from models.mapped import MappedArrayError, map_array, reserve_file_descriptors
 from models.quantization import GGUF_FORMATS, INT4, INT8, from_gguf_blocks
 from models.sharding import ShardingPlan
@@ -42,6 +43,7 @@ ORBAX_SUBDIR = "orbax"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANTIZATIONS = (None, "none", "int8", "int4")   # load_model's `quantization`
 LOAD_FORMATS = {"int8": INT8, "int4": INT4}     # ... quantized at load
+WEIGHT_SOURCES = ("auto", "dummy")              # load_model's `load_format`
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                     "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
                     "generation_config.json")
@@ -77,9 +79,9 @@ def load_generation_config(model_dir: str | os.PathLike) -> dict:
 
 def load_model(model_dir: str | os.PathLike, dtype: str | None = None,
                plan: ShardingPlan | None = None, *, scan_layers: bool = True,
-               quantization: str | None = None) -> Transformer:
+               quantization: str | None = None, load_format: str = "auto") -> Transformer:
     """Loads a model directory (its orbax checkpoint when present, else its safetensors) or
-    a GGUF file.
+    a GGUF file; or, with load_format="dummy", random weights for its config.json.
 
     Args:
       plan: tensor parallelism (made from this directory's config, `dtype` and
@@ -92,10 +94,18 @@ def load_model(model_dir: str | os.PathLike, dtype: str | None = None,
         projection quantized at load. Under a plan each device holds its block of every
         quantized weight (models/sharding.py); a row-parallel grouped weight (int4, Q8_0)
         whose groups would straddle two devices is a ValueError.
+      load_format: "auto" reads the weights; "dummy" reads only config.json and draws every
+        weight at random on the device(s) (models/dummy.py), in `dtype`, quantized as asked,
+        and sharded under `plan`: no weight file need exist.
     """
     model_dir = Path(model_dir)
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r}: expected one of {QUANTIZATIONS}")
+    if load_format not in WEIGHT_SOURCES:
+        raise ValueError(f"load_format={load_format!r}: expected one of {WEIGHT_SOURCES}")
+    if load_format == "dummy" and not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: load_format='dummy' needs a model directory "
+                              "with a config.json")
     if model_dir.suffix == ".gguf" and model_dir.is_file():
         return _load_gguf(model_dir, dtype, plan, scan_layers, quantization)
     if not model_dir.is_dir():
@@ -105,6 +115,8 @@ def load_model(model_dir: str | os.PathLike, dtype: str | None = None,
         raise ValueError(f"the sharding plan is for {plan.config}, not for {model_dir} "
                          f"({config})")
     config = dataclasses.replace(config, quantization=_load_formats(quantization))
+    if load_format == "dummy":
+        return dummy_model(config, plan)
     if (model_dir / ORBAX_SUBDIR).is_dir():
         return _load_orbax(model_dir / ORBAX_SUBDIR, config, plan)
     return load_from_tensors(config, _safetensors_tensors(model_dir), source=model_dir,

@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
 # Ember's GPU device check: the Mosaic GPU and Triton decode kernels against the reference,
-# the kernel tests natively on the GPU, the kernel benchmark, and (where more than one GPU is
-# visible) the tensor-parallel scaling benchmark.
+# the kernel tests natively on the GPU, the kernel benchmark, end to end on random-weight
+# Llama 8B and 1B shapes (scripts/bench_gpu_e2e.py), and (where more than one GPU is visible)
+# the tensor-parallel scaling benchmark.
 #
 #   bash scripts/device_check.sh [--out DIR]
 #
-# For a machine with an NVIDIA GPU and jax[cuda] (plus pytest, scipy) already installed; no
-# network. Runs from the repository (PYTHONPATH, no install) and stays under 5 minutes: each
-# stage has its own time limit. With --out DIR the benchmark writes table.md, timings.json and
-# timings.csv there, and the test log goes to DIR/tests.log. Exit status: non-zero if a stage
-# failed or ran out of time.
+# For a machine with an NVIDIA GPU and jax[cuda] (plus pytest, scipy, torch with CUDA and
+# transformers for the end-to-end baseline) already installed; no network. Runs from the
+# repository (PYTHONPATH, no install). With --out DIR the kernel benchmark writes table.md,
+# timings.json and timings.csv there, the test log goes to DIR/tests.log and the end-to-end
+# table and JSON to DIR/e2e/. Exit status: non-zero if a stage failed or ran out of time.
+#
+# Time budget, one GPU: 300 s of stage limits (plus seconds for nvidia-smi and a GPU count):
+#   environment 20 + decode kernels 25 + kernel tests 50 + kernel benchmark 35
+#   + end to end 170 (its own parts share 145 s; bench_gpu_e2e.py's docstring).
+# The kernel tests (about 110 s in full on an H200, 2026-11-28) skip test_lowering.py, which
+# only lowers for other platforms and runs in the CPU suite; they and the kernel benchmark
+# (about 45 s then) may still stop at their limits, and their logs show how far they got.
+# With more than one GPU the scaling stage adds up to 120 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +36,7 @@ export EMBER_PALLAS_INTERPRET=0                   # kernels compiled (Triton, Mo
 [[ -n "$out" ]] && mkdir -p "$out"
 
 echo "== environment"
-"$python" - <<'PY' || exit 1
+timeout 20 "$python" - <<'PY' || exit 1
 import jax
 print("jax", jax.__version__, "devices", jax.devices())
 assert jax.default_backend() == "gpu", "no GPU visible to jax"
@@ -38,7 +47,7 @@ echo "== decode kernels: Mosaic GPU and Triton against the reference, timed"
 # First and alone, so that a Mosaic GPU kernel that fails (or hangs) costs only this stage:
 # the stages after it then run with the Triton kernels only (EMBER_GPU_KERNELS=triton).
 start=$SECONDS
-timeout 60 "$python" scripts/bench_kernels.py --decode-kernels \
+timeout 25 "$python" scripts/bench_kernels.py --decode-kernels \
   2>&1 | tee ${out:+"$out/decode_kernels.md"}
 decode_status=${PIPESTATUS[0]}
 echo "decode kernels: exit $decode_status in $((SECONDS - start)) s"
@@ -49,16 +58,25 @@ fi
 
 echo "== kernel tests (native)"
 start=$SECONDS
-timeout 140 "$python" -m pytest tests/pallas_kernels -p no:cacheprovider -rs \
+timeout 50 "$python" -m pytest tests/pallas_kernels -p no:cacheprovider -rs \
+  --ignore=tests/pallas_kernels/test_lowering.py \
   2>&1 | tee ${out:+"$out/tests.log"}
 tests_status=${PIPESTATUS[0]}
 echo "tests: exit $tests_status in $((SECONDS - start)) s"
 
 echo "== benchmark"
 start=$SECONDS
-timeout 90 "$python" scripts/bench_kernels.py ${out:+--out "$out"}
+timeout 35 "$python" scripts/bench_kernels.py ${out:+--out "$out"}
 bench_status=$?
 echo "benchmark: exit $bench_status in $((SECONDS - start)) s"
+
+echo "== end to end: Llama 8B and 1B shapes, random bf16 weights"
+# Batch-1 decode against the HBM roofline (bf16, int8, int4), throughput at 64 and 256
+# requests against transformers' generate, warm-up time, host/device/idle per step.
+start=$SECONDS
+timeout 170 "$python" scripts/bench_gpu_e2e.py --budget-s 145 ${out:+--out "$out/e2e"}
+e2e_status=$?
+echo "end to end: exit $e2e_status in $((SECONDS - start)) s"
 
 scaling_status=0
 gpus=$("$python" -c "import jax; print(jax.device_count())" 2>/dev/null || echo 1)
@@ -71,4 +89,4 @@ if [[ "$gpus" -gt 1 ]]; then
 fi
 
 [[ $decode_status -eq 0 && $tests_status -eq 0 && $bench_status -eq 0 \
-   && $scaling_status -eq 0 ]]
+   && $e2e_status -eq 0 && $scaling_status -eq 0 ]]

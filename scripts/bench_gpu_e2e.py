@@ -1,0 +1,314 @@
+"""End-to-end on one device: Llama-shaped models with random bf16 weights (load_format="dummy",
+no checkpoint needed), against the device's memory roofline and transformers' `generate`.
+
+For each shape ("8b": Llama-3-8B's sizes, "1b": Llama-3.2-1B's), in one run:
+  - load seconds, and warm-up: seconds to compile every ladder rung (EngineConfig.warmup)
+    of the throughput engine (256 sequences, 2,048 tokens a step), cold;
+  - batch-1 decode tokens/s (one greedy request, ignore_eos, on an engine of one sequence
+    after an untimed request of the same lengths), against the HBM roofline:
+    bandwidth / bytes of weights read per token, the bandwidth measured here by a large
+    device copy (read + write bytes / time) and the spec's (--spec-tbps, H200: 4.8 TB/s).
+    Bytes per token are every parameter's bytes, less the embedding table when an LM head
+    of its own exists (a lookup reads one row); KV reads (< 1% at these lengths) left out;
+  - throughput at 64 and 256 concurrent requests of 1,024 random prompt tokens and 128
+    output tokens (ignore_eos): output and total tokens/s, against transformers `generate`
+    (scripts/hf_generate.py, a child process run first, before JAX takes device memory:
+    same shapes, bf16, the same batch padded as one);
+  - the step-time breakdown (engine/worker/timeline.py) per step: host ms (time in
+    engine.step() not spent waiting for results), device busy ms and idle ms;
+  - "8b" also int8 and int4 weights: batch-1 decode against the roofline of their bytes.
+
+Order: transformers, the copy bandwidth, then per shape (8b first) batch-1 bf16, int8,
+int4, the throughput engine's warm-up, 64 requests, 256 requests. Every part has a time
+limit (LIMITS) inside one global budget (--budget-s): a throughput run cut by its limit
+reports tokens/s over what finished and says so ("partial"); a part with too little time
+left is listed as skipped. A compile cannot be cut: a warm-up starts only with 30% of its
+limit left, and may overrun the budget by the rest. The table and JSON are rewritten after each part, so a run killed from
+outside keeps what it measured. --quick: tiny shapes, short workloads, transformers on CPU
+(a smoke test of the whole flow on a laptop; its figures mean nothing).
+
+Usage: python scripts/bench_gpu_e2e.py [--shapes 8b,1b] [--out DIR] [--budget-s 150]
+       python scripts/bench_gpu_e2e.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from scripts.bench_gpu_report import Report  # noqa: E402
+
+LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+             rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=1, eos_token_id=2,
+             torch_dtype="bfloat16")
+SHAPES = {
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+               max_position_embeddings=8192, tie_word_embeddings=False),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+               max_position_embeddings=131072, tie_word_embeddings=True),
+}
+QUICK_SHAPES = {   # the same two kinds (untied, tied) at sizes a CPU runs in seconds
+    "8b": dict(SHAPES["8b"], hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=256, vocab_size=1024),
+    "1b": dict(SHAPES["1b"], hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=128, vocab_size=1024),
+}
+# (prompt_len, output_len, batch-1 tokens, concurrencies, max_num_batched_tokens)
+FULL = dict(prompt_len=1024, output_len=128, batch1_tokens=128, concurrencies=(64, 256),
+            max_num_batched_tokens=2048, page_size=16)
+QUICK = dict(prompt_len=48, output_len=12, batch1_tokens=24, concurrencies=(2, 4),
+             max_num_batched_tokens=32, page_size=16)
+# Each part's own limit (seconds), within what the global budget has left.
+LIMITS = dict(batch1=20, warmup=60, throughput_64=20, throughput_256=30)
+
+
+def write_model_dir(out_dir: Path, hf_config: dict) -> Path:
+    """config.json and a byte-level tokenizer (259 ids; the model's vocabulary may be
+    larger: ids past the tokenizer's decode to nothing): all load_format="dummy" needs."""
+    from tests.hf_models import save_byte_tokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+    save_byte_tokenizer(out_dir)
+    return out_dir
+
+
+def device_bandwidth(quick: bool) -> float:
+    """Bytes/s of a large on-device copy (x + 1: read and write), best of 10."""
+    import jax
+    import jax.numpy as jnp
+
+    n = (1 << 24) if quick else (1 << 30)    # f32 elements: 64 MiB / 4 GiB
+    x = jnp.ones((n,), jnp.float32)
+    step = jax.jit(lambda a: a + 1)
+    step(x).block_until_ready()
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        step(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * x.nbytes / best
+
+
+def bytes_per_token(engine) -> int:
+    """Weights read for one decode token: every parameter, less an untied embedding table."""
+    import jax
+    from flax import nnx
+
+    total = embed = 0
+    for path, variable in nnx.to_flat_state(engine.runner.params):
+        nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(variable.get_value()))
+        total += nbytes
+        embed += nbytes if "embed_tokens" in map(str, path) else 0
+    tied = engine.model_config.tie_word_embeddings
+    return total if tied else total - embed
+
+
+def run_requests(engine, prompts: list[list[int]], max_tokens: int, limit_s: float) -> dict:
+    """Every prompt at once, stepped until done or `limit_s`; the DeviceTimeline's per-step
+    breakdown, token times (the first token of each request, and each token after) and the
+    shapes compiled meanwhile (0 once an untimed run of the same shape went before)."""
+    from engine import SamplingParams
+    from engine.worker.timeline import DeviceTimeline
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    timeline = engine.runner.timeline = DeviceTimeline()
+    compiled_before = engine.compilations_after_warmup
+    start = time.perf_counter()
+    ids = [f"r{start}-{index}" for index in range(len(prompts))]
+    for request_id, prompt in zip(ids, prompts):
+        engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
+    produced, token_times, finished, steps, in_step = {}, [], 0, 0, 0.0
+    while engine.has_unfinished_requests() and time.perf_counter() - start < limit_s:
+        step_start = time.perf_counter()
+        outputs = engine.step()
+        now = time.perf_counter()
+        in_step += now - step_start
+        steps += 1
+        for output in outputs:
+            count = len(output.outputs[0].token_ids)
+            token_times += [now] * (count - produced.get(output.request_id, 0))
+            produced[output.request_id] = count
+            finished += output.finished
+    elapsed = time.perf_counter() - start
+    compilations = engine.compilations_after_warmup - compiled_before
+    device = timeline.summary()
+    engine.runner.timeline = None
+    partial = engine.has_unfinished_requests()
+    for request_id in ids:   # a run cut by its limit: the rest aborted, the engine reusable
+        engine.abort(request_id)
+    while engine.has_unfinished_requests():
+        engine.step()
+    per_step = 1000 / max(steps, 1)
+    return dict(output_tokens=len(token_times), seconds=elapsed, finished=finished,
+                requests=len(prompts), partial=partial, steps=steps, token_times=token_times,
+                compilations=compilations,
+                host_ms=per_step * (in_step - device.waited_s), busy_ms=per_step * device.busy_s,
+                idle_ms=per_step * device.idle_s, idle_share=device.idle_share)
+
+
+def batch1_decode(engine, tokens: int, limit_s: float, rng) -> dict:
+    """One greedy request: decode tokens/s from its first token to its last (prefill out),
+    after an untimed one of the same lengths (compiles a cold engine's shapes)."""
+    untimed, timed = rng.integers(3, engine.model_config.vocab_size, size=(2, 32)).tolist()
+    run_requests(engine, [untimed], tokens, limit_s / 2)
+    run = run_requests(engine, [timed], tokens, limit_s / 2)   # no prefix-cache hit
+    times = run.pop("token_times")
+    decoded = len(times) - 1
+    run["tokens_per_s"] = decoded / (times[-1] - times[0]) if decoded > 0 else 0.0
+    return run
+
+
+def throughput(engine, concurrency: int, workload: dict, limit_s: float, rng) -> dict:
+    """Output and total tokens/s of `concurrency` requests at once (a warmed-up engine)."""
+    prompts = rng.integers(3, engine.model_config.vocab_size,
+                           size=(concurrency, workload["prompt_len"])).tolist()
+    run = run_requests(engine, prompts, workload["output_len"], limit_s)
+    run.pop("token_times")
+    run["tokens_per_s"] = run["output_tokens"] / run["seconds"]
+    prompt_tokens = workload["prompt_len"] * run["finished"]
+    run["total_tokens_per_s"] = (run["output_tokens"] + prompt_tokens) / run["seconds"]
+    return run
+
+
+def make_engine(model_dir: Path, workload: dict, *, max_num_seqs: int, warmup: bool,
+                quantization: str | None = None):
+    """A dummy-weight engine for `max_num_seqs` requests of the workload's lengths, compiled
+    cold (no persistent cache, as on a fresh machine); (engine, load seconds)."""
+    from engine import EngineConfig, LLMEngine
+
+    page = workload["page_size"]
+    max_model_len = workload["prompt_len"] + workload["output_len"] + page
+    config = EngineConfig(
+        load_format="dummy", dtype="bfloat16", quantization=quantization, seed=0,
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max(
+            workload["max_num_batched_tokens"], max_num_seqs),
+        page_size=page, max_model_len=max_model_len,
+        num_pages=max_num_seqs * -(-max_model_len // page) + 2, warmup=warmup,
+        compilation_cache_dir="")
+    start = time.perf_counter()
+    engine = LLMEngine(model_dir, config)
+    return engine, time.perf_counter() - start - engine.warmup_seconds
+
+
+def bench_shape(shape: str, model_dir: Path, workload: dict, report: Report, rng) -> None:
+    """Batch-1 decode per weight format ("8b": bf16, int8, int4; "1b": bf16), each on an
+    engine of one sequence compiling on demand; then the throughput engine: its warm-up
+    (every rung, timed), then each concurrency, the longest last so that a tight budget
+    cuts it first."""
+    import jax
+
+    for weights in ("bf16", "int8", "int4") if shape == "8b" else ("bf16",):
+        bench_batch1(model_dir, shape, weights, workload, report, rng)
+    if not report.starts(f"{shape} engine and warm-up", LIMITS["warmup"]):
+        return
+    jax.clear_caches()   # cold, as a fresh process: nothing kept from the engines above
+    engine, load_s = make_engine(model_dir, workload, warmup=True,
+                                 max_num_seqs=max(workload["concurrencies"]))
+    config = engine.config
+    report.warmup(shape, engine.warmup_seconds, load_s, buckets=2 * len(config.token_ladder)
+                  + 8 * len(config.seq_ladder))
+    for concurrency in workload["concurrencies"]:
+        limit = LIMITS["throughput_64" if concurrency <= 64 else "throughput_256"]
+        if report.starts(f"{shape} throughput {concurrency}", limit):
+            report.throughput(shape, concurrency, throughput(
+                engine, concurrency, workload, report.limit(limit), rng))
+    del engine
+    gc.collect()
+
+
+def bench_batch1(model_dir: Path, shape: str, weights: str, workload: dict, report: Report,
+                 rng) -> None:
+    """Batch-1 decode of `weights` ("bf16", "int8", "int4") on an engine of one sequence,
+    not warmed up: the untimed first request compiles the few shapes it needs."""
+    if not report.starts(f"{shape} {weights} batch-1", LIMITS["batch1"]):
+        return
+    start = time.perf_counter()
+    engine, load_s = make_engine(model_dir, workload, max_num_seqs=1, warmup=False,
+                                 quantization=None if weights == "bf16" else weights)
+    report.engine(shape, weights, load_s, bytes_per_token(engine))
+    left = LIMITS["batch1"] - (time.perf_counter() - start)
+    report.batch1(shape, weights, batch1_decode(
+        engine, workload["batch1_tokens"], report.limit(max(left, 5)), rng))
+    del engine
+    gc.collect()
+
+
+def run_transformers(shapes: list[str], configs: dict, workload: dict, budget_s: float,
+                     report: Report) -> None:
+    """scripts/hf_generate.py in a child process, killed at `budget_s`; the 64 runs first."""
+    jobs = [dict(shape=shape, concurrency=concurrency, min_s=4 if concurrency <= 64 else 15)
+            for concurrency in workload["concurrencies"] for shape in shapes]
+    spec = dict(jobs=jobs, configs=configs, deadline=time.time() + budget_s - 2,
+                prompt_len=workload["prompt_len"], output_len=workload["output_len"])
+    if not report.starts("transformers generate", budget_s):
+        return
+    try:
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "hf_generate.py"),
+                               json.dumps(spec)], capture_output=True, text=True,
+                              timeout=report.limit(budget_s))
+        stdout, note = done.stdout, "" if done.returncode == 0 else done.stderr[-600:]
+    except subprocess.TimeoutExpired as expired:
+        stdout, note = expired.stdout or b"", "killed at its limit"   # bytes, whatever text=
+        stdout = stdout.decode(errors="replace") if isinstance(stdout, bytes) else stdout
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            report.transformers(json.loads(line))
+    if note:
+        report.note(f"transformers: {note.strip()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="8b,1b", help="comma-separated: 8b, 1b")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, CPU smoke test")
+    parser.add_argument("--out", type=Path, default=None, help="writes table.md, results.json")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="all parts together (default 150; --quick 140)")
+    parser.add_argument("--hf-budget-s", type=float, default=None,
+                        help="transformers' share of the budget (default 35; --quick 25)")
+    parser.add_argument("--spec-tbps", type=float, default=4.8,
+                        help="the device's HBM bandwidth on paper, TB/s (H200: 4.8)")
+    args = parser.parse_args()
+    shapes = [shape.strip() for shape in args.shapes.split(",") if shape.strip()]
+    table = QUICK_SHAPES if args.quick else SHAPES
+    unknown = [shape for shape in shapes if shape not in table]
+    if unknown:
+        parser.error(f"--shapes: unknown {unknown}; expected some of {sorted(table)}")
+    workload = QUICK if args.quick else FULL
+    budget = args.budget_s or (140 if args.quick else 150)
+    report = Report(budget, args.out, args.spec_tbps * 1e12, workload, quick=args.quick)
+    configs = {shape: {**LLAMA, **table[shape]} for shape in shapes}
+    # transformers first: the JAX process below keeps the device memory it takes.
+    run_transformers(shapes, configs, workload, args.hf_budget_s or (25 if args.quick else 35),
+                     report)
+    import jax
+
+    report.device(str(jax.devices()[0].device_kind), device_bandwidth(args.quick))
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="ember-e2e-") as tmp:
+        for shape in shapes:
+            model_dir = write_model_dir(Path(tmp) / shape, configs[shape])
+            try:
+                bench_shape(shape, model_dir, workload, report, rng)
+            except Exception as error:  # noqa: BLE001 - one shape's failure ends only it
+                report.note(f"{shape}: {type(error).__name__}: {str(error)[:400]}")
+    report.finish()
+
+
+if __name__ == "__main__":
+    main()
