@@ -11,7 +11,7 @@ the same batch-1 decode and the same throughput workload one request after anoth
 binding serves one sequence at a time); it is skipped with a message where absent.
 
 Usage: python scripts/bench_quant.py [--modes f32,bf16,int8,int4,kv-bf16,kv-fp8,kv-int8]
-       [--window 512] [--tokens 4096] [--requests 64] [--skip-llama-cpp]
+       [--window 512] [--tokens 4096] [--requests 64] [--skip-llama-cpp] [--quality-only]
 """
 
 from __future__ import annotations
@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--llama-cpp-requests", type=int, default=8,
                         help="llama.cpp runs requests one by one: this many are timed")
     parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="perplexity only: bf16 and fp8 are emulated on a CPU and slow")
     args = parser.parse_args()
 
     from engine import LLM
@@ -158,14 +160,15 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows, text = [], held_out_text()
     for name in filter(None, args.modes.split(",")):
-        llm = LLM(str(path), max_model_len=max(args.window, 1024), **MODES[name])
+        llm = LLM(str(path), max_model_len=max(args.window, 1024), **MODES[name],
+                  warmup=not args.quality_only)   # scoring alone compiles little
         token_ids = llm.get_tokenizer().encode(text, add_special_tokens=False)[:args.tokens]
         vocab = llm.get_tokenizer().vocab_size
         prompts = [rng.integers(100, vocab - 100, args.prompt_tokens).tolist()
                    for _ in range(args.requests)]
-        rows.append((name, perplexity(llm, token_ids, args.window),
-                     batch1_decode(llm, args.decode_tokens),
-                     throughput(llm, prompts, args.output_tokens)))
+        speed = (math.nan, math.nan) if args.quality_only else (
+            batch1_decode(llm, args.decode_tokens), throughput(llm, prompts, args.output_tokens))
+        rows.append((name, perplexity(llm, token_ids, args.window), *speed))
         print(f"{name:8s} perplexity {rows[-1][1]:8.3f}  batch-1 decode {rows[-1][2]:7.1f} tok/s"
               f"  {args.requests}-request throughput {rows[-1][3]:7.1f} tok/s", flush=True)
         del llm
