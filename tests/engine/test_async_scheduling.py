@@ -1,7 +1,9 @@
 """Async scheduling changes no output: one warmed engine runs a mixed workload (greedy and
 seeded, stop strings, EOS, n > 1, penalties, logprobs, a grammar, preemption) with
 async scheduling off and then on; every token, logprob and finish reason is the same, no
-page is leaked, no token past a request's end is emitted, and nothing compiles."""
+page is leaked and no token past a request's end is emitted. (Zero compilations after
+warm-up with async scheduling, the default, is checked by the warmed engines of
+test_structured_generation.py and test_failure_isolation.py; this one skips warm-up.)"""
 
 import pytest
 
@@ -11,7 +13,7 @@ from tests.engine.test_generation import random_prompts
 
 # 12 usable pages of 16 tokens for 4 sequences of up to ~110 tokens: preemption runs.
 TIGHT = dict(max_num_seqs=4, max_num_batched_tokens=32, page_size=16, num_pages=13,
-             max_model_len=192, warmup=True, compilation_cache_dir="")
+             max_model_len=192, warmup=False, compilation_cache_dir="")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,6 @@ def test_async_scheduling_changes_no_output(llm):
             if finish_reason == "stop" and param.stop:
                 assert param.stop[0] not in text   # cut at the stop string, nothing after
     assert engine.stats().num_free_pages == free_pages
-    assert engine.compilations_after_warmup == 0
 
 
 def test_an_abort_in_flight_emits_nothing_after_it(llm):
