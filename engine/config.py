@@ -65,7 +65,7 @@ class EngineConfig:
         config.json and draws every weight at random on the device(s) (models/dummy.py),
         in dtype, quantized and sharded as asked: benchmarks of a shape with no weight file.
       kv_cache_dtype: the KV pages' dtype: "auto" (the model dtype), "bfloat16",
-        "float8_e4m3fn" or "int8" (one scale per token and head); one of
+        "float8_e4m3fn" or "int8" (both 8-bit ones with a scale per token and head); one of
         pallas_kernels.KV_CACHE_DTYPES, checked by LLMEngine.
       async_scheduling: plan and launch step N+1 before step N's results come back, so
         the host's scheduling and output processing overlap the device (engine/

@@ -8,7 +8,7 @@ viewed as the pages of every layer end to end, `[L * num_pages, ...]` (a reshape
 axes: no copy), with its page numbers and slots moved past the pages of the layers before it.
 A layer never slices its pages out, which would copy them every step.
 
-An int8 cache is the pair `(kv_pages, kv_scales f32[L, num_pages, page_size, 2 * Hkv])`
+An 8-bit (int8, fp8) cache is the pair `(kv_pages, kv_scales f32[L, num_pages, page_size, 2 * Hkv])`
 (pallas_kernels/kv_cache.py: one scale per token per K or V head), carried, reshaped, donated
 and sharded (on the kv-head axis) the same way; a float cache (the model's dtype, bf16,
 fp8) is the pages array alone.
@@ -46,7 +46,7 @@ def kv_cache_shape(config: ModelConfig, num_pages: int, page_size: int) -> tuple
     return (c.num_layers, num_pages, page_size, 2 * c.num_kv_heads, c.head_dim)
 
 
-# The KV cache: the pages, or for an int8 cache (pages, scales); see the module docstring.
+# The KV cache: the pages, or for an 8-bit cache (pages, scales); see the module docstring.
 KVCache = jax.Array | tuple[jax.Array, jax.Array]
 
 
@@ -81,7 +81,7 @@ def forward_paged(model: Transformer, kv_cache: KVCache, batch: Batch, *,
     their head axis, the batch replicated.
 
     Args:
-      kv_cache: [L, num_pages, page_size, 2 * Hkv, D], or for int8 pages the pair (pages,
+      kv_cache: [L, num_pages, page_size, 2 * Hkv, D], or for 8-bit pages the pair (pages,
         scales f32[L, num_pages, page_size, 2 * Hkv]) (donate it: updated in place).
     Returns:
       (kv_cache after this step, final-norm hidden states [T, hidden]).

@@ -40,7 +40,7 @@ class LayerCache:
     """
 
     kv: object                 # the whole cache, e.g. [L, num_pages, page_size, 2 * Hkv, D]
-                               # (an int8 cache: (pages, scales); models/paged.py)
+                               # (an 8-bit cache: (pages, scales); models/paged.py)
     layer: jax.Array | int     # i32[] under scan; a Python int when unrolled
 
 

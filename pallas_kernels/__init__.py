@@ -50,14 +50,14 @@ def _expect(name, x, shape, dtypes):
 
 
 def _check_kv_cache(kv_pages, kv_scales, head_dim=None):
-    """kv_pages in one of KV_PAGE_DTYPES; kv_scales exactly when it is int8."""
+    """kv_pages in one of KV_PAGE_DTYPES; kv_scales exactly when it is int8 or float8."""
     _expect("kv_pages", kv_pages, (None, None, None, head_dim), KV_PAGE_DTYPES)
     if is_quantized(kv_pages.dtype) and kv_scales is None:
         raise ValueError(f"kv_scales=None with kv_pages.dtype={kv_pages.dtype}: expected "
-                         "kv_scales f32[num_pages, page_size, 2 * num_kv_heads] for an int8 cache")
+                         "kv_scales f32[num_pages, page_size, 2 * num_kv_heads] for an 8-bit cache")
     if not is_quantized(kv_pages.dtype) and kv_scales is not None:
         raise ValueError(f"kv_scales given with kv_pages.dtype={kv_pages.dtype}: expected "
-                         "kv_scales=None (scales are for int8 caches only)")
+                         "kv_scales=None (scales are for int8 and float8_e4m3fn caches only)")
     if kv_scales is not None:
         _expect("kv_scales", kv_scales, kv_scales_shape(kv_pages.shape), (jnp.float32,))
 
@@ -92,7 +92,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_se
       num_seqs: i32[1] live sequences; rows from cu_q_lens[num_seqs] on are padding.
       sm_scale: score scale (Python float); sliding_window: keys within this many positions
         (Python int or None); soft_cap: scores become soft_cap * tanh(s / soft_cap) (or None).
-      kv_scales: f32[num_pages, page_size, 2 * num_kv_heads] for an int8 kv_pages (required
+      kv_scales: f32[num_pages, page_size, 2 * num_kv_heads] for an int8 or fp8 kv_pages (required
         then, refused otherwise); K/V read as int8 * scale.
     Returns:
       [T, num_q_heads, head_dim] in q's dtype; padding rows are zeros.

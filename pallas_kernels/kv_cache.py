@@ -4,17 +4,21 @@ A cache's pages are `kv_pages [num_pages, page_size, 2 * Hkv, D]` (K of head h a
 2h + 1) in one of KV_PAGE_DTYPES, whatever q's dtype:
 
   float32, bfloat16, float16   written with a plain cast
-  float8_e4m3fn                written saturated: clipped to +-448 first (e4m3fn has no inf,
-                               so a cast of anything larger would give NaN)
-  int8                         with `kv_scales f32[num_pages, page_size, 2 * Hkv]`, one scale
+  int8, float8_e4m3fn          with `kv_scales f32[num_pages, page_size, 2 * Hkv]`, one scale
                                per token per K or V head, at the same [page, offset, 2h (+1)]
-                               index as its row. Symmetric, per row of head_dim values:
+                               index as its row; the row reads back as q * scale.
+                               int8, symmetric per row of head_dim values:
                                  scale = max|x| / 127,  q = clip(floor(x / scale + 0.5), +-127)
-                               (0 where the row is all zeros); the row reads back as q * scale.
+                               float8_e4m3fn, the row scaled onto e4m3's whole range:
+                                 scale = max|x| / 448,  q = e4m3(clip(x / scale, +-448))
+                               (scale 0 where the row is all zeros). Without its scale, e4m3
+                               rounds values below 2^-6 to few bits (subnormals): on the
+                               default model perplexity rose 1.10% unscaled, 0.69% scaled.
 
-Reads upcast a tile to `compute_dtype` (int8 exactly: |q| <= 127 fits bf16) and apply int8
-scales to the scores (K) and the softmax weights (V), in f32. These functions are plain jnp,
-so the reference and the Pallas kernels share them and quantize identically.
+Reads upcast a tile to `compute_dtype` (exact for both: |q| <= 448 and 3 mantissa bits fit
+bf16) and apply the scales to the scores (K) and the softmax weights (V), in f32. These
+functions are plain jnp, so the reference and the Pallas kernels share them and quantize
+identically.
 """
 
 from __future__ import annotations
@@ -39,12 +43,12 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype) -> jnp.dtype:
 
 
 def is_quantized(dtype) -> bool:
-    """True for caches that carry kv_scales (int8)."""
-    return jnp.dtype(dtype) == jnp.int8
+    """True for caches that carry kv_scales (int8, float8_e4m3fn)."""
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
 def kv_cache_bytes_per_token(num_kv_heads: int, head_dim: int, dtype) -> int:
-    """Bytes one token's K and V take in one layer's cache, int8 scales included."""
+    """Bytes one token's K and V take in one layer's cache, scales included."""
     dtype = jnp.dtype(dtype)
     per_head = head_dim * dtype.itemsize + (SCALE_DTYPE.itemsize if is_quantized(dtype) else 0)
     return 2 * num_kv_heads * per_head
@@ -66,7 +70,8 @@ def compute_dtype(q_dtype, kv_dtype) -> jnp.dtype:
 
 
 def to_float_cache(x, dtype):
-    """x cast to a float cache dtype; float8_e4m3fn saturates at +-448 (NaN stays NaN)."""
+    """x cast to a float cache dtype; float8_e4m3fn saturates at +-448 (NaN stays NaN): e4m3fn
+    has no inf, so a cast of anything larger would give NaN."""
     if jnp.dtype(dtype) == jnp.float8_e4m3fn:
         x = jnp.clip(x.astype(jnp.float32), -FLOAT8_E4M3_MAX, FLOAT8_E4M3_MAX)
     return x.astype(dtype)
@@ -84,6 +89,20 @@ def quantize_int8(x):
     scaled = x / jnp.maximum(scale, jnp.finfo(jnp.float32).tiny)[..., None]
     q = jnp.clip(jnp.floor(scaled + 0.5), -INT8_MAX, INT8_MAX)
     return q.astype(jnp.int8), scale
+
+
+def quantize_float8(x):
+    """e4m3 over the last axis, scaled onto its range: (q float8_e4m3fn[..., D], scale
+    f32[...]), x ~ q * scale."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) * (1.0 / FLOAT8_E4M3_MAX)
+    scaled = x / jnp.maximum(scale, jnp.finfo(jnp.float32).tiny)[..., None]
+    return to_float_cache(scaled, jnp.float8_e4m3fn), scale
+
+
+def quantize(x, dtype):
+    """(q, scale) for a cache of `dtype` that carries scales (is_quantized)."""
+    return quantize_int8(x) if jnp.dtype(dtype) == jnp.int8 else quantize_float8(x)
 
 
 def dequantize(kv_pages, kv_scales=None):

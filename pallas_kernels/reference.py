@@ -3,7 +3,7 @@
 Shapes follow the kernel contract in docs/design.md:
   q             [T, num_q_heads, head_dim]      query rows, sequence after sequence
   kv_pages      [num_pages, page_size, 2 * num_kv_heads, head_dim]   K of head h at 2h, V at 2h+1
-  kv_scales     f32[num_pages, page_size, 2 * num_kv_heads]  int8 caches only (kv_cache.py)
+  kv_scales     f32[num_pages, page_size, 2 * num_kv_heads]  8-bit caches only (kv_cache.py)
   kv_lens       i32[S]    context length of each sequence after this step
   page_indices  i32[S, P] page table of each sequence
   cu_q_lens     i32[S+1]  sequence s owns query rows cu_q_lens[s]:cu_q_lens[s+1]
@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.kv_cache import dequantize, quantize_int8, to_float_cache
+from pallas_kernels.kv_cache import dequantize, quantize, to_float_cache
 from pallas_kernels.ragged_rows import query_blocks
 from pallas_kernels.sampling_primitives import gumbel_from_bits, ordered_key, sampling_noise_bits
 
@@ -44,7 +44,8 @@ def write_kv_pages_reference(kv_pages, k, v, slot_mapping, kv_scales=None):
       kv_pages: [num_pages, page_size, 2 * num_kv_heads, head_dim]
       k, v: [T, num_kv_heads, head_dim]
       slot_mapping: i32[T], page * page_size + offset; padding rows point into page 0.
-      kv_scales: f32[num_pages, page_size, 2 * num_kv_heads] for an int8 kv_pages, else None.
+      kv_scales: f32[num_pages, page_size, 2 * num_kv_heads] for an int8 or float8 kv_pages,
+        else None.
     Returns:
       kv_pages with the rows written; (kv_pages, kv_scales) when kv_scales is given.
     """
@@ -55,7 +56,7 @@ def write_kv_pages_reference(kv_pages, k, v, slot_mapping, kv_scales=None):
     if kv_scales is None:
         return flat.at[slot_mapping].set(to_float_cache(kv, kv_pages.dtype)).reshape(
             kv_pages.shape)
-    quantized, scales = quantize_int8(kv)                # int8[T, 2Hkv, D], f32[T, 2Hkv]
+    quantized, scales = quantize(kv, kv_pages.dtype)     # 8-bit [T, 2Hkv, D], f32[T, 2Hkv]
     flat_scales = kv_scales.reshape(num_pages * page_size, two_kv_heads)
     return (flat.at[slot_mapping].set(quantized).reshape(kv_pages.shape),
             flat_scales.at[slot_mapping].set(scales).reshape(kv_scales.shape))
@@ -69,7 +70,7 @@ def ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_le
     Row t of sequence s sits at position p = kv_lens[s] - q_len[s] + (t - cu_q_lens[s]) and
     attends keys j with j <= p (and p - j < sliding_window when set). Scores are
     soft_cap * tanh(score / soft_cap) when soft_cap is set. Padding rows return zeros and
-    read only page 0. K/V are read as f32 (kv_cache.dequantize: times kv_scales for int8).
+    read only page 0. K/V are read as f32 (kv_cache.dequantize: times kv_scales for 8-bit caches).
 
     Rows are handled in blocks that share one gather of their sequence's pages: decode
     sequences (one row) one block each, longer ones in blocks of _PREFILL_BLOCK rows. A

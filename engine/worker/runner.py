@@ -102,7 +102,7 @@ class Runner:
             pallas_kernels.resolve_kv_cache_dtype(config.kv_cache_dtype, model.config.dtype),
             sharding=(SingleDeviceSharding(jax.devices()[0]) if plan is None
                       else plan.sharding(KV_PAGES)))
-        # [L, num_pages, page_size, 2 * Hkv, D], or (that, scales) for int8 (models/paged.py)
+        # [L, num_pages, page_size, 2 * Hkv, D], or (that, scales) for int8/fp8 (models/paged.py)
         self.kv_cache = self._new_kv_cache()
         self.num_kv_rebuilds = 0   # times a failed step lost the cache and it was re-created
         self.timeline = None   # a DeviceTimeline a benchmark attaches (engine/worker/timeline.py)

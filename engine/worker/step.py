@@ -191,7 +191,7 @@ def jit_steps(graphdef: nnx.GraphDef, config: EngineConfig, plan: ShardingPlan |
         replicated = dict(out_shardings=plan.sharding())
         cache_dtype = pallas_kernels.resolve_kv_cache_dtype(config.kv_cache_dtype,
                                                             plan.layout.dtype)
-        spec = kv_cache_spec(cache_dtype)   # a PartitionSpec, or (pages', scales') for int8
+        spec = kv_cache_spec(cache_dtype)   # a PartitionSpec, or (pages', scales') for 8-bit caches
         cache = (tuple(map(plan.sharding, spec)) if isinstance(spec[0], P)
                  else plan.sharding(spec))
         forward_out = dict(out_shardings=(cache, plan.sharding(), plan.sharding()))

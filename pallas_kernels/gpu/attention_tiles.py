@@ -5,7 +5,7 @@ depend on the page size, and tokens at or past `limit` are masked loads: they re
 so pages a sequence does not own are never touched.
 
 Tiles are converted to the compute dtype on load (kv_cache.compute_dtype: bf16 or fp8 or
-int8 caches under bf16 q stay bf16 MMAs). An int8 cache's scales are applied in f32 where
+int8 caches under bf16 q stay bf16 MMAs). An 8-bit cache's scales are applied in f32 where
 they cost least and round least: K's to the scores (s = (q . k_int8) * k_scale), V's to the
 softmax weights (acc += (w * v_scale) @ v_int8).
 """
@@ -31,7 +31,7 @@ def kv_tile(kv_pages_ref, kv_scales_ref, page_indices_ref, seq, kv_head, first_t
     """Gathers K and V of tokens first_token .. first_token + block_kv of one sequence.
 
     kv_pages_ref: [num_pages, page_size, 2 * num_kv_heads, head_dim]
-    kv_scales_ref: f32[num_pages, page_size, 2 * num_kv_heads] (int8 caches), or None
+    kv_scales_ref: f32[num_pages, page_size, 2 * num_kv_heads] (8-bit caches), or None
     page_indices_ref: i32[S, P]
     Returns tokens i32[block_kv], k and v [block_kv, head_dim] in `dtype`, and k_scale and
     v_scale f32[block_kv] (None without kv_scales_ref); rows of tokens >= limit are zeros.

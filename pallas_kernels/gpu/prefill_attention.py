@@ -106,7 +106,7 @@ def prefill_attention(q, kv_pages, kv_scales, kv_lens, page_indices, cu_q_lens, 
                       block_sizes: AttentionBlockSizes, interpret: bool):
     """Attention of every row of a multi-row sequence; other rows are zeros. [T, Hq, D].
 
-    kv_scales: f32[num_pages, page_size, 2 * Hkv] for an int8 kv_pages, else None."""
+    kv_scales: f32[num_pages, page_size, 2 * Hkv] for an 8-bit kv_pages, else None."""
     num_rows, num_q_heads, head_dim = q.shape
     num_kv_heads = kv_pages.shape[2] // 2
     max_seqs = page_indices.shape[0]

@@ -34,7 +34,7 @@ def ragged_paged_attention_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
 
     q [T, Hq, D]; kv_pages [num_pages, page_size, 2 * Hkv, D]; kv_lens i32[S];
     page_indices i32[S, P]; cu_q_lens i32[S + 1]; num_seqs i32[1];
-    kv_scales f32[num_pages, page_size, 2 * Hkv] (int8 caches) or None -> [T, Hq, D].
+    kv_scales f32[num_pages, page_size, 2 * Hkv] (8-bit caches) or None -> [T, Hq, D].
     decode_kernel: "triton" or "mosaic"; None chooses (kernel_choice.decode_kernel_for), here
     outside the jit, so that EMBER_GPU_KERNELS is read on every trace.
     """

@@ -1,8 +1,8 @@
 """Writes this step's K/V rows into the paged cache on the GPU (Pallas, Triton lowering).
 
 A program takes `block_tokens` rows and one kv head and stores K and V at their slots, in the
-cache's dtype (kv_cache.py: a float cast, fp8 saturated; int8 rows quantized with one scale
-per row, computed here). The cache (and the scales) are aliased to the outputs, so with them
+cache's dtype (kv_cache.py: a float cast; int8 and fp8 rows quantized with one scale per
+row, computed here). The cache (and the scales) are aliased to the outputs, so with them
 donated to the step the write is in place. Padding rows all point into page 0, so their
 racing writes land where nothing reads.
 """
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.compat import gpu_load, gpu_store, triton_compiler_params
-from pallas_kernels.kv_cache import quantize_int8, to_float_cache
+from pallas_kernels.kv_cache import quantize, to_float_cache
 
 BLOCK_TOKENS = 16
 
@@ -41,7 +41,7 @@ def _write_kernel(slot_mapping_ref,  # i32[T]
     for part, rows_ref in ((0, k_ref), (1, v_ref)):                         # K at 2h, V at 2h+1
         rows = gpu_load(rows_ref.at[source], mask=live[:, None], other=0)  # [BT, D]
         if quantized:
-            rows, scales = quantize_int8(rows)                              # int8[BT, D], f32[BT]
+            rows, scales = quantize(rows, kv_ref.dtype)                     # 8-bit[BT, D], f32[BT]
             gpu_store(scales_ref.at[slots // page_size, slots % page_size, 2 * kv_head + part],
                       scales, mask=live)
         else:
@@ -52,7 +52,7 @@ def _write_kernel(slot_mapping_ref,  # i32[T]
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def write_kv_pages_gpu(kv_pages, k, v, slot_mapping, kv_scales=None, *, interpret=False):
     """kv_pages [num_pages, page_size, 2 * Hkv, D]; k, v [T, Hkv, D]; slot_mapping i32[T];
-    kv_scales f32[num_pages, page_size, 2 * Hkv] for an int8 kv_pages, else None.
+    kv_scales f32[num_pages, page_size, 2 * Hkv] for an int8 or fp8 kv_pages, else None.
 
     Returns kv_pages, or (kv_pages, kv_scales) when kv_scales is given.
     """

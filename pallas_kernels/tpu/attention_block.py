@@ -20,7 +20,7 @@ def attend_block(carry, q_ref, k_ref, v_ref, scale_refs, first_token, first_pos,
     q_ref [G, BQ, D]; k_ref, v_ref [pages_per_block, page_size, D] (tokens first_token on;
     slots at or past `hi` may hold anything, even NaN, and are masked), multiplied in `dtype`
     (kv_cache.compute_dtype). scale_refs: (k_scale, v_scale) f32[pages_per_block, page_size]
-    for an int8 cache, applied to the scores and to the weights; or None.
+    for an 8-bit cache, applied to the scores and to the weights; or None.
     carry: m f32[M, 1], l f32[M, 1], acc f32[M, D] with M = G * BQ, row m = (g, m % BQ).
     """
     m_prev, l_prev, acc = carry

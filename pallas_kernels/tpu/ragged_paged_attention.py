@@ -13,7 +13,7 @@ kernel runnable in TPU interpret mode on a CPU. Only interpret mode has run it s
 has not been compiled by Mosaic on a real TPU.
 
 Caches in other dtypes than q (kv_cache.py) are DMA'd as they are and converted in VMEM; an
-int8 cache's scales of this kv head are DMA'd beside each page's K and V.
+8-bit cache's scales of this kv head are DMA'd beside each page's K and V.
 """
 
 from __future__ import annotations

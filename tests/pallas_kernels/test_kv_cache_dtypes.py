@@ -2,7 +2,7 @@
 written and read by every backend, checked against the reference, the dequantized values and
 the unquantized float K/V.
 
-Unused slots stay poisoned: a float cache keeps the batch's NaN, an int8 cache's NaN rows
+Unused slots stay poisoned: a float cache keeps the batch's NaN, an 8-bit cache's NaN rows
 quantize to NaN scales, so a kernel that reads a slot it does not own returns NaN.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels.kv_cache import dequantize, quantize_int8, to_float_cache
+from pallas_kernels.kv_cache import dequantize, is_quantized, quantize, to_float_cache
 from tests.pallas_kernels.common import GPU_INTERPRET, NATIVE_GPU, TPU_INTERPRET
 from tests.pallas_kernels.ragged_batches import dense_attention
 from tests.pallas_kernels.test_ragged_paged_attention import (TOLERANCE, Case, jitted_attention,
@@ -22,8 +22,8 @@ from tests.pallas_kernels.test_ragged_paged_attention import (TOLERANCE, Case, j
 
 KV_DTYPES = ("bfloat16", "float8_e4m3fn", "int8")
 # The most a written value moves: relative to itself for the floats (bf16 keeps 8 significant
-# bits, e4m3 4: rounding is off by at most 2^-8, 2^-4), relative to its row's max|x| for int8
-# (127 steps; off by at most half a step). Attention over the cache stays within
+# bits, e4m3 4: rounding is off by at most 2^-8, 2^-4; fp8 rows are scaled onto e4m3's range
+# first), relative to its row's max|x| for int8 (127 steps; off by at most half a step). Attention over the cache stays within
 # 2 * ROUNDING * max|K, V| of attention over the float K/V (measured on these cases and
 # others: bf16 <= 0.25, fp8 <= 0.3, int8 <= 0.55 of that bound).
 ROUNDING = {"bfloat16": 2.0 ** -8, "float8_e4m3fn": 2.0 ** -4, "int8": 1 / 254}
@@ -39,8 +39,8 @@ CASES = {
 
 def quantized_cache(kv_pages, kv_dtype):
     """(kv_pages in kv_dtype, kv_scales or None) holding the f32 kv_pages' values."""
-    if kv_dtype == "int8":
-        return quantize_int8(kv_pages.astype(jnp.float32))
+    if is_quantized(kv_dtype):
+        return quantize(kv_pages.astype(jnp.float32), kv_dtype)
     return to_float_cache(kv_pages, kv_dtype), None
 
 
@@ -140,8 +140,8 @@ class TestGpuKvDtypes:
                 page_indices[s, positions // page_size] * page_size + positions % page_size)
         kv_rows = batch.kv_pages.reshape(-1, two_kv_heads, head_dim)[slots]  # padding: NaN
         k, v = kv_rows[:, 0::2], kv_rows[:, 1::2]                  # [T, Hkv, D]
-        if kv_dtype == "int8":  # NaN scales poison every slot not written
-            empty = (jnp.zeros(batch.kv_pages.shape, jnp.int8),
+        if is_quantized(kv_dtype):  # NaN scales poison every slot not written
+            empty = (jnp.zeros(batch.kv_pages.shape, kv_dtype),
                      jnp.full((num_pages, page_size, two_kv_heads), np.nan, jnp.float32))
             kv_pages, kv_scales = jitted_write(self.BACKEND, self.INTERPRET)(
                 empty[0], k, v, jnp.asarray(slots), kv_scales=empty[1])
@@ -172,7 +172,7 @@ class TestWriteRoundTrip:
         num_kv_heads, head_dim = k.shape[1:]
         kv_pages = jnp.zeros((3, 16, 2 * num_kv_heads, head_dim), kv_dtype)
         slots = jnp.arange(16, 16 + k.shape[0], dtype=jnp.int32)
-        if kv_dtype != "int8":
+        if not is_quantized(kv_dtype):
             written = pallas_kernels.write_kv_pages(kv_pages, k, v, slots, backend="reference")
             return np.asarray(dequantize(written)).reshape(48, -1, head_dim)[16:16 + k.shape[0]]
         scales = jnp.zeros(kv_pages.shape[:3], jnp.float32)
@@ -180,7 +180,8 @@ class TestWriteRoundTrip:
                                                         backend="reference")
         stored = np.asarray(scales).reshape(48, -1)[16:16 + k.shape[0]]
         rows = np.asarray(jnp.stack([k, v], 2), np.float32).reshape(k.shape[0], -1, head_dim)
-        np.testing.assert_allclose(stored, np.abs(rows).max(-1) / 127, rtol=1e-6)
+        largest = 127 if kv_dtype == "int8" else 448   # the row's max lands on the top value
+        np.testing.assert_allclose(stored, np.abs(rows).max(-1) / largest, rtol=1e-6)
         return np.asarray(dequantize(written, scales)).reshape(48, -1, head_dim)[16:16 + k.shape[0]]
 
     def rows(self, seed, scale=1.0):
@@ -192,30 +193,41 @@ class TestWriteRoundTrip:
     def test_error_within_rounding(self, kv_dtype):
         k, v, rows = self.rows(9)
         read = self.write_and_read(kv_dtype, k, v)
+        assert np.all(np.abs(read - rows) <= self.bound(kv_dtype, rows))
+
+    @staticmethod
+    def bound(kv_dtype, rows):
         if kv_dtype == "int8":
-            bound = np.abs(rows).max(-1, keepdims=True) * ROUNDING["int8"] * (1 + 1e-5)
-        else:  # e4m3's subnormals (below 2^-6) are 2^-9 apart
-            subnormal = 2.0 ** -10 if kv_dtype == "float8_e4m3fn" else 0.0
-            bound = np.abs(rows) * ROUNDING[kv_dtype] + subnormal
-        assert np.all(np.abs(read - rows) <= bound)
+            return np.abs(rows).max(-1, keepdims=True) * ROUNDING["int8"] * (1 + 1e-5)
+        if kv_dtype == "float8_e4m3fn":   # scaled onto e4m3's range, whose subnormals (below
+            scale = np.abs(rows).max(-1, keepdims=True) / 448   # 2^-6) are 2^-9 apart
+            return (np.abs(rows) * ROUNDING[kv_dtype] + 2.0 ** -10 * scale) * (1 + 1e-5)
+        return np.abs(rows) * ROUNDING[kv_dtype]
 
-    def test_fp8_saturates_instead_of_nan(self):
-        k, v, rows = self.rows(10, scale=400.0)
+    @pytest.mark.parametrize("magnitude", [1e-3, 400.0])
+    def test_fp8_rows_keep_their_precision_at_any_magnitude(self, magnitude):
+        # Unscaled, rows of 1e-3 would all be e4m3 subnormals and rows of 400 would saturate.
+        k, v, rows = self.rows(10, scale=magnitude)
         read = self.write_and_read("float8_e4m3fn", k, v)
-        assert np.abs(rows).max() > 448 and not np.isnan(read).any()
-        big = np.abs(rows) > 464   # past the last rounding boundary below 448's successor
-        np.testing.assert_array_equal(read[big], np.sign(rows[big]) * 448)
+        assert not np.isnan(read).any()
+        assert np.all(np.abs(read - rows) <= self.bound("float8_e4m3fn", rows))
 
-    def test_int8_zero_row_reads_zero(self):
+    def test_fp8_cast_saturates_instead_of_nan(self):
+        values = jnp.asarray([500.0, -1000.0, 3.0])
+        np.testing.assert_array_equal(np.asarray(to_float_cache(values, jnp.float8_e4m3fn),
+                                                 np.float32), [448.0, -448.0, 3.0])
+
+    @pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])
+    def test_zero_row_reads_zero(self, kv_dtype):
         k, v, _ = self.rows(11)
-        read = self.write_and_read("int8", k.at[3].set(0.0), v)
+        read = self.write_and_read(kv_dtype, k.at[3].set(0.0), v)
         np.testing.assert_array_equal(read[3, 0::2], 0.0)
 
 
 def test_cache_sizes_and_dtype_names():
     bytes_per_token = pallas_kernels.kv_cache_bytes_per_token
     assert bytes_per_token(8, 128, jnp.bfloat16) == 2 * 8 * 128 * 2
-    assert bytes_per_token(8, 128, jnp.float8_e4m3fn) == 2 * 8 * 128
+    assert bytes_per_token(8, 128, jnp.float8_e4m3fn) == 2 * 8 * (128 + 4)
     assert bytes_per_token(8, 128, jnp.int8) == 2 * 8 * (128 + 4)       # + one f32 scale a row
     assert pallas_kernels.KV_CACHE_DTYPES == ("auto", "bfloat16", "float8_e4m3fn", "int8")
     resolve = pallas_kernels.resolve_kv_cache_dtype
@@ -228,7 +240,7 @@ def test_cache_sizes_and_dtype_names():
 def test_bad_cache_arguments_name_the_argument():
     batch = make_batch(12, Case([1, 5], [10, 0], 16, 4, 2, 64, jnp.float32, None, None))
     q, kv_pages, *metadata = batch.args()
-    int8_pages, scales = quantize_int8(kv_pages)
+    int8_pages, scales = quantize(kv_pages, jnp.int8)
     attend = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=0.1)
     with pytest.raises(ValueError, match=r"kv_scales=None with kv_pages.dtype=int8"):
         attend(q, int8_pages, *metadata)

@@ -103,7 +103,7 @@ def test_tpu_attention_lowers_to_mosaic(head_dim, num_q_heads, num_kv_heads, pag
 def test_attention_over_8_bit_caches_lowers(platform, kv_dtype):
     q, kv_pages, *metadata = attention_args(128, 32, 8, 16)
     kv_pages = spec(kv_pages.shape, kv_dtype)
-    kv_scales = spec(kv_pages.shape[:3], jnp.float32) if kv_dtype == jnp.int8 else None
+    kv_scales = spec(kv_pages.shape[:3], jnp.float32)   # both 8-bit caches carry scales
 
     def attention(q, kv_pages, kv_scales, *metadata):
         return pallas_kernels.ragged_paged_attention(
@@ -119,7 +119,7 @@ def test_attention_over_8_bit_caches_lowers(platform, kv_dtype):
 @pytest.mark.parametrize("kv_dtype", [jnp.float8_e4m3fn, jnp.int8])
 def test_write_kv_pages_into_8_bit_caches_lowers(kv_dtype):
     kv_pages = spec((4096, 16, 16, 128), kv_dtype)
-    kv_scales = spec((4096, 16, 16), jnp.float32) if kv_dtype == jnp.int8 else None
+    kv_scales = spec((4096, 16, 16), jnp.float32)   # both 8-bit caches carry scales
     write = functools.partial(pallas_kernels.write_kv_pages, backend="gpu")
     rows = spec((512, 8, 128), jnp.bfloat16)
     module = lower_for_cuda(lambda *args: write(*args[:4], kv_scales=args[4]), kv_pages, rows,
