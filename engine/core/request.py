@@ -217,6 +217,8 @@ class ScheduledRequest:
         except for prompt logprobs).
       is_prefill: False only for a plain decode (one token, the newest output token); a hint
         for metrics and logprob bookkeeping, never needed for correctness.
+      arrival_index: the request's (Request.arrival_index): an id may be used again once its
+        request has finished, so results are applied only to the request they were for.
     """
 
     request_id: str
@@ -225,6 +227,7 @@ class ScheduledRequest:
     page_table: list[int]
     sample: bool
     is_prefill: bool
+    arrival_index: int = -1
 
     @property
     def num_tokens(self) -> int:

@@ -289,7 +289,7 @@ class Scheduler:
             request_id=request.request_id,
             token_ids=planned_token_ids(request, start, start + num_new),
             start_position=start, page_table=page_table,
-            sample=sample, is_prefill=not is_decode)
+            sample=sample, is_prefill=not is_decode, arrival_index=request.arrival_index)
         step.budget -= num_new
         # Counted as run: the next schedule() may come before this step's update().
         request.num_computed_tokens = start + num_new
@@ -312,7 +312,7 @@ class Scheduler:
         """
         changed: list[Request] = []
         for row, entry in enumerate(scheduler_output.scheduled):
-            request = self._requests.get(entry.request_id)
+            request = self._scheduled_request(entry)
             if request is None:
                 continue
             if request.status is RequestStatus.RUNNING:
@@ -328,13 +328,21 @@ class Scheduler:
         the results of one that failed): its requests compute those tokens again. Roll
         back the newer of two steps first."""
         for entry in scheduler_output.scheduled:
-            request = self._requests.get(entry.request_id)
+            request = self._scheduled_request(entry)
             if request is None:
                 continue
             request.num_pending -= entry.sample
             if request.status is RequestStatus.RUNNING:
                 request.num_computed_tokens = min(request.num_computed_tokens,
                                                   entry.start_position)
+
+    def _scheduled_request(self, entry: ScheduledRequest) -> Request | None:
+        """The unfinished request `entry` was scheduled for; None once it has finished, even
+        if a new request has taken its id since."""
+        request = self._requests.get(entry.request_id)
+        if request is None or request.arrival_index != entry.arrival_index:
+            return None
+        return request
 
     def _append_token(self, request: Request, token_id: int) -> None:
         if request.max_tokens == 0:   # prompt only (e.g. scoring): nothing to append

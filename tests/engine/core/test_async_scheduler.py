@@ -165,3 +165,21 @@ def test_rollback_undoes_a_step_that_never_ran():
     assert request.num_pending == 0 and request.num_computed_tokens == 0
     again = scheduler.schedule()   # the same work is planned again
     assert again.scheduled[0].token_ids == [5, 6, 7, 8, 9] and again.scheduled[0].sample
+
+
+def test_a_stale_row_never_reaches_a_new_request_that_reuses_the_id():
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32,
+                                          max_model_len=64, page_size=4, num_pages=32))
+    old = _request("a", [5, 6, 7], max_tokens=10)
+    scheduler.add_request(old)
+    first = scheduler.schedule()
+    second = scheduler.schedule()       # in flight when "a" ends
+    scheduler.update(first, ModelOutput(np.asarray([11], np.int32)))
+    scheduler.abort("a")
+    new = _request("a", [8, 9], max_tokens=10)   # the id is free again
+    scheduler.add_request(new)
+    scheduler.update(second, ModelOutput(np.asarray([99], np.int32)))   # old's row
+    assert new.output_token_ids == [] and new.num_pending == 0
+    assert old.output_token_ids == [11]
+    scheduler.rollback(second)   # a stale step undone: nothing of new's changes either
+    assert new.num_computed_tokens == 0 and new.num_pending == 0
