@@ -325,8 +325,9 @@ class Scheduler:
 
     def rollback(self, scheduler_output: SchedulerOutput) -> None:
         """Undo what schedule() counted for a step that did not run (it failed, or ran on
-        the results of one that failed): its requests compute those tokens again. Roll
-        back the newer of two steps first."""
+        the results of one that failed): its requests compute those tokens again. Two
+        steps in flight may be rolled back in either order (each request goes back to the
+        earliest start_position, and each pending draw is taken back once)."""
         for entry in scheduler_output.scheduled:
             request = self._scheduled_request(entry)
             if request is None:
