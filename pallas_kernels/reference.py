@@ -25,8 +25,12 @@ from pallas_kernels.kv_cache import dequantize, quantize, to_float_cache
 from pallas_kernels.ragged_rows import query_blocks
 from pallas_kernels.sampling_primitives import gumbel_from_bits, ordered_key, sampling_noise_bits
 
-# Bytes of K/V gathered per loop iteration (all query blocks together).
-_GATHER_BYTES = 4 << 20
+# Bytes of K/V gathered per loop iteration (all query blocks together). Decode gathers
+# less: a few sequences' rows gathered 4 MiB at a time read far past their contexts (one
+# sequence of 100 tokens read 1,024 per layer) and left the CPU's caches; a quarter MiB
+# halved batch-1 decode attention on this project's CPU (2026-11-29).
+_PREFILL_GATHER_BYTES = 4 << 20
+_DECODE_GATHER_BYTES = 256 << 10
 # Query rows of one prefill sequence sharing one gather of its pages.
 _PREFILL_BLOCK = 16
 # Query blocks attended together in one pass over their pages (decode: one row each).
@@ -88,11 +92,13 @@ def ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_le
     # At most min(S, T) decode sequences; prefill sequences have >= 2 rows each.
     decode = query_blocks(cu_q_lens, num_seqs, block_q=1, num_blocks=min(max_seqs, num_rows),
                           min_rows=1, max_rows=1)
-    out = _over_live_groups(attend, decode, out, block_q=1, group=_DECODE_GROUP)
+    out = _over_live_groups(functools.partial(attend, gather_bytes=_DECODE_GATHER_BYTES),
+                            decode, out, block_q=1, group=_DECODE_GROUP)
     block = min(_PREFILL_BLOCK, num_rows)
     prefill = query_blocks(cu_q_lens, num_seqs, block_q=block, min_rows=2,
                            num_blocks=-(-num_rows // block) + min(max_seqs, num_rows // 2))
-    out = _over_live_groups(attend, prefill, out, block_q=block, group=_PREFILL_GROUP)
+    out = _over_live_groups(functools.partial(attend, gather_bytes=_PREFILL_GATHER_BYTES),
+                            prefill, out, block_q=block, group=_PREFILL_GROUP)
     return out[:num_rows]
 
 
@@ -114,8 +120,9 @@ def _over_live_groups(attend, blocks, out, *, block_q, group):
 
 
 def _attend_blocks(q, kv_pages, kv_scales, kv_lens, page_indices, cu_q_lens, blocks, *, block_q,
-                   sm_scale, sliding_window, soft_cap):
-    """Attention for query blocks of up to block_q rows (seq, first_row, num_rows: i32[W]).
+                   gather_bytes, sm_scale, sliding_window, soft_cap):
+    """Attention for query blocks of up to block_q rows (seq, first_row, num_rows: i32[W]),
+    gathering about gather_bytes of K/V (at least a page per block) per loop iteration.
 
     Returns (rows i32[W * Bq], out [W * Bq, Hq, D]); dead rows map to row T.
     """
@@ -136,7 +143,7 @@ def _attend_blocks(q, kv_pages, kv_scales, kv_lens, page_indices, cu_q_lens, blo
     # Gather a few MiB per iteration: larger blocks leave the CPU's caches (and XLA's
     # temporaries past glibc's mmap threshold, paid in page faults on every step).
     page_bytes = page_size * two_kv_heads * head_dim * 4
-    pages_per_block = max(1, min(max_pages, _GATHER_BYTES // max(1, num_blocks * page_bytes)))
+    pages_per_block = max(1, min(max_pages, gather_bytes // max(1, num_blocks * page_bytes)))
     live_block = block_rows > 0
     pages_of_block = jnp.where(live_block[:, None], page_indices[seq], 0)  # i32[W, P]
     pages_of_block = jnp.pad(pages_of_block, ((0, 0), (0, (-max_pages) % pages_per_block)))

@@ -14,7 +14,8 @@ output lengths, and measures in one run:
   - an honest roofline: for every step the engine ran, max(FLOPs / matmul rate, bytes /
     copy bandwidth), where FLOPs count the weights' and attention's work and bytes count
     the weights, the K/V read by attention (whole pages) and the K/V written; the share of
-    its sum that Ember's wall time reaches is printed beside the weight-only one.
+    its sum that Ember's wall time reaches is printed beside the weight-only one, with the
+    rate at which the CPU's decode attention reads K/V pages (what bounds it).
 
 With --structured FRACTION it measures instead Ember's output tokens/s with FRACTION of the
 requests under a JSON schema against none, in one run (scripts/offline_structured.py); with
@@ -217,6 +218,43 @@ def honest_roofline_seconds(config, steps, page_size, flops, bandwidth, dtype_by
     return total
 
 
+def measure_decode_attention(config, steps, page_size, bandwidth, reps=5):
+    """The reference decode attention (the CPU's) over the K/V pages of the workload's step
+    with the most decoding sequences, one layer: (K/V bytes read per second, sequences,
+    share of copy bandwidth). It bounds the honest roofline, which counts those pages at
+    copy bandwidth."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.reference import ragged_paged_attention_reference
+
+    decodes = [[context for fed, context, _ in step if fed == 1] for step in steps]
+    contexts = max(decodes, key=len)
+    rng = np.random.default_rng(0)
+    pages_of = [-(-context // page_size) for context in contexts]
+    num_pages = 1 + sum(pages_of)
+    shape = (num_pages, page_size, 2 * config.num_kv_heads, config.head_dim)
+    kv_pages = jnp.asarray(rng.standard_normal(shape, np.float32))
+    page_indices = np.zeros((len(contexts), max(pages_of)), np.int32)
+    order = rng.permutation(np.arange(1, num_pages))
+    for s, count in enumerate(pages_of):   # each sequence's pages scattered over the cache
+        page_indices[s, :count], order = order[:count], order[count:]
+    q = jnp.asarray(rng.standard_normal((len(contexts), config.num_heads, config.head_dim),
+                                        np.float32))
+    args = (q, kv_pages, np.asarray(contexts, np.int32), page_indices,
+            np.arange(len(contexts) + 1, dtype=np.int32), np.asarray([len(contexts)], np.int32))
+    attend = jax.jit(lambda *a: ragged_paged_attention_reference(
+        *a, sm_scale=config.head_dim ** -0.5))
+    attend(*args).block_until_ready()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        attend(*args).block_until_ready()
+        times.append(time.perf_counter() - start)
+    rate = sum(pages_of) * kv_pages[0].nbytes / float(np.median(times))
+    return rate, len(contexts), rate / bandwidth
+
+
 def decode_batch1(engine, prompt, tokens=128):
     from engine import SamplingParams
 
@@ -321,7 +359,9 @@ def main():
         params = model_config.num_parameters
         honest = honest_roofline_seconds(model_config, ember["steps"], ember["page_size"], flops,
                                          bandwidth)
-    report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest)
+        attention = measure_decode_attention(model_config, ember["steps"], ember["page_size"],
+                                             bandwidth)
+    report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest, attention)
 
 
 def run_structured(args):
@@ -336,7 +376,7 @@ def run_structured(args):
         compare(engine, prompts, outputs, args.structured)
 
 
-def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest):
+def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest, attention):
     prompt_tokens, output_tokens = sum(map(len, prompts)), sum(outputs)
     roofline = output_tokens / ((prompt_tokens + output_tokens) * 2 * params / flops)
     memory_roofline = bandwidth / (params * 4)
@@ -361,6 +401,10 @@ def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest):
     print(f"ember / honest roofline ({len(ember['steps'])} steps; weights, attention, K/V pages "
           f"read and written): {honest / ember['seconds']:.1%} (target >= 70%; roofline "
           f"{honest:.2f} s of {ember['seconds']:.2f} s)")
+    rate, num_seqs, share = attention
+    print(f"what bounds it: decode attention (reference, one layer, the step with the most "
+          f"decodes, {num_seqs} sequences) reads K/V pages at {rate / 1e9:.1f} GB/s = "
+          f"{share:.0%} of copy bandwidth, which the honest roofline assumes")
     if hf:
         print(f"ember / transformers: {ember['tokens_per_s'] / hf['tokens_per_s']:.2f}x")
     sync = ember["sync"]
