@@ -94,6 +94,8 @@ def ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_le
                           min_rows=1, max_rows=1)
     out = _over_live_groups(functools.partial(attend, gather_bytes=_DECODE_GATHER_BYTES),
                             decode, out, block_q=1, group=_DECODE_GROUP)
+    if num_rows == 1:   # a step of one row is a decode: no prefill block to look for
+        return out[:num_rows]
     block = min(_PREFILL_BLOCK, num_rows)
     prefill = query_blocks(cu_q_lens, num_seqs, block_q=block, min_rows=2,
                            num_blocks=-(-num_rows // block) + min(max_seqs, num_rows // 2))
