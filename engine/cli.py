@@ -41,7 +41,7 @@ def _add_engine_fields(parser: argparse.ArgumentParser, fields=_ENGINE_FIELDS) -
                             help=_FIELD_HELP.get(name, "EngineConfig field"))
     parser.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
                         help="run the layers under jax.lax.scan (compile time flat in depth) "
-                             "or unrolled; default: scan models of 4 layers or more")
+                             "or unrolled; default: scan models of more than 8 layers")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=None, help="plan step N+1 while step N runs (default: on; "
                                            "off on several hosts)")

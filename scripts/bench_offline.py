@@ -22,6 +22,7 @@ requests under a JSON schema against none, in one run (scripts/offline_structure
 --model, on that checkpoint or GGUF ("default": the default model) instead of the preset.
 
 Usage: python scripts/bench_offline.py [--preset 25m|60m] [--requests 64] [--seed 0]
+           [--layers auto|scan|unrolled]
        python scripts/bench_offline.py --structured 0.5 [--model default]
 """
 
@@ -113,7 +114,8 @@ def engine_config(args):
     return EngineConfig(max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=1024, num_pages=args.num_pages,
-                        compilation_cache_dir=args.cache_dir)
+                        compilation_cache_dir=args.cache_dir,
+                        scan_layers={"auto": None, "scan": True, "unrolled": False}[args.layers])
 
 
 def run_ember(model_dir, prompts, outputs, args):
@@ -321,6 +323,9 @@ def main():
     parser.add_argument("--num-pages", type=int, default=2048)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto",
+                        help="EngineConfig.scan_layers: auto (scans models of more than 8 "
+                        "layers, as the engine does), scan or unrolled")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "ember-bench-xla"))
     parser.add_argument("--structured", type=float, default=0.0, metavar="FRACTION",
                         help="run the workload free and with this fraction of the requests "
@@ -380,8 +385,9 @@ def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest, 
     prompt_tokens, output_tokens = sum(map(len, prompts)), sum(outputs)
     roofline = output_tokens / ((prompt_tokens + output_tokens) * 2 * params / flops)
     memory_roofline = bandwidth / (params * 4)
-    print(f"\nmodel: random-weight Llama, {params / 1e6:.1f}M params (preset {args.preset}); "
-          f"{args.requests} requests, {prompt_tokens} prompt + {output_tokens} output tokens")
+    print(f"\nmodel: random-weight Llama, {params / 1e6:.1f}M params (preset {args.preset}, "
+          f"layers {args.layers}); {args.requests} requests, {prompt_tokens} prompt + "
+          f"{output_tokens} output tokens")
     print(f"ceilings: f32 matmul {flops / 1e9:.1f} GFLOP/s, copy {bandwidth / 1e9:.1f} GB/s")
     print(f"compute roofline: {roofline:.0f} output tok/s; "
           f"batch-1 memory roofline: {memory_roofline:.0f} tok/s\n")

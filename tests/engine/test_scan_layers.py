@@ -80,7 +80,8 @@ def test_scan_layers_is_true_false_or_none(value):
         EngineConfig(scan_layers=value)
 
 
-def test_auto_scans_models_of_four_layers_or_more():
-    assert not EngineConfig().scans(2) and EngineConfig().scans(4)
+def test_auto_scans_models_of_more_than_eight_layers():
+    assert not EngineConfig().scans(2) and not EngineConfig().scans(8)
+    assert EngineConfig().scans(9) and EngineConfig().scans(30)
     assert EngineConfig(scan_layers=True).scans(2)
     assert not EngineConfig(scan_layers=False).scans(80)
