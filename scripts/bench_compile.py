@@ -1,9 +1,9 @@
 """Warm-up compile time of the engine's step, layers scanned against unrolled.
 
-For each model shape, lowers and compiles the engine's three jitted step functions
+For each model shape, lowers and compiles the engine's jitted step functions
 (engine/worker/step.py: jit_steps) for every rung the engine warms: the forward and the
 prompt logprobs per token rung, sampling per sequence rung x {penalties or not} x {0, 20 top
-logprobs}. Everything is abstract (`jax.ShapeDtypeStruct`: no weight and no KV cache is
+logprobs}, and the penalty slot's fill once (counted with sampling). Everything is abstract (`jax.ShapeDtypeStruct`: no weight and no KV cache is
 allocated), so an 8B or 70B shape compiles on a laptop's CPU. The persistent compilation
 cache is off: each number is a cold compile. Only the forward depends on depth.
 
@@ -76,8 +76,8 @@ def compile_warmup(shape: str, scan_layers: bool, engine, max_seconds: float,
     import jax
     import numpy as np
 
-    from engine.worker.host_arrays import empty_batch, sampling_arrays
-    from engine.worker.step import TOP_LOGPROBS, jit_steps
+    from engine.worker.host_arrays import empty_batch, empty_slot_history, sampling_arrays
+    from engine.worker.step import TOP_LOGPROBS, PenaltyState, jit_steps
     from models.checkpoint import abstract_model
     from models.paged import kv_cache_shape
 
@@ -90,6 +90,9 @@ def compile_warmup(shape: str, scan_layers: bool, engine, max_seconds: float,
     pages_per_seq = math.ceil(engine.max_model_len / engine.page_size)
     last_hidden = jax.ShapeDtypeStruct((engine.max_num_seqs, config.hidden_size), dtype)
     draws = jax.ShapeDtypeStruct((engine.max_num_seqs,), np.int32)   # the previous step's
+    counts = (engine.max_num_seqs, config.vocab_size)
+    penalty_state = PenaltyState(jax.ShapeDtypeStruct(counts, np.int32),
+                                 jax.ShapeDtypeStruct(counts, np.bool_))
     result = {"forward": {}, "prompt_logprobs": (0.0, 0.0), "sample": (0.0, 0.0),
               "complete": True}
     for rung in engine.token_ladder:
@@ -110,12 +113,16 @@ def compile_warmup(shape: str, scan_layers: bool, engine, max_seconds: float,
                 num_top=TOP_LOGPROBS))
     for num_seqs in () if forward_only else engine.seq_ladder:
         for with_penalties in (False, True):
-            sampling, penalties = abstract(sampling_arrays([], num_seqs, with_penalties,
-                                                           engine.max_model_len))
+            sampling, penalties = abstract(sampling_arrays([], num_seqs, with_penalties))
             for num_top in (0, TOP_LOGPROBS):
                 result["sample"] = _add(result["sample"], timed_compile(
-                    steps.sample, params, last_hidden, sampling, penalties, None, draws,
+                    steps.sample, params, last_hidden, sampling, penalties,
+                    penalty_state if with_penalties else None, None,
                     num_seqs=num_seqs, num_top=num_top))
+    if not forward_only:   # once, whatever the ladders
+        result["sample"] = _add(result["sample"], timed_compile(
+            steps.init_penalty_slot, penalty_state,
+            *abstract(empty_slot_history(engine.max_model_len)), draws))
     return result
 
 

@@ -65,8 +65,8 @@ def step_collectives(runner, num_tokens: int, num_seqs: int) -> tuple[tuple, tup
     runner.kv_cache, _, last_hidden = runner._forward(runner.params, runner.kv_cache, batch,
                                                       indices, previous_rows, runner._no_draws)
     sampling, _ = runner._sampling_arrays([], num_seqs, False)
-    sample = runner._sample.lower(runner.params, last_hidden, sampling, None, None,
-                                  runner._no_draws, num_seqs=num_seqs, num_top=0)
+    sample = runner._sample.lower(runner.params, last_hidden, sampling, None, None, None,
+                                  num_seqs=num_seqs, num_top=0)
     return (count_collectives(forward.compile().as_text()),
             count_collectives(sample.compile().as_text()))
 

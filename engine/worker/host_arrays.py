@@ -1,9 +1,10 @@
 """The host arrays of one step, padded to their ladder rungs: an all-padding batch, the
-sampling and penalty arrays, an open token bitmask (numpy; the runner fills and ships them)."""
+sampling and penalty arrays, an open token bitmask (numpy; the runner fills and ships them),
+and the history a penalty slot is filled from when a request takes one."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -26,19 +27,21 @@ def empty_batch(num_tokens: int, max_num_seqs: int, max_pages_per_seq: int
     return batch, np.zeros(max_num_seqs, np.int32)
 
 
+def output_position(request: Request) -> int:
+    """The output position a row of `request` draws: num_output_tokens + num_pending - 1
+    (its own draw is pending since it was scheduled; the one before may be too)."""
+    return request.num_output_tokens + max(request.num_pending - 1, 0)
+
+
 def sampling_arrays(chosen: list[Request], num_seqs: int, with_penalties: bool,
-                    max_model_len: int, previous_rows: Mapping[str, int] | None = None
-                    ) -> tuple[SamplingArrays, PenaltyArrays | None]:
+                    slots: Sequence[int] = ()) -> tuple[SamplingArrays, PenaltyArrays | None]:
     """The sampling (and penalty) arrays of `chosen`, padded to the sequence rung.
 
-    Each row draws the request's output position num_output_tokens + num_pending - 1 (its
-    own draw is pending since it was scheduled); a token still pending from the previous
-    step enters the penalty history as HISTORY_PENDING, read on the device from that step's
-    row `previous_rows[request_id]`.
+    `slots`: each row's PenaltyState slot (-1 or missing: none), which the runner assigns
+    (engine/worker/penalty_slots.py); the token counts themselves stay on the device.
     """
     params = [r.sampling_params for r in chosen]
     pad = num_seqs - len(chosen)
-    previous_rows = previous_rows or {}
 
     def column(values, dtype, fill):
         return np.asarray(list(values) + [fill] * pad, dtype)
@@ -49,26 +52,49 @@ def sampling_arrays(chosen: list[Request], num_seqs: int, with_penalties: bool,
         top_p=column((p.top_p for p in params), np.float32, 1.0),
         min_p=column((p.min_p for p in params), np.float32, 0.0),
         seeds=column((r.seed for r in chosen), np.uint32, 0),
-        positions=column((r.num_output_tokens + max(r.num_pending - 1, 0) for r in chosen),
-                         np.int32, 0))
+        positions=column(map(output_position, chosen), np.int32, 0))
     if not with_penalties:
         return sampling, None
-    history = np.full((num_seqs, max_model_len), -1, np.int32)
-    pending_rows = np.full(num_seqs, -1, np.int32)
-    for s, request in enumerate(chosen):
-        if request.sampling_params.has_penalties:
-            tokens = request.all_token_ids
-            history[s, :len(tokens)] = tokens
-            if request.num_pending > 1 and request.request_id in previous_rows:
-                history[s, len(tokens)] = HISTORY_PENDING
-                pending_rows[s] = previous_rows[request.request_id]
     penalties = PenaltyArrays(
-        history=history, pending_rows=pending_rows,
-        num_prompt=column((r.num_prompt_tokens for r in chosen), np.int32, 0),
+        slots=np.full(num_seqs, -1, np.int32),
         repetition=column((p.repetition_penalty for p in params), np.float32, 1.0),
         presence=column((p.presence_penalty for p in params), np.float32, 0.0),
         frequency=column((p.frequency_penalty for p in params), np.float32, 0.0))
+    penalties.slots[:len(slots)] = slots
     return sampling, penalties
+
+
+def empty_slot_history(max_model_len: int) -> tuple[np.ndarray, ...]:
+    """init_penalty_slot's host arrays, filling slot 0 with nothing: (slot i32[],
+    tokens i32[max_model_len], num_prompt i32[], pending_row i32[])."""
+    return (np.zeros((), np.int32), np.full(max_model_len, -1, np.int32),
+            np.zeros((), np.int32), np.full((), -1, np.int32))
+
+
+def slot_history(request: Request, position: int, max_model_len: int,
+                 previous_rows: Mapping[str, int]) -> tuple[np.ndarray, int]:
+    """What init_penalty_slot fills a slot from, for a row of `request` drawing output
+    `position`: (tokens i32[max_model_len], the prompt then the outputs before `position`,
+    -1 padded; the row of the previous step's draws holding a still pending last output,
+    or -1). Only that last output may be missing from the host.
+
+    Raises:
+      RuntimeError naming the request when an output before `position` is neither known
+      nor being drawn by the previous step.
+    """
+    tokens = np.full(max_model_len, -1, np.int32)
+    known = request.all_token_ids
+    tokens[:len(known)] = known
+    missing = position - request.num_output_tokens
+    if missing == 0:
+        return tokens, -1
+    if missing != 1 or request.request_id not in previous_rows:
+        raise RuntimeError(f"request {request.request_id!r}: its penalty counts for output "
+                           f"position {position} need outputs 0..{position - 1}, but "
+                           f"{request.num_output_tokens} are known: expected all, or all "
+                           "but the one the previous step draws")
+    tokens[len(known)] = HISTORY_PENDING
+    return tokens, previous_rows[request.request_id]
 
 
 def open_bitmask(num_seqs: int, vocab_size: int) -> TokenBitmask:

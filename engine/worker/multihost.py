@@ -12,6 +12,10 @@ call the leader's Runner makes to one of its jitted functions first reaches ever
 The broadcasts are `multihost_utils.broadcast_one_to_all` (a psum over every device), so the
 exchange runs on jax's own collectives (gloo on CPU). The step inputs become global,
 replicated arrays on the mesh, so every process runs the same program on its own devices.
+The penalty token counts (step.py: PenaltyState) live on every process and change only
+through these calls; a slot is always filled (INIT_PENALTY_SLOT) before a sampler reads it,
+so the leader re-creating its own after a failure (Runner.reset_penalty_slots) needs no
+broadcast.
 
 A "stop" header ends the followers when the leader's process exits. When a process dies,
 the collective it was part of raises on the others (gloo: "Connection reset by peer"); the
@@ -34,9 +38,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from engine.worker.host_arrays import empty_slot_history
+
 logger = logging.getLogger(__name__)
 
-STOP, FORWARD, SAMPLE, PROMPT_LOGPROBS = range(4)
+STOP, FORWARD, SAMPLE, PROMPT_LOGPROBS, INIT_PENALTY_SLOT = range(5)
 STOP_GRACE_S = 0.5
 
 
@@ -83,12 +89,14 @@ class StepBroadcaster:
         self._replicated = runner.plan.sharding()
         self._forward, self._sample = runner._forward, runner._sample
         self._prompt_logprobs = runner._prompt_logprobs
+        self._init_penalty_slot = runner._init_penalty_slot
         self._restore_kv_cache = runner.restore_kv_cache
         self._lock = threading.Lock()
         self.lost: Exception | None = None
         self.stopped = False
         runner._forward, runner._sample = self.forward, self.sample
         runner._prompt_logprobs = self.prompt_logprobs
+        runner._init_penalty_slot = self.init_penalty_slot
         runner.restore_kv_cache = self.restore_kv_cache
         atexit.register(self.stop)
 
@@ -101,16 +109,24 @@ class StepBroadcaster:
             return self._run(self._forward, params, kv_cache, batch, logits_indices,
                              previous_rows, previous_draws)
 
-    def sample(self, params, last_hidden, sampling, penalties, bitmask, previous_draws, *,
+    def sample(self, params, last_hidden, sampling, penalties, penalty_state, bitmask, *,
                num_seqs, num_top):
+        # penalty_state: every process holds its own, changed by the same calls.
         with self._lock:
             flags = int(penalties is not None) | int(bitmask is not None) << 1
             sampling, penalties, bitmask = self._send(
                 _header(SAMPLE, num_seqs, flags, num_top), (sampling, penalties, bitmask))
-            packed, drawn = self._run(self._sample, params, last_hidden, sampling, penalties,
-                                      bitmask, previous_draws, num_seqs=num_seqs,
-                                      num_top=num_top)
-            return packed.addressable_data(0), drawn
+            packed, drawn, penalty_state = self._run(
+                self._sample, params, last_hidden, sampling, penalties, penalty_state, bitmask,
+                num_seqs=num_seqs, num_top=num_top)
+            return packed.addressable_data(0), drawn, penalty_state
+
+    def init_penalty_slot(self, penalty_state, slot, tokens, num_prompt, pending_row,
+                          previous_draws):
+        with self._lock:
+            arrays = self._send(_header(INIT_PENALTY_SLOT, tokens.shape[0]),
+                                (slot, tokens, num_prompt, pending_row))
+            return self._run(self._init_penalty_slot, penalty_state, *arrays, previous_draws)
 
     def prompt_logprobs(self, params, hidden, targets, *, num_top):
         with self._lock:
@@ -189,14 +205,20 @@ class Follower:
                 sampling, penalties = r._sampling_arrays([], a, bool(b & 1))
                 bitmask = r._open_bitmask(a) if b & 2 else None
                 sampling, penalties, bitmask = self._receive((sampling, penalties, bitmask))
-                _, drawn = r._sample(r.params, last_hidden, sampling, penalties, bitmask,
-                                     drawn, num_seqs=a, num_top=c)
+                _, drawn, penalty_state = r._sample(
+                    r.params, last_hidden, sampling, penalties,
+                    r.penalty_state if b & 1 else None, bitmask, num_seqs=a, num_top=c)
+                if b & 1:
+                    r.penalty_state = penalty_state
                 drawn.block_until_ready()
+            elif kind == INIT_PENALTY_SLOT:
+                arrays = self._receive(empty_slot_history(a))
+                r.penalty_state = r._init_penalty_slot(r.penalty_state, *arrays, drawn)
             elif kind == PROMPT_LOGPROBS:
                 targets = self._receive(np.zeros(a, np.int32))
                 r._prompt_logprobs(r.params, hidden, targets, num_top=b).block_until_ready()
             else:
-                raise ValueError(f"header kind={kind}: expected one of 0..3")
+                raise ValueError(f"header kind={kind}: expected one of 0..4")
 
     def _receive(self, template: Any) -> Any:
         return _to_global(multihost_utils.broadcast_one_to_all(template), self._replicated)

@@ -9,7 +9,9 @@ A step is launched, then collected (`launch`, `dispatch_sample`, `collect`; `exe
 three): with async scheduling the engine launches step N+1 before it collects step N. A token
 step N draws reaches step N+1's input on the device (PENDING_TOKEN rows, `previous_rows`),
 and a grammar's token bitmask, which needs that token on the host, is filled once step N is
-collected, while step N+1's forward runs; its sampler is dispatched then.
+collected, while step N+1's forward runs; its sampler is dispatched then. Penalised requests'
+token counts stay on the device from step to step (`penalty_state`, a slot per request; the
+host's table of them is engine/worker/penalty_slots.py), so a step ships no history.
 """
 
 from __future__ import annotations
@@ -31,8 +33,12 @@ import pallas_kernels
 from engine.config import EngineConfig
 from engine.core.request import PENDING_TOKEN, ModelOutput, Request, SchedulerOutput
 from engine.structured import fill_bitmasks
-from engine.worker.host_arrays import empty_batch, open_bitmask, sampling_arrays
-from engine.worker.step import TOP_LOGPROBS, PenaltyArrays, SamplingArrays, TokenBitmask, jit_steps
+from engine.worker.host_arrays import (empty_batch, empty_slot_history, open_bitmask,
+                                       output_position, sampling_arrays, slot_history)
+from engine.worker.penalty_slots import PenaltySlots
+from engine.worker.prompt_logprobs import prompt_targets, unpack_prompt_logprobs
+from engine.worker.step import (TOP_LOGPROBS, PenaltyArrays, PenaltyState, SamplingArrays,
+                                TokenBitmask, jit_steps)
 from models.batch import Batch
 from models.paged import init_kv_cache
 from models.sharding import KV_PAGES, ShardingPlan
@@ -61,22 +67,10 @@ class StepInFlight:
     packed: jax.Array | None = None   # the sampler's packed f32 output, once dispatched
     drawn: jax.Array | None = None    # i32[S_max]: the draws, for the next step's inputs
     prompt_logprobs: tuple | None = None   # (packed f32 on the device, rows wanted, spans)
-    previous_rows: dict[str, int] | None = None   # rows of the step before, for penalties
 
     @property
     def is_sampled(self) -> bool:
         return self.packed is not None
-
-
-@dataclass(slots=True, frozen=True)
-class PromptLogprobs:
-    """Logprobs of prompt tokens at `positions` (the position of each scored token)."""
-
-    positions: np.ndarray     # i32[N]
-    logprobs: np.ndarray      # f32[N]
-    ranks: np.ndarray         # i32[N]
-    top_ids: np.ndarray       # i32[N, K]
-    top_logprobs: np.ndarray  # f32[N, K]
 
 
 class Runner:
@@ -106,13 +100,18 @@ class Runner:
         self.kv_cache = self._new_kv_cache()
         self.num_kv_rebuilds = 0   # times a failed step lost the cache and it was re-created
         self.timeline = None   # a DeviceTimeline a benchmark attaches (engine/worker/timeline.py)
+        self._replicated = (SingleDeviceSharding(jax.devices()[0]) if plan is None
+                            else plan.sharding())
         # The "previous draws" of a step that follows none: placed as the sampler's own
         # output is, so both compile alike.
-        self._no_draws = jax.device_put(
-            np.zeros(config.max_num_seqs, np.int32),
-            SingleDeviceSharding(jax.devices()[0]) if plan is None else plan.sharding())
-        self._forward, self._sample, self._prompt_logprobs = jit_steps(self.graphdef, config,
-                                                                       plan)
+        self._no_draws = jax.device_put(np.zeros(config.max_num_seqs, np.int32),
+                                        self._replicated)
+        # Penalised requests' token counts, kept on the device from step to step (a slot
+        # per request; self.penalty_slots says whose), committed as _no_draws is.
+        self.penalty_state = self._new_penalty_state()
+        self.penalty_slots = PenaltySlots(config.max_num_seqs)
+        (self._forward, self._sample, self._prompt_logprobs,
+         self._init_penalty_slot) = jit_steps(self.graphdef, config, plan)
         if jax.process_count() > 1:   # several hosts: engine/worker/multihost.py
             from engine.worker import multihost
             multihost.attach(self)
@@ -120,15 +119,21 @@ class Runner:
     # ------------------------------------------------------------------ warm-up
     def warmup(self, progress: bool = True) -> None:
         """Compiles every rung: forward and prompt logprobs per token rung, sampling per
-        sequence rung with and without penalties, top logprobs and a token bitmask."""
+        sequence rung with and without penalties, top logprobs and a token bitmask, and
+        the penalty slots' fill (once)."""
         c = self.config
-        jobs = [("forward", t) for t in c.token_ladder]
+        jobs = [("init_penalty_slot", None)]
+        jobs += [("forward", t) for t in c.token_ladder]
         jobs += [("prompt_logprobs", t) for t in c.token_ladder]
         jobs += [("sample", (s, pen, top, mask)) for s in c.seq_ladder for pen in (False, True)
                  for top in (0, TOP_LOGPROBS) for mask in (False, True)]
         last_hidden = None
-        for kind, shape in tqdm(jobs, desc="warm-up (compile)", unit="bucket", disable=not progress):
-            if kind == "forward":
+        for kind, shape in tqdm(jobs, desc="warm-up (compile)", unit="bucket",
+                                disable=not progress):
+            if kind == "init_penalty_slot":   # fills slot 0 with nothing: no slot is held yet
+                self.penalty_state = self._init_penalty_slot(
+                    self.penalty_state, *empty_slot_history(self.max_model_len), self._no_draws)
+            elif kind == "forward":
                 batch, indices = self._empty_batch(shape)
                 self.kv_cache, hidden, last_hidden = self._forward(
                     self.params, self.kv_cache, batch, indices, np.full(shape, -1, np.int32),
@@ -139,9 +144,13 @@ class Runner:
                 num_seqs, with_penalties, num_top, with_bitmask = shape
                 sampling, penalties = self._sampling_arrays([], num_seqs, with_penalties)
                 bitmask = self._open_bitmask(num_seqs) if with_bitmask else None
-                jax.block_until_ready(self._sample(
-                    self.params, last_hidden, sampling, penalties, bitmask, self._no_draws,
-                    num_seqs=num_seqs, num_top=num_top))
+                packed, _, penalty_state = self._sample(
+                    self.params, last_hidden, sampling, penalties,
+                    self.penalty_state if with_penalties else None, bitmask,
+                    num_seqs=num_seqs, num_top=num_top)
+                if with_penalties:
+                    self.penalty_state = penalty_state
+                packed.block_until_ready()
 
     def _empty_batch(self, num_tokens: int) -> tuple[Batch, np.ndarray]:
         return empty_batch(num_tokens, self.config.max_num_seqs, self.max_pages_per_seq)
@@ -174,8 +183,7 @@ class Runner:
         step = StepInFlight(
             scheduler_output, chosen, rung(self.config.seq_ladder, len(scheduled)),
             TOP_LOGPROBS if any(r.sampling_params.logprobs for r in chosen) else 0,
-            last_hidden, {item.request_id: s for s, item in enumerate(scheduled)},
-            previous_rows=None if previous is None else previous.rows)
+            last_hidden, {item.request_id: s for s, item in enumerate(scheduled)})
         step.prompt_logprobs = self._launch_prompt_logprobs(scheduler_output, chosen, batch,
                                                             hidden)
         grammar_waits = previous is not None and any(
@@ -193,8 +201,8 @@ class Runner:
             return
         scheduled, chosen = step.scheduler_output.scheduled, step.chosen
         with_penalties = any(r.sampling_params.has_penalties for r in chosen)
-        sampling, penalties = sampling_arrays(chosen, step.num_seqs, with_penalties,
-                                              self.max_model_len, step.previous_rows)
+        slots = self._penalty_slots(step, previous) if with_penalties else ()
+        sampling, penalties = sampling_arrays(chosen, step.num_seqs, with_penalties, slots)
         # Rows that draw a token this step under a grammar (a prefill chunk draws none; a
         # request finished since it was scheduled is left free: its row is discarded).
         constrained = [(request.matcher, s) for s, (item, request) in
@@ -207,11 +215,43 @@ class Runner:
             # work overlaps the device's, and the masks reach the device with the sampler.
             fill_bitmasks(constrained, bitmask.bitmask)
             bitmask.enabled[[s for _, s in constrained]] = True
-        step.packed, step.drawn = self._sample(
-            self.params, step.last_hidden, sampling, penalties, bitmask,
-            self._no_draws if previous is None else previous.drawn,
+        step.packed, step.drawn, penalty_state = self._sample(
+            self.params, step.last_hidden, sampling, penalties,
+            self.penalty_state if with_penalties else None, bitmask,
             num_seqs=step.num_seqs, num_top=step.num_top)
+        if with_penalties:
+            self.penalty_state = penalty_state
         self._record(step.packed)
+
+    def _penalty_slots(self, step: StepInFlight, previous: StepInFlight | None) -> list[int]:
+        """Each row's PenaltyState slot: -1 for a row without penalties or whose draw is not
+        kept (a prefill chunk, a request finished since it was scheduled). A slot that does
+        not hold exactly the request's outputs before this draw is filled first, from the
+        host's history and, for a token still in flight, `previous`' draws."""
+        slots, in_step = [], set()
+        for item, request in zip(step.scheduler_output.scheduled, step.chosen):
+            if not (item.sample and request.sampling_params.has_penalties
+                    and not request.is_finished):
+                slots.append(-1)
+                continue
+            position = output_position(request)
+            slot, fresh = self.penalty_slots.take(request, position, in_step)
+            if fresh:
+                try:
+                    tokens, pending_row = slot_history(
+                        request, position, self.max_model_len,
+                        {} if previous is None else previous.rows)
+                except RuntimeError:
+                    self.penalty_slots.forget()   # `slot` was counted as filled
+                    raise
+                self.penalty_state = self._init_penalty_slot(
+                    self.penalty_state, np.asarray(slot, np.int32), tokens,
+                    np.asarray(request.num_prompt_tokens, np.int32),
+                    np.asarray(pending_row, np.int32),
+                    self._no_draws if previous is None else previous.drawn)
+            slots.append(slot)
+            in_step.add(slot)
+        return slots
 
     def collect(self, step: StepInFlight) -> ModelOutput:
         """Waits for the step's results: sampled tokens and logprobs as numpy, row s for
@@ -237,21 +277,33 @@ class Runner:
         after an error raised while it ran the old buffers may be deleted, or (the error
         surfacing later, dispatch being asynchronous) the new ones may hold that error.
 
+        Every penalty slot is forgotten too (reset_penalty_slots): whoever restores after
+        a failure has a step to roll back, whose draws the slots may count.
+
         Returns:
           True when the cache was re-created: every page's contents are gone, so whatever
           the scheduler believes computed must be computed again.
         """
-        try:
-            lost = any(array.is_deleted() for array in jax.tree.leaves(self.kv_cache))
-            if not lost:
-                jax.block_until_ready(self.kv_cache)   # raises what its computation raised
-        except Exception:  # noqa: BLE001 - an array that cannot be read is lost too
-            lost = True
-        if not lost:
+        self.reset_penalty_slots()
+        if not _is_lost(self.kv_cache):
             return False
         self.kv_cache = self._new_kv_cache()
         self.num_kv_rebuilds += 1
         return True
+
+    def reset_penalty_slots(self) -> None:
+        """Trusts no penalty slot any more: each penalised request's slot is filled again
+        from its history when it next draws. Call when a step is rolled back or run again
+        (its draws are counted already). Re-creates the PenaltyState when a failed sampler
+        call lost it (it is donated, as the KV cache is)."""
+        self.penalty_slots.forget()
+        if _is_lost(self.penalty_state):
+            self.penalty_state = self._new_penalty_state()
+
+    def _new_penalty_state(self) -> PenaltyState:
+        shape = (self.config.max_num_seqs, self.vocab_size)   # [R, V]
+        return jax.device_put(PenaltyState(np.zeros(shape, np.int32),
+                                           np.zeros(shape, np.bool_)), self._replicated)
 
     def _build_batch(self, scheduler_output: SchedulerOutput, chosen: list[Request],
                      previous: StepInFlight | None = None
@@ -298,8 +350,7 @@ class Runner:
 
     def _sampling_arrays(self, chosen: list[Request], num_seqs: int, with_penalties: bool
                          ) -> tuple[SamplingArrays, PenaltyArrays | None]:
-        return sampling_arrays(chosen, num_seqs, with_penalties, self.max_model_len)
-
+        return sampling_arrays(chosen, num_seqs, with_penalties)
 
     def _open_bitmask(self, num_seqs: int) -> TokenBitmask:
         return open_bitmask(num_seqs, self.vocab_size)
@@ -307,22 +358,10 @@ class Runner:
     def _launch_prompt_logprobs(self, scheduler_output, chosen, batch, hidden):
         """Dispatches the scoring of prompt tokens fed this step for requests that asked
         for prompt_logprobs: (packed on the device, rows wanted, spans), or None."""
-        wanted = [(s, item) for s, (item, r) in enumerate(zip(scheduler_output.scheduled, chosen))
-                  if r.sampling_params.prompt_logprobs is not None and item.is_prefill]
-        if not wanted:
+        targets = prompt_targets(scheduler_output, chosen, batch.input_ids.shape[0])
+        if targets is None:
             return None
-        targets = np.zeros(batch.input_ids.shape[0], np.int32)
-        spans = {}
-        row = 0
-        for item, request in zip(scheduler_output.scheduled, chosen):
-            count = len(item.token_ids)
-            spans[item.request_id] = (row, count)
-            # Row at position p predicts the token at p + 1, when that token is in the prompt.
-            following = request.token_ids_between(
-                item.start_position + 1,
-                min(item.start_position + count + 1, request.num_prompt_tokens))
-            targets[row:row + len(following)] = following
-            row += count
+        targets, wanted, spans = targets
         packed = self._prompt_logprobs(self.params, hidden, targets, num_top=TOP_LOGPROBS)
         self._record(packed)
         return packed, wanted, spans
@@ -331,17 +370,17 @@ class Runner:
         if step.prompt_logprobs is None:
             return None
         packed, wanted, spans = step.prompt_logprobs
-        packed = np.asarray(jax.device_get(packed))
-        result = {}
-        for s, item in wanted:
-            request = step.chosen[s]
-            first, count = spans[item.request_id]
-            # Scored positions: p + 1 for rows whose next token is still a prompt token.
-            positions = np.arange(item.start_position + 1, item.start_position + count + 1)
-            keep = positions < request.num_prompt_tokens
-            rows = packed[first:first + count][keep]
-            result[item.request_id] = PromptLogprobs(
-                positions=positions[keep].astype(np.int32), logprobs=rows[:, 1],
-                ranks=rows[:, 2].astype(np.int32), top_ids=rows[:, 3:3 + TOP_LOGPROBS].astype(
-                    np.int32), top_logprobs=rows[:, 3 + TOP_LOGPROBS:])
-        return result
+        return unpack_prompt_logprobs(np.asarray(jax.device_get(packed)), wanted, spans,
+                                      step.chosen)
+
+
+def _is_lost(tree) -> bool:
+    """Whether a donated device tree was lost by a failed call: deleted, or holding the
+    error its computation raised (dispatch being asynchronous, it surfaces later)."""
+    try:
+        if any(array.is_deleted() for array in jax.tree.leaves(tree)):
+            return True
+        jax.block_until_ready(tree)   # raises what its computation raised
+    except Exception:  # noqa: BLE001 - an array that cannot be read is lost too
+        return True
+    return False

@@ -17,13 +17,21 @@ def pages_that_fit(model_config: ModelConfig, config: EngineConfig) -> int:
     """KV pages for memory_fraction of one device's free memory (cpu_num_pages on a CPU,
     which reports no limit). `model_config` is the model as built (on a mesh: its layout,
     whose kv heads split evenly over tensor_parallel_size devices). A page's bytes are those
-    of config.kv_cache_dtype (int8 scales included): a smaller dtype fits more pages."""
+    of config.kv_cache_dtype (int8 scales included): a smaller dtype fits more pages. The
+    penalty state (replicated on every device) is set aside first."""
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if not stats or "bytes_limit" not in stats:
         return config.cpu_num_pages
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+            - penalty_state_bytes(model_config, config))
     return max(2, int(free * config.memory_fraction) // page_bytes(model_config, config))
+
+
+def penalty_state_bytes(model_config: ModelConfig, config: EngineConfig) -> int:
+    """The penalty token counts kept on every device (engine/worker/step.py: PenaltyState):
+    i32 counts and a bool prompt mask per slot and vocabulary entry."""
+    return config.max_num_seqs * model_config.vocab_size * (4 + 1)
 
 
 def page_bytes(model_config: ModelConfig, config: EngineConfig) -> int:

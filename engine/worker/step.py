@@ -6,9 +6,11 @@ sample_step    (per sequence rung S) LM head on each sequence's last row, penalt
                                      chosen-token logprob, rank and optional top logprobs,
                                      all packed in one f32 array for a single host transfer
 prompt_logprobs_step (per T)         logprobs of each prompt token, for evaluations
+init_penalty_slot (once)             fills a penalised request's slot of the PenaltyState
+                                     (token counts kept on the device across steps)
 
 Splitting the LM head from the body keeps compilations at |T| + |S| instead of |T| x |S|.
-`jit_steps` jits the three as the runner runs them.
+`jit_steps` jits them as the runner runs them.
 
 With tensor parallelism (a ShardingPlan), forward_step runs attention per device under
 shard_map, and the vocab-sharded logits are gathered onto every device (padding cut off)
@@ -50,15 +52,22 @@ class SamplingArrays(NamedTuple):
 
 
 class PenaltyArrays(NamedTuple):
-    """Token history for repetition / presence / frequency penalties."""
+    """Per-row repetition / presence / frequency penalties; the tokens they count are the
+    runner's PenaltyState, read at each row's slot."""
 
-    history: jax.Array             # i32[S, L]  prompt then output ids, -1 padded; a token
-                                   #            still being drawn is PENDING_TOKEN (-2 here)
-    pending_rows: jax.Array        # i32[S]     its row in the previous step's draws, or -1
-    num_prompt: jax.Array          # i32[S]     history[:num_prompt] is the prompt
-    repetition: jax.Array          # f32[S]     1 disables
-    presence: jax.Array            # f32[S]
-    frequency: jax.Array           # f32[S]
+    slots: jax.Array        # i32[S]  the row's PenaltyState slot; -1: no penalty, nothing counted
+    repetition: jax.Array   # f32[S]  1 disables
+    presence: jax.Array     # f32[S]
+    frequency: jax.Array    # f32[S]
+
+
+class PenaltyState(NamedTuple):
+    """Token counts of the penalised requests, kept on the device from step to step: one
+    slot (row) per request, filled once by init_penalty_slot, then counted on by every
+    sampler call that draws for it. R = max_num_seqs slots."""
+
+    counts: jax.Array        # i32[R, V]   output tokens drawn so far
+    prompt_seen: jax.Array   # bool[R, V]  tokens of the prompt
 
 
 class TokenBitmask(NamedTuple):
@@ -92,25 +101,42 @@ def logits_of(model, hidden, plan: ShardingPlan | None):
     return logits if plan is None else plan.gather_logits(logits)
 
 
-def apply_penalties(logits, penalties: PenaltyArrays, previous_tokens):
+def apply_penalties(logits, penalties: PenaltyArrays, state: PenaltyState):
     """vLLM/OpenAI semantics: repetition over prompt and output tokens (divide positive
-    logits, multiply negative ones); presence and frequency over output tokens only.
-    A history entry HISTORY_PENDING takes the row's token from previous_tokens."""
-    num_seqs, vocab = logits.shape
-    pending = previous_tokens[jnp.maximum(penalties.pending_rows, 0)]
-    history = jnp.where(penalties.history == HISTORY_PENDING, pending[:, None],
-                        penalties.history)
-    valid = history >= 0
-    is_output = jnp.arange(history.shape[1])[None, :] >= penalties.num_prompt[:, None]
-    ids = jnp.where(valid, history, vocab)  # padding lands in a dropped extra column
-    rows = jnp.arange(num_seqs)[:, None]
-    seen = jnp.zeros((num_seqs, vocab + 1), jnp.bool_).at[rows, ids].set(True)[:, :vocab]
-    counts = jnp.zeros((num_seqs, vocab + 1), jnp.float32).at[rows, ids].add(
-        (valid & is_output).astype(jnp.float32))[:, :vocab]
+    logits, multiply negative ones); presence and frequency over output tokens only. Row s
+    reads slot penalties.slots[s] of `state`; a row without one (-1) is left as it is."""
+    has_slot = (penalties.slots >= 0)[:, None]
+    slots = jnp.maximum(penalties.slots, 0)
+    counts = jnp.where(has_slot, state.counts[slots], 0)                 # i32[S, V]
+    seen = (counts > 0) | (has_slot & state.prompt_seen[slots])          # bool[S, V]
     rep = penalties.repetition[:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-    logits = logits - penalties.frequency[:, None] * counts
+    logits = logits - penalties.frequency[:, None] * counts.astype(jnp.float32)
     return logits - penalties.presence[:, None] * (counts > 0)
+
+
+def count_draws(state: PenaltyState, slots, token_ids) -> PenaltyState:
+    """Adds row s's drawn token_ids[s] (i32[S]) to slot slots[s] (i32[S]; -1 adds nothing)."""
+    rows = jnp.where(slots >= 0, slots, state.counts.shape[0])   # out of range: dropped
+    return state._replace(counts=state.counts.at[rows, token_ids].add(1, mode="drop"))
+
+
+def init_penalty_slot(state: PenaltyState, slot, tokens, num_prompt, pending_row,
+                      previous_tokens) -> PenaltyState:
+    """Resets slot `slot` (i32[]) to one request's history: tokens i32[L] (L = max_model_len),
+    the prompt (tokens[:num_prompt], num_prompt i32[]) then the output ids, -1 padded. An
+    entry HISTORY_PENDING is the token the previous step drew at row pending_row (i32[]),
+    read from previous_tokens (i32[S_max]) without a trip through the host."""
+    vocab = state.counts.shape[1]
+    pending = previous_tokens[jnp.maximum(pending_row, 0)]
+    tokens = jnp.where(tokens == HISTORY_PENDING, pending, tokens)
+    is_output = jnp.arange(tokens.shape[0]) >= num_prompt
+    outputs = jnp.where((tokens >= 0) & is_output, tokens, vocab)   # padding: a dropped column
+    prompt = jnp.where((tokens >= 0) & ~is_output, tokens, vocab)
+    counts = jnp.zeros(vocab + 1, jnp.int32).at[outputs].add(1)[:vocab]
+    prompt_seen = jnp.zeros(vocab + 1, jnp.bool_).at[prompt].set(True)[:vocab]
+    return PenaltyState(state.counts.at[slot].set(counts),
+                        state.prompt_seen.at[slot].set(prompt_seen))
 
 
 def request_keys(seeds, positions):
@@ -121,31 +147,35 @@ def request_keys(seeds, positions):
 
 
 def sample_step(graphdef, params, last_hidden, sampling: SamplingArrays,
-                penalties: PenaltyArrays | None, bitmask: TokenBitmask | None,
-                previous_tokens, *, num_seqs, num_top, backend, interpret,
+                penalties: PenaltyArrays | None, penalty_state: PenaltyState | None,
+                bitmask: TokenBitmask | None, *, num_seqs, num_top, backend, interpret,
                 plan: ShardingPlan | None = None):
     """Samples one token per sequence; returns (f32[S, 3 + 2 * num_top]: token id, its
     logprob, its rank, then num_top (id, logprob) pairs; the token ids as i32[S_max], for
-    the next step's forward to feed without a trip through the host).
+    the next step's forward to feed without a trip through the host; the penalty state,
+    each penalised row's draw counted in its slot, or None without penalties).
 
     Logprobs are the model's own distribution (log_softmax of the raw logits), as OpenAI
     and vLLM report them; penalties, the structured-output mask and temperature shape only
     the draw. The mask sets forbidden logits to -inf before the draw, so a greedy row's
-    argmax obeys it too. `bitmask` None (no constrained row) compiles without it.
+    argmax obeys it too. `penalties` None (no penalised row) compiles without them and
+    leaves the state alone; `bitmask` None (no constrained row) compiles without it.
     """
     model = nnx.merge(graphdef, params)
     logits = logits_of(model, last_hidden[:num_seqs], plan)  # f32[S, V]
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     if penalties is not None:
-        logits = apply_penalties(logits, penalties, previous_tokens)
+        logits = apply_penalties(logits, penalties, penalty_state)
     if bitmask is not None:
         logits = apply_token_bitmask(logits, bitmask.bitmask, bitmask.enabled)
     keys = request_keys(sampling.seeds, sampling.positions)
     token_ids, _ = pallas_kernels.sample(logits, sampling.temperature, sampling.top_k,
                                          sampling.top_p, sampling.min_p, keys, backend=backend,
                                          interpret=interpret)
-    drawn = jnp.zeros(previous_tokens.shape, jnp.int32).at[:num_seqs].set(token_ids)
-    return _pack(logprobs, token_ids, num_top), drawn
+    if penalties is not None:
+        penalty_state = count_draws(penalty_state, penalties.slots, token_ids)
+    drawn = jnp.zeros(last_hidden.shape[0], jnp.int32).at[:num_seqs].set(token_ids)
+    return _pack(logprobs, token_ids, num_top), drawn, penalty_state
 
 
 def prompt_logprobs_step(graphdef, params, hidden, target_ids, *, num_top,
@@ -170,13 +200,15 @@ def _pack(logprobs, token_ids, num_top):
 
 
 class StepFunctions(NamedTuple):
-    """The three jitted functions of a step, the graphdef bound."""
+    """The jitted functions of a step, the graphdef bound."""
 
     forward: Callable           # (params, kv_cache, batch, logits_indices, previous_rows,
                                 #  previous_tokens), cache donated
-    sample: Callable            # (params, last_hidden, sampling, penalties, bitmask,
-                                #  previous_tokens, *, num_seqs, num_top)
+    sample: Callable            # (params, last_hidden, sampling, penalties, penalty_state,
+                                #  bitmask, *, num_seqs, num_top), penalty_state donated
     prompt_logprobs: Callable   # (params, hidden, target_ids, *, num_top)
+    init_penalty_slot: Callable   # (penalty_state, slot, tokens, num_prompt, pending_row,
+                                  #  previous_tokens), penalty_state donated
 
 
 def jit_steps(graphdef: nnx.GraphDef, config: EngineConfig, plan: ShardingPlan | None = None
@@ -199,6 +231,8 @@ def jit_steps(graphdef: nnx.GraphDef, config: EngineConfig, plan: ShardingPlan |
         forward=jax.jit(functools.partial(forward_step, graphdef, plan=plan, **kernel),
                         donate_argnums=(1,), **forward_out),
         sample=jax.jit(functools.partial(sample_step, graphdef, plan=plan, **kernel),
-                       static_argnames=("num_seqs", "num_top"), **replicated),
+                       static_argnames=("num_seqs", "num_top"),
+                       donate_argnames=("penalty_state",), **replicated),
         prompt_logprobs=jax.jit(functools.partial(prompt_logprobs_step, graphdef, plan=plan),
-                                static_argnames=("num_top",), **replicated))
+                                static_argnames=("num_top",), **replicated),
+        init_penalty_slot=jax.jit(init_penalty_slot, donate_argnums=(0,), **replicated))

@@ -114,6 +114,14 @@ def test_two_processes_answer_as_one_device_and_stop_together(model_dir, new_pai
     assert response.status_code == 200, response.text
     text = response.json()["choices"][0]["text"]
     assert text == constrained.outputs[0].text and re.fullmatch(regex, text)
+    penalties = dict(repetition_penalty=1.3, presence_penalty=0.6, frequency_penalty=0.5)
+    (penalised,) = llm.generate(PROMPTS[1], SamplingParams(   # token counts kept per process
+        temperature=0, max_tokens=MAX_TOKENS, **penalties))
+    response = requests.post(pair.url + "/v1/completions", timeout=60, json={
+        "model": "llama", "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS, "temperature": 0,
+        **penalties})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == penalised.outputs[0].text
     for prompt, reference in zip(PROMPTS, expected):
         response = pair.complete(prompt)
         assert response.status_code == 200, response.text
