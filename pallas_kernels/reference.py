@@ -78,7 +78,9 @@ def ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_le
 
     Rows are handled in blocks that share one gather of their sequence's pages: decode
     sequences (one row) one block each, longer ones in blocks of _PREFILL_BLOCK rows. A
-    per-row gather would re-read a prompt's whole context for every one of its rows.
+    per-row gather would re-read a prompt's whole context for every one of its rows. Each
+    loop iteration gathers a bounded slice of the pages (_DECODE_GATHER_BYTES,
+    _PREFILL_GATHER_BYTES), and a step of one row (a lone decode) skips the prefill half.
 
     Returns:
       out [T, num_q_heads, head_dim] in q's dtype.
