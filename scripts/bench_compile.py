@@ -3,8 +3,9 @@
 For each model shape, lowers and compiles the engine's jitted step functions
 (engine/worker/step.py: jit_steps) for every rung the engine warms: the forward and the
 prompt logprobs per token rung, sampling per sequence rung x {penalties or not} x {0, 20 top
-logprobs}, and the penalty slot's fill once (counted with sampling). Everything is abstract (`jax.ShapeDtypeStruct`: no weight and no KV cache is
-allocated), so an 8B or 70B shape compiles on a laptop's CPU. The persistent compilation
+logprobs}, and the penalty slot's fill once (counted with sampling). Everything is
+abstract (`jax.ShapeDtypeStruct`: no weight and no KV cache is allocated), so an 8B or 70B
+shape compiles on a laptop's CPU. The persistent compilation
 cache is off: each number is a cold compile. Only the forward depends on depth.
 
 Usage: python scripts/bench_compile.py [--shapes smollm2,llama3-8b,llama3-70b]

@@ -24,8 +24,9 @@ limit (LIMITS) inside one global budget (--budget-s): a throughput run cut by it
 reports tokens/s over what finished and says so ("partial"); a part with too little time
 left is listed as skipped. A compile cannot be cut: a warm-up starts only with 30% of its
 limit left, and may overrun the budget by the rest. The table and JSON are rewritten after
-each part, so a run killed from outside keeps what it measured. --quick: tiny shapes, short workloads, transformers on CPU
-(a smoke test of the whole flow on a laptop; its figures mean nothing).
+each part, so a run killed from outside keeps what it measured. --quick: tiny shapes, short
+workloads, transformers on CPU (a smoke test of the whole flow on a laptop; its figures
+mean nothing).
 
 Usage: python scripts/bench_gpu_e2e.py [--shapes 8b,1b] [--out DIR] [--budget-s 150]
        python scripts/bench_gpu_e2e.py --quick

@@ -1,4 +1,4 @@
-"""The host arrays of one step, padded to their ladder rungs: an all-padding batch, the
+"""The host arrays of one step, padded to their ladder rungs: the flattened batch, the
 sampling and penalty arrays, an open token bitmask (numpy; the runner fills and ships them),
 and the history a penalty slot is filled from when a request takes one."""
 
@@ -8,10 +8,18 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from engine.core.request import Request
+from engine.core.request import PENDING_TOKEN, Request, SchedulerOutput
 from engine.structured import bitmask_width
 from engine.worker.step import HISTORY_PENDING, PenaltyArrays, SamplingArrays, TokenBitmask
 from models.batch import Batch
+
+
+def rung(ladder: tuple[int, ...], value: int) -> int:
+    """The smallest rung of `ladder` that holds `value`."""
+    for size in ladder:
+        if size >= value:
+            return size
+    raise ValueError(f"{value} is beyond the largest ladder rung {ladder[-1]}")
 
 
 def empty_batch(num_tokens: int, max_num_seqs: int, max_pages_per_seq: int
@@ -25,6 +33,52 @@ def empty_batch(num_tokens: int, max_num_seqs: int, max_pages_per_seq: int
                   page_indices=np.zeros((max_num_seqs, max_pages_per_seq), np.int32),
                   num_seqs=np.zeros(1, np.int32))
     return batch, np.zeros(max_num_seqs, np.int32)
+
+
+def step_batch(scheduler_output: SchedulerOutput, chosen: list[Request],
+               empty: tuple[Batch, np.ndarray], page_size: int,
+               previous_rows: Mapping[str, int] | None) -> tuple[Batch, np.ndarray, np.ndarray]:
+    """Fills `empty` (empty_batch's, of the step's token rung) with the scheduled rows:
+    (the flattened batch, logits_indices i32[max_num_seqs], previous_rows i32[T]). A
+    PENDING_TOKEN input takes its request's own token when it has come back since (a step run
+    again), else row previous_rows[request_id] of the previous step's draws, on the device
+    (engine/worker/step.py: forward_step)."""
+    batch, logits_indices = empty
+    num_real = scheduler_output.num_batched_tokens
+    rows_before = np.full(batch.input_ids.shape[0], -1, np.int32)
+    cu_q_lens = batch.cu_q_lens
+    cu_q_lens[:] = num_real  # padding sequences own no rows
+    row = 0
+    for s, item in enumerate(scheduler_output.scheduled):
+        count = len(item.token_ids)
+        positions = np.arange(item.start_position, item.start_position + count, dtype=np.int32)
+        pages = np.asarray(item.page_table, np.int32)
+        batch.input_ids[row:row + count] = item.token_ids
+        if count and item.token_ids[-1] == PENDING_TOKEN:
+            last = row + count - 1
+            batch.input_ids[last], rows_before[last] = _pending_input(
+                chosen[s], int(positions[-1]), previous_rows)
+        batch.positions[row:row + count] = positions
+        batch.slot_mapping[row:row + count] = (pages[positions // page_size] * page_size
+                                               + positions % page_size)
+        cu_q_lens[s] = row
+        batch.kv_lens[s] = item.start_position + count
+        batch.page_indices[s, :len(pages)] = pages
+        logits_indices[s] = row + count - 1
+        row += count
+    batch.num_seqs[0] = len(scheduler_output.scheduled)
+    return batch, logits_indices, rows_before
+
+
+def _pending_input(request: Request, position: int, previous_rows: Mapping[str, int] | None
+                   ) -> tuple[int, int]:
+    """(input id, previous row) of a PENDING_TOKEN at `position`."""
+    if position < request.num_tokens:
+        return request.token_ids_between(position, position + 1)[0], -1
+    if previous_rows is None or request.request_id not in previous_rows:
+        raise RuntimeError(f"request {request.request_id!r}: its token at position "
+                           f"{position} is neither known nor being drawn")
+    return 0, previous_rows[request.request_id]
 
 
 def output_position(request: Request) -> int:

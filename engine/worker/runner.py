@@ -31,10 +31,11 @@ from tqdm import tqdm
 
 import pallas_kernels
 from engine.config import EngineConfig
-from engine.core.request import PENDING_TOKEN, ModelOutput, Request, SchedulerOutput
+from engine.core.request import ModelOutput, Request, SchedulerOutput
 from engine.structured import fill_bitmasks
 from engine.worker.host_arrays import (empty_batch, empty_slot_history, open_bitmask,
-                                       output_position, sampling_arrays, slot_history)
+                                       output_position, rung, sampling_arrays, slot_history,
+                                       step_batch)
 from engine.worker.penalty_slots import PenaltySlots
 from engine.worker.prompt_logprobs import prompt_targets, unpack_prompt_logprobs
 from engine.worker.step import (TOP_LOGPROBS, PenaltyArrays, PenaltyState, SamplingArrays,
@@ -45,13 +46,6 @@ from models.sharding import KV_PAGES, ShardingPlan
 from models.transformer import Transformer
 
 logger = logging.getLogger(__name__)
-
-
-def rung(ladder: tuple[int, ...], value: int) -> int:
-    for size in ladder:
-        if size >= value:
-            return size
-    raise ValueError(f"{value} is beyond the largest ladder rung {ladder[-1]}")
 
 
 @dataclass(slots=True)
@@ -308,45 +302,10 @@ class Runner:
     def _build_batch(self, scheduler_output: SchedulerOutput, chosen: list[Request],
                      previous: StepInFlight | None = None
                      ) -> tuple[Batch, np.ndarray, np.ndarray]:
-        """The flattened batch, logits_indices and previous_rows i32[T] (engine/worker/step.py)."""
-        page_size = self.config.page_size
-        num_real = scheduler_output.num_batched_tokens
-        batch, logits_indices = self._empty_batch(rung(self.config.token_ladder, num_real))
-        previous_rows = np.full(batch.input_ids.shape[0], -1, np.int32)
-        cu_q_lens = batch.cu_q_lens
-        cu_q_lens[:] = num_real  # padding sequences own no rows
-        row = 0
-        for s, item in enumerate(scheduler_output.scheduled):
-            count = len(item.token_ids)
-            positions = np.arange(item.start_position, item.start_position + count, dtype=np.int32)
-            pages = np.asarray(item.page_table, np.int32)
-            batch.input_ids[row:row + count] = item.token_ids
-            if count and item.token_ids[-1] == PENDING_TOKEN:
-                last = row + count - 1
-                batch.input_ids[last], previous_rows[last] = self._pending_input(
-                    chosen[s], int(positions[-1]), previous)
-            batch.positions[row:row + count] = positions
-            batch.slot_mapping[row:row + count] = (pages[positions // page_size] * page_size
-                                                   + positions % page_size)
-            cu_q_lens[s] = row
-            batch.kv_lens[s] = item.start_position + count
-            batch.page_indices[s, :len(pages)] = pages
-            logits_indices[s] = row + count - 1
-            row += count
-        batch.num_seqs[0] = len(scheduler_output.scheduled)
-        return batch, logits_indices, previous_rows
-
-    @staticmethod
-    def _pending_input(request: Request, position: int, previous: StepInFlight | None
-                       ) -> tuple[int, int]:
-        """(input id, previous row) of a PENDING_TOKEN: the request's own token when it has
-        come back since (a step run again), else the previous step's draw on the device."""
-        if position < request.num_tokens:
-            return request.token_ids_between(position, position + 1)[0], -1
-        if previous is None or request.request_id not in previous.rows:
-            raise RuntimeError(f"request {request.request_id!r}: its token at position "
-                               f"{position} is neither known nor being drawn")
-        return 0, previous.rows[request.request_id]
+        """The flattened batch, logits_indices and previous_rows i32[T] (host_arrays.py)."""
+        num_tokens = rung(self.config.token_ladder, scheduler_output.num_batched_tokens)
+        return step_batch(scheduler_output, chosen, self._empty_batch(num_tokens),
+                          self.config.page_size, None if previous is None else previous.rows)
 
     def _sampling_arrays(self, chosen: list[Request], num_seqs: int, with_penalties: bool
                          ) -> tuple[SamplingArrays, PenaltyArrays | None]:
