@@ -13,10 +13,12 @@ Billing follows what the client was sent, and survives kill -9:
   (every chunk built from it has been written to the socket). Its counts are then recorded
   (`Ledger.record_progress`, batched by the ledger's writer thread), and before a batch goes
   out the row must already hold all but UNRECORDED_TOKENS_PER_CHOICE x choices of the
-  completion tokens the client will then have: the stream waits for the writer if not. So
-  after a crash a row holds between R - 8 x choices and R completion tokens, R being what its
-  client received; only a single batch larger than that bound (a client reading slower than
-  the engine writes) is recorded before it is sent, and may be billed without arriving;
+  completion tokens the client will then have: the stream waits for the writer if not. A
+  backlog that would run past that bound (the client, or this thread, slower than the
+  engine) is sent in pieces cut between engine steps, each of which adds at most one token
+  per choice, and each piece is recorded once sent. So after a crash a row holds between
+  R - 8 x choices and R completion tokens, R being what its client received: never a token
+  it was not sent;
 - non-streaming (`wait`): nothing is sent until the whole body, which carries every generated
   token, so "sent" means generated: counts are recorded as the engine produces them (a crash
   loses at most the tokens of the writer's last period, progress.FLUSH_INTERVAL_S + a commit);
@@ -126,9 +128,10 @@ class Generation:
     def on_output(self, output: RequestOutput, when: float) -> None:
         index = self._index[output.request_id]
         self.latest[index] = output
-        # The event is small; a client slower than the engine holds only the newest output.
+        # Each step's output is its own snapshot: a stream that falls behind sends its
+        # backlog in pieces cut between them (updates).
         num_tokens = sum(len(o.token_ids) for o in output.outputs)
-        self._events.put(("output", index, when, (num_tokens, output.finished)))
+        self._events.put(("output", index, when, (num_tokens, output.finished, output)))
 
     def on_error(self, request_id: str, error: Exception, when: float) -> None:
         index = self._index[request_id]
@@ -142,29 +145,62 @@ class Generation:
 
     def updates(self, watch: ClientWatch) -> Iterator[dict[int, RequestOutput | Exception]]:
         """Yields {prompt index: its newest output or error} for what changed (events that
-        queued meanwhile are merged) to a streaming response; returns once every engine
-        request has finished. A yielded batch counts as sent once the caller asks for the
-        next; it is yielded only when the ledger row is close enough behind (module docstring).
+        queued meanwhile are merged, as far as the ledger bound allows: _pieces) to a
+        streaming response; returns once every engine request has finished. A yielded batch
+        counts as sent once the caller asks for the next; it is yielded only when the ledger
+        row is close enough behind (module docstring).
 
         Raises:
           ClientGone: the client closed the connection (the caller aborts).
         """
-        for changed in self._changes(watch):
-            self._hold_until_recorded(changed)
-            yield changed
-            for index, output in changed.items():
-                if isinstance(output, RequestOutput):
-                    self._sent[index] = output
-            self._record(self._sent)
+        for steps in self._changes(watch):
+            for piece in self._pieces(steps):
+                self._hold_until_recorded(piece)
+                yield piece
+                self._sent = self._after(piece)
+                self._record(self._sent)
 
-    def _changes(self, watch: ClientWatch) -> Iterator[dict[int, RequestOutput | Exception]]:
+    def _pieces(self, steps: list[tuple[int, RequestOutput | Exception]]
+                ) -> Iterator[dict[int, RequestOutput | Exception]]:
+        """Merges each step's output (in order) into as few batches as keep the client at
+        most the ledger bound ahead of what it has been sent when each batch goes out (the
+        caller updates _sent between batches); a step adds at most one token per choice."""
+        piece: dict[int, RequestOutput | Exception] = {}
+        sent = self._completion(self._sent)
+        for index, value in steps:
+            if (piece and isinstance(value, RequestOutput) and self._completion(
+                    self._after({**piece, index: value})) - sent > self._unrecorded_limit):
+                yield piece
+                piece, sent = {}, self._completion(self._sent)
+            piece[index] = value
+        if piece:
+            yield piece
+
+    def _after(self, piece: dict[int, RequestOutput | Exception]) -> list[RequestOutput | None]:
+        """What the client has once `piece` is sent."""
+        after = list(self._sent)
+        for index, output in piece.items():
+            if isinstance(output, RequestOutput):
+                after[index] = output
+        return after
+
+    @staticmethod
+    def _completion(outputs: list[RequestOutput | None]) -> int:
+        return sum(len(sample.token_ids) for output in outputs if output is not None
+                   for sample in output.outputs)
+
+    def _changes(self, watch: ClientWatch) -> Iterator[list[tuple[int, RequestOutput | Exception]]]:
+        """Yields what the engine sent since the last yield: (prompt index, that step's output
+        or an error), in order."""
         next_watch = time.monotonic() + WATCH_INTERVAL_S
         while not self.finished:
-            changed: dict[int, RequestOutput | Exception] = {}
+            steps: list[tuple[int, RequestOutput | Exception]] = []
             try:
                 event = self._events.get(timeout=WATCH_INTERVAL_S)
                 while True:
-                    self._note(event, changed)
+                    noted = self._note(event)
+                    if noted is not None:
+                        steps.append(noted)
                     event = self._events.get_nowait()
             except queue.Empty:
                 pass
@@ -173,21 +209,21 @@ class Generation:
                 if watch.gone():
                     raise ClientGone(self.response_id)
                 next_watch = now + WATCH_INTERVAL_S
-            if changed:
-                yield changed
+            if steps:
+                yield steps
 
-    def _note(self, event: tuple, changed: dict) -> None:
+    def _note(self, event: tuple) -> tuple[int, RequestOutput | Exception] | None:
+        """Takes one engine event into the metrics; returns (prompt index, its output or
+        error), or None for a scheduling event."""
         kind, index, when, payload = event
         metrics = self._metrics
         if kind == "scheduled":
             metrics.queue_time.observe(when - self.arrival)
-            return
+            return None
         if kind == "error":
-            changed[index] = payload
             self._done.add(index)
-            return
-        changed[index] = self.latest[index]
-        num_tokens, finished = payload
+            return index, payload
+        num_tokens, finished, output = payload
         if num_tokens > self._tokens_seen[index]:
             self._tokens_seen[index] = num_tokens
             last = self._last_token_at[index]
@@ -199,6 +235,7 @@ class Generation:
         if finished:
             metrics.e2e_latency.observe(when - self.arrival)
             self._done.add(index)
+        return index, output
 
     def wait(self, watch: ClientWatch) -> None:
         """Blocks until every engine request has finished (non-streaming responses), recording
@@ -215,7 +252,7 @@ class Generation:
         deadline = time.monotonic() + ABORT_WAIT_S
         while not self.finished and time.monotonic() < deadline:
             try:
-                self._note(self._events.get(timeout=0.1), {})
+                self._note(self._events.get(timeout=0.1))
             except queue.Empty:
                 pass
         return self.finalize(status)
@@ -282,19 +319,17 @@ class Generation:
         all but the bound of the completion tokens the client will then have."""
         if self._ledger_failed:
             return
-        after = list(self._sent)
-        for index, output in changed.items():
-            if isinstance(output, RequestOutput):
-                after[index] = output
-        completion = sum(len(sample.token_ids) for output in after if output is not None
-                         for sample in output.outputs)
+        after = self._after(changed)
+        completion = self._completion(after)
         ticket, recorded = self._recorded
         if self._written != recorded and self._ledger.progress_written(ticket):
             self._written = recorded
         if self._written is not None and completion - self._written <= self._unrecorded_limit:
             return
         if completion - recorded > self._unrecorded_limit:
-            self._record(after)   # this batch alone runs past the bound: record it before
+            # One step past the bound alone (_pieces cuts between steps, and a step adds a
+            # token per choice): never expected, but then it is recorded before it is sent.
+            self._record(after)
             ticket, recorded = self._recorded
         if self._ledger.progress_written(ticket, PROGRESS_WAIT_S):
             self._written = recorded

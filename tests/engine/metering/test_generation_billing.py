@@ -106,6 +106,29 @@ def test_a_stream_row_stays_within_the_bound_of_what_was_sent(ledger, rng, steps
     assert (usage.prompt_tokens, usage.cached_tokens) == (generation.prompt_tokens, 2)
 
 
+def test_a_backlog_of_engine_steps_goes_out_in_pieces_each_billed_once_sent(ledger, rng):
+    """The engine adds one token per choice per step; a client 40 steps behind gets them in
+    pieces of at most BOUND tokens, none billed before it is sent."""
+    engine = StandInEngine(rng)
+    generation = _start(ledger, engine, rng)
+    request_id = generation.request_ids[0]
+    updates = generation.updates(ClientWatch(None))
+    for _ in range(40):
+        engine.emit(request_id, 1)
+    sent, pieces = 0, []
+    while sent < 40:
+        piece = next(updates)     # about to be written to the client
+        after = len(piece[0].outputs[0].token_ids)
+        billed = _row(ledger, generation).completion_tokens
+        assert after - BOUND <= billed <= sent, (sent, after, billed)
+        pieces.append(after - sent)
+        sent = after
+    assert pieces == [BOUND] * (40 // BOUND) + ([40 % BOUND] if 40 % BOUND else [])
+    updates.close()               # the client left while the last piece was being written
+    generation.abort()
+    assert _row(ledger, generation).completion_tokens == 40 - pieces[-1]
+
+
 def test_an_aborted_stream_is_billed_for_what_was_sent_not_generated(ledger, rng):
     ledger.set_price("tiny", 0.6, 0.15, 2.4)
     engine = StandInEngine(rng)
