@@ -97,16 +97,21 @@ def measure_ceilings(results, quick):
     return bandwidth, 2 * n ** 3 / seconds
 
 
-def paged_decode_batch(rng, seqs, context, page_size, num_q_heads, num_kv_heads, head_dim):
-    """A decode step: one row per sequence, each with `context` tokens in random pages."""
-    pages_per_seq = context // page_size
-    num_pages = seqs * pages_per_seq + 1
+def paged_decode_batch(rng, seqs, context, page_size, num_q_heads, num_kv_heads, head_dim,
+                       dtype=jnp.bfloat16):
+    """A decode step: one row per sequence, each with `context` tokens (an int, or one per
+    sequence) in random pages; page-table entries past a sequence's pages are page 0."""
+    contexts = np.broadcast_to(np.asarray(context, np.int32), (seqs,))
+    pages_of = -(-contexts // page_size)                                  # i32[seqs]
+    num_pages = int(pages_of.sum()) + 1
     kv_pages = jax.random.normal(jax.random.PRNGKey(0),
-                                 (num_pages, page_size, 2 * num_kv_heads, head_dim), jnp.bfloat16)
-    page_indices = (1 + rng.permutation(num_pages - 1)).reshape(seqs, pages_per_seq)
-    q = jax.random.normal(jax.random.PRNGKey(1), (seqs, num_q_heads, head_dim), jnp.bfloat16)
-    kv_lens = jnp.full((seqs,), context, jnp.int32)
-    return (q, kv_pages, kv_lens, jnp.asarray(page_indices, jnp.int32),
+                                 (num_pages, page_size, 2 * num_kv_heads, head_dim), dtype)
+    order, ends = 1 + rng.permutation(num_pages - 1), np.cumsum(pages_of)
+    page_indices = np.zeros((seqs, int(pages_of.max())), np.int32)
+    for s, (count, end) in enumerate(zip(pages_of, ends)):
+        page_indices[s, :count] = order[end - count:end]
+    q = jax.random.normal(jax.random.PRNGKey(1), (seqs, num_q_heads, head_dim), dtype)
+    return (q, kv_pages, jnp.asarray(contexts), jnp.asarray(page_indices),
             jnp.arange(seqs + 1, dtype=jnp.int32), jnp.asarray([seqs], jnp.int32))
 
 

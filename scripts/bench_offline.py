@@ -222,7 +222,7 @@ def honest_roofline_seconds(config, steps, page_size, flops, bandwidth, dtype_by
     return total
 
 
-def measure_decode_attention(config, steps, page_size, bandwidth, reps=5):
+def measure_decode_attention(config, steps, page_size, bandwidth):
     """The reference decode attention (the CPU's) over the K/V pages of the workload's step
     with the most decoding sequences, one layer: (K/V bytes read per second, sequences,
     share of copy bandwidth). It bounds the honest roofline, which counts those pages at
@@ -231,31 +231,18 @@ def measure_decode_attention(config, steps, page_size, bandwidth, reps=5):
     import jax.numpy as jnp
 
     from pallas_kernels.reference import ragged_paged_attention_reference
+    from scripts.bench_kernels import median_seconds, paged_decode_batch
 
     decodes = [[context for fed, context, _ in step if fed == 1] for step in steps]
     contexts = max(decodes, key=len)
-    rng = np.random.default_rng(0)
-    pages_of = [-(-context // page_size) for context in contexts]
-    num_pages = 1 + sum(pages_of)
-    shape = (num_pages, page_size, 2 * config.num_kv_heads, config.head_dim)
-    kv_pages = jnp.asarray(rng.standard_normal(shape, np.float32))
-    page_indices = np.zeros((len(contexts), max(pages_of)), np.int32)
-    order = rng.permutation(np.arange(1, num_pages))
-    for s, count in enumerate(pages_of):   # each sequence's pages scattered over the cache
-        page_indices[s, :count], order = order[:count], order[count:]
-    q = jnp.asarray(rng.standard_normal((len(contexts), config.num_heads, config.head_dim),
-                                        np.float32))
-    args = (q, kv_pages, np.asarray(contexts, np.int32), page_indices,
-            np.arange(len(contexts) + 1, dtype=np.int32), np.asarray([len(contexts)], np.int32))
+    args = paged_decode_batch(np.random.default_rng(0), len(contexts), contexts, page_size,
+                              config.num_heads, config.num_kv_heads, config.head_dim,
+                              dtype=jnp.float32)
     attend = jax.jit(lambda *a: ragged_paged_attention_reference(
         *a, sm_scale=config.head_dim ** -0.5))
-    attend(*args).block_until_ready()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        attend(*args).block_until_ready()
-        times.append(time.perf_counter() - start)
-    rate = sum(pages_of) * kv_pages[0].nbytes / float(np.median(times))
+    seconds, _ = median_seconds(attend, *args)
+    pages = sum(-(-context // page_size) for context in contexts)
+    rate = pages * args[1][0].nbytes / seconds
     return rate, len(contexts), rate / bandwidth
 
 

@@ -142,13 +142,14 @@ def slot_history(request: Request, position: int, max_model_len: int,
     missing = position - request.num_output_tokens
     if missing == 0:
         return tokens, -1
-    if missing != 1 or request.request_id not in previous_rows:
+    if missing != 1:
         raise RuntimeError(f"request {request.request_id!r}: its penalty counts for output "
                            f"position {position} need outputs 0..{position - 1}, but "
                            f"{request.num_output_tokens} are known: expected all, or all "
                            "but the one the previous step draws")
     tokens[len(known)] = HISTORY_PENDING
-    return tokens, previous_rows[request.request_id]
+    # The one output not on the host: the previous step's draw, as a forward input takes it.
+    return tokens, _pending_input(request, len(known), previous_rows)[1]
 
 
 def open_bitmask(num_seqs: int, vocab_size: int) -> TokenBitmask:
