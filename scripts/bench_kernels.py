@@ -7,8 +7,9 @@ per call. Ceilings are measured in the same run: a large device-to-device copy (
 and a large bf16 matmul (FLOP/s). Other paths: the plain-jnp reference (XLA), jax's own
 Pallas GPU ops (decode_attention, paged_attention, flash attention) where they import, and
 a sort-based top-p sampler. --quick shrinks every shape (a smoke run, e.g. on a CPU).
---decode-kernels only checks the Triton and the Mosaic GPU decode kernels against the
-reference and times them side by side (exit status 1 if one fails or differs).
+--attention-kernels only checks the Triton and the Mosaic GPU attention kernels (decode, then
+prefill) against the reference and times them side by side (exit status 1 if one fails or
+differs).
 """
 
 from __future__ import annotations
@@ -149,49 +150,55 @@ def bench_decode(results, rng, seqs, context, bandwidth, interpret):
     return mine
 
 
-DECODE_TOLERANCE = 3e-2   # max |kernel - reference| of bf16 outputs
+KERNEL_TOLERANCE = 3e-2   # max |kernel - reference| of bf16 outputs
 
 
-def compare_decode_kernels(results, args, shape, metrics, reference, interpret) -> bool:
-    """Each decode kernel by name (pallas_kernels/gpu/kernel_choice.py), against the reference
-    and timed. True if both ran and stayed within DECODE_TOLERANCE (Mosaic GPU declining
-    this shape, or missing from this jax, counts as a pass: Triton runs instead)."""
+def compare_kernels(results, kind, args, shape, metrics, interpret) -> bool:
+    """Each `kind` ("decode" or "prefill") kernel by name (pallas_kernels/gpu/kernel_choice.py;
+    the other kind on Triton), against the reference and timed. True if both ran and stayed
+    within KERNEL_TOLERANCE (Mosaic GPU declining this shape, or missing from this jax, counts
+    as a pass: Triton runs instead)."""
     from pallas_kernels.compat import has_mosaic_gpu
     from pallas_kernels.gpu.ragged_paged_attention import ragged_paged_attention_gpu
-    expected = reference(*args).astype(jnp.float32)
     sm_scale = args[0].shape[2] ** -0.5
+    reference = jax.jit(functools.partial(pallas_kernels.ragged_paged_attention,
+                                          sm_scale=sm_scale, backend="reference"))
+    expected = reference(*args).astype(jnp.float32)
     ok = True
     for kernel in ("triton", "mosaic") if has_mosaic_gpu() else ("triton",):
+        choice = dict(decode_kernel="triton", prefill_kernel="triton")
+        choice[f"{kind}_kernel"] = kernel
         fn = jax.jit(functools.partial(ragged_paged_attention_gpu, sm_scale=sm_scale,
-                                       interpret=interpret, decode_kernel=kernel))
+                                       interpret=interpret, **choice))
         try:
             difference = float(jnp.abs(fn(*args).astype(jnp.float32) - expected).max())
         except Exception as error:
-            print(f"  decode {kernel}: failed: {type(error).__name__}: {str(error)[:2000]}",
+            print(f"  {kind} {kernel}: failed: {type(error).__name__}: {str(error)[:2000]}",
                   flush=True)
             ok = False
             continue
-        print(f"  decode {kernel} vs reference: {difference:.3g}", flush=True)
-        ok &= difference <= DECODE_TOLERANCE
-        results.try_add("decode", shape, f"ember gpu {kernel}", lambda: fn, *args, **metrics)
+        print(f"  {kind} {kernel} vs reference: {difference:.3g}", flush=True)
+        ok &= difference <= KERNEL_TOLERANCE
+        results.try_add(kind, shape, f"ember gpu {kernel}", lambda: fn, *args, **metrics)
     return ok
 
 
-def decode_kernels_only(results, rng, quick, interpret) -> bool:
-    """--decode-kernels: both decode kernels on two shapes, bandwidth as the share of HBM
-    bytes per second (no ceiling measured)."""
+def attention_kernels_only(results, rng, quick, interpret) -> bool:
+    """--attention-kernels: both decode kernels on two shapes (bandwidth, no ceiling measured),
+    then both prefill kernels on one (FLOP/s)."""
     ok = True
+    heads, kv_heads, head_dim, page_size = 32, 8, 128, 16
     for seqs, context in [(4, 256)] if quick else [(64, 4096), (8, 1000)]:
-        heads, kv_heads, head_dim, page_size = 32, 8, 128, 16
         args = paged_decode_batch(rng, seqs, -(-context // page_size) * page_size, page_size,
                                   heads, kv_heads, head_dim)
         args = (args[0], args[1], jnp.full((seqs,), context, jnp.int32), *args[3:])
         shape = f"S={seqs} ctx={context} 32/8 d128 p{page_size}"
-        reference = jax.jit(functools.partial(pallas_kernels.ragged_paged_attention,
-                                              sm_scale=head_dim ** -0.5, backend="reference"))
         kv_bytes = seqs * context * 2 * kv_heads * head_dim * 2
-        ok &= compare_decode_kernels(results, args, shape, dict(bytes_moved=kv_bytes),
-                                     reference, interpret)
+        ok &= compare_kernels(results, "decode", args, shape, dict(bytes_moved=kv_bytes),
+                              interpret)
+    seqs, length = (2, 128) if quick else (8, 2048)
+    args, shape, flops = prefill_batch(seqs, length)
+    ok &= compare_kernels(results, "prefill", args, shape, dict(flops=flops), interpret)
     return ok
 
 
@@ -216,8 +223,10 @@ def bench_decode_kv_dtypes(results, ours, args, shape, bandwidth):
         del cache, cached
 
 
-def bench_prefill(results, seqs, length, flops_ceiling, interpret):
-    heads, kv_heads, head_dim, page_size = 32, 8, 128, 16
+def prefill_batch(seqs, length, heads=32, kv_heads=8, head_dim=128, page_size=16):
+    """A step of `seqs` whole prompts of `length` tokens in consecutive pages.
+
+    Returns the attention arguments, a shape label and the causal attention's FLOPs."""
     tokens = seqs * length
     key = jax.random.PRNGKey(2)
     q = jax.random.normal(key, (tokens, heads, head_dim), jnp.bfloat16)
@@ -226,9 +235,15 @@ def bench_prefill(results, seqs, length, flops_ceiling, interpret):
     page_indices = jnp.arange(1, num_pages, dtype=jnp.int32).reshape(seqs, -1)
     args = (q, kv_pages, jnp.full((seqs,), length, jnp.int32), page_indices,
             jnp.arange(seqs + 1, dtype=jnp.int32) * length, jnp.asarray([seqs], jnp.int32))
-    shape = f"{seqs}x{length} causal 32/8 d128"
-    metrics = dict(flops=4 * seqs * heads * head_dim * length * (length + 1) / 2,
-                   ceiling=flops_ceiling)
+    flops = 4 * seqs * heads * head_dim * length * (length + 1) / 2
+    return args, f"{seqs}x{length} causal {heads}/{kv_heads} d{head_dim}", flops
+
+
+def bench_prefill(results, seqs, length, flops_ceiling, interpret):
+    heads, kv_heads, head_dim = 32, 8, 128
+    args, shape, flops = prefill_batch(seqs, length, heads, kv_heads, head_dim)
+    q, kv_pages, _, page_indices = args[:4]
+    metrics = dict(flops=flops, ceiling=flops_ceiling)
     ours = jax.jit(functools.partial(pallas_kernels.ragged_paged_attention,
                                      sm_scale=head_dim ** -0.5, backend="gpu",
                                      interpret=interpret))
@@ -363,8 +378,8 @@ def main():
     parser.add_argument("--out", type=Path, help="directory for table.md, timings.json/.csv")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
     parser.add_argument("--sweep", action="store_true", help="only time block-size choices")
-    parser.add_argument("--decode-kernels", action="store_true",
-                        help="only check and time the Triton and Mosaic GPU decode kernels")
+    parser.add_argument("--attention-kernels", action="store_true",
+                        help="only check and time the Triton and Mosaic GPU attention kernels")
     options = parser.parse_args()
     quick = options.quick
     interpret = jax.default_backend() != "gpu"  # a CPU smoke run interprets the kernels
@@ -374,9 +389,9 @@ def main():
     if options.sweep:
         sweep_sampling(results, interpret)
         return sweep_block_sizes(results, rng, interpret)
-    if options.decode_kernels:
-        ok = decode_kernels_only(results, rng, quick, interpret)
-        print(f"\n{markdown(results, [])}\n\ndecode kernels: {'PASS' if ok else 'FAIL'}")
+    if options.attention_kernels:
+        ok = attention_kernels_only(results, rng, quick, interpret)
+        print(f"\n{markdown(results, [])}\n\nattention kernels: {'PASS' if ok else 'FAIL'}")
         sys.exit(0 if ok else 1)
     bandwidth, flops = measure_ceilings(results, quick)
     targets = []

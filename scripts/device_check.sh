@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Ember's GPU device check: the Mosaic GPU and Triton decode kernels against the reference,
-# the kernel tests natively on the GPU, the kernel benchmark, end to end on random-weight
-# Llama 8B and 1B shapes (scripts/bench_gpu_e2e.py), and (where more than one GPU is visible)
-# the tensor-parallel scaling benchmark.
+# Ember's GPU device check: the Mosaic GPU and Triton attention kernels (decode, prefill)
+# against the reference, the kernel tests natively on the GPU, the kernel benchmark, end to
+# end on random-weight Llama 8B and 1B shapes (scripts/bench_gpu_e2e.py), and (where more
+# than one GPU is visible) the tensor-parallel scaling benchmark.
 #
 #   bash scripts/device_check.sh [--out DIR]
 #
@@ -13,7 +13,7 @@
 # table and JSON to DIR/e2e/. Exit status: non-zero if a stage failed or ran out of time.
 #
 # Time budget, one GPU: 300 s of stage limits (plus seconds for nvidia-smi and a GPU count):
-#   environment 20 + decode kernels 25 + kernel tests 85 + kernel benchmark 30
+#   environment 20 + attention kernels 35 + kernel tests 75 + kernel benchmark 30
 #   + end to end 140 (its own parts share 118 s; bench_gpu_e2e.py's docstring).
 # Native kernel correctness comes before the end-to-end figures: the end-to-end stage cuts
 # its 256-request runs and the 1B shape first when time runs short.
@@ -45,22 +45,22 @@ assert jax.default_backend() == "gpu", "no GPU visible to jax"
 PY
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
 
-echo "== decode kernels: Mosaic GPU and Triton against the reference, timed"
+echo "== attention kernels: Mosaic GPU and Triton against the reference, timed"
 # First and alone, so that a Mosaic GPU kernel that fails (or hangs) costs only this stage:
 # the stages after it then run with the Triton kernels only (EMBER_GPU_KERNELS=triton).
 start=$SECONDS
-timeout 25 "$python" scripts/bench_kernels.py --decode-kernels \
-  2>&1 | tee ${out:+"$out/decode_kernels.md"}
-decode_status=${PIPESTATUS[0]}
-echo "decode kernels: exit $decode_status in $((SECONDS - start)) s"
-if [[ $decode_status -ne 0 ]]; then
-  echo "decode kernels failed: the stages below use Triton only"
+timeout 35 "$python" scripts/bench_kernels.py --attention-kernels \
+  2>&1 | tee ${out:+"$out/attention_kernels.md"}
+kernels_status=${PIPESTATUS[0]}
+echo "attention kernels: exit $kernels_status in $((SECONDS - start)) s"
+if [[ $kernels_status -ne 0 ]]; then
+  echo "attention kernels failed: the stages below use Triton only"
   export EMBER_GPU_KERNELS=triton
 fi
 
 echo "== kernel tests (native)"
 start=$SECONDS
-timeout 85 "$python" -m pytest tests/pallas_kernels -p no:cacheprovider -rs \
+timeout 75 "$python" -m pytest tests/pallas_kernels -p no:cacheprovider -rs \
   --ignore=tests/pallas_kernels/test_lowering.py \
   2>&1 | tee ${out:+"$out/tests.log"}
 tests_status=${PIPESTATUS[0]}
@@ -90,5 +90,5 @@ if [[ "$gpus" -gt 1 ]]; then
   echo "scaling: exit $scaling_status in $((SECONDS - start)) s"
 fi
 
-[[ $decode_status -eq 0 && $tests_status -eq 0 && $bench_status -eq 0 \
+[[ $kernels_status -eq 0 && $tests_status -eq 0 && $bench_status -eq 0 \
    && $e2e_status -eq 0 && $scaling_status -eq 0 ]]

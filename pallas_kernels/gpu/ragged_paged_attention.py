@@ -4,8 +4,9 @@ A step's batch mixes sequences with one query row (decode) and sequences with ma
 (prefill chunks). Both kernels run on every step; each skips the other's sequences:
 
   prefill_attention         rows of multi-row sequences; every other row stays zero
-  decode_attention_partials one row per decode sequence, context split over programs (Triton;
-                            or its Mosaic GPU twin on Hopper and newer: kernel_choice.py)
+  decode_attention_partials one row per decode sequence, context split over programs
+                            (each Triton, or its Mosaic GPU twin on Hopper and newer:
+                            kernel_choice.py)
   combine_splits            merges the splits, scattered into the decode rows
 
 Padding rows (from cu_q_lens[num_seqs] on) belong to neither and stay zero.
@@ -20,8 +21,9 @@ import jax.numpy as jnp
 
 from pallas_kernels.gpu.block_sizes import AttentionBlockSizes, attention_block_sizes
 from pallas_kernels.gpu.decode_attention import combine_splits, decode_attention_partials
-from pallas_kernels.gpu.kernel_choice import decode_kernel_for
+from pallas_kernels.gpu.kernel_choice import decode_kernel_for, prefill_kernel_for
 from pallas_kernels.gpu.mosaic_decode_attention import mosaic_decode_attention_partials
+from pallas_kernels.gpu.mosaic_prefill_attention import mosaic_prefill_attention
 from pallas_kernels.gpu.prefill_attention import prefill_attention
 from pallas_kernels.kv_cache import compute_dtype
 
@@ -29,34 +31,43 @@ from pallas_kernels.kv_cache import compute_dtype
 def ragged_paged_attention_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                                sm_scale, sliding_window=None, soft_cap=None, kv_scales=None,
                                block_sizes: AttentionBlockSizes | None = None,
-                               interpret=False, decode_kernel: str | None = None):
+                               interpret=False, decode_kernel: str | None = None,
+                               prefill_kernel: str | None = None):
     """Same contract as pallas_kernels.ragged_paged_attention (arguments checked there).
 
     q [T, Hq, D]; kv_pages [num_pages, page_size, 2 * Hkv, D]; kv_lens i32[S];
     page_indices i32[S, P]; cu_q_lens i32[S + 1]; num_seqs i32[1];
     kv_scales f32[num_pages, page_size, 2 * Hkv] (8-bit caches) or None -> [T, Hq, D].
-    decode_kernel: "triton" or "mosaic"; None chooses (kernel_choice.decode_kernel_for), here
+    decode_kernel, prefill_kernel: "triton" or "mosaic"; None chooses (kernel_choice.py), here
     outside the jit, so that EMBER_GPU_KERNELS is read on every trace.
     """
     decode_kernel = decode_kernel or decode_kernel_for(q, kv_pages, kv_scales)
+    prefill_kernel = prefill_kernel or prefill_kernel_for(q, kv_pages, kv_scales)
     return _ragged_paged_attention_gpu(
         q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, kv_scales=kv_scales,
-        block_sizes=block_sizes, interpret=interpret, decode_kernel=decode_kernel)
+        block_sizes=block_sizes, interpret=interpret, decode_kernel=decode_kernel,
+        prefill_kernel=prefill_kernel)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap",
-                                             "block_sizes", "interpret", "decode_kernel"))
+                                             "block_sizes", "interpret", "decode_kernel",
+                                             "prefill_kernel"))
 def _ragged_paged_attention_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                                 sm_scale, sliding_window, soft_cap, kv_scales, block_sizes,
-                                interpret, decode_kernel):
+                                interpret, decode_kernel, prefill_kernel):
     if block_sizes is None:  # tiles are held in the compute dtype, whatever the cache's
         itemsize = compute_dtype(q.dtype, kv_pages.dtype).itemsize
         block_sizes = attention_block_sizes(q.shape[2], itemsize)
     options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                    block_sizes=block_sizes, interpret=interpret)
-    out = prefill_attention(q, kv_pages, kv_scales, kv_lens, page_indices, cu_q_lens, num_seqs,
-                            **options)
+    if prefill_kernel == "mosaic":
+        out = mosaic_prefill_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                       sm_scale=sm_scale, sliding_window=sliding_window,
+                                       soft_cap=soft_cap, interpret=interpret)
+    else:
+        out = prefill_attention(q, kv_pages, kv_scales, kv_lens, page_indices, cu_q_lens,
+                                num_seqs, **options)
     if decode_kernel == "mosaic":
         partials = mosaic_decode_attention_partials(q, kv_pages, kv_lens, page_indices,
                                                     cu_q_lens, num_seqs, **options)

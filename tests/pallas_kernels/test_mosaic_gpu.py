@@ -1,9 +1,10 @@
-"""The Mosaic GPU decode kernel (pallas_kernels/gpu/mosaic_decode_attention.py) and the choice
-between it and the Triton one (gpu/kernel_choice.py).
+"""The Mosaic GPU attention kernels (pallas_kernels/gpu/mosaic_decode_attention.py,
+mosaic_prefill_attention.py) and the choice between them and the Triton ones
+(gpu/kernel_choice.py).
 
-On a CPU the kernel runs in Mosaic GPU interpret mode (TMA copies, barriers and wgmma
-simulated) and lowers for CUDA through the real Mosaic GPU lowering; natively on a GPU of
-compute capability >= 9.0 (the device check) it runs compiled. Batches hold NaN in every slot
+On a CPU the kernels run in Mosaic GPU interpret mode (TMA copies, barriers and wgmma
+simulated) and lower for CUDA through the real Mosaic GPU lowering; natively on a GPU of
+compute capability >= 9.0 (the device check) they run compiled. Batches hold NaN in every slot
 a sequence does not own, including the tail of its last page, which TMA copies do read.
 """
 
@@ -18,7 +19,9 @@ from jax import export
 
 import pallas_kernels
 from pallas_kernels.compat import cuda_compute_capability, cuda_lowering_target, has_mosaic_gpu
-from pallas_kernels.gpu.kernel_choice import GPU_KERNELS_VARIABLE, decode_kernel_for
+from pallas_kernels.gpu import kernel_choice
+from pallas_kernels.gpu.kernel_choice import (GPU_KERNELS_VARIABLE, decode_kernel_for,
+                                              prefill_kernel_for)
 from tests.pallas_kernels.common import GPU_INTERPRET, ON_GPU
 from tests.pallas_kernels.test_ragged_paged_attention import (TOLERANCE, Case, make_batch,
                                                               options_for)
@@ -33,11 +36,22 @@ CASES = {
                                     jnp.bfloat16, None, None),
     "decode-page32-gqa8-d64-cap-window": Case([1, 1, 1], [70, 1, 200], 32, 8, 1, 64,
                                               jnp.bfloat16, 30.0, 45),
-    # Pages larger than a tile (two copies a page), and prefill rows by Triton beside it.
+    # Pages larger than a tile (two tiles a page), decode and prefill rows in one batch.
     "mixed-page128-mha-d64-f16": Case([1, 17, 1], [200, 0, 64], 128, 2, 2, 64,
                                       jnp.float16, None, None),
     "mixed-page8-gqa3-d64-window": Case([1, 9, 1], [20, 11, 90], 8, 6, 2, 64,
                                         jnp.bfloat16, None, 30),
+    # Prefill: 64 // group rows a block, so 8 (gqa 8), 21 (gqa 3, one padding M row), 64
+    # (mha: one block spans two tiles of keys), 1 (64 query heads a kv head); chunks after a
+    # long cached prefix; a window that starts mid-tile; a soft cap.
+    "prefill-page16-gqa8-d128-cached": Case([19, 40], [200, 0], 16, 8, 1, 128,
+                                            jnp.bfloat16, None, None),
+    "prefill-page8-gqa3-d64-window-cap": Case([50, 7], [30, 90], 8, 6, 2, 64,
+                                              jnp.bfloat16, 20.0, 37),
+    "prefill-page64-mha-d128-f16": Case([70, 3], [61, 5], 64, 2, 2, 128,
+                                        jnp.float16, None, None),
+    "prefill-page32-group64-d64": Case([5, 1], [33, 9], 32, 64, 1, 64,
+                                       jnp.bfloat16, None, 20),
 }
 
 
@@ -57,7 +71,7 @@ def attention(interpret, **options):
                     reason="EMBER_GPU_KERNELS=triton (the device check sets it when the Mosaic "
                            "GPU kernel failed its first stage)")
 @pytest.mark.parametrize("name", list(CASES))
-def test_mosaic_decode_matches_reference(force_mosaic, name):
+def test_mosaic_matches_reference(force_mosaic, name):
     case = CASES[name]
     batch = make_batch(5, case)
     options = options_for(case)
@@ -78,10 +92,10 @@ def spec(shape, dtype):
     (64, 16, 16, 128, 30.0, 1024),
     (128, 28, 4, 32, None, None),     # group 7: padded to 64 rows
 ])
-def test_mosaic_decode_lowers_for_cuda(force_mosaic, head_dim, num_q_heads, num_kv_heads,
-                                       page_size, soft_cap, window):
+def test_mosaic_lowers_for_cuda(force_mosaic, head_dim, num_q_heads, num_kv_heads, page_size,
+                                soft_cap, window):
     """The Pallas-to-Mosaic-GPU lowering runs on a CPU (ptxas does not: that is the device
-    check's). Prefill stays on Triton."""
+    check's): one Mosaic GPU call for decode, one for prefill, no Triton."""
     tokens, seqs, pages, max_pages = 512, 64, 4096, 256
     args = (spec((tokens, num_q_heads, head_dim), jnp.bfloat16),
             spec((pages, page_size, 2 * num_kv_heads, head_dim), jnp.bfloat16),
@@ -90,31 +104,40 @@ def test_mosaic_decode_lowers_for_cuda(force_mosaic, head_dim, num_q_heads, num_
     fn = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=0.1,
                            soft_cap=soft_cap, sliding_window=window, backend="gpu")
     with cuda_lowering_target():
-        module = export.export(
-            jax.jit(fn), platforms=["cuda"],
-            disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
-    text = module.mlir_module()
-    assert text.count(MOSAIC_CALL) == 1 and text.count(TRITON_CALL) == 1
+        text = export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
+    assert text.count(MOSAIC_CALL) == 2 and text.count(TRITON_CALL) == 0
 
 
-def test_kernel_choice(monkeypatch):
+@pytest.mark.parametrize("kernel_for", [decode_kernel_for, prefill_kernel_for])
+def test_kernel_choice(monkeypatch, kernel_for):
     q = spec((8, 8, 128), jnp.bfloat16)
     kv_pages = spec((32, 16, 4, 128), jnp.bfloat16)
     monkeypatch.setenv(GPU_KERNELS_VARIABLE, "mosaic")
-    assert decode_kernel_for(q, kv_pages, None) == "mosaic"
-    # What the Mosaic kernel declines runs on Triton, whatever the setting.
-    assert decode_kernel_for(spec(q.shape, jnp.float32), spec(kv_pages.shape, jnp.float32),
-                             None) == "triton"
-    assert decode_kernel_for(q, spec(kv_pages.shape, jnp.float8_e4m3fn), None) == "triton"
-    assert decode_kernel_for(q, spec(kv_pages.shape, jnp.int8),
-                             spec(kv_pages.shape[:3], jnp.float32)) == "triton"
-    assert decode_kernel_for(spec((8, 8, 256), jnp.bfloat16), spec((32, 16, 4, 256),
-                                                                   jnp.bfloat16),
-                             None) == "triton"
+    assert kernel_for(q, kv_pages, None) == "mosaic"
+    # What the Mosaic kernels decline runs on Triton, whatever the setting.
+    assert kernel_for(spec(q.shape, jnp.float32), spec(kv_pages.shape, jnp.float32),
+                      None) == "triton"
+    assert kernel_for(q, spec(kv_pages.shape, jnp.float8_e4m3fn), None) == "triton"
+    assert kernel_for(q, spec(kv_pages.shape, jnp.int8),
+                      spec(kv_pages.shape[:3], jnp.float32)) == "triton"
+    assert kernel_for(spec((8, 8, 256), jnp.bfloat16), spec((32, 16, 4, 256), jnp.bfloat16),
+                      None) == "triton"
     monkeypatch.setenv(GPU_KERNELS_VARIABLE, "triton")
-    assert decode_kernel_for(q, kv_pages, None) == "triton"
-    monkeypatch.delenv(GPU_KERNELS_VARIABLE)
-    assert decode_kernel_for(q, kv_pages, None) == ("mosaic" if HOPPER else "triton")
+    assert kernel_for(q, kv_pages, None) == "triton"
     monkeypatch.setenv(GPU_KERNELS_VARIABLE, "cuda")
     with pytest.raises(ValueError, match="EMBER_GPU_KERNELS='cuda'"):
-        decode_kernel_for(q, kv_pages, None)
+        kernel_for(q, kv_pages, None)
+
+
+@pytest.mark.parametrize("kernel_for,flag", [(decode_kernel_for, "MOSAIC_DECODE_BY_DEFAULT"),
+                                             (prefill_kernel_for, "MOSAIC_PREFILL_BY_DEFAULT")])
+@pytest.mark.parametrize("capability", [None, 8.0, 9.0])
+def test_auto_choice_needs_the_flag_and_hopper(monkeypatch, kernel_for, flag, capability):
+    """"auto" runs Mosaic GPU only once its flag is set, and then only on compute >= 9.0."""
+    q, kv_pages = spec((8, 8, 128), jnp.bfloat16), spec((32, 16, 4, 128), jnp.bfloat16)
+    monkeypatch.delenv(GPU_KERNELS_VARIABLE, raising=False)
+    monkeypatch.setattr(kernel_choice, "cuda_compute_capability", lambda: capability)
+    for by_default in (False, True):
+        monkeypatch.setattr(kernel_choice, flag, by_default)
+        expected = "mosaic" if by_default and capability == 9.0 else "triton"
+        assert kernel_for(q, kv_pages, None) == expected
