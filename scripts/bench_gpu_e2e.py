@@ -16,17 +16,20 @@ For each shape ("8b": Llama-3-8B's sizes, "1b": Llama-3.2-1B's), in one run:
     same shapes, bf16, the same batch padded as one);
   - the step-time breakdown (engine/worker/timeline.py) per step: host ms (time in
     engine.step() not spent waiting for results), device busy ms and idle ms;
-  - "8b" also int8 and int4 weights: batch-1 decode against the roofline of their bytes.
+  - "8b" also int8 and int4 weights: batch-1 decode against the roofline of their bytes;
+  - last, if time is left: the first shape's bf16 batch-1 decode again with the Mosaic GPU
+    attention kernels (EMBER_GPU_KERNELS=mosaic; Hopper and newer), what setting
+    pallas_kernels/gpu/kernel_choice.py's flags would change end to end.
 
 Order: transformers, the copy bandwidth, then per shape (8b first) batch-1 bf16, int8,
-int4, the throughput engine's warm-up, 64 requests, 256 requests. Every part has a time
-limit (LIMITS) inside one global budget (--budget-s): a throughput run cut by its limit
-reports tokens/s over what finished and says so ("partial"); a part with too little time
-left is listed as skipped. A compile cannot be cut: a warm-up starts only with 30% of its
-limit left, and may overrun the budget by the rest. The table and JSON are rewritten after
-each part, so a run killed from outside keeps what it measured. --quick: tiny shapes, short
-workloads, transformers on CPU (a smoke test of the whole flow on a laptop; its figures
-mean nothing).
+int4, the throughput engine's warm-up, 64 requests, 256 requests; then the Mosaic GPU run.
+Every part has a time limit (LIMITS) inside one global budget (--budget-s): a throughput
+run cut by its limit reports tokens/s over what finished and says so ("partial"); a part
+with too little time left is listed as skipped. A compile cannot be cut: a warm-up starts
+only with 30% of its limit left, and may overrun the budget by the rest. The table and JSON
+are rewritten after each part, so a run killed from outside keeps what it measured. --quick:
+tiny shapes, short workloads, transformers on CPU (a smoke test of the whole flow on a
+laptop; its figures mean nothing).
 
 Usage: python scripts/bench_gpu_e2e.py [--shapes 8b,1b] [--out DIR] [--budget-s 150]
        python scripts/bench_gpu_e2e.py --quick
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -206,7 +210,7 @@ def make_engine(model_dir: Path, workload: dict, *, max_num_seqs: int, warmup: b
     return engine, time.perf_counter() - start - engine.warmup_seconds
 
 
-def bench_shape(shape: str, model_dir: Path, workload: dict, report: Report, rng) -> None:
+def bench_shape(model_dir: Path, shape: str, workload: dict, report: Report, rng) -> None:
     """Batch-1 decode per weight format ("8b": bf16, int8, int4; "1b": bf16), each on an
     engine of one sequence compiling on demand; then the throughput engine: its warm-up
     (every rung, timed), then each concurrency, the longest last so that a tight budget
@@ -233,20 +237,48 @@ def bench_shape(shape: str, model_dir: Path, workload: dict, report: Report, rng
 
 
 def bench_batch1(model_dir: Path, shape: str, weights: str, workload: dict, report: Report,
-                 rng) -> None:
+                 rng, label: str | None = None) -> None:
     """Batch-1 decode of `weights` ("bf16", "int8", "int4") on an engine of one sequence,
-    not warmed up: the untimed first request compiles the few shapes it needs."""
-    if not report.starts(f"{shape} {weights} batch-1", LIMITS["batch1"]):
+    not warmed up: the untimed first request compiles the few shapes it needs. label: the
+    row's name (default: weights)."""
+    label = label or weights
+    if not report.starts(f"{shape} {label} batch-1", LIMITS["batch1"]):
         return
     start = time.perf_counter()
     engine, load_s = make_engine(model_dir, workload, max_num_seqs=1, warmup=False,
                                  quantization=None if weights == "bf16" else weights)
-    report.engine(shape, weights, load_s, bytes_per_token(engine))
+    report.engine(shape, label, load_s, bytes_per_token(engine))
     left = LIMITS["batch1"] - (time.perf_counter() - start)
-    report.batch1(shape, weights, batch1_decode(
+    report.batch1(shape, label, batch1_decode(
         engine, workload["batch1_tokens"], report.limit(max(left, 5)), rng))
     del engine
     gc.collect()
+
+
+def bench_mosaic_batch1(model_dir: Path, shape: str, workload: dict, report: Report,
+                        rng) -> None:
+    """bf16 batch-1 decode with the Mosaic GPU attention kernels forced
+    (EMBER_GPU_KERNELS=mosaic, read when the engine traces its steps). Skipped off Hopper,
+    on a jax without Mosaic GPU, and when the device check chose Triton after its kernel
+    stage failed (EMBER_GPU_KERNELS=triton)."""
+    from pallas_kernels.compat import cuda_compute_capability, has_mosaic_gpu
+    from pallas_kernels.gpu.kernel_choice import GPU_KERNELS_VARIABLE
+
+    chosen = os.environ.get(GPU_KERNELS_VARIABLE)
+    if chosen == "triton" or not has_mosaic_gpu() or (cuda_compute_capability() or 0) < 9.0:
+        report.note(f"Mosaic GPU batch-1 skipped: {GPU_KERNELS_VARIABLE}={chosen}, Mosaic GPU "
+                    f"{'present' if has_mosaic_gpu() else 'absent'}, compute capability "
+                    f"{cuda_compute_capability()}")
+        return
+    os.environ[GPU_KERNELS_VARIABLE] = "mosaic"
+    try:
+        bench_batch1(model_dir, shape, "bf16", workload, report, rng,
+                     label="bf16 mosaic-gpu attention")
+    finally:
+        if chosen is None:
+            del os.environ[GPU_KERNELS_VARIABLE]
+        else:
+            os.environ[GPU_KERNELS_VARIABLE] = chosen
 
 
 def run_transformers(shapes: list[str], configs: dict, workload: dict, budget_s: float,
@@ -302,11 +334,13 @@ def main() -> None:
     report.device(str(jax.devices()[0].device_kind), device_bandwidth(args.quick))
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="ember-e2e-") as tmp:
-        for shape in shapes:
-            model_dir = write_model_dir(Path(tmp) / shape, configs[shape])
+        model_dirs = {shape: write_model_dir(Path(tmp) / shape, configs[shape])
+                      for shape in shapes}
+        parts = [(bench_shape, shape) for shape in shapes] + [(bench_mosaic_batch1, shapes[0])]
+        for part, shape in parts:
             try:
-                bench_shape(shape, model_dir, workload, report, rng)
-            except Exception as error:  # noqa: BLE001 - one shape's failure ends only it
+                part(model_dirs[shape], shape, workload, report, rng)
+            except Exception as error:  # noqa: BLE001 - one part's failure ends only it
                 report.note(f"{shape}: {type(error).__name__}: {str(error)[:400]}")
     report.finish()
 
