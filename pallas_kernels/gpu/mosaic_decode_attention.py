@@ -61,7 +61,7 @@ def _decode_kernel(kv_lens_ref,       # i32[S] context of decode sequences, 0 fo
         fetch_kv_tile(kv_pages_ref, page_indices_ref, k_smem.at[slot], v_smem.at[slot],
                       kv_barriers.at[slot], seq, kv_head, lo + tile * BLOCK_KV)
 
-    buffers = TileBuffers(q_smem, k_smem, v_smem, p_smem, out_smem, q_barrier, kv_barriers)
+    buffers = TileBuffers(q_smem, k_smem, v_smem, p_smem, q_barrier, kv_barriers)
     row_max, row_sum, acc = attend_tiles(
         buffers, fetch, q_ref.at[seq, kv_head], lo=lo, hi=hi, num_tiles=num_tiles,
         visible=lambda tokens: tokens >= window_start, num_slots=num_slots,
@@ -115,6 +115,7 @@ def mosaic_decode_attention_partials(q, kv_pages, kv_lens, page_indices, cu_q_le
         kernel,
         out_type=(jax.ShapeDtypeStruct((*stats.shape, head_dim), jnp.float32), stats, stats),
         scratch_types=scratch_types(head_dim, page_size, q.dtype, mosaic_sizes.num_slots,
+                                    plgpu.SMEM((BLOCK_M, head_dim), jnp.float32),
                                     plgpu.SMEM((2, BLOCK_M), jnp.float32)),
         grid=(max_seqs, num_kv_heads, splits),
         grid_names=("seq", "kv_head", "split"),

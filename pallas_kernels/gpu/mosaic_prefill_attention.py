@@ -33,11 +33,10 @@ def _prefill_kernel(block_seq_ref,        # i32[NQB] the block's sequence
                     page_indices_ref,     # i32[S, P]
                     q_ref,                # [NQB, Hkv, BLOCK_M, D] rows x heads, 0-padded
                     kv_pages_ref,         # [num_pages, page_size, 2 * Hkv, D]
-                    out_ref,              # f32[NQB, Hkv, BLOCK_M, D] normalised output
-                    q_smem,               # [BLOCK_M, D]
+                    out_ref,              # [NQB, Hkv, BLOCK_M, D] normalised output
+                    q_smem,               # [BLOCK_M, D] q, then the output
                     k_smem, v_smem,       # [num_slots, BLOCK_KV, D] each
                     p_smem,               # [BLOCK_M, BLOCK_KV] softmax weights of a tile
-                    out_smem,             # f32[BLOCK_M, D]
                     q_barrier, kv_barriers,
                     *, group, num_slots, sm_scale, soft_cap, sliding_window, interpret):
     block, kv_head = jax.lax.axis_index("block"), jax.lax.axis_index("kv_head")
@@ -47,7 +46,7 @@ def _prefill_kernel(block_seq_ref,        # i32[NQB] the block's sequence
     pl.when(num_rows > 0)(functools.partial(
         _attend_block, block_seq_ref, block_first_pos_ref, page_indices_ref, q_ref,
         kv_pages_ref, out_ref,
-        TileBuffers(q_smem, k_smem, v_smem, p_smem, out_smem, q_barrier, kv_barriers),
+        TileBuffers(q_smem, k_smem, v_smem, p_smem, q_barrier, kv_barriers),
         block, kv_head, num_rows, group=group, num_slots=num_slots, sm_scale=sm_scale,
         soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret))
 
@@ -80,9 +79,11 @@ def _attend_block(block_seq_ref, block_first_pos_ref, page_indices_ref, q_ref, k
         num_tiles=pl.cdiv(hi - lo, BLOCK_KV), visible=visible, num_slots=num_slots,
         sm_scale=sm_scale, soft_cap=soft_cap, interpret=interpret)
     inverse = 1.0 / jnp.maximum(row_sum, 1e-30)    # padding M rows see nothing: they stay 0
-    buffers.out[...] = acc * jax.lax.broadcast_in_dim(inverse, acc.shape, [0])
+    # q's tile is free once the last wgmma has read it: the output leaves through it.
+    buffers.q[...] = (acc * jax.lax.broadcast_in_dim(inverse, acc.shape, [0])).astype(
+        buffers.q.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(buffers.out, out_ref.at[block, kv_head])
+    plgpu.copy_smem_to_gmem(buffers.q, out_ref.at[block, kv_head])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -106,8 +107,8 @@ def block_queries(q, rows, num_kv_heads):
 
 
 def scatter_block_outputs(out_blocks, rows, num_rows, num_q_heads):
-    """The inverse of block_queries: f32[NQB, Hkv, BLOCK_M, D] -> [T, Hq, D] f32, rows of no
-    block zero."""
+    """The inverse of block_queries: [NQB, Hkv, BLOCK_M, D] -> [T, Hq, D], rows of no block
+    zero."""
     num_blocks, num_kv_heads, _, head_dim = out_blocks.shape
     rows_per_block = rows.shape[1]
     group = num_q_heads // num_kv_heads
@@ -115,7 +116,7 @@ def scatter_block_outputs(out_blocks, rows, num_rows, num_q_heads):
     used = used.reshape(num_blocks, num_kv_heads, rows_per_block, group, head_dim)
     used = used.transpose(0, 2, 1, 3, 4).reshape(num_blocks, rows_per_block, num_q_heads,
                                                  head_dim)
-    out = jnp.zeros((num_rows, num_q_heads, head_dim), jnp.float32)
+    out = jnp.zeros((num_rows, num_q_heads, head_dim), out_blocks.dtype)
     return out.at[rows].set(used, mode="drop")       # rows == num_rows: dropped
 
 
@@ -146,12 +147,11 @@ def mosaic_prefill_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_
                                sliding_window=sliding_window, interpret=interpret)
     out_blocks = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((num_blocks, num_kv_heads, BLOCK_M, head_dim),
-                                      jnp.float32),
+        out_type=jax.ShapeDtypeStruct((num_blocks, num_kv_heads, BLOCK_M, head_dim), q.dtype),
         scratch_types=scratch_types(head_dim, page_size, q.dtype, mosaic_sizes.num_slots),
         grid=(num_blocks, num_kv_heads),
         grid_names=("block", "kv_head"),
         interpret=mosaic_gpu_interpret_params() if interpret else None,
     )(block_seq, block_first_pos, block_len, page_indices,
       block_queries(q, rows, num_kv_heads), kv_pages)
-    return scatter_block_outputs(out_blocks, rows, num_rows, num_q_heads).astype(q.dtype)
+    return scatter_block_outputs(out_blocks, rows, num_rows, num_q_heads)

@@ -134,22 +134,21 @@ class TileBuffers:
     k: object            # [num_slots, BLOCK_KV, D]
     v: object            # [num_slots, BLOCK_KV, D]
     p: object            # [BLOCK_M, BLOCK_KV] softmax weights of a tile
-    out: object          # f32[BLOCK_M, D] output staging
     q_barrier: object
     kv_barriers: object  # num_slots barriers
 
 
 def scratch_types(head_dim, page_size, dtype, num_slots, *extra):
-    """The shared memory and barriers of TileBuffers, in the order q, k, v, p, out, *extra
-    (more plgpu.SMEM entries: a kernel's own), q_barrier, kv_barriers."""
+    """The shared memory and barriers of TileBuffers, in the order q, k, v, p, *extra (more
+    plgpu.SMEM entries: a kernel's own), q_barrier, kv_barriers. q, k, v and p are tiled and
+    swizzled for wgmma (and for TMA copies out of q, as jax's own Hopper attention does)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     swizzle = 128
     transforms = (plgpu.TilingTransform((8, swizzle // dtype.itemsize)),
                   plgpu.SwizzleTransform(swizzle))
     kv_tiles = plgpu.SMEM((num_slots, BLOCK_KV, head_dim), dtype, transforms=transforms)
     return (plgpu.SMEM((BLOCK_M, head_dim), dtype, transforms=transforms), kv_tiles, kv_tiles,
-            plgpu.SMEM((BLOCK_M, BLOCK_KV), dtype, transforms=transforms),
-            plgpu.SMEM((BLOCK_M, head_dim), jnp.float32), *extra,
+            plgpu.SMEM((BLOCK_M, BLOCK_KV), dtype, transforms=transforms), *extra,
             plgpu.Barrier(num_barriers=1),
             # Each copy arrives once: K and V of every page of a tile.
             plgpu.Barrier(num_arrivals=2 * (BLOCK_KV // min(page_size, BLOCK_KV)),
@@ -198,7 +197,7 @@ def attend_tiles(buffers: TileBuffers, fetch, q_source, *, lo, hi, num_tiles, vi
 
     carry = (in_layout(jnp.full((BLOCK_M,), MASK_VALUE, jnp.float32), "WGMMA_ROW"),
              in_layout(jnp.zeros((BLOCK_M,), jnp.float32), "WGMMA_ROW"),
-             in_layout(jnp.zeros(buffers.out.shape, jnp.float32), "WGMMA"))
+             in_layout(jnp.zeros(buffers.q.shape, jnp.float32), "WGMMA"))
     return jax.lax.fori_loop(0, num_tiles, body, carry)
 
 
