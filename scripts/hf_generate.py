@@ -2,8 +2,8 @@
 
 Run as a child process (its own device memory, and a hang costs only its time limit). Reads
 one JSON spec from argv (jobs, configs, lengths, and a time.time() deadline: a job that
-cannot start min_s before it is skipped) and prints one JSON line per job, so a caller that
-kills it at its time limit keeps what was done:
+cannot start min_s before it is skipped, one out of device memory is skipped too) and prints
+one JSON line per job, so a caller that kills it at its time limit keeps what was done:
 
   {"shape": "8b", "concurrency": 64, "tokens_per_s": ..., "seconds": ..., "device": ...}
 
@@ -64,10 +64,15 @@ def main(spec: dict) -> None:
             print(json.dumps({**job, "skipped": "out of time"}), flush=True)
             continue
         shape = job["shape"]
-        if shape not in models:
-            models[shape] = build(spec["configs"][shape], device, dtype)
-        seconds = generate(models[shape], job["concurrency"], spec["prompt_len"],
-                           spec["output_len"], device)
+        try:
+            if shape not in models:
+                models[shape] = build(spec["configs"][shape], device, dtype)
+            seconds = generate(models[shape], job["concurrency"], spec["prompt_len"],
+                               spec["output_len"], device)
+        except torch.cuda.OutOfMemoryError:   # e.g. 256 padded prompts: the others still run
+            print(json.dumps({**job, "skipped": "out of device memory"}), flush=True)
+            torch.cuda.empty_cache()
+            continue
         tokens = job["concurrency"] * spec["output_len"]
         print(json.dumps({**job, "tokens_per_s": tokens / seconds, "seconds": seconds,
                           "device": device, "dtype": str(dtype).removeprefix("torch.")}),
