@@ -1,8 +1,9 @@
 """Ember's kernels behind one contract (docs/design.md), dispatched by backend.
 
 backend: "auto" (by jax.default_backend()), "reference" (plain jnp, the CPU default),
-"gpu" (Pallas Triton; decode attention on Mosaic GPU on Hopper and newer, as
-gpu/kernel_choice.py and EMBER_GPU_KERNELS decide), "tpu" (Pallas Mosaic). interpret=True
+"gpu" (Pallas Triton; attention on Mosaic GPU on Hopper and newer, as gpu/kernel_choice.py
+and EMBER_GPU_KERNELS decide; on a jax without Pallas Triton, the reference wherever Mosaic
+GPU does not run), "tpu" (Pallas Mosaic). interpret=True
 runs a Pallas kernel in interpret mode, so the GPU and TPU kernels can be checked on a CPU.
 
 These run inside a jitted step: `backend`, `interpret`, `sm_scale`, `sliding_window` and
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_kernels.compat import has_pallas_triton
 from pallas_kernels.kv_cache import (KV_CACHE_DTYPES, KV_PAGE_DTYPES, is_quantized,
                                      kv_cache_bytes_per_token, kv_scales_shape,
                                      resolve_kv_cache_dtype)
@@ -134,10 +136,11 @@ def write_kv_pages(kv_pages, k, v, slot_mapping, *, kv_scales=None, backend="aut
     _expect("v", v, k.shape, (jnp.floating,))
     _expect("slot_mapping", slot_mapping, (k.shape[0],), (jnp.int32,))
     backend = resolve_backend(backend)
-    if backend == "gpu":
+    if backend == "gpu" and has_pallas_triton():
         from pallas_kernels.gpu.write_kv_pages import write_kv_pages_gpu
         return write_kv_pages_gpu(kv_pages, k, v, slot_mapping, kv_scales, interpret=interpret)
-    # On "tpu" XLA's scatter into the donated cache is the write (no Mosaic kernel).
+    # On "tpu" (and a GPU without Pallas Triton) XLA's scatter into the donated cache is the
+    # write (no Mosaic kernel).
     return write_kv_pages_reference(kv_pages, k, v, slot_mapping, kv_scales)
 
 
@@ -151,7 +154,8 @@ def sample(logits, temperature, top_k, top_p, min_p, keys, *, backend="auto", in
     Returns:
       (token_ids i32[S], logprobs f32[S]); logprobs are of the tempered distribution at the
       chosen token, before masks. Every backend draws the same token for the same key. On
-      "tpu" this is the reference (XLA fuses it well enough there; no Mosaic kernel yet).
+      "tpu" this is the reference (XLA fuses it well enough there; no Mosaic kernel yet), and
+      on a GPU whose jax has no Pallas Triton.
     """
     _expect("logits", logits, (None, None), (jnp.floating,))
     rows = logits.shape[0]
@@ -161,7 +165,7 @@ def sample(logits, temperature, top_k, top_p, min_p, keys, *, backend="auto", in
     _expect("min_p", min_p, (rows,), (jnp.float32,))
     _expect("keys", keys, (rows, 2), (jnp.uint32,))
     backend = resolve_backend(backend)
-    if backend == "gpu":
+    if backend == "gpu" and has_pallas_triton():
         from pallas_kernels.gpu.sampling import sample_gpu
         return sample_gpu(logits, temperature, top_k, top_p, min_p, keys, interpret=interpret)
     return sample_reference(logits, temperature, top_k, top_p, min_p, keys)

@@ -67,6 +67,18 @@ def cuda_lowering_target(device_kind: str = "NVIDIA H200"):
 
 
 @functools.cache
+def has_pallas_triton() -> bool:
+    """True where this jax still has the Pallas Triton lowering (deprecated since jax 0.11,
+    to be removed): `pallas.triton` and its compiler params (triton_compiler_params)."""
+    try:
+        from jax.experimental.pallas import triton as plgpu
+    except ImportError:
+        return False
+    return any(hasattr(module, name) for module, name in (
+        (plgpu, "CompilerParams"), (plgpu, "TritonCompilerParams"), (pl, "TritonCompilerParams")))
+
+
+@functools.cache
 def has_mosaic_gpu() -> bool:
     """True where this jax has the Pallas Mosaic GPU backend with `plgpu.kernel`."""
     try:

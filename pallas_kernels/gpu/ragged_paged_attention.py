@@ -9,7 +9,8 @@ A step's batch mixes sequences with one query row (decode) and sequences with ma
                             kernel_choice.py)
   combine_splits            merges the splits, scattered into the decode rows
 
-Padding rows (from cu_q_lens[num_seqs] on) belong to neither and stay zero.
+Padding rows (from cu_q_lens[num_seqs] on) belong to neither and stay zero. On a jax without
+Pallas Triton, a batch the Mosaic GPU kernels do not take runs the reference (kernel_choice.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pallas_kernels.gpu.mosaic_decode_attention import mosaic_decode_attention_p
 from pallas_kernels.gpu.mosaic_prefill_attention import mosaic_prefill_attention
 from pallas_kernels.gpu.prefill_attention import prefill_attention
 from pallas_kernels.kv_cache import compute_dtype
+from pallas_kernels.reference import ragged_paged_attention_reference
 
 
 def ragged_paged_attention_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
@@ -38,11 +40,15 @@ def ragged_paged_attention_gpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
     q [T, Hq, D]; kv_pages [num_pages, page_size, 2 * Hkv, D]; kv_lens i32[S];
     page_indices i32[S, P]; cu_q_lens i32[S + 1]; num_seqs i32[1];
     kv_scales f32[num_pages, page_size, 2 * Hkv] (8-bit caches) or None -> [T, Hq, D].
-    decode_kernel, prefill_kernel: "triton" or "mosaic"; None chooses (kernel_choice.py), here
-    outside the jit, so that EMBER_GPU_KERNELS is read on every trace.
+    decode_kernel, prefill_kernel: "triton", "mosaic" or "reference"; None chooses
+    (kernel_choice.py), here outside the jit, so that EMBER_GPU_KERNELS is read on every trace.
     """
     decode_kernel = decode_kernel or decode_kernel_for(q, kv_pages, kv_scales)
     prefill_kernel = prefill_kernel or prefill_kernel_for(q, kv_pages, kv_scales)
+    if "reference" in (decode_kernel, prefill_kernel):   # no Pallas kernel takes this batch
+        return ragged_paged_attention_reference(
+            q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+            sliding_window=sliding_window, soft_cap=soft_cap, kv_scales=kv_scales)
     return _ragged_paged_attention_gpu(
         q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, kv_scales=kv_scales,

@@ -10,6 +10,7 @@ a sequence does not own, including the tail of its last page, which TMA copies d
 
 import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,8 @@ import pytest
 from jax import export
 
 import pallas_kernels
-from pallas_kernels.compat import cuda_compute_capability, cuda_lowering_target, has_mosaic_gpu
+from pallas_kernels.compat import (cuda_compute_capability, cuda_lowering_target, has_mosaic_gpu,
+                                   has_pallas_triton)
 from pallas_kernels.gpu import kernel_choice
 from pallas_kernels.gpu.kernel_choice import (GPU_KERNELS_VARIABLE, decode_kernel_for,
                                               prefill_kernel_for)
@@ -141,3 +143,61 @@ def test_auto_choice_needs_the_flag_and_hopper(monkeypatch, kernel_for, flag, ca
         monkeypatch.setattr(kernel_choice, flag, by_default)
         expected = "mosaic" if by_default and capability == 9.0 else "triton"
         assert kernel_for(q, kv_pages, None) == expected
+
+
+@pytest.fixture
+def jax_without_triton(monkeypatch):
+    """This jax as a release without the Pallas Triton lowering: `pallas.triton` will not
+    import (the name the lazy imports look up is gone too)."""
+    from jax.experimental import pallas as pallas_package
+    monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+    monkeypatch.delattr(pallas_package, "triton", raising=False)
+    has_pallas_triton.cache_clear()
+    yield
+    has_pallas_triton.cache_clear()
+
+
+def test_kernel_choice_without_triton(monkeypatch, jax_without_triton):
+    assert not has_pallas_triton()
+    q, kv_pages = spec((8, 8, 128), jnp.bfloat16), spec((32, 16, 4, 128), jnp.bfloat16)
+    monkeypatch.setenv(GPU_KERNELS_VARIABLE, "mosaic")
+    assert decode_kernel_for(q, kv_pages, None) == prefill_kernel_for(q, kv_pages, None) == "mosaic"
+    f32 = (spec(q.shape, jnp.float32), spec(kv_pages.shape, jnp.float32), None)
+    assert decode_kernel_for(*f32) == prefill_kernel_for(*f32) == "reference"
+    monkeypatch.delenv(GPU_KERNELS_VARIABLE)     # Mosaic GPU not on by default yet
+    assert decode_kernel_for(q, kv_pages, None) == "reference"
+    monkeypatch.setenv(GPU_KERNELS_VARIABLE, "triton")
+    with pytest.raises(ValueError, match="EMBER_GPU_KERNELS=triton: jax .* no Pallas Triton"):
+        decode_kernel_for(q, kv_pages, None)
+
+
+@pytest.mark.parametrize("kernels,dtype,mosaic_calls", [("mosaic", jnp.bfloat16, 2),
+                                                        ("mosaic", jnp.float32, 0),
+                                                        ("auto", jnp.bfloat16, 0)])
+def test_a_jax_without_triton_still_runs_backend_gpu(monkeypatch, jax_without_triton, kernels,
+                                                     dtype, mosaic_calls):
+    """A step's three kernels lower for CUDA with no Triton call: attention on Mosaic GPU
+    where it runs, else XLA's reference, as are sampling and the KV write."""
+    monkeypatch.setenv(GPU_KERNELS_VARIABLE, kernels)
+    tokens, seqs, heads, kv_heads, head_dim, page_size = 64, 8, 8, 2, 64, 16
+
+    def step(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, k, v, slot_mapping,
+             logits, keys):
+        kv_pages = pallas_kernels.write_kv_pages(kv_pages, k, v, slot_mapping, backend="gpu")
+        out = pallas_kernels.ragged_paged_attention(
+            q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=0.125,
+            backend="gpu")
+        rows = logits.shape[0]
+        ones, zeros = jnp.ones((rows,), jnp.float32), jnp.zeros((rows,), jnp.int32)
+        return out, pallas_kernels.sample(logits, ones, zeros, ones, 0 * ones, keys,
+                                          backend="gpu")
+
+    args = (spec((tokens, heads, head_dim), dtype),
+            spec((64, page_size, 2 * kv_heads, head_dim), dtype),
+            spec((seqs,), jnp.int32), spec((seqs, 8), jnp.int32), spec((seqs + 1,), jnp.int32),
+            spec((1,), jnp.int32), spec((tokens, kv_heads, head_dim), dtype),
+            spec((tokens, kv_heads, head_dim), dtype), spec((tokens,), jnp.int32),
+            spec((seqs, 1000), jnp.float32), spec((seqs, 2), jnp.uint32))
+    with cuda_lowering_target():
+        text = export.export(jax.jit(step), platforms=["cuda"])(*args).mlir_module()
+    assert text.count(TRITON_CALL) == 0 and text.count(MOSAIC_CALL) == mosaic_calls
