@@ -25,8 +25,8 @@ per channel ~1, Q8_0 form 1.0625, int4 from GGUF 0.625, int4 from a float checkp
 Sharding (models/sharding.py): column-parallel splits axis 1 of every array; row-parallel
 splits axis 0, so each shard's `in` must be a multiple of 32 for a grouped weight (a group
 never straddles two devices; ShardingPlan.with_quantization refuses one that would), and a
-per-channel scale (one row) is replicated. The CPU loop below interleaves its blocks so that a row-parallel
-weight needs no gather (with 256-row blocks, for up to 8 devices).
+per-channel scale (one row) is replicated. The CPU loop below interleaves its blocks so that
+a row-parallel weight needs no gather (with 256-row blocks, for up to 8 devices).
 
 The step (`quantized_matmul`) computes x @ w from the same dequantized values, a block of
 `block_rows` input rows at a time, accumulating in f32: it equals x @ dequantize(w) up to f32

@@ -47,7 +47,7 @@ from models.quantization import format_for
 MODEL_AXIS = "model"
 HEADS = P(None, MODEL_AXIS, None)                # q, k, v, attention out: [T, heads, D]
 KV_PAGES = P(None, None, None, MODEL_AXIS, None)  # [L, num_pages, page_size, 2 * kv_heads, D]
-KV_SCALES = P(None, None, None, MODEL_AXIS)       # 8-bit caches: [L, num_pages, page_size, 2 * kv_heads]
+KV_SCALES = P(None, None, None, MODEL_AXIS)       # 8-bit: [L, num_pages, page_size, 2 * kv_heads]
 
 # (module, parameter) -> PartitionSpec; anything not listed (the norms) is replicated.
 # "weight" is a float Linear's; q, packed, scale, minimum a QuantizedLinear's arrays.

@@ -23,9 +23,10 @@ from tests.pallas_kernels.test_ragged_paged_attention import (TOLERANCE, Case, j
 KV_DTYPES = ("bfloat16", "float8_e4m3fn", "int8")
 # The most a written value moves: relative to itself for the floats (bf16 keeps 8 significant
 # bits, e4m3 4: rounding is off by at most 2^-8, 2^-4; fp8 rows are scaled onto e4m3's range
-# first), relative to its row's max|x| for int8 (127 steps; off by at most half a step). Attention over the cache stays within
-# 2 * ROUNDING * max|K, V| of attention over the float K/V (measured on these cases and
-# others: bf16 <= 0.25, fp8 <= 0.3, int8 <= 0.55 of that bound).
+# first), relative to its row's max|x| for int8 (127 steps; off by at most half a step).
+# Attention over the cache stays within 2 * ROUNDING * max|K, V| of attention over the float
+# K/V (measured on these cases and others: bf16 <= 0.25, fp8 <= 0.3, int8 <= 0.55 of that
+# bound).
 ROUNDING = {"bfloat16": 2.0 ** -8, "float8_e4m3fn": 2.0 ** -4, "int8": 1 / 254}
 # Tiny shapes: interpret mode is slow. Decode and prefill rows in each; bf16 q with cap and
 # window in the second.
