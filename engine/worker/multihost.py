@@ -198,7 +198,7 @@ class Follower:
                 batch, indices = r._empty_batch(a)
                 batch, indices, previous_rows = self._receive(
                     (batch, indices, np.full(a, -1, np.int32)))
-                r.kv_cache, hidden, last_hidden = r._forward(r.params, r.kv_cache, batch,
+                r.kv_cache, hidden, last_hidden = r._forward(r.param_leaves, r.kv_cache, batch,
                                                              indices, previous_rows, drawn)
             elif kind == SAMPLE:
                 # b: bit 0 penalties, bit 1 a token bitmask (StepBroadcaster.sample)
@@ -206,7 +206,7 @@ class Follower:
                 bitmask = r._open_bitmask(a) if b & 2 else None
                 sampling, penalties, bitmask = self._receive((sampling, penalties, bitmask))
                 _, drawn, penalty_state = r._sample(
-                    r.params, last_hidden, sampling, penalties,
+                    r.param_leaves, last_hidden, sampling, penalties,
                     r.penalty_state if b & 1 else None, bitmask, num_seqs=a, num_top=c)
                 if b & 1:
                     r.penalty_state = penalty_state
@@ -216,7 +216,8 @@ class Follower:
                 r.penalty_state = r._init_penalty_slot(r.penalty_state, *arrays, drawn)
             elif kind == PROMPT_LOGPROBS:
                 targets = self._receive(np.zeros(a, np.int32))
-                r._prompt_logprobs(r.params, hidden, targets, num_top=b).block_until_ready()
+                r._prompt_logprobs(r.param_leaves, hidden, targets,
+                                   num_top=b).block_until_ready()
             else:
                 raise ValueError(f"header kind={kind}: expected one of 0..4")
 

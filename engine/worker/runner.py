@@ -79,7 +79,13 @@ class Runner:
         self.max_model_len = max_model_len
         self.num_pages = num_pages
         self.max_pages_per_seq = math.ceil(max_model_len / config.page_size)
+        # The rungs, read every step (the config's properties build them on each read).
+        self._token_ladder, self._seq_ladder = config.token_ladder, config.seq_ladder
         self.graphdef, self.params = nnx.split(model)
+        # The jitted steps are given the params as the State's leaves (step.py:
+        # _taking_leaves): a tuple costs jit's dispatch far less than the State.
+        leaves, params_treedef = jax.tree.flatten(self.params)
+        self.param_leaves = tuple(leaves)
         self.plan = plan
         # The logits' width, which bitmask rows cover (under a plan the padding is cut off).
         self.vocab_size = (model if plan is None else plan).config.vocab_size
@@ -96,6 +102,10 @@ class Runner:
         self.timeline = None   # a DeviceTimeline a benchmark attaches (engine/worker/timeline.py)
         self._replicated = (SingleDeviceSharding(jax.devices()[0]) if plan is None
                             else plan.sharding())
+        # An accelerator's results start their one trip to the host as soon as they are
+        # drawn (as JetStream's do), so collect() finds them there; a CPU's are host memory
+        # already, and the call costs it tens of microseconds a step.
+        self._copy_results_early = jax.devices()[0].platform != "cpu"
         # The "previous draws" of a step that follows none: placed as the sampler's own
         # output is, so both compile alike.
         self._no_draws = jax.device_put(np.zeros(config.max_num_seqs, np.int32),
@@ -105,7 +115,7 @@ class Runner:
         self.penalty_state = self._new_penalty_state()
         self.penalty_slots = PenaltySlots(config.max_num_seqs)
         (self._forward, self._sample, self._prompt_logprobs,
-         self._init_penalty_slot) = jit_steps(self.graphdef, config, plan)
+         self._init_penalty_slot) = jit_steps(self.graphdef, config, plan, params_treedef)
         if jax.process_count() > 1:   # several hosts: engine/worker/multihost.py
             from engine.worker import multihost
             multihost.attach(self)
@@ -130,16 +140,16 @@ class Runner:
             elif kind == "forward":
                 batch, indices = self._empty_batch(shape)
                 self.kv_cache, hidden, last_hidden = self._forward(
-                    self.params, self.kv_cache, batch, indices, np.full(shape, -1, np.int32),
-                    self._no_draws)
-                self._prompt_logprobs(self.params, hidden, np.zeros(shape, np.int32),
+                    self.param_leaves, self.kv_cache, batch, indices,
+                    np.full(shape, -1, np.int32), self._no_draws)
+                self._prompt_logprobs(self.param_leaves, hidden, np.zeros(shape, np.int32),
                                       num_top=TOP_LOGPROBS).block_until_ready()
             elif kind == "sample":
                 num_seqs, with_penalties, num_top, with_bitmask = shape
                 sampling, penalties = self._sampling_arrays([], num_seqs, with_penalties)
                 bitmask = self._open_bitmask(num_seqs) if with_bitmask else None
                 packed, _, penalty_state = self._sample(
-                    self.params, last_hidden, sampling, penalties,
+                    self.param_leaves, last_hidden, sampling, penalties,
                     self.penalty_state if with_penalties else None, bitmask,
                     num_seqs=num_seqs, num_top=num_top)
                 if with_penalties:
@@ -171,11 +181,11 @@ class Runner:
         batch, logits_indices, previous_rows = self._build_batch(scheduler_output, chosen,
                                                                  previous)
         self.kv_cache, hidden, last_hidden = self._forward(
-            self.params, self.kv_cache, batch, logits_indices, previous_rows,
+            self.param_leaves, self.kv_cache, batch, logits_indices, previous_rows,
             self._no_draws if previous is None else previous.drawn)
         self._record(last_hidden)
         step = StepInFlight(
-            scheduler_output, chosen, rung(self.config.seq_ladder, len(scheduled)),
+            scheduler_output, chosen, rung(self._seq_ladder, len(scheduled)),
             TOP_LOGPROBS if any(r.sampling_params.logprobs for r in chosen) else 0,
             last_hidden, {item.request_id: s for s, item in enumerate(scheduled)})
         step.prompt_logprobs = self._launch_prompt_logprobs(scheduler_output, chosen, batch,
@@ -210,11 +220,13 @@ class Runner:
             fill_bitmasks(constrained, bitmask.bitmask)
             bitmask.enabled[[s for _, s in constrained]] = True
         step.packed, step.drawn, penalty_state = self._sample(
-            self.params, step.last_hidden, sampling, penalties,
+            self.param_leaves, step.last_hidden, sampling, penalties,
             self.penalty_state if with_penalties else None, bitmask,
             num_seqs=step.num_seqs, num_top=step.num_top)
         if with_penalties:
             self.penalty_state = penalty_state
+        if self._copy_results_early:
+            step.packed.copy_to_host_async()
         self._record(step.packed)
 
     def _penalty_slots(self, step: StepInFlight, previous: StepInFlight | None) -> list[int]:
@@ -252,7 +264,7 @@ class Runner:
         scheduled[s]."""
         num_top = step.num_top
         start = time.perf_counter()
-        packed = np.asarray(jax.device_get(step.packed))[:len(step.chosen)]
+        packed = np.asarray(step.packed)[:len(step.chosen)]
         if self.timeline is not None:
             self.timeline.add_wait(time.perf_counter() - start)
         output = ModelOutput(sampled_token_ids=packed[:, 0].astype(np.int32),
@@ -303,7 +315,7 @@ class Runner:
                      previous: StepInFlight | None = None
                      ) -> tuple[Batch, np.ndarray, np.ndarray]:
         """The flattened batch, logits_indices and previous_rows i32[T] (host_arrays.py)."""
-        num_tokens = rung(self.config.token_ladder, scheduler_output.num_batched_tokens)
+        num_tokens = rung(self._token_ladder, scheduler_output.num_batched_tokens)
         return step_batch(scheduler_output, chosen, self._empty_batch(num_tokens),
                           self.config.page_size, None if previous is None else previous.rows)
 
@@ -321,7 +333,8 @@ class Runner:
         if targets is None:
             return None
         targets, wanted, spans = targets
-        packed = self._prompt_logprobs(self.params, hidden, targets, num_top=TOP_LOGPROBS)
+        packed = self._prompt_logprobs(self.param_leaves, hidden, targets,
+                                       num_top=TOP_LOGPROBS)
         self._record(packed)
         return packed, wanted, spans
 

@@ -211,11 +211,13 @@ class StepFunctions(NamedTuple):
                                   #  previous_tokens), penalty_state donated
 
 
-def jit_steps(graphdef: nnx.GraphDef, config: EngineConfig, plan: ShardingPlan | None = None
-              ) -> StepFunctions:
+def jit_steps(graphdef: nnx.GraphDef, config: EngineConfig, plan: ShardingPlan | None = None,
+              params_treedef: jax.tree_util.PyTreeDef | None = None) -> StepFunctions:
     """The step functions jitted as the runner runs them (scripts/bench_compile.py lowers
-    them on abstract arrays)."""
+    them on abstract arrays). With `params_treedef` (the params State's structure) they
+    also take the params as that State's leaves, a tuple, as the runner passes them."""
     kernel = dict(backend=config.backend, interpret=config.interpret)
+    flat = functools.partial(_taking_leaves, treedef=params_treedef)
     # On a mesh every output's sharding is fixed, so each rung compiles once: the cache
     # stays split by kv head, everything else is replicated.
     forward_out, replicated = {}, {}
@@ -228,11 +230,28 @@ def jit_steps(graphdef: nnx.GraphDef, config: EngineConfig, plan: ShardingPlan |
                  else plan.sharding(spec))
         forward_out = dict(out_shardings=(cache, plan.sharding(), plan.sharding()))
     return StepFunctions(
-        forward=jax.jit(functools.partial(forward_step, graphdef, plan=plan, **kernel),
+        forward=jax.jit(flat(functools.partial(forward_step, graphdef, plan=plan, **kernel)),
                         donate_argnums=(1,), **forward_out),
-        sample=jax.jit(functools.partial(sample_step, graphdef, plan=plan, **kernel),
+        sample=jax.jit(flat(functools.partial(sample_step, graphdef, plan=plan, **kernel)),
                        static_argnames=("num_seqs", "num_top"),
                        donate_argnames=("penalty_state",), **replicated),
-        prompt_logprobs=jax.jit(functools.partial(prompt_logprobs_step, graphdef, plan=plan),
-                                static_argnames=("num_top",), **replicated),
+        prompt_logprobs=jax.jit(
+            flat(functools.partial(prompt_logprobs_step, graphdef, plan=plan)),
+            static_argnames=("num_top",), **replicated),
         init_penalty_slot=jax.jit(init_penalty_slot, donate_argnums=(0,), **replicated))
+
+
+def _taking_leaves(step: Callable, treedef: jax.tree_util.PyTreeDef | None) -> Callable:
+    """`step`, whose first argument is the params State, taking that State's leaves (a
+    tuple) too. Dispatch cost is why: jit flattens a tuple of arrays in C++, while a
+    State's nodes are flattened and compared in Python, ~0.1 ms a call."""
+    if treedef is None:
+        return step
+
+    @functools.wraps(step)   # jit reads the signature (argument names) through it
+    def run(params, *args, **kwargs):
+        if isinstance(params, tuple):
+            params = jax.tree.unflatten(treedef, params)
+        return step(params, *args, **kwargs)
+
+    return run

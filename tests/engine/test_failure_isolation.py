@@ -73,6 +73,7 @@ def failing_jitted_forward(runner, marker: int, failures: list[int]):
 
     def forward(graphdef, params, kv_cache, batch, *args):
         io_callback(check, jax.ShapeDtypeStruct((), jnp.int32), batch.input_ids)
+        params = jax.tree.unflatten(jax.tree.structure(runner.params), params)   # its leaves
         return forward_step(graphdef, params, kv_cache, batch, *args,
                             backend=runner.config.backend, interpret=runner.config.interpret)
 
