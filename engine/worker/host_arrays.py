@@ -4,6 +4,7 @@ and the history a penalty slot is filled from when a request takes one."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -42,31 +43,52 @@ def step_batch(scheduler_output: SchedulerOutput, chosen: list[Request],
     (the flattened batch, logits_indices i32[max_num_seqs], previous_rows i32[T]). A
     PENDING_TOKEN input takes its request's own token when it has come back since (a step run
     again), else row previous_rows[request_id] of the previous step's draws, on the device
-    (engine/worker/step.py: forward_step)."""
+    (engine/worker/step.py: forward_step).
+
+    Each column is gathered as a Python list and copied in once: a few numpy calls a step,
+    whatever its size, and no small numpy call per row (each costs more than the row)."""
     batch, logits_indices = empty
-    num_real = scheduler_output.num_batched_tokens
+    scheduled = scheduler_output.scheduled
+    num_seqs, num_real = len(scheduled), scheduler_output.num_batched_tokens
+    input_ids, positions, slots, ends, kv_lens, num_pages = [], [], [], [], [], []
+    pending = []   # (row s, its position) of each PENDING_TOKEN, only ever a last token
+    for s, item in enumerate(scheduled):
+        start, table, token_ids = item.start_position, item.page_table, item.token_ids
+        stop = start + len(token_ids)
+        if len(table) * page_size < stop:
+            raise ValueError(f"request {item.request_id!r}: page_table={table} covers "
+                             f"{len(table) * page_size} positions; expected at least {stop}")
+        input_ids += token_ids
+        positions += range(start, stop)
+        position = start
+        while position < stop:   # a page at a time: slot = page * page_size + offset
+            index = position // page_size
+            page_stop = min(stop, (index + 1) * page_size)
+            offset = (table[index] - index) * page_size
+            slots += range(offset + position, offset + page_stop)
+            position = page_stop
+        ends.append(len(input_ids))
+        kv_lens.append(stop)
+        num_pages.append(len(table))
+        if token_ids and token_ids[-1] == PENDING_TOKEN:
+            pending.append((s, stop - 1))
+    batch.input_ids[:num_real] = input_ids
+    batch.positions[:num_real] = positions
+    batch.slot_mapping[:num_real] = slots
+    batch.cu_q_lens[:num_seqs + 1] = [0, *ends]
+    batch.cu_q_lens[num_seqs + 1:] = num_real   # padding sequences own no rows
+    batch.kv_lens[:num_seqs] = kv_lens
+    logits_indices[:num_seqs] = ends
+    logits_indices[:num_seqs] -= 1
+    batch.num_seqs[0] = num_seqs
+    page_indices = batch.page_indices[:num_seqs]   # each table in its row, row-major
+    page_indices[np.arange(page_indices.shape[1]) < np.array(num_pages)[:, None]] = list(
+        itertools.chain.from_iterable(item.page_table for item in scheduled))
     rows_before = np.full(batch.input_ids.shape[0], -1, np.int32)
-    cu_q_lens = batch.cu_q_lens
-    cu_q_lens[:] = num_real  # padding sequences own no rows
-    row = 0
-    for s, item in enumerate(scheduler_output.scheduled):
-        count = len(item.token_ids)
-        positions = np.arange(item.start_position, item.start_position + count, dtype=np.int32)
-        pages = np.asarray(item.page_table, np.int32)
-        batch.input_ids[row:row + count] = item.token_ids
-        if count and item.token_ids[-1] == PENDING_TOKEN:
-            last = row + count - 1
-            batch.input_ids[last], rows_before[last] = _pending_input(
-                chosen[s], int(positions[-1]), previous_rows)
-        batch.positions[row:row + count] = positions
-        batch.slot_mapping[row:row + count] = (pages[positions // page_size] * page_size
-                                               + positions % page_size)
-        cu_q_lens[s] = row
-        batch.kv_lens[s] = item.start_position + count
-        batch.page_indices[s, :len(pages)] = pages
-        logits_indices[s] = row + count - 1
-        row += count
-    batch.num_seqs[0] = len(scheduler_output.scheduled)
+    for s, position in pending:
+        row = ends[s] - 1
+        batch.input_ids[row], rows_before[row] = _pending_input(chosen[s], position,
+                                                                previous_rows)
     return batch, logits_indices, rows_before
 
 
