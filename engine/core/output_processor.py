@@ -50,7 +50,8 @@ class OutputProcessor:
         params = group.params
         for index, sample in enumerate(group.samples):
             group.outputs.append(CompletionOutput(
-                index, cumulative_logprob=0.0, logprobs=[] if params.logprobs is not None else None))
+                index, cumulative_logprob=0.0,
+                logprobs=[] if params.logprobs is not None else None))
             group.detokenizers.append(IncrementalDetokenizer(
                 self.tokenizer, group.prompt_token_ids,
                 skip_special_tokens=params.skip_special_tokens))
@@ -73,23 +74,25 @@ class OutputProcessor:
         for request_id, scored in (model_output.prompt_logprobs or {}).items():
             self._add_prompt_logprobs(request_id, scored)
         stopped = []
+        logprobs = model_output.logprobs.tolist()   # Python floats, read once
         for request in updated:
             group, index = self._sample_index[request.request_id]
-            stop = self._append(group, index, request, model_output, rows[request.request_id])
+            stop = self._append(group, index, request, model_output, rows[request.request_id],
+                                logprobs)
             if stop is not None:
                 stopped.append((request.request_id, stop))
             self._touched[group.request_id] = group
         return stopped
 
     def _append(self, group: RequestGroup, index: int, request: Request, model_output,
-                row: int) -> str | None:
+                row: int, logprobs: list[float]) -> str | None:
         output, params = group.outputs[index], group.params
         if not request.output_token_ids:  # max_tokens=0: finished on its prompt (scoring)
             output.finish_reason = request.status.finish_reason
             return None
         token = request.output_token_ids[-1]
         output.token_ids.append(token)
-        output.cumulative_logprob += float(model_output.logprobs[row])
+        output.cumulative_logprob += logprobs[row]
         if output.logprobs is not None:
             output.logprobs.append(self._position_logprobs(
                 token, model_output.logprobs[row], model_output.ranks[row],
@@ -98,12 +101,13 @@ class OutputProcessor:
         detokenizer = group.detokenizers[index]
         previous_length = len(output.text)
         output.text += detokenizer.add([token])
-        if request.is_finished:
+        is_finished = request.is_finished
+        if is_finished:
             output.text += detokenizer.finish()
         stop = self._find_stop(output, params, previous_length)
         if stop is not None:
             output.finish_reason, output.stop_reason = "stop", stop
-        elif request.is_finished:
+        elif is_finished:
             output.finish_reason = request.status.finish_reason
             output.stop_reason = request.stop_reason
         return stop
@@ -163,7 +167,7 @@ class OutputProcessor:
         outputs = []
         for group in self._touched.values():
             outputs.append(group.snapshot())
-            if group.finished:
+            if outputs[-1].finished:
                 self._forget(group)
         self._touched.clear()
         return outputs

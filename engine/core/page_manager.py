@@ -228,6 +228,8 @@ class PageManager:
         else:
             num_held, num_covered = len(table), request.num_computed_tokens
         num_new_pages = self.pages_needed(num_covered + num_new_tokens) - num_held
+        if table is not None and num_new_pages <= 0:
+            return list(table)   # most decode steps: its last page has room
         # Evictable prefix pages are counted as free but are about to be taken back.
         reclaimed = 0 if table is not None else sum(
             1 for page in prefix.pages if self._ref_counts[page] == 0)

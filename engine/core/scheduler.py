@@ -171,9 +171,14 @@ class Scheduler:
     def _schedule_running(self, step: _Step) -> None:
         # Snapshot: preemption removes requests from _running while we iterate. A request
         # sure to end with its pending token (max_tokens, max_model_len) gets no more.
-        running = [r for r in self._running if not self._ends_when_pending_arrives(r)]
-        decodes = [r for r in running if r.num_planned_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in running if r.num_planned_tokens - r.num_computed_tokens > 1]
+        decodes, prefills = [], []
+        for request in self._running:
+            if not self._ends_when_pending_arrives(request):
+                remaining = request.num_planned_tokens - request.num_computed_tokens
+                if remaining == 1:
+                    decodes.append(request)
+                elif remaining > 1:
+                    prefills.append(request)
         for request in decodes + prefills:
             if step.budget == 0:
                 return
@@ -311,6 +316,7 @@ class Scheduler:
           skipped: their tokens are never emitted.
         """
         changed: list[Request] = []
+        sampled = model_output.sampled_token_ids.tolist()   # Python ints, read once
         for row, entry in enumerate(scheduler_output.scheduled):
             request = self._scheduled_request(entry)
             if request is None:
@@ -319,7 +325,7 @@ class Scheduler:
                 self.page_manager.commit(request, entry.start_position + len(entry.token_ids))
             if entry.sample:
                 request.num_pending -= 1
-                self._append_token(request, int(model_output.sampled_token_ids[row]))
+                self._append_token(request, sampled[row])
                 changed.append(request)
         return changed
 
