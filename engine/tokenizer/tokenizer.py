@@ -56,6 +56,9 @@ class Tokenizer:
         self._special_ids = frozenset(i for i, token in added.items() if token.special)
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self._byte_token_ids = _byte_fallback_ids(backend)
+        # decode() of one token, by (id, skip_special_tokens): each streamed token decodes
+        # the one before it as context (IncrementalDetokenizer), each logprob its piece.
+        self._pieces: dict[tuple[int, bool], str] = {}
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> Tokenizer:
@@ -143,7 +146,16 @@ class Tokenizer:
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Returns the text of `token_ids`, as transformers' decode gives it."""
-        text = self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        if len(token_ids) == 1:
+            key = (int(token_ids[0]), skip_special_tokens)
+            text = self._pieces.get(key)
+            if text is None:
+                text = self._pieces[key] = self._decode(list(token_ids), skip_special_tokens)
+            return text
+        return self._decode(list(token_ids), skip_special_tokens)
+
+    def _decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        text = self._backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
         return _clean_up_spaces(text) if self._clean_up_spaces else text
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *,

@@ -222,6 +222,19 @@ def test_decode_matches_transformers(pair):
                 assert ours.decode(ids, skip) == expected, f"{ids=} {skip=}"
 
 
+def test_one_token_decodes_as_transformers_every_time(pair):
+    # decode() of one token is memoised (each streamed token decodes the one before it):
+    # a repeat, with either skip_special_tokens, gives what the first call gave.
+    ours, ref = pair
+    special = sorted(ours.all_special_ids)
+    ids = special + random.Random(12).sample(range(ours.vocab_size), min(300, ours.vocab_size))
+    for _ in range(2):
+        for token in ids:
+            for skip in (True, False):
+                expected = ref.decode([token], skip_special_tokens=skip)
+                assert ours.decode([token], skip) == expected, f"{token=} {skip=}"
+
+
 def test_no_prefix_sentencepiece_matches_sentencepiece_itself(no_prefix_spm_dir):
     """Without a dummy prefix the converted tokenizer gives the ids the model was trained on."""
     ours = Tokenizer.from_pretrained(no_prefix_spm_dir)
