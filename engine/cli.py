@@ -146,7 +146,8 @@ def _generate(args) -> None:
     if output is not None:
         seconds = time.perf_counter() - start
         tokens = output.usage.completion_tokens
-        print(f"[{tokens} tokens in {seconds:.2f} s, finish_reason={output.outputs[0].finish_reason}]",
+        finish_reason = output.outputs[0].finish_reason
+        print(f"[{tokens} tokens in {seconds:.2f} s, finish_reason={finish_reason}]",
               file=sys.stderr)
 
 

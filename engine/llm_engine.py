@@ -65,7 +65,8 @@ def model_files(model: Path) -> Path:
 
     stat = model.stat()
     version = f"{model.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
-    target = default_cache_dir() / "gguf" / f"{model.stem}-{hashlib.sha256(version).hexdigest()[:16]}"
+    digest = hashlib.sha256(version).hexdigest()[:16]
+    target = default_cache_dir() / "gguf" / f"{model.stem}-{digest}"
     if (target / "config.json").is_file():
         return target
     checkpoint = read_gguf(model)
