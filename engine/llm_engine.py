@@ -342,7 +342,7 @@ class LLMEngine:
             if self.runner.num_kv_rebuilds > rebuilds:
                 self._forget_computed_kv()
         finally:
-            self.runner.reset_penalty_slots()   # the probes' draws are counted in them
+            self.runner.penalties.reset()   # the probes' draws are counted in them
             self.is_recovering = False
         return [output for output in outputs if output is not None]
 

@@ -14,7 +14,7 @@ exchange runs on jax's own collectives (gloo on CPU). The step inputs become glo
 replicated arrays on the mesh, so every process runs the same program on its own devices.
 The penalty token counts (step.py: PenaltyState) live on every process and change only
 through these calls; a slot is always filled (INIT_PENALTY_SLOT) before a sampler reads it,
-so the leader re-creating its own after a failure (Runner.reset_penalty_slots) needs no
+so the leader re-creating its own after a failure (DevicePenalties.reset) needs no
 broadcast.
 
 A "stop" header ends the followers when the leader's process exits. When a process dies,
@@ -89,14 +89,14 @@ class StepBroadcaster:
         self._replicated = runner.plan.sharding()
         self._forward, self._sample = runner._forward, runner._sample
         self._prompt_logprobs = runner._prompt_logprobs
-        self._init_penalty_slot = runner._init_penalty_slot
+        self._init_penalty_slot = runner.penalties.init_slot
         self._restore_kv_cache = runner.restore_kv_cache
         self._lock = threading.Lock()
         self.lost: Exception | None = None
         self.stopped = False
         runner._forward, runner._sample = self.forward, self.sample
         runner._prompt_logprobs = self.prompt_logprobs
-        runner._init_penalty_slot = self.init_penalty_slot
+        runner.penalties.init_slot = self.init_penalty_slot
         runner.restore_kv_cache = self.restore_kv_cache
         atexit.register(self.stop)
 
@@ -207,13 +207,13 @@ class Follower:
                 sampling, penalties, bitmask = self._receive((sampling, penalties, bitmask))
                 _, drawn, penalty_state = r._sample(
                     r.param_leaves, last_hidden, sampling, penalties,
-                    r.penalty_state if b & 1 else None, bitmask, num_seqs=a, num_top=c)
+                    r.penalties.state if b & 1 else None, bitmask, num_seqs=a, num_top=c)
                 if b & 1:
-                    r.penalty_state = penalty_state
+                    r.penalties.state = penalty_state
                 drawn.block_until_ready()
             elif kind == INIT_PENALTY_SLOT:
                 arrays = self._receive(empty_slot_history(a))
-                r.penalty_state = r._init_penalty_slot(r.penalty_state, *arrays, drawn)
+                r.penalties.state = r.penalties.init_slot(r.penalties.state, *arrays, drawn)
             elif kind == PROMPT_LOGPROBS:
                 targets = self._receive(np.zeros(a, np.int32))
                 r._prompt_logprobs(r.param_leaves, hidden, targets,

@@ -10,8 +10,8 @@ three): with async scheduling the engine launches step N+1 before it collects st
 step N draws reaches step N+1's input on the device (PENDING_TOKEN rows, `previous_rows`),
 and a grammar's token bitmask, which needs that token on the host, is filled once step N is
 collected, while step N+1's forward runs; its sampler is dispatched then. Penalised requests'
-token counts stay on the device from step to step (`penalty_state`, a slot per request; the
-host's table of them is engine/worker/penalty_slots.py), so a step ships no history.
+token counts stay on the device from step to step (engine/worker/penalties.py: a slot per
+request), so a step ships no history.
 """
 
 from __future__ import annotations
@@ -33,13 +33,10 @@ import pallas_kernels
 from engine.config import EngineConfig
 from engine.core.request import ModelOutput, Request, SchedulerOutput
 from engine.structured import fill_bitmasks
-from engine.worker.host_arrays import (empty_batch, empty_slot_history, open_bitmask,
-                                       output_position, rung, sampling_arrays, slot_history,
-                                       step_batch)
-from engine.worker.penalty_slots import PenaltySlots
+from engine.worker.host_arrays import empty_batch, open_bitmask, rung, sampling_arrays, step_batch
+from engine.worker.penalties import DevicePenalties, is_lost
 from engine.worker.prompt_logprobs import prompt_targets, unpack_prompt_logprobs
-from engine.worker.step import (TOP_LOGPROBS, PenaltyArrays, PenaltyState, SamplingArrays,
-                                TokenBitmask, jit_steps)
+from engine.worker.step import TOP_LOGPROBS, PenaltyArrays, SamplingArrays, TokenBitmask, jit_steps
 from models.batch import Batch
 from models.paged import init_kv_cache
 from models.sharding import KV_PAGES, ShardingPlan
@@ -110,12 +107,12 @@ class Runner:
         # output is, so both compile alike.
         self._no_draws = jax.device_put(np.zeros(config.max_num_seqs, np.int32),
                                         self._replicated)
-        # Penalised requests' token counts, kept on the device from step to step (a slot
-        # per request; self.penalty_slots says whose), committed as _no_draws is.
-        self.penalty_state = self._new_penalty_state()
-        self.penalty_slots = PenaltySlots(config.max_num_seqs)
         (self._forward, self._sample, self._prompt_logprobs,
-         self._init_penalty_slot) = jit_steps(self.graphdef, config, plan, params_treedef)
+         init_penalty_slot) = jit_steps(self.graphdef, config, plan, params_treedef)
+        # Penalised requests' token counts, kept on the device from step to step (a slot
+        # per request), committed as _no_draws is.
+        self.penalties = DevicePenalties(config.max_num_seqs, self.vocab_size, max_model_len,
+                                         self._replicated, init_penalty_slot)
         if jax.process_count() > 1:   # several hosts: engine/worker/multihost.py
             from engine.worker import multihost
             multihost.attach(self)
@@ -134,9 +131,8 @@ class Runner:
         last_hidden = None
         for kind, shape in tqdm(jobs, desc="warm-up (compile)", unit="bucket",
                                 disable=not progress):
-            if kind == "init_penalty_slot":   # fills slot 0 with nothing: no slot is held yet
-                self.penalty_state = self._init_penalty_slot(
-                    self.penalty_state, *empty_slot_history(self.max_model_len), self._no_draws)
+            if kind == "init_penalty_slot":
+                self.penalties.warm_up(self._no_draws)
             elif kind == "forward":
                 batch, indices = self._empty_batch(shape)
                 self.kv_cache, hidden, last_hidden = self._forward(
@@ -150,10 +146,10 @@ class Runner:
                 bitmask = self._open_bitmask(num_seqs) if with_bitmask else None
                 packed, _, penalty_state = self._sample(
                     self.param_leaves, last_hidden, sampling, penalties,
-                    self.penalty_state if with_penalties else None, bitmask,
+                    self.penalties.state if with_penalties else None, bitmask,
                     num_seqs=num_seqs, num_top=num_top)
                 if with_penalties:
-                    self.penalty_state = penalty_state
+                    self.penalties.state = penalty_state
                 packed.block_until_ready()
 
     def _empty_batch(self, num_tokens: int) -> tuple[Batch, np.ndarray]:
@@ -205,7 +201,9 @@ class Runner:
             return
         scheduled, chosen = step.scheduler_output.scheduled, step.chosen
         with_penalties = any(r.sampling_params.has_penalties for r in chosen)
-        slots = self._penalty_slots(step, previous) if with_penalties else ()
+        slots = () if not with_penalties else self.penalties.slots_for(
+            scheduled, chosen, {} if previous is None else previous.rows,
+            self._no_draws if previous is None else previous.drawn)
         sampling, penalties = sampling_arrays(chosen, step.num_seqs, with_penalties, slots)
         # Rows that draw a token this step under a grammar (a prefill chunk draws none; a
         # request finished since it was scheduled is left free: its row is discarded).
@@ -221,43 +219,13 @@ class Runner:
             bitmask.enabled[[s for _, s in constrained]] = True
         step.packed, step.drawn, penalty_state = self._sample(
             self.param_leaves, step.last_hidden, sampling, penalties,
-            self.penalty_state if with_penalties else None, bitmask,
+            self.penalties.state if with_penalties else None, bitmask,
             num_seqs=step.num_seqs, num_top=step.num_top)
         if with_penalties:
-            self.penalty_state = penalty_state
+            self.penalties.state = penalty_state
         if self._copy_results_early:
             step.packed.copy_to_host_async()
         self._record(step.packed)
-
-    def _penalty_slots(self, step: StepInFlight, previous: StepInFlight | None) -> list[int]:
-        """Each row's PenaltyState slot: -1 for a row without penalties or whose draw is not
-        kept (a prefill chunk, a request finished since it was scheduled). A slot that does
-        not hold exactly the request's outputs before this draw is filled first, from the
-        host's history and, for a token still in flight, `previous`' draws."""
-        slots, in_step = [], set()
-        for item, request in zip(step.scheduler_output.scheduled, step.chosen):
-            if not (item.sample and request.sampling_params.has_penalties
-                    and not request.is_finished):
-                slots.append(-1)
-                continue
-            position = output_position(request)
-            slot, fresh = self.penalty_slots.take(request, position, in_step)
-            if fresh:
-                try:
-                    tokens, pending_row = slot_history(
-                        request, position, self.max_model_len,
-                        {} if previous is None else previous.rows)
-                except RuntimeError:
-                    self.penalty_slots.forget()   # `slot` was counted as filled
-                    raise
-                self.penalty_state = self._init_penalty_slot(
-                    self.penalty_state, np.asarray(slot, np.int32), tokens,
-                    np.asarray(request.num_prompt_tokens, np.int32),
-                    np.asarray(pending_row, np.int32),
-                    self._no_draws if previous is None else previous.drawn)
-            slots.append(slot)
-            in_step.add(slot)
-        return slots
 
     def collect(self, step: StepInFlight) -> ModelOutput:
         """Waits for the step's results: sampled tokens and logprobs as numpy, row s for
@@ -283,33 +251,19 @@ class Runner:
         after an error raised while it ran the old buffers may be deleted, or (the error
         surfacing later, dispatch being asynchronous) the new ones may hold that error.
 
-        Every penalty slot is forgotten too (reset_penalty_slots): whoever restores after
+        Every penalty slot is forgotten too (DevicePenalties.reset): whoever restores after
         a failure has a step to roll back, whose draws the slots may count.
 
         Returns:
           True when the cache was re-created: every page's contents are gone, so whatever
           the scheduler believes computed must be computed again.
         """
-        self.reset_penalty_slots()
-        if not _is_lost(self.kv_cache):
+        self.penalties.reset()
+        if not is_lost(self.kv_cache):
             return False
         self.kv_cache = self._new_kv_cache()
         self.num_kv_rebuilds += 1
         return True
-
-    def reset_penalty_slots(self) -> None:
-        """Trusts no penalty slot any more: each penalised request's slot is filled again
-        from its history when it next draws. Call when a step is rolled back or run again
-        (its draws are counted already). Re-creates the PenaltyState when a failed sampler
-        call lost it (it is donated, as the KV cache is)."""
-        self.penalty_slots.forget()
-        if _is_lost(self.penalty_state):
-            self.penalty_state = self._new_penalty_state()
-
-    def _new_penalty_state(self) -> PenaltyState:
-        shape = (self.config.max_num_seqs, self.vocab_size)   # [R, V]
-        return jax.device_put(PenaltyState(np.zeros(shape, np.int32),
-                                           np.zeros(shape, np.bool_)), self._replicated)
 
     def _build_batch(self, scheduler_output: SchedulerOutput, chosen: list[Request],
                      previous: StepInFlight | None = None
@@ -345,14 +299,3 @@ class Runner:
         return unpack_prompt_logprobs(np.asarray(jax.device_get(packed)), wanted, spans,
                                       step.chosen)
 
-
-def _is_lost(tree) -> bool:
-    """Whether a donated device tree was lost by a failed call: deleted, or holding the
-    error its computation raised (dispatch being asynchronous, it surfaces later)."""
-    try:
-        if any(array.is_deleted() for array in jax.tree.leaves(tree)):
-            return True
-        jax.block_until_ready(tree)   # raises what its computation raised
-    except Exception:  # noqa: BLE001 - an array that cannot be read is lost too
-        return True
-    return False

@@ -4,6 +4,8 @@ greedy decoding under repetition, presence and frequency penalties equals transf
 lost to a failed step change no request's tokens; nothing compiles after warm-up; and no
 step ships a request's whole history to the device."""
 
+import operator
+
 import jax
 import numpy as np
 import pytest
@@ -148,7 +150,7 @@ def test_forgotten_slots_are_filled_again_with_the_token_in_flight(llm, monkeypa
         finished.update((o.request_id, o) for o in engine.step() if o.finished)
         steps += 1
         if steps % 3 == 0:
-            engine.runner.penalty_slots.forget()
+            engine.runner.penalties.slots.forget()
     assert [tokens_of(finished[str(i)]) for i in range(len(prompts))] == expected
     assert any(pending for _, _, pending in fills), "a slot should be filled with a " \
         "token still being drawn"
@@ -157,7 +159,7 @@ def test_forgotten_slots_are_filled_again_with_the_token_in_flight(llm, monkeypa
 def spy_on_slot_fills(monkeypatch, runner, pending=False) -> list[tuple]:
     """Records (request id, slot) of every slot filled from a request's history, and with
     `pending` whether the request's last output was still being drawn then."""
-    fills, take = [], runner.penalty_slots.take
+    fills, take = [], runner.penalties.slots.take
 
     def recording_take(request, position, in_step):
         slot, fresh = take(request, position, in_step)
@@ -166,13 +168,13 @@ def spy_on_slot_fills(monkeypatch, runner, pending=False) -> list[tuple]:
             fills.append((request.request_id, slot) + ((in_flight,) if pending else ()))
         return slot, fresh
 
-    monkeypatch.setattr(runner.penalty_slots, "take", recording_take)
+    monkeypatch.setattr(runner.penalties.slots, "take", recording_take)
     return fills
 
 
 def fail_once(monkeypatch, runner, where: str, lose: str | None) -> list[int]:
     """Makes the runner's `where` ("_sample" or "_forward") raise the 6th time a penalised
-    request is in the step; `lose` names a donated array ("kv_cache", "penalty_state")
+    request is in the step; `lose` names a donated array ("kv_cache", "penalties.state")
     deleted with it, as a run failing on the device leaves it. Returns the failures."""
     real, calls, failures = getattr(runner, where), [], []
 
@@ -182,7 +184,7 @@ def fail_once(monkeypatch, runner, where: str, lose: str | None) -> list[int]:
             if len(calls) == 6:
                 failures.append(1)
                 if lose is not None:
-                    for array in jax.tree.leaves(getattr(runner, lose)):
+                    for array in jax.tree.leaves(operator.attrgetter(lose)(runner)):
                         array.delete()
                 raise RuntimeError("injected fault")
         return real(*args, **kwargs)
@@ -191,7 +193,7 @@ def fail_once(monkeypatch, runner, where: str, lose: str | None) -> list[int]:
     return failures
 
 
-@pytest.mark.parametrize("where, lose", [("_sample", None), ("_sample", "penalty_state"),
+@pytest.mark.parametrize("where, lose", [("_sample", None), ("_sample", "penalties.state"),
                                          ("_forward", "kv_cache")])
 def test_a_failed_step_changes_no_penalised_tokens(llm, monkeypatch, where, lose):
     engine = llm.engine
