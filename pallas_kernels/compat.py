@@ -15,16 +15,25 @@ from jax.experimental import pallas as pl
 
 
 def triton_compiler_params(*, num_warps: int, num_stages: int):
-    """Compiler params that select the Triton lowering for a GPU pallas_call.
-
-    jax >= 0.7 calls the class `pallas.triton.CompilerParams`; older releases called it
-    `TritonCompilerParams` (in `pallas.triton` or `pallas` itself).
-    """
-    from jax.experimental.pallas import triton as plgpu
-    params_class = (getattr(plgpu, "CompilerParams", None)
-                    or getattr(plgpu, "TritonCompilerParams", None)
-                    or getattr(pl, "TritonCompilerParams"))
+    """Compiler params that select the Triton lowering for a GPU pallas_call."""
+    params_class = _triton_params_class()
+    if params_class is None:
+        raise ImportError(f"jax {jax.__version__} has no Pallas Triton lowering")
     return params_class(num_warps=num_warps, num_stages=num_stages)
+
+
+def _triton_params_class():
+    """The Pallas Triton compiler-params class, None where this jax has none (the lowering is
+    deprecated since jax 0.11, to be removed). jax >= 0.7 calls it
+    `pallas.triton.CompilerParams`; older releases `TritonCompilerParams` (in
+    `pallas.triton` or `pallas` itself)."""
+    try:
+        from jax.experimental.pallas import triton as plgpu
+    except ImportError:
+        return None
+    return (getattr(plgpu, "CompilerParams", None)
+            or getattr(plgpu, "TritonCompilerParams", None)
+            or getattr(pl, "TritonCompilerParams", None))
 
 
 def gpu_load(ref, *, mask=None, other=None):
@@ -68,14 +77,9 @@ def cuda_lowering_target(device_kind: str = "NVIDIA H200"):
 
 @functools.cache
 def has_pallas_triton() -> bool:
-    """True where this jax still has the Pallas Triton lowering (deprecated since jax 0.11,
-    to be removed): `pallas.triton` and its compiler params (triton_compiler_params)."""
-    try:
-        from jax.experimental.pallas import triton as plgpu
-    except ImportError:
-        return False
-    return any(hasattr(module, name) for module, name in (
-        (plgpu, "CompilerParams"), (plgpu, "TritonCompilerParams"), (pl, "TritonCompilerParams")))
+    """True where this jax still has the Pallas Triton lowering (`pallas.triton` and its
+    compiler params)."""
+    return _triton_params_class() is not None
 
 
 @functools.cache
