@@ -35,7 +35,7 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 @dataclasses.dataclass(frozen=True, slots=True)
 class MosaicBlockSizes:
     """num_slots: K/V tiles in flight per program (shared memory: 2 * num_slots * 64 * D *
-    2 bytes, plus q, the softmax weights and the f32 output staging)."""
+    2 bytes, plus q, the softmax weights, and the decode kernel's f32 output staging)."""
     num_slots: int = 4
 
     def __post_init__(self):
@@ -50,12 +50,6 @@ def mosaic_supported(q_dtype, kv_dtype, num_q_heads, num_kv_heads, head_dim, pag
             and jnp.dtype(kv_dtype) == jnp.dtype(q_dtype) and head_dim in HEAD_DIMS
             and page_size >= 8 and page_size & (page_size - 1) == 0
             and num_q_heads // num_kv_heads <= BLOCK_M)
-
-
-def emulates_wgmma(interpret: bool) -> bool:
-    """True where the kernel multiplies with plain dots: GPU interpret modes that cannot run
-    the wgmma (compat.mosaic_gpu_interprets_wgmma)."""
-    return interpret and not mosaic_gpu_interprets_wgmma()
 
 
 def _product(lhs_smem, rhs_smem, *, transpose_rhs, emulate):
@@ -168,7 +162,8 @@ def attend_tiles(buffers: TileBuffers, fetch, q_source, *, lo, hi, num_tiles, vi
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
     in_layout = functools.partial(mosaic_gpu_layout_cast, interpret=interpret)
-    emulate = emulates_wgmma(interpret)
+    # Plain dots where a GPU interpret mode cannot run the wgmma.
+    emulate = interpret and not mosaic_gpu_interprets_wgmma()
     plgpu.copy_gmem_to_smem(q_source, buffers.q, buffers.q_barrier)
     for slot in range(num_slots):
         pl.when(slot < num_tiles)(functools.partial(fetch, slot, slot))
