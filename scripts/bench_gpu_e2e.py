@@ -262,10 +262,12 @@ def bench_mosaic_batch1(model_dir: Path, shape: str, workload: dict, report: Rep
     on a jax without Mosaic GPU, and when the device check chose Triton after its kernel
     stage failed (EMBER_GPU_KERNELS=triton)."""
     from pallas_kernels.compat import cuda_compute_capability, has_mosaic_gpu
-    from pallas_kernels.gpu.kernel_choice import GPU_KERNELS_VARIABLE
+    from pallas_kernels.gpu.kernel_choice import (GPU_KERNELS_VARIABLE,
+                                                  MOSAIC_MIN_COMPUTE_CAPABILITY)
 
     chosen = os.environ.get(GPU_KERNELS_VARIABLE)
-    if chosen == "triton" or not has_mosaic_gpu() or (cuda_compute_capability() or 0) < 9.0:
+    capability = cuda_compute_capability() or 0
+    if chosen == "triton" or not has_mosaic_gpu() or capability < MOSAIC_MIN_COMPUTE_CAPABILITY:
         report.note(f"Mosaic GPU batch-1 skipped: {GPU_KERNELS_VARIABLE}={chosen}, Mosaic GPU "
                     f"{'present' if has_mosaic_gpu() else 'absent'}, compute capability "
                     f"{cuda_compute_capability()}")
