@@ -475,9 +475,11 @@ def _serve_follower(args, config) -> None:
     import dataclasses
 
     from engine.llm_engine import LLMEngine
+    from engine.serving.gunicorn_app import frozen_after
     from engine.worker import multihost
     config = dataclasses.replace(_multihost_config(args, config), warmup=False)
-    multihost.Follower(LLMEngine(args.model, config).runner).run()   # the leader warms up
+    engine = frozen_after(lambda: LLMEngine(args.model, config))()
+    multihost.Follower(engine.runner).run()   # the leader warms up
 
 
 def _served_model_name(args) -> str:

@@ -12,6 +12,7 @@ real requests need. A request not whole within the read timeout is answered 408 
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import math
@@ -20,7 +21,7 @@ import selectors
 import socket
 import time
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
@@ -209,6 +210,30 @@ class EmberApplication(BaseApplication):
         return create_app(self.service)
 
 
+def frozen_after(build: Callable[[], Any]) -> Callable[[], Any]:
+    """`build`, after which the heap is frozen (gc.freeze), as vLLM's engine process does.
+
+    A server process holds one engine until it exits, and everything built by then (jax,
+    the model, the compiled steps: 444k objects for the default model) lives as long. A full
+    collection walks every tracked object with the GIL held: 230-255 ms for the default model
+    and 372 ms for bench_offline's 25m preset on the 2-core VM, a stall of every stream
+    whenever enough survivors pile up; frozen, it walks only what came later (0.0 ms right
+    after). Garbage is collected first, so nothing already dead stays pinned. Only for
+    processes that serve one engine to the end: a frozen object that later falls into an
+    unreachable cycle is never freed (an LLM in a notebook is not frozen).
+    """
+
+    def build_and_freeze():
+        built = build()
+        gc.collect()
+        gc.freeze()
+        logger.info("the engine's heap is frozen: %d objects left out of collections",
+                    gc.get_freeze_count())
+        return built
+
+    return build_and_freeze
+
+
 def serve(*, model: str | None, engine_config: Any, db_url: str | None,
           instance: str | None, host: str, port: int, model_name: str, no_auth: bool,
           threads: int = 64, max_queue: int = 1024, max_n: int = 16,
@@ -252,7 +277,7 @@ def serve(*, model: str | None, engine_config: Any, db_url: str | None,
         from engine.metering import Ledger
 
         ledger = Ledger(db_url, **({} if instance is None else {"instance": instance}))
-        factory = engine_factory or (lambda: LLMEngine(model, engine_config))
+        factory = frozen_after(engine_factory or (lambda: LLMEngine(model, engine_config)))
         return start_service(factory, ledger,
                              model_name=model_name, no_auth=no_auth,
                              max_body_bytes=max_body_bytes, max_queue=max_queue, max_n=max_n,

@@ -3,6 +3,7 @@ streams end, every ledger row final), a kill -9 mid-stream (after a restart ever
 request has exactly one row, interrupted), and one-line CLI errors."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,6 +56,8 @@ def test_warming_overload_and_sigterm(new_server):
     server = new_server("--max-queue", "2", "--shutdown-timeout", "20").start(wait=False)
     seen = server.wait_healthy()
     assert 503 in seen and seen[-1] == 200, seen
+    # Warmed up, the worker froze its heap (gunicorn_app.frozen_after), before serving.
+    assert re.search(r"the engine's heap is frozen: \d{5,} objects", server.logs())
     name, key = server.create_key()
     running = stream_in_background(server, key, 2)
     wait_for(lambda: len(running["chunks"]) == 2, what="two streams")
@@ -98,6 +101,44 @@ def test_kill_9_mid_stream_leaves_every_admitted_request_one_interrupted_row(new
     assert len(key_rows(server, name)) == 21
     server.stop()
     assert all(row["status"] != "running" for row in key_rows(server, name))
+
+
+# A child process: freezing the test runner's own heap would pin its garbage for good.
+FROZEN_AFTER_CHECK = """
+import gc, weakref
+from engine.serving.gunicorn_app import frozen_after
+
+class Node:
+    pass
+
+def cycle():
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    return a
+
+def build():
+    global dead
+    dead = weakref.ref(cycle())   # garbage left by building, unreachable at once
+    engine = cycle()
+    engine.parts = [cycle() for _ in range(1000)]
+    return engine
+
+gc.disable()   # no collection but frozen_after's own
+engine = frozen_after(build)()
+assert dead() is None, "garbage of the build was frozen instead of freed"
+assert gc.get_freeze_count() > 2000, gc.get_freeze_count()
+assert not any(o is engine or o is engine.parts for o in gc.get_objects())
+later = weakref.ref(cycle())   # what comes after is still collected
+gc.collect()
+assert later() is None
+print("ok")
+"""
+
+
+def test_frozen_after_frees_the_build_garbage_and_freezes_what_lives():
+    result = subprocess.run([sys.executable, "-c", FROZEN_AFTER_CHECK], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 def test_serve_rejects_bad_arguments_in_one_line(tmp_path):
