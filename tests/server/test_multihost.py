@@ -23,8 +23,8 @@ from tests.server.conftest import free_port
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["hello world", "0123456789", "the cat sat on"]
 MAX_TOKENS = 12
-ENGINE_FLAGS = ["--max-model-len", "128", "--num-pages", "64", "--max-num-seqs", "4",
-                "--max-num-batched-tokens", "32", "--shutdown-timeout", "3"]
+ENGINE_FLAGS = ["--max-model-len", "128", "--num-pages", "64", "--max-num-seqs", "2",
+                "--max-num-batched-tokens", "16", "--shutdown-timeout", "3"]
 
 
 @pytest.fixture(scope="module")
