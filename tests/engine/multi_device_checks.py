@@ -173,8 +173,8 @@ def mixed_requests():
 
 
 def test_zero_compilations_after_warmup_with_four_devices(model_dirs):
-    llm = LLM(model_dirs["llama"], tensor_parallel_size=4, max_num_seqs=4,
-              max_num_batched_tokens=32, page_size=4, num_pages=128, max_model_len=64,
+    llm = LLM(model_dirs["llama"], tensor_parallel_size=4, max_num_seqs=2,
+              max_num_batched_tokens=16, page_size=4, num_pages=128, max_model_len=64,
               warmup=True, compilation_cache_dir="", scan_layers=True)
     prompts, params = mixed_requests()
     outputs = llm.generate(prompts, params, use_tqdm=False)
