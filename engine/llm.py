@@ -102,7 +102,7 @@ class LLM:
         start, output_tokens = time.perf_counter(), 0
         while self.engine.has_unfinished_requests():
             try:
-                outputs = self.engine.step()
+                outputs = self.engine.step(final_only=True)
             except Exception:
                 for request_id in request_ids:   # the next call starts from a clean engine
                     self.engine.abort(request_id)

@@ -254,8 +254,11 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests()
 
     # ------------------------------------------------------------------ one step
-    def step(self) -> list[RequestOutput]:
-        """Runs one scheduled step; returns an output for every request that changed.
+    def step(self, *, final_only: bool = False) -> list[RequestOutput]:
+        """Runs one scheduled step; returns an output for every request that changed
+        (final_only: for every request that finished; LLM.generate and the batch runner read
+        nothing else, and snapshots of running requests cost them a copy of each one's
+        output so far every step).
 
         With async scheduling it launches the next step, then applies the one launched by
         the previous call (so the first call returns no tokens, and the last launched step
@@ -295,7 +298,7 @@ class LLMEngine:
         self._in_flight = current
         failures = [] if failure is None else self._recover_step(failure[0].scheduled,
                                                                  failure[1])
-        return self.output_processor.collect() + failures
+        return self.output_processor.collect(final_only) + failures
 
     def _apply(self, step: StepInFlight) -> tuple[SchedulerOutput, Exception] | None:
         """Waits for a launched step and applies its results; on failure undoes it and

@@ -193,7 +193,7 @@ class _Run:
     def step(self) -> None:
         """One engine step; finished lines are written at once, committed once a second."""
         finished = []
-        for output in self.engine.step():
+        for output in self.engine.step(final_only=True):
             if output.finished and output.request_id in self.in_flight:
                 job, index = self.in_flight.pop(output.request_id)
                 job.outputs[index] = output

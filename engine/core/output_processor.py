@@ -162,10 +162,17 @@ class OutputProcessor:
         self._forget(group)
         return group.snapshot()
 
-    def collect(self) -> list[RequestOutput]:
-        """Outputs of every group that changed since the last call; forgets finished ones."""
+    def collect(self, final_only: bool = False) -> list[RequestOutput]:
+        """Outputs of every group that changed since the last call (final_only: of those
+        that finished; no snapshot of the others is made); forgets finished ones.
+
+        A snapshot copies the group's token ids (and logprobs) so far: a caller that reads
+        only final outputs would otherwise copy every running request's whole output every
+        step, O(length^2) over a long generation."""
         outputs = []
         for group in self._touched.values():
+            if final_only and not group.finished:
+                continue
             outputs.append(group.snapshot())
             if outputs[-1].finished:
                 self._forget(group)

@@ -71,6 +71,34 @@ def test_each_step_ships_its_inputs_in_one_host_array_per_call(warm_llm, monkeyp
     assert host_arrays["sample"] and set(host_arrays["sample"]) == {1}, host_arrays
 
 
+def test_final_only_steps_give_the_same_final_outputs_and_nothing_else(warm_llm):
+    engine, rng = warm_llm.engine, np.random.default_rng(13)
+    prompts = random_prompts(seed=13, count=8, low=2, high=40)
+    params = [random_params(rng) for _ in prompts]
+    finals = {}
+    for final_only in (False, True):
+        for index, (prompt, sampling) in enumerate(zip(prompts, params)):
+            engine.add_request(f"{final_only}-{index}", {**prompt, "cache_salt": str(final_only)},
+                               sampling)
+        seen = []
+        while engine.has_unfinished_requests():
+            seen += engine.step(final_only=final_only)
+        if final_only:
+            assert seen and all(output.finished for output in seen)
+        else:
+            assert any(not output.finished for output in seen)   # snapshots on the way
+        finals[final_only] = {o.request_id.split("-")[1]: o for o in seen if o.finished}
+    assert finals[True].keys() == finals[False].keys() == {str(i) for i in range(len(prompts))}
+    for index, want in finals[False].items():
+        got = finals[True][index]
+        for want_sample, got_sample in zip(want.outputs, got.outputs, strict=True):
+            assert got_sample.token_ids == want_sample.token_ids
+            assert got_sample.text == want_sample.text
+            assert got_sample.logprobs == want_sample.logprobs
+            assert got_sample.finish_reason == want_sample.finish_reason
+        assert got.prompt_logprobs == want.prompt_logprobs
+
+
 def test_n_samples_share_prompt_and_differ(warm_llm):
     prompt = random_prompts(seed=11, count=1, low=40, high=41)[0]
     out = warm_llm.generate(prompt, SamplingParams(n=3, max_tokens=10, temperature=1.0,
