@@ -100,8 +100,10 @@ def compile_warmup(shape: str, scan_layers: bool, engine, max_seconds: float,
         if sum(wall for wall, _ in result["forward"].values()) > max_seconds:
             result["complete"] = False
             break
-        inputs = abstract(empty_batch(rung, engine.max_num_seqs, pages_per_seq))
-        result["forward"][rung] = timed_compile(steps.forward, params, kv_cache, inputs, draws)
+        batch, indices = abstract(empty_batch(rung, engine.max_num_seqs, pages_per_seq))
+        result["forward"][rung] = timed_compile(
+            steps.forward, params, kv_cache, batch, indices,
+            jax.ShapeDtypeStruct((rung,), np.int32), draws)
         wall, cpu = result["forward"][rung]
         print(f"  {shape} {'scan' if scan_layers else 'unrolled'} forward T={rung}: "
               f"{wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
@@ -112,10 +114,10 @@ def compile_warmup(shape: str, scan_layers: bool, engine, max_seconds: float,
                 num_top=TOP_LOGPROBS))
     for num_seqs in () if forward_only else engine.seq_ladder:
         for with_penalties in (False, True):
-            inputs = abstract(sampling_arrays([], num_seqs, with_penalties))
+            sampling, penalties = abstract(sampling_arrays([], num_seqs, with_penalties))
             for num_top in (0, TOP_LOGPROBS):
                 result["sample"] = _add(result["sample"], timed_compile(
-                    steps.sample, params, last_hidden, inputs,
+                    steps.sample, params, last_hidden, sampling, penalties,
                     penalty_state if with_penalties else None, None,
                     num_seqs=num_seqs, num_top=num_top))
     if not forward_only:   # once, whatever the ladders

@@ -55,15 +55,19 @@ def count_collectives(hlo_text: str) -> tuple[Counter, Counter]:
 def step_collectives(runner, num_tokens: int, num_seqs: int) -> tuple[tuple, tuple]:
     """The collectives of one step, (counts, bytes) for its forward (token rung) and its
     sampling (seq rung)."""
-    inputs = runner._empty_batch(num_tokens)   # no token from a step before
-    forward = runner._forward.lower(runner.param_leaves, runner.kv_cache, inputs,
-                                    runner._no_draws)
+    import numpy as np
+
+    batch, indices = runner._empty_batch(num_tokens)
+    previous_rows = np.full(num_tokens, -1, np.int32)   # no token from a step before
+    forward = runner._forward.lower(runner.param_leaves, runner.kv_cache, batch, indices,
+                                    previous_rows, runner._no_draws)
     # A padding-only step (it writes page 0) gives last_hidden as sampling receives it.
     runner.kv_cache, _, last_hidden = runner._forward(runner.param_leaves, runner.kv_cache,
-                                                      inputs, runner._no_draws)
-    sampling = runner._sampling_arrays([], num_seqs, False)
+                                                      batch, indices, previous_rows,
+                                                      runner._no_draws)
+    sampling, _ = runner._sampling_arrays([], num_seqs, False)
     sample = runner._sample.lower(runner.param_leaves, last_hidden, sampling, None, None,
-                                  num_seqs=num_seqs, num_top=0)
+                                  None, num_seqs=num_seqs, num_top=0)
     return (count_collectives(forward.compile().as_text()),
             count_collectives(sample.compile().as_text()))
 

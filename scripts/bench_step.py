@@ -49,15 +49,15 @@ def timed_steps(model, config, num_pages: int, batch_size: int, context: int,
 
     runner = Runner(model, config, max_model_len=context + 16, num_pages=num_pages)
     scheduled = decode_step(runner, batch_size, context)
-    inputs = runner._build_batch(scheduled, [None] * batch_size)
+    batch, indices, previous_rows = runner._build_batch(scheduled, [None] * batch_size)
     num_seqs = rung(config.seq_ladder, batch_size)
-    sampling = runner._sampling_arrays([], num_seqs, False)
+    sampling, _ = runner._sampling_arrays([], num_seqs, False)
     wall, cpu = [], []
     for step in range(repeats + 2):
         start, start_cpu = time.perf_counter(), time.process_time()
         runner.kv_cache, _, last_hidden = runner._forward(
-            runner.param_leaves, runner.kv_cache, inputs, runner._no_draws)
-        packed, _, _ = runner._sample(runner.param_leaves, last_hidden, sampling, None, None,
+            runner.param_leaves, runner.kv_cache, batch, indices, previous_rows, runner._no_draws)
+        packed, _, _ = runner._sample(runner.param_leaves, last_hidden, sampling, None, None, None,
                                       num_seqs=num_seqs, num_top=0)
         np.asarray(jax.device_get(packed))
         if step >= 2:

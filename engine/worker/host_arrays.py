@@ -11,8 +11,8 @@ import numpy as np
 
 from engine.core.request import PENDING_TOKEN, Request, SchedulerOutput
 from engine.structured import bitmask_width
-from engine.worker.packing import ForwardInputs, SamplingInputs
-from engine.worker.step import HISTORY_PENDING, TokenBitmask
+from engine.worker.step import HISTORY_PENDING, PenaltyArrays, SamplingArrays, TokenBitmask
+from models.batch import Batch
 
 
 def rung(ladder: tuple[int, ...], value: int) -> int:
@@ -23,27 +23,31 @@ def rung(ladder: tuple[int, ...], value: int) -> int:
     raise ValueError(f"{value} is beyond the largest ladder rung {ladder[-1]}")
 
 
-def empty_batch(num_tokens: int, max_num_seqs: int, max_pages_per_seq: int) -> ForwardInputs:
-    """All-padding forward inputs of token rung `num_tokens` in one buffer
-    (engine/worker/packing.py): zeros, and previous_rows -1 (no row feeds a previous draw)."""
-    inputs = ForwardInputs.empty(ForwardInputs.layout_for(num_tokens, max_num_seqs,
-                                                          max_pages_per_seq))
-    inputs.previous_rows[:] = -1
-    return inputs
+def empty_batch(num_tokens: int, max_num_seqs: int, max_pages_per_seq: int
+                ) -> tuple[Batch, np.ndarray]:
+    """An all-padding Batch of token rung `num_tokens`, and logits_indices i32[max_num_seqs]."""
+    batch = Batch(input_ids=np.zeros(num_tokens, np.int32),
+                  positions=np.zeros(num_tokens, np.int32),
+                  slot_mapping=np.zeros(num_tokens, np.int32),
+                  cu_q_lens=np.zeros(max_num_seqs + 1, np.int32),
+                  kv_lens=np.zeros(max_num_seqs, np.int32),
+                  page_indices=np.zeros((max_num_seqs, max_pages_per_seq), np.int32),
+                  num_seqs=np.zeros(1, np.int32))
+    return batch, np.zeros(max_num_seqs, np.int32)
 
 
 def step_batch(scheduler_output: SchedulerOutput, chosen: list[Request],
-               inputs: ForwardInputs, page_size: int,
-               previous_rows: Mapping[str, int] | None) -> ForwardInputs:
-    """Fills `inputs` (empty_batch's, of the step's token rung) with the scheduled rows:
-    the flattened batch, logits_indices i32[max_num_seqs], previous_rows i32[T]. A
+               empty: tuple[Batch, np.ndarray], page_size: int,
+               previous_rows: Mapping[str, int] | None) -> tuple[Batch, np.ndarray, np.ndarray]:
+    """Fills `empty` (empty_batch's, of the step's token rung) with the scheduled rows:
+    (the flattened batch, logits_indices i32[max_num_seqs], previous_rows i32[T]). A
     PENDING_TOKEN input takes its request's own token when it has come back since (a step run
     again), else row previous_rows[request_id] of the previous step's draws, on the device
     (engine/worker/step.py: forward_step).
 
     Each column is gathered as a Python list and copied in once: a few numpy calls a step,
     whatever its size, and no small numpy call per row (each costs more than the row)."""
-    batch, logits_indices = inputs.batch, inputs.logits_indices
+    batch, logits_indices = empty
     scheduled = scheduler_output.scheduled
     num_seqs, num_real = len(scheduled), scheduler_output.num_batched_tokens
     input_ids, positions, slots, ends, kv_lens, num_pages = [], [], [], [], [], []
@@ -80,12 +84,12 @@ def step_batch(scheduler_output: SchedulerOutput, chosen: list[Request],
     page_indices = batch.page_indices[:num_seqs]   # each table in its row, row-major
     page_indices[np.arange(page_indices.shape[1]) < np.array(num_pages)[:, None]] = list(
         itertools.chain.from_iterable(item.page_table for item in scheduled))
-    rows_before = inputs.previous_rows
+    rows_before = np.full(batch.input_ids.shape[0], -1, np.int32)
     for s, position in pending:
         row = ends[s] - 1
         batch.input_ids[row], rows_before[row] = _pending_input(chosen[s], position,
                                                                 previous_rows)
-    return inputs
+    return batch, logits_indices, rows_before
 
 
 def _pending_input(request: Request, position: int, previous_rows: Mapping[str, int] | None
@@ -106,36 +110,34 @@ def output_position(request: Request) -> int:
 
 
 def sampling_arrays(chosen: list[Request], num_seqs: int, with_penalties: bool,
-                    slots: Sequence[int] = ()) -> SamplingInputs:
-    """The sampling (and penalty) arrays of `chosen`, padded to the sequence rung, in one
-    buffer (engine/worker/packing.py).
+                    slots: Sequence[int] = ()) -> tuple[SamplingArrays, PenaltyArrays | None]:
+    """The sampling (and penalty) arrays of `chosen`, padded to the sequence rung.
 
     `slots`: each row's PenaltyState slot (-1 or missing: none), which the runner assigns
     (engine/worker/penalty_slots.py); the token counts themselves stay on the device.
     """
     params = [r.sampling_params for r in chosen]
-    inputs = SamplingInputs.empty(SamplingInputs.layout_for(num_seqs, with_penalties))
-    num_rows = len(chosen)
+    pad = num_seqs - len(chosen)
 
-    def fill(column, values, padding):
-        column[:num_rows] = list(values)   # a value that does not fit the dtype raises
-        column[num_rows:] = padding
+    def column(values, dtype, fill):
+        return np.asarray(list(values) + [fill] * pad, dtype)
 
-    sampling = inputs.sampling
-    fill(sampling.temperature, (p.temperature for p in params), 0.0)
-    fill(sampling.top_k, (p.top_k for p in params), 0)
-    fill(sampling.top_p, (p.top_p for p in params), 1.0)
-    fill(sampling.min_p, (p.min_p for p in params), 0.0)
-    fill(sampling.seeds, (r.seed for r in chosen), 0)
-    fill(sampling.positions, map(output_position, chosen), 0)
-    penalties = inputs.penalties
-    if penalties is not None:
-        fill(penalties.repetition, (p.repetition_penalty for p in params), 1.0)
-        fill(penalties.presence, (p.presence_penalty for p in params), 0.0)
-        fill(penalties.frequency, (p.frequency_penalty for p in params), 0.0)
-        penalties.slots[:] = -1
-        penalties.slots[:len(slots)] = slots
-    return inputs
+    sampling = SamplingArrays(
+        temperature=column((p.temperature for p in params), np.float32, 0.0),
+        top_k=column((p.top_k for p in params), np.int32, 0),
+        top_p=column((p.top_p for p in params), np.float32, 1.0),
+        min_p=column((p.min_p for p in params), np.float32, 0.0),
+        seeds=column((r.seed for r in chosen), np.uint32, 0),
+        positions=column(map(output_position, chosen), np.int32, 0))
+    if not with_penalties:
+        return sampling, None
+    penalties = PenaltyArrays(
+        slots=np.full(num_seqs, -1, np.int32),
+        repetition=column((p.repetition_penalty for p in params), np.float32, 1.0),
+        presence=column((p.presence_penalty for p in params), np.float32, 0.0),
+        frequency=column((p.frequency_penalty for p in params), np.float32, 0.0))
+    penalties.slots[:len(slots)] = slots
+    return sampling, penalties
 
 
 def empty_slot_history(max_model_len: int) -> tuple[np.ndarray, ...]:

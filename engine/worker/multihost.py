@@ -100,21 +100,24 @@ class StepBroadcaster:
         runner.restore_kv_cache = self.restore_kv_cache
         atexit.register(self.stop)
 
-    def forward(self, params, kv_cache, inputs, previous_draws):
+    def forward(self, params, kv_cache, batch, logits_indices, previous_rows, previous_draws):
         # previous_draws: the last sampler's draws, which every process holds as its own.
         with self._lock:
-            inputs = self._send(_header(FORWARD, inputs.num_tokens), inputs)
-            return self._run(self._forward, params, kv_cache, inputs, previous_draws)
+            header = _header(FORWARD, batch.input_ids.shape[0])
+            batch, logits_indices, previous_rows = self._send(
+                header, (batch, logits_indices, previous_rows))
+            return self._run(self._forward, params, kv_cache, batch, logits_indices,
+                             previous_rows, previous_draws)
 
-    def sample(self, params, last_hidden, inputs, penalty_state, bitmask, *, num_seqs,
-               num_top):
+    def sample(self, params, last_hidden, sampling, penalties, penalty_state, bitmask, *,
+               num_seqs, num_top):
         # penalty_state: every process holds its own, changed by the same calls.
         with self._lock:
-            flags = int(inputs.penalties is not None) | int(bitmask is not None) << 1
-            inputs, bitmask = self._send(_header(SAMPLE, num_seqs, flags, num_top),
-                                         (inputs, bitmask))
+            flags = int(penalties is not None) | int(bitmask is not None) << 1
+            sampling, penalties, bitmask = self._send(
+                _header(SAMPLE, num_seqs, flags, num_top), (sampling, penalties, bitmask))
             packed, drawn, penalty_state = self._run(
-                self._sample, params, last_hidden, inputs, penalty_state, bitmask,
+                self._sample, params, last_hidden, sampling, penalties, penalty_state, bitmask,
                 num_seqs=num_seqs, num_top=num_top)
             return packed.addressable_data(0), drawn, penalty_state
 
@@ -192,17 +195,19 @@ class Follower:
                 logging.shutdown()   # a follower holds nothing else that needs flushing
                 os._exit(0)
             if kind == FORWARD:
-                inputs = self._receive(r._empty_batch(a))
-                r.kv_cache, hidden, last_hidden = r._forward(r.param_leaves, r.kv_cache,
-                                                             inputs, drawn)
+                batch, indices = r._empty_batch(a)
+                batch, indices, previous_rows = self._receive(
+                    (batch, indices, np.full(a, -1, np.int32)))
+                r.kv_cache, hidden, last_hidden = r._forward(r.param_leaves, r.kv_cache, batch,
+                                                             indices, previous_rows, drawn)
             elif kind == SAMPLE:
                 # b: bit 0 penalties, bit 1 a token bitmask (StepBroadcaster.sample)
+                sampling, penalties = r._sampling_arrays([], a, bool(b & 1))
                 bitmask = r._open_bitmask(a) if b & 2 else None
-                inputs, bitmask = self._receive((r._sampling_arrays([], a, bool(b & 1)),
-                                                 bitmask))
+                sampling, penalties, bitmask = self._receive((sampling, penalties, bitmask))
                 _, drawn, penalty_state = r._sample(
-                    r.param_leaves, last_hidden, inputs, r.penalties.state if b & 1 else None,
-                    bitmask, num_seqs=a, num_top=c)
+                    r.param_leaves, last_hidden, sampling, penalties,
+                    r.penalties.state if b & 1 else None, bitmask, num_seqs=a, num_top=c)
                 if b & 1:
                     r.penalties.state = penalty_state
                 drawn.block_until_ready()

@@ -2,9 +2,8 @@
 
 Host side only builds numpy arrays (engine/worker/host_arrays.py); the device side lives in
 engine/worker/step.py; KV cache sizing is engine/worker/sizing.py. Every array is
-padded to a ladder rung, so after warm-up no step compiles. The forward's inputs go to the
-device in one buffer, the sampler's in another (engine/worker/packing.py); results come back
-in one packed transfer per step (two when prompt logprobs were asked for).
+padded to a ladder rung, so after warm-up no step compiles. Results come back in one packed
+transfer per step (two when prompt logprobs were asked for).
 
 A step is launched, then collected (`launch`, `dispatch_sample`, `collect`; `execute` does all
 three): with async scheduling the engine launches step N+1 before it collects step N. A token
@@ -35,10 +34,10 @@ from engine.config import EngineConfig
 from engine.core.request import ModelOutput, Request, SchedulerOutput
 from engine.structured import fill_bitmasks
 from engine.worker.host_arrays import empty_batch, open_bitmask, rung, sampling_arrays, step_batch
-from engine.worker.packing import ForwardInputs, SamplingInputs
 from engine.worker.penalties import DevicePenalties, is_lost
 from engine.worker.prompt_logprobs import prompt_targets, unpack_prompt_logprobs
-from engine.worker.step import TOP_LOGPROBS, TokenBitmask, jit_steps
+from engine.worker.step import TOP_LOGPROBS, PenaltyArrays, SamplingArrays, TokenBitmask, jit_steps
+from models.batch import Batch
 from models.paged import init_kv_cache
 from models.sharding import KV_PAGES, ShardingPlan
 from models.transformer import Transformer
@@ -135,23 +134,25 @@ class Runner:
             if kind == "init_penalty_slot":
                 self.penalties.warm_up(self._no_draws)
             elif kind == "forward":
+                batch, indices = self._empty_batch(shape)
                 self.kv_cache, hidden, last_hidden = self._forward(
-                    self.param_leaves, self.kv_cache, self._empty_batch(shape), self._no_draws)
+                    self.param_leaves, self.kv_cache, batch, indices,
+                    np.full(shape, -1, np.int32), self._no_draws)
                 self._prompt_logprobs(self.param_leaves, hidden, np.zeros(shape, np.int32),
                                       num_top=TOP_LOGPROBS).block_until_ready()
             elif kind == "sample":
                 num_seqs, with_penalties, num_top, with_bitmask = shape
-                inputs = self._sampling_arrays([], num_seqs, with_penalties)
+                sampling, penalties = self._sampling_arrays([], num_seqs, with_penalties)
                 bitmask = self._open_bitmask(num_seqs) if with_bitmask else None
                 packed, _, penalty_state = self._sample(
-                    self.param_leaves, last_hidden, inputs,
+                    self.param_leaves, last_hidden, sampling, penalties,
                     self.penalties.state if with_penalties else None, bitmask,
                     num_seqs=num_seqs, num_top=num_top)
                 if with_penalties:
                     self.penalties.state = penalty_state
                 packed.block_until_ready()
 
-    def _empty_batch(self, num_tokens: int) -> ForwardInputs:
+    def _empty_batch(self, num_tokens: int) -> tuple[Batch, np.ndarray]:
         return empty_batch(num_tokens, self.config.max_num_seqs, self.max_pages_per_seq)
 
     # ------------------------------------------------------------------ one step
@@ -173,17 +174,18 @@ class Runner:
         chosen = [requests[item.request_id] for item in scheduled]
         # Every host array is packed before the forward runs, so a value that does not fit
         # its dtype fails the step before the (donated) KV cache is touched.
-        inputs = self._build_batch(scheduler_output, chosen, previous)
+        batch, logits_indices, previous_rows = self._build_batch(scheduler_output, chosen,
+                                                                 previous)
         self.kv_cache, hidden, last_hidden = self._forward(
-            self.param_leaves, self.kv_cache, inputs,
+            self.param_leaves, self.kv_cache, batch, logits_indices, previous_rows,
             self._no_draws if previous is None else previous.drawn)
         self._record(last_hidden)
         step = StepInFlight(
             scheduler_output, chosen, rung(self._seq_ladder, len(scheduled)),
             TOP_LOGPROBS if any(r.sampling_params.logprobs for r in chosen) else 0,
             last_hidden, {item.request_id: s for s, item in enumerate(scheduled)})
-        step.prompt_logprobs = self._launch_prompt_logprobs(scheduler_output, chosen,
-                                                            inputs.num_tokens, hidden)
+        step.prompt_logprobs = self._launch_prompt_logprobs(scheduler_output, chosen, batch,
+                                                            hidden)
         grammar_waits = previous is not None and any(
             request.matcher is not None and request.num_pending > 1 for request in chosen)
         if not grammar_waits:
@@ -202,7 +204,7 @@ class Runner:
         slots = () if not with_penalties else self.penalties.slots_for(
             scheduled, chosen, {} if previous is None else previous.rows,
             self._no_draws if previous is None else previous.drawn)
-        inputs = sampling_arrays(chosen, step.num_seqs, with_penalties, slots)
+        sampling, penalties = sampling_arrays(chosen, step.num_seqs, with_penalties, slots)
         # Rows that draw a token this step under a grammar (a prefill chunk draws none; a
         # request finished since it was scheduled is left free: its row is discarded).
         constrained = [(request.matcher, s) for s, (item, request) in
@@ -216,7 +218,7 @@ class Runner:
             fill_bitmasks(constrained, bitmask.bitmask)
             bitmask.enabled[[s for _, s in constrained]] = True
         step.packed, step.drawn, penalty_state = self._sample(
-            self.param_leaves, step.last_hidden, inputs,
+            self.param_leaves, step.last_hidden, sampling, penalties,
             self.penalties.state if with_penalties else None, bitmask,
             num_seqs=step.num_seqs, num_top=step.num_top)
         if with_penalties:
@@ -264,24 +266,24 @@ class Runner:
         return True
 
     def _build_batch(self, scheduler_output: SchedulerOutput, chosen: list[Request],
-                     previous: StepInFlight | None = None) -> ForwardInputs:
-        """The flattened batch, logits_indices and previous_rows i32[T] in one buffer
-        (host_arrays.py)."""
+                     previous: StepInFlight | None = None
+                     ) -> tuple[Batch, np.ndarray, np.ndarray]:
+        """The flattened batch, logits_indices and previous_rows i32[T] (host_arrays.py)."""
         num_tokens = rung(self._token_ladder, scheduler_output.num_batched_tokens)
         return step_batch(scheduler_output, chosen, self._empty_batch(num_tokens),
                           self.config.page_size, None if previous is None else previous.rows)
 
     def _sampling_arrays(self, chosen: list[Request], num_seqs: int, with_penalties: bool
-                         ) -> SamplingInputs:
+                         ) -> tuple[SamplingArrays, PenaltyArrays | None]:
         return sampling_arrays(chosen, num_seqs, with_penalties)
 
     def _open_bitmask(self, num_seqs: int) -> TokenBitmask:
         return open_bitmask(num_seqs, self.vocab_size)
 
-    def _launch_prompt_logprobs(self, scheduler_output, chosen, num_tokens, hidden):
+    def _launch_prompt_logprobs(self, scheduler_output, chosen, batch, hidden):
         """Dispatches the scoring of prompt tokens fed this step for requests that asked
         for prompt_logprobs: (packed on the device, rows wanted, spans), or None."""
-        targets = prompt_targets(scheduler_output, chosen, num_tokens)
+        targets = prompt_targets(scheduler_output, chosen, batch.input_ids.shape[0])
         if targets is None:
             return None
         targets, wanted, spans = targets

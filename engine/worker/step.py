@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +31,10 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from engine.config import EngineConfig
+from models.batch import Batch
 from models.paged import forward_paged, kv_cache_spec
 from models.sharding import ShardingPlan
 from pallas_kernels.token_bitmask import apply_token_bitmask
-
-if TYPE_CHECKING:   # packing.py builds on this module's arrays
-    from engine.worker.packing import ForwardInputs, SamplingInputs
 
 TOP_LOGPROBS = 20  # the one top-logprobs width compiled; requests slice what they asked for
 HISTORY_PENDING = -2   # a penalty history entry drawn by the previous step (-1 is padding)
@@ -79,16 +77,14 @@ class TokenBitmask(NamedTuple):
     enabled: jax.Array   # bool[S]             False rows are left free
 
 
-def forward_step(graphdef, params, kv_cache, inputs: ForwardInputs, previous_tokens, *,
-                 backend, interpret, plan: ShardingPlan | None = None):
-    """kv_cache [L, num_pages, page_size, 2 * Hkv, D] (donated); inputs: the Batch,
-    logits_indices i32[S_max] and previous_rows i32[T] in one buffer (packing.py).
+def forward_step(graphdef, params, kv_cache, batch: Batch, logits_indices, previous_rows,
+                 previous_tokens, *, backend, interpret, plan: ShardingPlan | None = None):
+    """kv_cache [L, num_pages, page_size, 2 * Hkv, D] (donated); logits_indices i32[S_max].
 
-    Async scheduling: input row t whose previous_rows[t] is a row r >= 0 feeds
+    Async scheduling: input row t whose previous_rows[t] (i32[T]) is a row r >= 0 feeds
     previous_tokens[r] (i32[S_max], the previous step's draws, still on the device).
 
     Returns (kv_cache, hidden [T, H], last_hidden [S_max, H] at logits_indices)."""
-    batch, previous_rows = inputs.batch, inputs.previous_rows
     input_ids = jnp.where(previous_rows >= 0,
                           previous_tokens[jnp.maximum(previous_rows, 0)], batch.input_ids)
     batch = dataclasses.replace(batch, input_ids=input_ids)
@@ -96,7 +92,7 @@ def forward_step(graphdef, params, kv_cache, inputs: ForwardInputs, previous_tok
     kv_cache, hidden = forward_paged(model, kv_cache, batch, backend=backend,
                                      interpret=interpret,
                                      mesh=None if plan is None else plan.mesh)
-    return kv_cache, hidden, hidden[inputs.logits_indices]
+    return kv_cache, hidden, hidden[logits_indices]
 
 
 def logits_of(model, hidden, plan: ShardingPlan | None):
@@ -150,9 +146,10 @@ def request_keys(seeds, positions):
     return jax.vmap(one)(seeds, positions)
 
 
-def sample_step(graphdef, params, last_hidden, inputs: SamplingInputs,
-                penalty_state: PenaltyState | None, bitmask: TokenBitmask | None, *, num_seqs,
-                num_top, backend, interpret, plan: ShardingPlan | None = None):
+def sample_step(graphdef, params, last_hidden, sampling: SamplingArrays,
+                penalties: PenaltyArrays | None, penalty_state: PenaltyState | None,
+                bitmask: TokenBitmask | None, *, num_seqs, num_top, backend, interpret,
+                plan: ShardingPlan | None = None):
     """Samples one token per sequence; returns (f32[S, 3 + 2 * num_top]: token id, its
     logprob, its rank, then num_top (id, logprob) pairs; the token ids as i32[S_max], for
     the next step's forward to feed without a trip through the host; the penalty state,
@@ -161,12 +158,9 @@ def sample_step(graphdef, params, last_hidden, inputs: SamplingInputs,
     Logprobs are the model's own distribution (log_softmax of the raw logits), as OpenAI
     and vLLM report them; penalties, the structured-output mask and temperature shape only
     the draw. The mask sets forbidden logits to -inf before the draw, so a greedy row's
-    argmax obeys it too. `inputs`: SamplingArrays, and PenaltyArrays when a row is
-    penalised, in one buffer (packing.py); without PenaltyArrays the step compiles without
-    penalties and leaves the state alone; `bitmask` None (no constrained row) compiles
-    without it.
+    argmax obeys it too. `penalties` None (no penalised row) compiles without them and
+    leaves the state alone; `bitmask` None (no constrained row) compiles without it.
     """
-    sampling, penalties = inputs.sampling, inputs.penalties
     model = nnx.merge(graphdef, params)
     logits = logits_of(model, last_hidden[:num_seqs], plan)  # f32[S, V]
     logprobs = jax.nn.log_softmax(logits, axis=-1)
@@ -208,9 +202,9 @@ def _pack(logprobs, token_ids, num_top):
 class StepFunctions(NamedTuple):
     """The jitted functions of a step, the graphdef bound."""
 
-    forward: Callable           # (params, kv_cache, ForwardInputs, previous_tokens),
-                                # cache donated
-    sample: Callable            # (params, last_hidden, SamplingInputs, penalty_state,
+    forward: Callable           # (params, kv_cache, batch, logits_indices, previous_rows,
+                                #  previous_tokens), cache donated
+    sample: Callable            # (params, last_hidden, sampling, penalties, penalty_state,
                                 #  bitmask, *, num_seqs, num_top), penalty_state donated
     prompt_logprobs: Callable   # (params, hidden, target_ids, *, num_top)
     init_penalty_slot: Callable   # (penalty_state, slot, tokens, num_prompt, pending_row,

@@ -186,7 +186,9 @@ def test_zero_compilations_after_warmup_with_four_devices(model_dirs):
 def assert_no_weight_gathered(llm):
     """The plan XLA compiled: partial sums added up (all-reduce), no weight gathered."""
     runner = llm.engine.runner
-    hlo = runner._forward.lower(runner.params, runner.kv_cache, runner._empty_batch(16),
+    batch, indices = runner._empty_batch(16)
+    hlo = runner._forward.lower(runner.params, runner.kv_cache, batch, indices,
+                                np.full(batch.input_ids.shape[0], -1, np.int32),
                                 runner._no_draws).compile()
     collectives = re.findall(r"\b(all-reduce|all-gather|all-to-all)(?:-start)?\(",
                              hlo.as_text())

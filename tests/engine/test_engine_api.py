@@ -48,29 +48,6 @@ def test_zero_compilations_after_warmup(warm_llm):
     assert warm_llm.engine.compilations_after_warmup == 0
 
 
-def test_each_step_ships_its_inputs_in_one_host_array_per_call(warm_llm, monkeypatch):
-    # engine/worker/packing.py: on an accelerator each host array is its own copy to the
-    # device, so the forward and the sampler each get one (a bitmask only for grammars).
-    runner, host_arrays = warm_llm.engine.runner, {"forward": [], "sample": []}
-    forward, sample = runner._forward, runner._sample
-
-    def counting(kind, function):
-        def call(*args, **kwargs):
-            leaves = jax.tree.leaves((args, kwargs))
-            host_arrays[kind].append(sum(isinstance(x, np.ndarray) for x in leaves))
-            return function(*args, **kwargs)
-        return call
-
-    monkeypatch.setattr(runner, "_forward", counting("forward", forward))
-    monkeypatch.setattr(runner, "_sample", counting("sample", sample))
-    rng = np.random.default_rng(12)
-    prompts = random_prompts(seed=12, count=12, low=1, high=60)
-    outputs = warm_llm.generate(prompts, [random_params(rng) for _ in prompts], use_tqdm=False)
-    assert all(o.finished for o in outputs)
-    assert host_arrays["forward"] and set(host_arrays["forward"]) == {1}, host_arrays
-    assert host_arrays["sample"] and set(host_arrays["sample"]) == {1}, host_arrays
-
-
 def test_final_only_steps_give_the_same_final_outputs_and_nothing_else(warm_llm):
     engine, rng = warm_llm.engine, np.random.default_rng(13)
     prompts = random_prompts(seed=13, count=8, low=2, high=40)

@@ -52,13 +52,13 @@ def inject_fault(monkeypatch, runner, marker: int, kind: str) -> list[int]:
         monkeypatch.setattr(runner, "_forward", failing_jitted_forward(runner, marker, failures))
         return failures
 
-    def forward(params, kv_cache, inputs, *args):
-        if marker in inputs.batch.input_ids:
+    def forward(params, kv_cache, batch, *args):
+        if marker in np.asarray(batch.input_ids):
             failures.append(marker)
             if kind == "lost":   # what a run that fails on the device leaves of a donated cache
                 kv_cache.delete()
             raise RuntimeError("injected device fault")
-        return real_forward(params, kv_cache, inputs, *args)
+        return real_forward(params, kv_cache, batch, *args)
 
     monkeypatch.setattr(runner, "_forward", forward)
     return failures
@@ -71,10 +71,10 @@ def failing_jitted_forward(runner, marker: int, failures: list[int]):
             raise RuntimeError("injected device fault")
         return np.int32(0)
 
-    def forward(graphdef, params, kv_cache, inputs, *args):
-        io_callback(check, jax.ShapeDtypeStruct((), jnp.int32), inputs.batch.input_ids)
+    def forward(graphdef, params, kv_cache, batch, *args):
+        io_callback(check, jax.ShapeDtypeStruct((), jnp.int32), batch.input_ids)
         params = jax.tree.unflatten(jax.tree.structure(runner.params), params)   # its leaves
-        return forward_step(graphdef, params, kv_cache, inputs, *args,
+        return forward_step(graphdef, params, kv_cache, batch, *args,
                             backend=runner.config.backend, interpret=runner.config.interpret)
 
     return jax.jit(functools.partial(forward, runner.graphdef), donate_argnums=(1,))

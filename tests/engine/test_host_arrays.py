@@ -9,21 +9,14 @@ import pytest
 from engine.core.request import (PENDING_TOKEN, Request, ScheduledRequest, SchedulerOutput,
                                  planned_token_ids)
 from engine.worker.host_arrays import empty_batch, rung, step_batch
-from models.batch import Batch
 
 PAGE_SIZE, MAX_NUM_SEQS, MAX_PAGES = 4, 8, 16
 TOKEN_LADDER = (1, 2, 4, 8, 16, 32, 64)
 
 
 def row_by_row(scheduler_output, chosen, num_tokens, previous_rows):
-    """The batch built one scheduled row at a time, straight from design.md's contract,
-    in arrays of its own."""
-    zeros = lambda *shape: np.zeros(shape, np.int32)
-    batch = Batch(input_ids=zeros(num_tokens), positions=zeros(num_tokens),
-                  slot_mapping=zeros(num_tokens), cu_q_lens=zeros(MAX_NUM_SEQS + 1),
-                  kv_lens=zeros(MAX_NUM_SEQS), page_indices=zeros(MAX_NUM_SEQS, MAX_PAGES),
-                  num_seqs=zeros(1))
-    logits_indices = zeros(MAX_NUM_SEQS)
+    """The batch built one scheduled row at a time, straight from design.md's contract."""
+    batch, logits_indices = empty_batch(num_tokens, MAX_NUM_SEQS, MAX_PAGES)
     rows_before = np.full(num_tokens, -1, np.int32)
     batch.cu_q_lens[:] = scheduler_output.num_batched_tokens
     row = 0
@@ -87,11 +80,9 @@ def test_step_batch_equals_a_row_by_row_build(seed):
     rng = np.random.default_rng(seed)
     scheduler_output, chosen, previous_rows = random_step(rng)
     num_tokens = rung(TOKEN_LADDER, scheduler_output.num_batched_tokens)
-    inputs = step_batch(scheduler_output, chosen,
-                        empty_batch(num_tokens, MAX_NUM_SEQS, MAX_PAGES), PAGE_SIZE,
-                        previous_rows)
-    batch, logits_indices, rows_before = (inputs.batch, inputs.logits_indices,
-                                          inputs.previous_rows)
+    batch, logits_indices, rows_before = step_batch(
+        scheduler_output, chosen, empty_batch(num_tokens, MAX_NUM_SEQS, MAX_PAGES), PAGE_SIZE,
+        previous_rows)
     want, want_indices, want_rows = row_by_row(scheduler_output, chosen, num_tokens,
                                                previous_rows)
     for name in ("input_ids", "positions", "slot_mapping", "cu_q_lens", "kv_lens",

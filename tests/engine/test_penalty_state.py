@@ -233,10 +233,11 @@ def test_each_history_reaches_the_device_once(llm, monkeypatch):
     widths, fills = [], spy_on_slot_fills(monkeypatch, runner)
     real_sample = runner._sample
 
-    def sample(params, last_hidden, inputs, *args, num_seqs, **kwargs):
-        if inputs.penalties is not None:
-            widths.extend(np.shape(array) for array in inputs.penalties)
-        return real_sample(params, last_hidden, inputs, *args, num_seqs=num_seqs, **kwargs)
+    def sample(params, last_hidden, sampling, penalties, *args, num_seqs, **kwargs):
+        if penalties is not None:
+            widths.extend(np.shape(array) for array in penalties)
+        return real_sample(params, last_hidden, sampling, penalties, *args,
+                           num_seqs=num_seqs, **kwargs)
 
     monkeypatch.setattr(runner, "_sample", sample)
     prompts = random_prompts(seed=72, count=3, low=4, high=12)

@@ -57,10 +57,11 @@ def test_the_forward_updates_the_kv_cache_in_place(hf_model_dirs, scan_layers, n
     graphdef, state = abstract_model(config)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     kv_cache = jax.ShapeDtypeStruct(kv_cache_shape(config, 65536, engine.page_size), np.float32)
-    inputs = empty_batch(num_tokens, engine.max_num_seqs, 16)
+    batch, indices = empty_batch(num_tokens, engine.max_num_seqs, 16)
+    previous_rows = np.full(num_tokens, -1, np.int32)
     draws = jax.ShapeDtypeStruct((engine.max_num_seqs,), np.int32)
-    compiled = jit_steps(graphdef, engine).forward.lower(abstract, kv_cache, inputs,
-                                                         draws).compile()
+    compiled = jit_steps(graphdef, engine).forward.lower(abstract, kv_cache, batch, indices,
+                                                         previous_rows, draws).compile()
     memory = compiled.memory_analysis()
     cache_bytes = np.prod(kv_cache.shape) * 4
     assert memory.alias_size_in_bytes == cache_bytes

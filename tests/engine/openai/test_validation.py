@@ -94,8 +94,7 @@ def test_every_accepted_value_packs_as_the_runner_packs_it():
         params = SamplingParams(**fields, seed=random_in(RANGES["seed"], rng))
         requests = [Request("r", [1, 2, 3], params, seed=params.seed % 2 ** 32)]
         runner = SimpleNamespace(max_model_len=16)
-        inputs = Runner._sampling_arrays(runner, requests, 2, True)
-        sampling, penalties = inputs.sampling, inputs.penalties
+        sampling, penalties = Runner._sampling_arrays(runner, requests, 2, True)
         for name, array in [*sampling._asdict().items(), *penalties._asdict().items()]:
             assert np.all(np.isfinite(array)), (name, fields, seed)
         assert sampling.top_k[0] == params.top_k, (fields, seed)
