@@ -100,7 +100,7 @@ def forward_paged(model: Transformer, kv_cache: KVCache, batch: Batch, *,
         scales = None if kv_scales is None else every_layer(kv_scales)
         first_page = layer * num_pages       # this layer's page 0 among every layer's pages
         slots = batch.slot_mapping + first_page * page_size
-        if k.shape[0] == 1 and pallas_kernels.resolve_backend(backend) == "reference":
+        if k.shape[0] == 1 and pallas_kernels.resolve_backend(backend) in ("reference", "cpu"):
             # XLA turns a one-row scatter into a dynamic-update-slice, and copies the whole
             # cache around it when the cache is read afterwards (on the CPU: a step of token
             # rung 1 grew with num_pages). A second row, into the padding page, keeps it a

@@ -1,10 +1,12 @@
 """Ember's kernels behind one contract (docs/design.md), dispatched by backend.
 
-backend: "auto" (by jax.default_backend()), "reference" (plain jnp, the CPU default),
-"gpu" (Pallas Triton; attention on Mosaic GPU on Hopper and newer, as gpu/kernel_choice.py
-and EMBER_GPU_KERNELS decide; on a jax without Pallas Triton, the reference wherever Mosaic
-GPU does not run), "tpu" (Pallas Mosaic). interpret=True
-runs a Pallas kernel in interpret mode, so the GPU and TPU kernels can be checked on a CPU.
+backend: "auto" (by jax.default_backend()), "reference" (plain jnp), "cpu" (attention in
+C++ through the XLA FFI, built on first use: cpu/; the CPU default where it builds, else the
+reference; the KV write and sampling are the reference's), "gpu" (Pallas Triton; attention
+on Mosaic GPU on Hopper and newer, as gpu/kernel_choice.py and EMBER_GPU_KERNELS decide; on
+a jax without Pallas Triton, the reference wherever Mosaic GPU does not run), "tpu" (Pallas
+Mosaic). interpret=True runs a Pallas kernel in interpret mode, so the GPU and TPU kernels
+can be checked on a CPU.
 
 These run inside a jitted step: `backend`, `interpret`, `sm_scale`, `sliding_window` and
 `soft_cap` are Python values; every array is traced. Shapes and dtypes are checked here,
@@ -25,7 +27,7 @@ from pallas_kernels.kv_cache import (KV_CACHE_DTYPES, KV_PAGE_DTYPES, is_quantiz
 from pallas_kernels.reference import (ragged_paged_attention_reference, sample_reference,
                                       write_kv_pages_reference)
 
-BACKENDS = ("auto", "reference", "gpu", "tpu")
+BACKENDS = ("auto", "reference", "cpu", "gpu", "tpu")
 __all__ = ["BACKENDS", "KV_CACHE_DTYPES", "resolve_backend", "resolve_kv_cache_dtype",
            "kv_cache_bytes_per_token", "kv_scales_shape", "ragged_paged_attention",
            "write_kv_pages", "sample"]
@@ -38,6 +40,9 @@ def resolve_backend(backend: str) -> str:
         return backend
     import jax
     platform = jax.default_backend()
+    if platform == "cpu":
+        from pallas_kernels.cpu import available
+        return "cpu" if available() else "reference"
     return {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(platform, "reference")
 
 
@@ -111,6 +116,10 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_se
         from pallas_kernels.tpu.ragged_paged_attention import ragged_paged_attention_tpu
         return ragged_paged_attention_tpu(q, kv_pages, kv_lens, page_indices, cu_q_lens,
                                           num_seqs, interpret=interpret, **options)
+    if backend == "cpu":
+        from pallas_kernels.cpu import ragged_paged_attention_cpu
+        return ragged_paged_attention_cpu(q, kv_pages, kv_lens, page_indices, cu_q_lens,
+                                          num_seqs, **options)
     return ragged_paged_attention_reference(q, kv_pages, kv_lens, page_indices, cu_q_lens,
                                             num_seqs, **options)
 
@@ -139,7 +148,7 @@ def write_kv_pages(kv_pages, k, v, slot_mapping, *, kv_scales=None, backend="aut
     if backend == "gpu" and has_pallas_triton():
         from pallas_kernels.gpu.write_kv_pages import write_kv_pages_gpu
         return write_kv_pages_gpu(kv_pages, k, v, slot_mapping, kv_scales, interpret=interpret)
-    # On "tpu" (and a GPU without Pallas Triton) XLA's scatter into the donated cache is the
+    # On "cpu", "tpu" (and a GPU without Pallas Triton) XLA's scatter into the donated cache is the
     # write (no Mosaic kernel).
     return write_kv_pages_reference(kv_pages, k, v, slot_mapping, kv_scales)
 

@@ -15,7 +15,7 @@ output lengths, and measures in one run:
     copy bandwidth), where FLOPs count the weights' and attention's work and bytes count
     the weights, the K/V read by attention (whole pages) and the K/V written; the share of
     its sum that Ember's wall time reaches is printed beside the weight-only one, with the
-    rate at which the CPU's decode attention reads K/V pages (what bounds it).
+    rate at which the engine's decode attention reads K/V pages (what bounds it).
 
 With --structured FRACTION it measures instead Ember's output tokens/s with FRACTION of the
 requests under a JSON schema against none, in one run (scripts/offline_structured.py); with
@@ -223,14 +223,14 @@ def honest_roofline_seconds(config, steps, page_size, flops, bandwidth, dtype_by
 
 
 def measure_decode_attention(config, steps, page_size, bandwidth):
-    """The reference decode attention (the CPU's) over the K/V pages of the workload's step
-    with the most decoding sequences, one layer: (K/V bytes read per second, sequences,
-    share of copy bandwidth). It bounds the honest roofline, which counts those pages at
-    copy bandwidth."""
+    """The decode attention the engine ran (backend "auto": the C++ kernel on a CPU where it
+    builds, else the reference) over the K/V pages of the workload's step with the most
+    decoding sequences, one layer: (backend, K/V bytes read per second, sequences, share of
+    copy bandwidth). The honest roofline counts those pages at copy bandwidth."""
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels.reference import ragged_paged_attention_reference
+    import pallas_kernels
     from scripts.bench_kernels import median_seconds, paged_decode_batch
 
     decodes = [[context for fed, context, _ in step if fed == 1] for step in steps]
@@ -238,12 +238,13 @@ def measure_decode_attention(config, steps, page_size, bandwidth):
     args = paged_decode_batch(np.random.default_rng(0), len(contexts), contexts, page_size,
                               config.num_heads, config.num_kv_heads, config.head_dim,
                               dtype=jnp.float32)
-    attend = jax.jit(lambda *a: ragged_paged_attention_reference(
-        *a, sm_scale=config.head_dim ** -0.5))
+    backend = pallas_kernels.resolve_backend("auto")
+    attend = jax.jit(lambda *a: pallas_kernels.ragged_paged_attention(
+        *a, sm_scale=config.head_dim ** -0.5, backend=backend))
     seconds, _ = median_seconds(attend, *args)
     pages = sum(-(-context // page_size) for context in contexts)
     rate = pages * args[1][0].nbytes / seconds
-    return rate, len(contexts), rate / bandwidth
+    return backend, rate, len(contexts), rate / bandwidth
 
 
 def decode_batch1(engine, prompt, async_scheduling: bool, tokens=128) -> float:
@@ -402,8 +403,8 @@ def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest, 
     print(f"ember / honest roofline ({len(ember['steps'])} steps; weights, attention, K/V pages "
           f"read and written): {honest / ember['seconds']:.1%} (target >= 70%; roofline "
           f"{honest:.2f} s of {ember['seconds']:.2f} s)")
-    rate, num_seqs, share = attention
-    print(f"what bounds it: decode attention (reference, one layer, the step with the most "
+    backend, rate, num_seqs, share = attention
+    print(f"what bounds it: decode attention ({backend}, one layer, the step with the most "
           f"decodes, {num_seqs} sequences) reads K/V pages at {rate / 1e9:.1f} GB/s = "
           f"{share:.0%} of copy bandwidth, which the honest roofline assumes")
     if hf:

@@ -166,6 +166,12 @@ class TestTpuKvDtypes(TestGpuKvDtypes):
     INTERPRET = TPU_INTERPRET
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the C++ kernel is for the CPU")
+class TestCpuKvDtypes(TestGpuKvDtypes):
+    BACKEND = "cpu"
+    INTERPRET = False
+
+
 class TestWriteRoundTrip:
     """What a written row reads back as, per cache dtype (reference write)."""
 

@@ -128,6 +128,54 @@ class TestTpuAttention(TestGpuAttention):
     INTERPRET = TPU_INTERPRET
 
 
+ON_CPU = jax.default_backend() == "cpu"
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the C++ kernel is registered for the CPU only")
+class TestCpuAttention(TestGpuAttention):
+    """The C++ kernel (pallas_kernels/cpu): built on first use, the CPU's "auto"."""
+    BACKEND = "cpu"
+    INTERPRET = False
+
+    def test_long_context_decode_and_prefill(self):   # fast enough here, unlike interpret mode
+        TestGpuAttention.test_long_context_decode_and_prefill(self)
+
+    def test_auto_is_the_kernel_on_the_cpu(self):
+        assert pallas_kernels.resolve_backend("auto") == "cpu"
+
+    @pytest.mark.parametrize("num_seqs", [1, 2, 9])
+    def test_float16_and_few_sequences_split_over_heads(self, num_seqs):
+        # One or two sequences are cut by kv head across threads; nine are not.
+        rng = np.random.default_rng(num_seqs)
+        case = Case([1] * (num_seqs - 1) + [5], list(rng.integers(1, 400, num_seqs)), 16, 12, 4,
+                    64, jnp.float16, None, 50)
+        batch = make_batch(7, case)
+        options = options_for(case)
+        out = jitted_attention("cpu", False, **options)(*batch.args())
+        expected = jitted_attention("reference", False, **options)(*batch.args())
+        assert out.dtype == jnp.float16
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32),
+                                   atol=2e-3, rtol=2e-3)
+
+    def test_bad_page_table_and_lengths_read_nothing_outside_the_cache(self):
+        # A page-table entry outside the cache, and a context longer than the page table,
+        # must neither crash nor touch another sequence's rows.
+        case = CASES["mixed-page16-gqa3-f32"]
+        batch = make_batch(8, case)
+        options = options_for(case)
+        expected = np.asarray(jitted_attention("reference", False, **options)(*batch.args()))
+        page_indices = np.asarray(batch.page_indices).copy()
+        page_indices[0, 0], page_indices[0, 1] = 10 ** 6, -7
+        kv_lens = np.asarray(batch.kv_lens).copy()
+        kv_lens[1] = page_indices.shape[1] * case.page_size + 1000
+        args = list(batch.args())
+        args[2], args[3] = jnp.asarray(kv_lens), jnp.asarray(page_indices)
+        out = np.asarray(jitted_attention("cpu", False, **options)(*args))
+        third = slice(int(np.sum(case.q_lens[:2])), int(np.sum(case.q_lens)))
+        np.testing.assert_allclose(out[third], expected[third], **TOLERANCE[case.dtype])
+        np.testing.assert_array_equal(out[int(np.sum(case.q_lens)):], 0.0)
+
+
 def test_bad_attention_arguments_name_the_argument():
     batch = make_batch(4, Case([1, 5], [10, 0], 16, 4, 2, 64, jnp.float32, None, None))
     args = list(batch.args())

@@ -1,0 +1,119 @@
+"""The CPU's ragged paged attention: a C++ kernel (ragged_paged_attention.cc) called through
+the XLA FFI, built with the machine's C++ compiler on first use.
+
+Pallas has no CPU target, and XLA compiles the plain-jnp reference to a gather of the K/V
+pages and small dots that read them at a fifth of copy bandwidth on the CPU (docs/perf.md);
+this kernel reads each page once, in place. Same contract and numerics (f32) as
+pallas_kernels/reference.py, and the reference stays the yardstick in the tests.
+
+The shared library is cached under $EMBER_CACHE_DIR (default ~/.cache/ember), keyed by the
+source, the compiler flags, jaxlib (whose FFI headers it is built against) and the CPU's
+features (-march=native), and written atomically, so concurrent processes share one build.
+Where no compiler is found or the build fails, `available()` is False (the reason logged
+once) and backend "auto" stays on the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.kv_cache import is_quantized
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("ragged_paged_attention.cc")
+TARGET = "ember_ragged_paged_attention"
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
+BUILD_TIMEOUT_S = 300
+_lock = threading.Lock()
+_loaded: list[bool] = []     # [whether the kernel is registered], once tried
+
+
+def _cpu_features() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _library_path(compiler: str) -> Path:
+    import jaxlib
+    key = hashlib.sha256("\0".join([
+        SOURCE.read_text(), compiler, *FLAGS, jaxlib.__version__, platform.machine(),
+        _cpu_features()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("EMBER_CACHE_DIR") or Path.home() / ".cache" / "ember")
+    return cache / "cpu_kernels" / f"ragged_paged_attention-{key}.so"
+
+
+def _build(compiler: str, library: Path) -> None:
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        built = Path(scratch) / library.name
+        command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
+        result = subprocess.run(command, capture_output=True, text=True,
+                                timeout=BUILD_TIMEOUT_S)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        os.replace(built, library)   # atomic: another process sees all of it or none
+
+
+def available() -> bool:
+    """Builds (once per machine and source) and registers the kernel; False where it cannot."""
+    with _lock:
+        if not _loaded:
+            _loaded.append(_load())
+        return _loaded[0]
+
+
+def _load() -> bool:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        logger.warning("no C++ compiler (g++, c++ or $CXX): attention on the CPU falls back "
+                       "to the plain-jnp reference")
+        return False
+    library = _library_path(compiler)
+    try:
+        if not library.exists():
+            _build(compiler, library)
+        handler = ctypes.cdll.LoadLibrary(str(library)).EmberRaggedPagedAttention
+    except (OSError, RuntimeError, subprocess.TimeoutExpired, AttributeError) as error:
+        logger.warning("the CPU attention kernel could not be built or loaded (%s): attention "
+                       "on the CPU falls back to the plain-jnp reference", error)
+        return False
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    return True
+
+
+def ragged_paged_attention_cpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                               sm_scale, sliding_window=None, soft_cap=None, kv_scales=None):
+    """pallas_kernels.ragged_paged_attention's contract (arguments checked there), on the CPU.
+
+    Raises:
+      RuntimeError: the kernel is not available here (`available()`); backend "auto" never
+        asks for it then.
+    """
+    if not available():
+        raise RuntimeError("backend='cpu': the CPU attention kernel could not be built here "
+                           "(see the log); use backend='reference'")
+    if kv_scales is None or not is_quantized(kv_pages.dtype):
+        kv_scales = jnp.zeros((1,), jnp.float32)   # the handler reads scales only for 8 bits
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
+    return call(q, kv_pages, kv_scales, kv_lens, page_indices, cu_q_lens, num_seqs,
+                sm_scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0),
+                soft_cap=np.float32(soft_cap or 0.0))

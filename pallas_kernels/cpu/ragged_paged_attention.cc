@@ -1,0 +1,386 @@
+// Ragged paged attention for the CPU, called from a jitted step through the XLA FFI.
+//
+// The contract is pallas_kernels/reference.py's ragged_paged_attention_reference (docs/design.md,
+// section 3): q [T, Hq, D]; kv_pages [num_pages, page_size, 2 * Hkv, D] with K of head h at 2h and
+// V at 2h + 1 (f32, bf16, f16, or int8 / float8_e4m3fn times kv_scales [num_pages, page_size,
+// 2 * Hkv]); kv_lens i32[S]; page_indices i32[S, P]; cu_q_lens i32[S + 1]; num_seqs i32[1].
+// Everything is computed in f32, as the reference does.
+//
+// Why it exists: XLA's CPU backend compiles the reference to a gather of K/V pages into a buffer
+// and small batched dots over it, which read the pages at a fifth of copy bandwidth. Here each
+// work item (a sequence's block of query rows, for some of its kv heads) walks its pages once,
+// a page at a time: converted into a small f32 tile while in the cache, scored, and folded into
+// an online softmax. Items run on XLA's intra-op thread pool.
+//
+// Defensive reads: a page-table entry outside [0, num_pages) reads page 0, context lengths are
+// cut to the page table, and rows outside cu_q_lens stay zero, so no input reads or writes
+// outside its buffers.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kRowBlock = 16;  // query rows of one sequence per work item
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+float Bf16ToF32(uint16_t bits) {
+  uint32_t wide = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof value);
+  return value;
+}
+
+uint16_t F32ToBf16(float value) {  // round to nearest even; NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return uint16_t(bits >> 16);
+}
+
+struct Float8Table {  // float8_e4m3fn: bias 7, no infinities, 0x7f and 0xff are NaN
+  float value[256];
+  Float8Table() {
+    for (int bits = 0; bits < 256; ++bits) {
+      int exponent = (bits >> 3) & 0xf, mantissa = bits & 0x7;
+      float magnitude = exponent == 0 ? std::ldexp(float(mantissa), -9)
+                                      : std::ldexp(1.0f + mantissa / 8.0f, exponent - 7);
+      if (exponent == 0xf && mantissa == 0x7) magnitude = std::nanf("");
+      value[bits] = bits & 0x80 ? -magnitude : magnitude;
+    }
+  }
+};
+const Float8Table kFloat8;
+
+float LoadAsF32(const void* base, int64_t index, ffi::DataType type) {
+  switch (type) {
+    case ffi::DataType::F32: return static_cast<const float*>(base)[index];
+    case ffi::DataType::BF16: return Bf16ToF32(static_cast<const uint16_t*>(base)[index]);
+    case ffi::DataType::F16: return float(static_cast<const _Float16*>(base)[index]);
+    case ffi::DataType::S8: return float(static_cast<const int8_t*>(base)[index]);
+    default: return kFloat8.value[static_cast<const uint8_t*>(base)[index]];
+  }
+}
+
+// dst[i] = src[offset + i] as f32, times scale, for i < n.
+void LoadRow(const void* src, int64_t offset, int64_t n, ffi::DataType type, float scale,
+             float* dst) {
+  switch (type) {
+    case ffi::DataType::F32: {
+      const float* from = static_cast<const float*>(src) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = from[i];
+      return;
+    }
+    case ffi::DataType::BF16: {
+      const uint16_t* from = static_cast<const uint16_t*>(src) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = Bf16ToF32(from[i]);
+      return;
+    }
+    case ffi::DataType::S8: {
+      const int8_t* from = static_cast<const int8_t*>(src) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = float(from[i]) * scale;
+      return;
+    }
+    default:
+      for (int64_t i = 0; i < n; ++i) dst[i] = LoadAsF32(src, offset + i, type) * scale;
+  }
+}
+
+void StoreRow(const float* src, int64_t n, ffi::DataType type, void* dst, int64_t offset) {
+  for (int64_t i = 0; i < n; ++i) {
+    switch (type) {
+      case ffi::DataType::F32: static_cast<float*>(dst)[offset + i] = src[i]; break;
+      case ffi::DataType::BF16:
+        static_cast<uint16_t*>(dst)[offset + i] = F32ToBf16(src[i]);
+        break;
+      default: static_cast<_Float16*>(dst)[offset + i] = _Float16(src[i]);
+    }
+  }
+}
+
+float Dot(const float* a, const float* b, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+struct Problem {
+  const void* q;            // [T, Hq, D]
+  ffi::DataType q_type;
+  void* out;                // [T, Hq, D], q's dtype
+  const void* kv;           // [num_pages, page_size, 2 * Hkv, D]
+  ffi::DataType kv_type;
+  const float* scales;      // [num_pages, page_size, 2 * Hkv], or null for a float cache
+  const int32_t* kv_lens;   // [S]
+  const int32_t* page_indices;  // [S, P]
+  const int32_t* cu_q_lens;     // [S + 1]
+  int64_t num_rows, num_q_heads, head_dim, num_pages, page_size, num_kv_heads, max_pages;
+  float sm_scale, soft_cap;     // soft_cap 0: none
+  int64_t sliding_window;       // 0: none
+};
+
+struct WorkItem {
+  int64_t seq, first_row, num_rows, first_head, num_heads;  // kv heads [first, first + num)
+};
+
+// Per-thread buffers, grown as needed.
+struct Scratch {
+  std::vector<float> queries, scores, acc, running_max, running_sum, tile;
+  std::vector<int64_t> positions;        // per row of the item
+  std::vector<int64_t> query_position;   // per query: its row's position
+  std::vector<int64_t> query_channel;    // per query: its K's offset in a slot's K/V (x D)
+};
+
+void Attend(const Problem& p, const WorkItem& item, Scratch& s) {
+  const int64_t d = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
+  const int64_t per_row = item.num_heads * group;             // queries per row
+  const int64_t num_queries = item.num_rows * per_row;        // query m: row m / per_row
+  const int64_t q_len = p.cu_q_lens[item.seq + 1] - p.cu_q_lens[item.seq];
+  const int64_t kv_len = p.kv_lens[item.seq];
+  const int64_t context = std::min<int64_t>(kv_len, p.max_pages * p.page_size);  // readable
+  s.queries.resize(num_queries * d);
+  s.acc.assign(num_queries * d, 0.0f);
+  s.running_max.assign(num_queries, kNegInf);
+  s.running_sum.assign(num_queries, 0.0f);
+  s.scores.resize(num_queries * p.page_size);
+  s.positions.resize(item.num_rows);
+  s.query_position.resize(num_queries);
+  s.query_channel.resize(num_queries);
+  for (int64_t r = 0; r < item.num_rows; ++r) {
+    const int64_t row = item.first_row + r;
+    s.positions[r] = kv_len - q_len + (row - p.cu_q_lens[item.seq]);
+    for (int64_t h = 0; h < per_row; ++h) {
+      s.query_position[r * per_row + h] = s.positions[r];
+      s.query_channel[r * per_row + h] = 2 * (h / group) * d;
+    }
+    for (int64_t h = 0; h < per_row; ++h) {
+      float* query = &s.queries[(r * per_row + h) * d];
+      LoadRow(p.q, (row * p.num_q_heads + item.first_head * group + h) * d, d, p.q_type,
+              1.0f, query);
+      for (int64_t i = 0; i < d; ++i) query[i] *= p.sm_scale;
+    }
+  }
+  // Keys any of these rows sees: [lo, hi].
+  const int64_t hi = std::min(s.positions[item.num_rows - 1], context - 1);
+  const int64_t lo = p.sliding_window > 0
+                         ? std::max<int64_t>(0, s.positions[0] - p.sliding_window + 1) : 0;
+  if (hi < lo) return;
+  const int64_t two_kv_heads = 2 * p.num_kv_heads;
+  const int64_t token_stride = two_kv_heads * d;              // elements between slots
+  const int64_t kv_width = 2 * item.num_heads * d;            // this item's K/V of one slot
+  const bool direct = p.kv_type == ffi::DataType::F32 && p.scales == nullptr;
+  s.tile.resize(p.page_size * kv_width);
+  for (int64_t page_no = lo / p.page_size; page_no <= hi / p.page_size; ++page_no) {
+    int64_t page = p.page_indices[item.seq * p.max_pages + page_no];
+    if (page < 0 || page >= p.num_pages) page = 0;
+    const int64_t first = std::max(lo, page_no * p.page_size);
+    const int64_t last = std::min(hi, page_no * p.page_size + p.page_size - 1);
+    const int64_t count = last - first + 1;
+    const int64_t slot0 = first - page_no * p.page_size;
+    // kv(t, c): K (c = 0) or V (c = 1) of this item's head j for token first + t.
+    const float* base;
+    int64_t stride;
+    if (direct) {
+      base = static_cast<const float*>(p.kv) +
+             (page * p.page_size + slot0) * token_stride + 2 * item.first_head * d;
+      stride = token_stride;
+    } else {
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t slot = page * p.page_size + slot0 + t;
+        for (int64_t c = 0; c < 2 * item.num_heads; ++c) {
+          const int64_t channel = 2 * item.first_head + c;
+          const float scale = p.scales ? p.scales[slot * two_kv_heads + channel] : 1.0f;
+          LoadRow(p.kv, (slot * two_kv_heads + channel) * d, d, p.kv_type, scale,
+                  &s.tile[t * kv_width + c * d]);
+        }
+      }
+      base = s.tile.data();
+      stride = kv_width;
+    }
+    // Token by token (each slot's K/V rows are contiguous), then an online-softmax update
+    // per query, then the values, token by token again.
+    for (int64_t t = 0; t < count; ++t) {
+      const int64_t key = first + t;
+      const float* keys = base + t * stride;
+      for (int64_t m = 0; m < num_queries; ++m) {
+        const int64_t position = s.query_position[m];
+        const bool visible = key <= position &&
+                             (p.sliding_window == 0 || position - key < p.sliding_window);
+        float score = kNegInf;
+        if (visible) {
+          score = Dot(&s.queries[m * d], keys + s.query_channel[m], d);
+          if (p.soft_cap > 0.0f) score = p.soft_cap * std::tanh(score / p.soft_cap);
+        }
+        s.scores[m * p.page_size + t] = score;
+      }
+    }
+    for (int64_t m = 0; m < num_queries; ++m) {
+      float* scores = &s.scores[m * p.page_size];
+      float chunk_max = kNegInf;
+      for (int64_t t = 0; t < count; ++t) chunk_max = std::max(chunk_max, scores[t]);
+      if (chunk_max == kNegInf) {   // nothing visible to this query in this page
+        std::fill(scores, scores + count, 0.0f);
+        continue;
+      }
+      const float new_max = std::max(s.running_max[m], chunk_max);
+      if (new_max > s.running_max[m]) {
+        const float rescale = std::exp(s.running_max[m] - new_max);
+        s.running_sum[m] *= rescale;
+        float* acc = &s.acc[m * d];
+        for (int64_t i = 0; i < d; ++i) acc[i] *= rescale;
+        s.running_max[m] = new_max;
+      }
+      for (int64_t t = 0; t < count; ++t) {
+        scores[t] = scores[t] == kNegInf ? 0.0f : std::exp(scores[t] - new_max);
+        s.running_sum[m] += scores[t];
+      }
+    }
+    for (int64_t t = 0; t < count; ++t) {
+      const float* values = base + t * stride + d;
+      for (int64_t m = 0; m < num_queries; ++m) {
+        const float weight = s.scores[m * p.page_size + t];
+        if (weight == 0.0f) continue;   // not visible (or underflowed: adds nothing)
+        const float* value = values + s.query_channel[m];
+        float* acc = &s.acc[m * d];
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) acc[i] += weight * value[i];
+      }
+    }
+  }
+  for (int64_t m = 0; m < num_queries; ++m) {
+    float* acc = &s.acc[m * d];
+    const float inverse = 1.0f / std::max(s.running_sum[m], 1e-30f);
+    for (int64_t i = 0; i < d; ++i) acc[i] *= inverse;
+    const int64_t row = item.first_row + m / per_row;
+    const int64_t q_head = item.first_head * group + m % per_row;
+    StoreRow(acc, d, p.q_type, p.out, (row * p.num_q_heads + q_head) * d);
+  }
+}
+
+// The work items of live sequences: row blocks of kRowBlock rows; the kv heads split in as
+// many groups as keep every thread busy when there are few row blocks (a lone decode).
+std::vector<WorkItem> Plan(const Problem& p, int64_t num_seqs, int64_t num_threads) {
+  std::vector<WorkItem> blocks;
+  for (int64_t seq = 0; seq < num_seqs; ++seq) {
+    const int64_t start = std::max<int64_t>(0, p.cu_q_lens[seq]);
+    const int64_t end = std::min<int64_t>(p.num_rows, p.cu_q_lens[seq + 1]);
+    for (int64_t row = start; row < end; row += kRowBlock) {
+      blocks.push_back({seq, row, std::min(kRowBlock, end - row), 0, p.num_kv_heads});
+    }
+  }
+  const int64_t wanted = 2 * num_threads;
+  const int64_t splits = std::min<int64_t>(
+      p.num_kv_heads, blocks.empty() ? 1 : (wanted + blocks.size() - 1) / blocks.size());
+  if (splits <= 1) return blocks;
+  std::vector<WorkItem> items;
+  for (const WorkItem& block : blocks) {
+    for (int64_t part = 0; part < splits; ++part) {
+      const int64_t head0 = part * p.num_kv_heads / splits;
+      const int64_t head1 = (part + 1) * p.num_kv_heads / splits;
+      if (head1 > head0) items.push_back({block.seq, block.first_row, block.num_rows, head0,
+                                          head1 - head0});
+    }
+  }
+  return items;
+}
+
+// Shared by the caller and the pool's tasks; a task that starts after the work is done finds
+// nothing left and touches nothing else (the buffers may be gone by then).
+struct Work {
+  Problem problem;
+  std::vector<WorkItem> items;
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mutex;
+  std::condition_variable finished;
+
+  void Run() {
+    thread_local Scratch scratch;
+    const int64_t total = static_cast<int64_t>(items.size());
+    for (int64_t i = next.fetch_add(1); i < total; i = next.fetch_add(1)) {
+      Attend(problem, items[i], scratch);
+      if (done.fetch_add(1) + 1 == total) {
+        std::lock_guard<std::mutex> lock(mutex);
+        finished.notify_all();
+      }
+    }
+  }
+};
+
+bool SupportedQ(ffi::DataType t) {
+  return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::F16;
+}
+
+bool SupportedKv(ffi::DataType t) {
+  return SupportedQ(t) || t == ffi::DataType::S8 || t == ffi::DataType::F8E4M3FN;
+}
+
+ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kv_pages,
+                                ffi::Buffer<ffi::F32> kv_scales, ffi::Buffer<ffi::S32> kv_lens,
+                                ffi::Buffer<ffi::S32> page_indices,
+                                ffi::Buffer<ffi::S32> cu_q_lens, ffi::Buffer<ffi::S32> num_seqs,
+                                ffi::Result<ffi::AnyBuffer> out, float sm_scale,
+                                int64_t sliding_window, float soft_cap) {
+  auto q_dims = q.dimensions();
+  auto kv_dims = kv_pages.dimensions();
+  auto table_dims = page_indices.dimensions();
+  if (q_dims.size() != 3 || kv_dims.size() != 4 || table_dims.size() != 2 ||
+      !SupportedQ(q.element_type()) || !SupportedKv(kv_pages.element_type()) ||
+      out->element_type() != q.element_type() || kv_dims[3] != q_dims[2] || kv_dims[2] % 2 ||
+      q_dims[1] % (kv_dims[2] / 2)) {
+    return ffi::Error::InvalidArgument("ember_ragged_paged_attention: unexpected shapes or "
+                                       "dtypes (pallas_kernels/__init__.py checks them)");
+  }
+  const ffi::DataType kv_type = kv_pages.element_type();
+  const bool quantized = kv_type == ffi::DataType::S8 || kv_type == ffi::DataType::F8E4M3FN;
+  auto work = std::make_shared<Work>();
+  Problem& p = work->problem;
+  p = Problem{q.untyped_data(), q.element_type(), out->untyped_data(), kv_pages.untyped_data(),
+              kv_type, quantized ? kv_scales.typed_data() : nullptr, kv_lens.typed_data(),
+              page_indices.typed_data(), cu_q_lens.typed_data(), q_dims[0], q_dims[1],
+              q_dims[2], kv_dims[0], kv_dims[1], kv_dims[2] / 2, table_dims[1], sm_scale,
+              soft_cap, sliding_window};
+  std::memset(out->untyped_data(), 0, out->size_bytes());
+  const int64_t max_seqs = kv_lens.dimensions()[0];
+  const int64_t live = std::clamp<int64_t>(num_seqs.typed_data()[0], 0, max_seqs);
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  work->items = Plan(p, live, threads);
+  const int64_t total = static_cast<int64_t>(work->items.size());
+  for (int64_t helper = 1; helper < std::min(threads, total); ++helper) {
+    pool.Schedule([work] { work->Run(); });
+  }
+  work->Run();
+  std::unique_lock<std::mutex> lock(work->mutex);
+  work->finished.wait(lock, [&] { return work->done.load() == total; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EmberRaggedPagedAttention, RaggedPagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()           // q
+                                  .Arg<ffi::AnyBuffer>()           // kv_pages
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // kv_scales (or a dummy)
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // kv_lens
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // page_indices
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // cu_q_lens
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // num_seqs
+                                  .Ret<ffi::AnyBuffer>()           // out
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int64_t>("sliding_window")
+                                  .Attr<float>("soft_cap"));
