@@ -111,6 +111,27 @@ void StoreRow(const float* src, int64_t n, ffi::DataType type, void* dst, int64_
   }
 }
 
+// e^x for x <= 0 to within 2 ulp (Cephes' expf: x = n ln 2 + r, a degree-5 polynomial in r,
+// times 2^n), branch-free so that a loop of them vectorizes (libm's expf does not).
+inline float ExpNonPositive(float x) {
+  x = std::max(x, -87.0f);                      // e^-87 ~ 1.6e-38: still a normal float
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  x -= n * 0.693359375f;
+  x -= n * -2.12194440e-4f;
+  const float z = x * x;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &exponent_bits, sizeof scale);
+  return y * scale;
+}
+
 float Dot(const float* a, const float* b, int64_t n) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -231,6 +252,7 @@ void Attend(const Problem& p, const WorkItem& item, Scratch& s) {
     for (int64_t m = 0; m < num_queries; ++m) {
       float* scores = &s.scores[m * p.page_size];
       float chunk_max = kNegInf;
+#pragma omp simd reduction(max : chunk_max)
       for (int64_t t = 0; t < count; ++t) chunk_max = std::max(chunk_max, scores[t]);
       if (chunk_max == kNegInf) {   // nothing visible to this query in this page
         std::fill(scores, scores + count, 0.0f);
@@ -244,10 +266,14 @@ void Attend(const Problem& p, const WorkItem& item, Scratch& s) {
         for (int64_t i = 0; i < d; ++i) acc[i] *= rescale;
         s.running_max[m] = new_max;
       }
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
       for (int64_t t = 0; t < count; ++t) {
-        scores[t] = scores[t] == kNegInf ? 0.0f : std::exp(scores[t] - new_max);
-        s.running_sum[m] += scores[t];
+        const float weight = ExpNonPositive(scores[t] - new_max);
+        scores[t] = scores[t] == kNegInf ? 0.0f : weight;
+        sum += scores[t];
       }
+      s.running_sum[m] += sum;
     }
     for (int64_t t = 0; t < count; ++t) {
       const float* values = base + t * stride + d;
