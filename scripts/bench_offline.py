@@ -14,15 +14,16 @@ output lengths, and measures in one run:
   - an honest roofline: for every step the engine ran, max(FLOPs / matmul rate, bytes /
     copy bandwidth), where FLOPs count the weights' and attention's work and bytes count
     the weights, the K/V read by attention (whole pages) and the K/V written; the share of
-    its sum that Ember's wall time reaches is printed beside the weight-only one, with the
-    rate at which the engine's decode attention reads K/V pages (what bounds it).
+    its sum that Ember's wall time reaches is printed beside the weight-only one, with what
+    bounds it: the rate at which the engine's decode attention reads K/V pages, and the
+    rest of a decode step (its matmuls, LM head and sampling) against their roofline.
 
 With --structured FRACTION it measures instead Ember's output tokens/s with FRACTION of the
 requests under a JSON schema against none, in one run (scripts/offline_structured.py); with
 --model, on that checkpoint or GGUF ("default": the default model) instead of the preset.
 
 Usage: python scripts/bench_offline.py [--preset 25m|60m] [--requests 64] [--seed 0]
-           [--layers auto|scan|unrolled]
+           [--layers auto|scan|unrolled] [--backend auto|reference]
        python scripts/bench_offline.py --structured 0.5 [--model default]
 """
 
@@ -114,7 +115,7 @@ def engine_config(args):
     return EngineConfig(max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=1024, num_pages=args.num_pages,
-                        compilation_cache_dir=args.cache_dir,
+                        compilation_cache_dir=args.cache_dir, backend=args.backend,
                         scan_layers={"auto": None, "scan": True, "unrolled": False}[args.layers])
 
 
@@ -136,8 +137,10 @@ def run_ember(model_dir, prompts, outputs, args):
     stats = engine.stats()
     batch1 = decode_batch1(engine, prompts[0], async_scheduling=True)
     batch1_in_line = decode_batch1(engine, prompts[0], async_scheduling=False)
-    return dict(result, warmup_s=engine.warmup_seconds,
-                compilations_after_warmup=engine.compilations_after_warmup,
+    compilations = engine.compilations_after_warmup
+    dense = measure_dense_decode(engine, steps)   # its own Runner: compiles its own step
+    return dict(result, dense=dense, warmup_s=engine.warmup_seconds,
+                compilations_after_warmup=compilations,
                 prefix_hit_rate=stats.prefix_cache_hit_rate, batch1_tokens_per_s=batch1,
                 batch1_in_line_tokens_per_s=batch1_in_line,
                 peak_mb=peak_rss_mb(), steps=steps, page_size=config.page_size)
@@ -222,9 +225,9 @@ def honest_roofline_seconds(config, steps, page_size, flops, bandwidth, dtype_by
     return total
 
 
-def measure_decode_attention(config, steps, page_size, bandwidth):
-    """The decode attention the engine ran (backend "auto": the C++ kernel on a CPU where it
-    builds, else the reference) over the K/V pages of the workload's step with the most
+def measure_decode_attention(config, steps, page_size, bandwidth, backend="auto"):
+    """The decode attention the engine ran (`backend`; "auto": the C++ kernel on a CPU where
+    it builds, else the reference) over the K/V pages of the workload's step with the most
     decoding sequences, one layer: (backend, K/V bytes read per second, sequences, share of
     copy bandwidth). The honest roofline counts those pages at copy bandwidth."""
     import jax
@@ -238,13 +241,32 @@ def measure_decode_attention(config, steps, page_size, bandwidth):
     args = paged_decode_batch(np.random.default_rng(0), len(contexts), contexts, page_size,
                               config.num_heads, config.num_kv_heads, config.head_dim,
                               dtype=jnp.float32)
-    backend = pallas_kernels.resolve_backend("auto")
+    backend = pallas_kernels.resolve_backend(backend)
     attend = jax.jit(lambda *a: pallas_kernels.ragged_paged_attention(
         *a, sm_scale=config.head_dim ** -0.5, backend=backend))
     seconds, _ = median_seconds(attend, *args)
     pages = sum(-(-context // page_size) for context in contexts)
     rate = pages * args[1][0].nbytes / seconds
     return backend, rate, len(contexts), rate / bandwidth
+
+
+def measure_dense_decode(engine, steps, context=16) -> tuple[int, float]:
+    """The workload's largest decode batch as one step at a `context`-token context, where
+    attention is negligible: (sequences, median wall seconds of the step: forward, sampling
+    and the transfer, as scripts/bench_step.py times it). What the weights' matmuls, the LM
+    head and sampling cost a decode step, to set against their roofline."""
+    import dataclasses
+
+    from flax import nnx
+
+    from scripts.bench_step import timed_steps
+
+    batch = max(sum(1 for fed, _, _ in step if fed == 1) for step in steps)
+    model = nnx.merge(engine.runner.graphdef, engine.runner.params)
+    config = dataclasses.replace(engine.config, warmup=False)
+    num_pages = 1 + batch * -(-(context + 1) // config.page_size)
+    wall, _ = timed_steps(model, config, num_pages, batch, context, repeats=10)
+    return batch, wall
 
 
 def decode_batch1(engine, prompt, async_scheduling: bool, tokens=128) -> float:
@@ -322,6 +344,8 @@ def main():
     parser.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto",
                         help="EngineConfig.scan_layers: auto (scans models of more than 8 "
                         "layers, as the engine does), scan or unrolled")
+    parser.add_argument("--backend", default="auto", help="EngineConfig.backend (kernels): "
+                        "auto (on a CPU the C++ attention where it builds), reference, ...")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "ember-bench-xla"))
     parser.add_argument("--structured", type=float, default=0.0, metavar="FRACTION",
                         help="run the workload free and with this fraction of the requests "
@@ -361,8 +385,9 @@ def main():
         honest = honest_roofline_seconds(model_config, ember["steps"], ember["page_size"], flops,
                                          bandwidth)
         attention = measure_decode_attention(model_config, ember["steps"], ember["page_size"],
-                                             bandwidth)
-    report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest, attention)
+                                             bandwidth, args.backend)
+    report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest, attention,
+           model_config)
 
 
 def run_structured(args):
@@ -377,7 +402,8 @@ def run_structured(args):
         compare(engine, prompts, outputs, args.structured)
 
 
-def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest, attention):
+def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest, attention,
+           model_config):
     prompt_tokens, output_tokens = sum(map(len, prompts)), sum(outputs)
     roofline = output_tokens / ((prompt_tokens + output_tokens) * 2 * params / flops)
     memory_roofline = bandwidth / (params * 4)
@@ -407,6 +433,13 @@ def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest, 
     print(f"what bounds it: decode attention ({backend}, one layer, the step with the most "
           f"decodes, {num_seqs} sequences) reads K/V pages at {rate / 1e9:.1f} GB/s = "
           f"{share:.0%} of copy bandwidth, which the honest roofline assumes")
+    num_seqs, wall = ember["dense"]
+    dense_roofline = honest_roofline_seconds(model_config, [[(1, 16, True)] * num_seqs],
+                                             ember["page_size"], flops, bandwidth)
+    print(f"and the rest of a decode step: {num_seqs} sequences at a 16-token context "
+          f"(attention negligible) take {wall * 1e3:.1f} ms, {dense_roofline / wall:.0%} of "
+          f"their roofline ({dense_roofline * 1e3:.1f} ms): XLA's matmuls of {num_seqs} rows, "
+          f"the LM head and sampling")
     if hf:
         print(f"ember / transformers: {ember['tokens_per_s'] / hf['tokens_per_s']:.2f}x")
     sync = ember["sync"]
