@@ -257,8 +257,7 @@ class LLMEngine:
     def step(self, *, final_only: bool = False) -> list[RequestOutput]:
         """Runs one scheduled step; returns an output for every request that changed
         (final_only: for every request that finished; LLM.generate and the batch runner read
-        nothing else, and snapshots of running requests cost them a copy of each one's
-        output so far every step).
+        nothing else, and need no output object per running request per step).
 
         With async scheduling it launches the next step, then applies the one launched by
         the previous call (so the first call returns no tokens, and the last launched step

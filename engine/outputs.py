@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -31,15 +33,59 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+class Prefix(Sequence):
+    """The first `length` items of a list that only grows: a running request's token ids or
+    logprobs, as one step's RequestOutput saw them, without a copy.
+
+    The engine appends to those lists every step; a copy in every step's output would cost
+    each streaming request O(length) a step, O(length^2) over a long generation. Reads past
+    `length` (later tokens) are never seen: it reads as a list of what the step had.
+    """
+
+    __slots__ = ("_items", "_length")
+
+    def __init__(self, items: list, length: int):
+        self._items, self._length = items, length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._length)
+            return self._items[start:stop:step]     # a list: only the slice is copied
+        if index < 0:
+            index += self._length
+        if not 0 <= index < self._length:
+            raise IndexError(f"index {index} out of range for a prefix of {self._length}")
+        return self._items[index]
+
+    def __iter__(self):
+        return itertools.islice(self._items, self._length)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (list, tuple, Prefix)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
 @dataclass(slots=True)
 class CompletionOutput:
-    """One sample of a request: the text and tokens generated so far."""
+    """One sample of a request: the text and tokens generated so far.
+
+    In a running request's output token_ids and logprobs are read-only Prefix views of the
+    engine's lists (list-like: len, index, slice, iterate, ==); once the sample has finished
+    they are plain lists.
+    """
 
     index: int
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] | Prefix = field(default_factory=list)
     cumulative_logprob: float | None = None
-    logprobs: list[PositionLogprobs] | None = None
+    logprobs: list[PositionLogprobs] | Prefix | None = None
     finish_reason: str | None = None   # "stop" | "length" | "abort" | "error" once finished
     stop_reason: int | str | None = None
 

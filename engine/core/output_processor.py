@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.core.request import ModelOutput, Request, SchedulerOutput
-from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, Prefix, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -28,13 +28,22 @@ class RequestGroup:
         return all(output.finished for output in self.outputs)
 
     def snapshot(self) -> RequestOutput:
-        outputs = [CompletionOutput(o.index, o.text, list(o.token_ids), o.cumulative_logprob,
-                                    None if o.logprobs is None else list(o.logprobs),
+        """This step's view of the group, without copying what it generated: a finished
+        sample's lists never change again and are handed out as they are; a running one's
+        are Prefix views of the tokens so far (the engine keeps appending to them)."""
+        outputs = [CompletionOutput(o.index, o.text, _as_of_now(o.token_ids, o.finished),
+                                    o.cumulative_logprob,
+                                    None if o.logprobs is None else _as_of_now(o.logprobs,
+                                                                               o.finished),
                                     o.finish_reason, o.stop_reason) for o in self.outputs]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs,
                              finished=self.finished,
                              num_cached_tokens=self.samples[0].num_cached_tokens,
                              prompt_logprobs=self.prompt_logprobs)
+
+
+def _as_of_now(items: list, finished: bool) -> list | Prefix:
+    return items if finished else Prefix(items, len(items))
 
 
 class OutputProcessor:
@@ -164,11 +173,7 @@ class OutputProcessor:
 
     def collect(self, final_only: bool = False) -> list[RequestOutput]:
         """Outputs of every group that changed since the last call (final_only: of those
-        that finished; no snapshot of the others is made); forgets finished ones.
-
-        A snapshot copies the group's token ids (and logprobs) so far: a caller that reads
-        only final outputs would otherwise copy every running request's whole output every
-        step, O(length^2) over a long generation."""
+        that finished; no snapshot of the others is made); forgets finished ones."""
         outputs = []
         for group in self._touched.values():
             if final_only and not group.finished:

@@ -76,6 +76,33 @@ def test_final_only_steps_give_the_same_final_outputs_and_nothing_else(warm_llm)
         assert got.prompt_logprobs == want.prompt_logprobs
 
 
+def test_running_snapshots_keep_what_their_step_had(warm_llm):
+    # A running request's output shares the engine's growing lists (engine/outputs.Prefix):
+    # after later steps it must still read as its own step's tokens, logprobs and text.
+    engine = warm_llm.engine
+    for index, prompt in enumerate(random_prompts(seed=17, count=3, low=2, high=30)):
+        engine.add_request(f"snap-{index}", prompt, SamplingParams(
+            n=2, max_tokens=12 + index, temperature=1.0, seed=index, logprobs=2,
+            ignore_eos=True))
+    seen = []   # (output, what each sample read when the step returned it)
+    while engine.has_unfinished_requests():
+        seen += [(output, [(list(s.token_ids), list(s.logprobs), s.text) for s in output.outputs])
+                 for output in engine.step()]
+    finals = {output.request_id: output for output, _ in seen if output.finished}
+    assert len(finals) == 3 and any(not output.finished for output, _ in seen)
+    for output, read_then in seen:
+        final = finals[output.request_id]
+        for sample, (tokens, logprobs, text), last in zip(output.outputs, read_then,
+                                                          final.outputs, strict=True):
+            assert sample.token_ids == tokens and list(sample.logprobs) == logprobs
+            assert sample.text == text
+            assert tokens == last.token_ids[:len(tokens)]                 # a prefix of it
+            assert sample.token_ids[1:] == tokens[1:] and sample.token_ids[-2:] == tokens[-2:]
+            assert [sample.token_ids[i] for i in range(-len(tokens), 0)] == tokens
+            with pytest.raises(IndexError):
+                sample.token_ids[len(tokens)]                             # not a later token
+
+
 def test_n_samples_share_prompt_and_differ(warm_llm):
     prompt = random_prompts(seed=11, count=1, low=40, high=41)[0]
     out = warm_llm.generate(prompt, SamplingParams(n=3, max_tokens=10, temperature=1.0,
