@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.kv_cache import dequantize, quantize, to_float_cache
 from pallas_kernels.ragged_rows import query_blocks
-from pallas_kernels.sampling_primitives import gumbel_from_bits, ordered_key, sampling_noise_bits
+from pallas_kernels.sampling_primitives import (first_argmax, gumbel_from_bits, ordered_key,
+                                                sampling_noise_bits)
 
 # Bytes of K/V gathered per loop iteration (all query blocks together). Decode gathers
 # less: a few sequences' rows gathered 4 MiB at a time read far past their contexts (one
@@ -278,13 +279,13 @@ def sample_reference(logits, temperature, top_k, top_p, min_p, keys):
     logits = logits.astype(jnp.float32)                                   # f32[S, V]
     greedy = temperature <= 0.0                                           # bool[S]
     tempered = logits / jnp.where(greedy, 1.0, temperature)[:, None]      # f32[S, V]
-    argmax = jnp.argmax(logits, axis=-1)
+    argmax = first_argmax(logits)
 
     def draw(_):
         threshold = sampling_threshold(tempered, top_k, top_p, min_p)     # i32[S]
         kept = ordered_key(tempered) >= threshold[:, None]                # bool[S, V]
         noise = gumbel_from_bits(sampling_noise_bits(keys, logits.shape[-1]))
-        drawn = jnp.argmax(jnp.where(kept, tempered + noise, -jnp.inf), axis=-1)
+        drawn = first_argmax(jnp.where(kept, tempered + noise, -jnp.inf))
         return jnp.where(greedy, argmax, drawn)
 
     # An all-greedy batch (common in evaluations) skips the threshold searches and the noise.

@@ -18,6 +18,17 @@ def ordered_key(x):
     return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
+def first_argmax(x):
+    """jnp.argmax over the last axis (the first index of the largest value; of the first NaN
+    in a row holding one), as two plain reductions: XLA's CPU backend runs argmax's
+    value-and-index reduction a lane at a time, ~3.5x slower than a max and a min over
+    [64, 8192] (1.18 against 0.33 ms on this project's CPU)."""
+    largest = jnp.max(x, axis=-1, keepdims=True)       # NaN where the row holds one
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    hit = (x == largest) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+
+
 def sampling_noise_bits(keys, vocab_size):
     """The random bits of each row's draw: u32[S, vocab_size] from the row's raw key data.
 

@@ -10,7 +10,7 @@ from scipy import stats
 
 import pallas_kernels
 from pallas_kernels.reference import sampling_threshold
-from pallas_kernels.sampling_primitives import ordered_key
+from pallas_kernels.sampling_primitives import first_argmax, ordered_key
 from tests.pallas_kernels.common import GPU_INTERPRET, row_keys
 
 
@@ -148,6 +148,19 @@ def test_ties_at_the_threshold_are_all_kept():
                                    jnp.array([1.0], jnp.float32), jnp.array([0.0], jnp.float32))
     kept = np.asarray(ordered_key(tempered) >= threshold[:, None])[0]
     np.testing.assert_array_equal(kept, [True, True, True, True, False, False])
+
+
+def test_first_argmax_is_argmax_with_ties_nan_and_infinities():
+    # Few distinct values (ties everywhere), rows of -inf, NaN anywhere: the first index of
+    # the largest value, of the first NaN in a row holding one, as jnp.argmax.
+    rng = np.random.default_rng(21)
+    for trial in range(50):
+        x = rng.integers(-3, 3, (9, 40)).astype(np.float32)
+        x[rng.random(x.shape) < 0.05] = -np.inf
+        x[rng.random(x.shape) < 0.02 * (trial % 3)] = np.nan
+        x[0], x[1, 7:] = -np.inf, np.inf
+        np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))),
+                                      np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
 
 
 def test_bad_shapes_and_dtypes_name_the_argument():
