@@ -30,6 +30,8 @@ _FIELD_HELP = {
                     "the checkpoint's own (a GGUF's Q8_0/Q4_0/Q4_1 blocks stay quantized)",
     "kv-cache-dtype": "auto (the model dtype), bfloat16, float8_e4m3fn or int8",
     "tensor-parallel-size": "devices the model is split over (default 1)",
+    "backend": "kernels: auto (default: by the device; on a CPU the C++ attention where a "
+               "C++ compiler builds it), reference (plain jnp), cpu, gpu or tpu",
     "load-format": "auto (read the weights) or dummy (random weights from config.json alone, "
                    "for benchmarks)",
 }
