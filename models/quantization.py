@@ -39,7 +39,11 @@ block at a time. Batch 1 at 4096 x 14336, best of 5, ranges over runs on 2 cores
 other jobs (scripts/bench_quant_matmul.py): f32 dense 9-31 ms; the loop 10-20 ms (int8, Q8_0,
 Q4_1), 15-23 ms (int4 from floats); every materialising form 215-5400 ms. At 576 x 1536 all
 forms are within noise of each other (0.1-0.3 ms; the weight fits in cache).
-So a CPU loops (`default_block_rows`). A GPU or TPU gets one dot over the whole expression
+So a CPU loops (`default_block_rows`), except for a decode's one or two rows on a lone CPU
+device, which go to a C++ kernel through the XLA FFI (pallas_kernels/cpu/quantized_matmul.cc:
+each group's weights converted in registers and folded into per-group sums): SmolLM2's int4
+batch-1 decode 57.9 -> 104.5 tok/s on this project's CPU (README). Prompts keep the loop,
+whose dots beat the kernel from about 4 rows on. A GPU or TPU gets one dot over the whole expression
 (block_rows = in), the form XLA fuses into its GEMM (the convert in the operand's prologue)
 instead of a loop of small GEMVs: not yet measured on a device; run the bench there.
 """
@@ -57,6 +61,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 GROUP = 32            # int4 group, and GGUF's Q8_0/Q4_0/Q4_1 block size
 CPU_BLOCK_ROWS = 256  # rows of `in` per loop step on a CPU (module docstring)
+CPU_KERNEL_MAX_ROWS = 2   # x rows up to which a lone CPU uses the C++ kernel (_cpu_kernel_takes)
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -297,11 +302,29 @@ def quantized_matmul(x: jax.Array, weight: QuantizedWeight, *, block_rows: int |
                          f"expected x [..., {in_features}] and block rows a multiple of {GROUP} "
                          f"dividing {in_features}")
     tokens = x.reshape(-1, in_features)                              # [T, in]
-    if rows == in_features:
+    if block_rows is None and _cpu_kernel_takes(tokens):
+        from pallas_kernels.cpu import quantized_matmul_cpu
+        arrays = [getattr(weight, f.name) for f in dataclasses.fields(weight)]
+        product = quantized_matmul_cpu(tokens.astype(jnp.float32), *arrays)
+    elif rows == in_features:
         product = _block_product(tokens, weight)
     else:
         product = _blocked_product(tokens, weight, rows)
     return product.astype(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+def _cpu_kernel_takes(tokens: jax.Array) -> bool:
+    """Whether the C++ kernel (pallas_kernels/cpu/quantized_matmul.cc) computes this product:
+    a decode's few rows on a lone CPU device where the kernels build. It folds each group's
+    conversion into the sums in registers, where XLA converts a block to f32 in memory before
+    each small dot; prompts (more rows) stay on the loop's dots. One device only: under a
+    mesh the product is sharded by XLA, which a custom call is not."""
+    if tokens.shape[0] > CPU_KERNEL_MAX_ROWS or jax.default_backend() != "cpu":
+        return False
+    if jax.device_count() != 1:
+        return False
+    from pallas_kernels.cpu import available
+    return available()
 
 
 def _blocked_product(tokens: jax.Array, weight: QuantizedWeight, rows: int) -> jax.Array:

@@ -1,16 +1,18 @@
-"""The CPU's ragged paged attention: a C++ kernel (ragged_paged_attention.cc) called through
-the XLA FFI, built with the machine's C++ compiler on first use.
+"""The CPU's C++ kernels, called through the XLA FFI and built with the machine's C++ compiler
+on first use: ragged paged attention (ragged_paged_attention.cc) and the quantized matmul of a
+decode's few rows (quantized_matmul.cc, used by models/quantization.py).
 
 Pallas has no CPU target, and XLA compiles the plain-jnp reference to a gather of the K/V
 pages and small dots that read them at a fifth of copy bandwidth on the CPU (docs/perf.md);
-this kernel reads each page once, in place. Same contract and numerics (f32) as
+the attention kernel reads each page once, in place. Same contract and numerics (f32) as
 pallas_kernels/reference.py, and the reference stays the yardstick in the tests.
 
-The shared library is cached under $EMBER_CACHE_DIR (default ~/.cache/ember), keyed by the
-source, the compiler flags, jaxlib (whose FFI headers it is built against) and the CPU's
-features (-march=native), and written atomically, so concurrent processes share one build.
+The shared library (both kernels) is cached under $EMBER_CACHE_DIR (default ~/.cache/ember),
+keyed by the sources, the compiler flags, jaxlib (whose FFI headers it is built against) and
+the CPU's features (-march=native), and written atomically, so concurrent processes share one
+build.
 Where no compiler is found or the build fails, `available()` is False (the reason logged
-once) and backend "auto" stays on the reference.
+once), backend "auto" stays on the reference and quantized weights on their XLA loop.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ from pallas_kernels.kv_cache import is_quantized
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("ragged_paged_attention.cc")
-TARGET = "ember_ragged_paged_attention"
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("ragged_paged_attention.cc", "quantized_matmul.cc"))
+# FFI target name -> the handler's symbol in the library.
+TARGETS = {"ember_ragged_paged_attention": "EmberRaggedPagedAttention",
+           "ember_quantized_matmul": "EmberQuantizedMatmul"}
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 300
 _lock = threading.Lock()
@@ -55,17 +60,18 @@ def _cpu_features() -> str:
 def _library_path(compiler: str) -> Path:
     import jaxlib
     key = hashlib.sha256("\0".join([
-        SOURCE.read_text(), compiler, *FLAGS, jaxlib.__version__, platform.machine(),
-        _cpu_features()]).encode()).hexdigest()[:16]
+        *(source.read_text() for source in SOURCES), compiler, *FLAGS, jaxlib.__version__,
+        platform.machine(), _cpu_features()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("EMBER_CACHE_DIR") or Path.home() / ".cache" / "ember")
-    return cache / "cpu_kernels" / f"ragged_paged_attention-{key}.so"
+    return cache / "cpu_kernels" / f"ember_cpu_kernels-{key}.so"
 
 
 def _build(compiler: str, library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         built = Path(scratch) / library.name
-        command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
+        command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o",
+                   str(built)]
         result = subprocess.run(command, capture_output=True, text=True,
                                 timeout=BUILD_TIMEOUT_S)
         if result.returncode != 0:
@@ -74,7 +80,7 @@ def _build(compiler: str, library: Path) -> None:
 
 
 def available() -> bool:
-    """Builds (once per machine and source) and registers the kernel; False where it cannot."""
+    """Builds (once per machine and source) and registers the kernels; False where it cannot."""
     with _lock:
         if not _loaded:
             _loaded.append(_load())
@@ -91,12 +97,14 @@ def _load() -> bool:
     try:
         if not library.exists():
             _build(compiler, library)
-        handler = ctypes.cdll.LoadLibrary(str(library)).EmberRaggedPagedAttention
+        loaded = ctypes.cdll.LoadLibrary(str(library))
+        handlers = {target: getattr(loaded, symbol) for target, symbol in TARGETS.items()}
     except (OSError, RuntimeError, subprocess.TimeoutExpired, AttributeError) as error:
-        logger.warning("the CPU attention kernel could not be built or loaded (%s): attention "
-                       "on the CPU falls back to the plain-jnp reference", error)
+        logger.warning("the CPU kernels could not be built or loaded (%s): attention on the "
+                       "CPU falls back to the plain-jnp reference", error)
         return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    for target, handler in handlers.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
 
@@ -113,7 +121,20 @@ def ragged_paged_attention_cpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
                            "(see the log); use backend='reference'")
     if kv_scales is None or not is_quantized(kv_pages.dtype):
         kv_scales = jnp.zeros((1,), jnp.float32)   # the handler reads scales only for 8 bits
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
+    call = jax.ffi.ffi_call("ember_ragged_paged_attention",
+                            jax.ShapeDtypeStruct(q.shape, q.dtype))
     return call(q, kv_pages, kv_scales, kv_lens, page_indices, cu_q_lens, num_seqs,
                 sm_scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0),
                 soft_cap=np.float32(soft_cap or 0.0))
+
+
+def quantized_matmul_cpu(x, weight, scale, minimum=None):
+    """f32[T, out] = x f32[T, in] @ the dequantized weight, for models/quantization.py's
+    layouts (which checks the shapes): int8 `weight` i8[in, out] with scale f32|f16[in / group,
+    out], or int4 `weight` packed u8[in / 2, out] with scale and minimum f32|f16[in / 32, out].
+    Only where `available()`."""
+    if minimum is None:
+        minimum = jnp.zeros((1,), jnp.float32)   # read only for int4
+    call = jax.ffi.ffi_call("ember_quantized_matmul",
+                            jax.ShapeDtypeStruct((x.shape[0], weight.shape[1]), jnp.float32))
+    return call(x, weight, scale, minimum)

@@ -126,6 +126,21 @@ def test_matmul_equals_the_dequantized_matmul(rng, name, block_rows):
     assert (np.abs(np.asarray(y) - reference) <= 1e-6 * magnitude + 1e-6).all()
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the C++ kernel is for a lone CPU")
+@pytest.mark.parametrize("name", ["int8", "int4", "Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_a_decode_on_the_cpu_runs_the_kernel_and_equals_the_dequantized_matmul(rng, name, rows):
+    # 200 columns: not a multiple of the kernel's blocks; up to 2 rows take the C++ kernel
+    # (pallas_kernels/cpu/quantized_matmul.cc), more the loop of dots.
+    weight = all_weights(rng, 192, 200)[name]
+    x = rng.standard_normal((rows, 192)).astype(np.float32)
+    step = jax.jit(quant.quantized_matmul)
+    assert ("ember_quantized_matmul" in step.lower(x, weight).as_text()) == (rows <= 2)
+    exact = np.asarray(quant.dequantize(weight), np.float64)
+    reference, magnitude = x @ exact, np.abs(x) @ np.abs(exact)
+    assert (np.abs(np.asarray(step(x, weight)) - reference) <= 1e-6 * magnitude + 1e-6).all()
+
+
 def test_matmul_in_bfloat16_matches_the_dequantized_model_in_bfloat16(rng):
     weight = all_weights(rng)["Q4_1"]
     x = jnp.asarray(rng.standard_normal((5, 96)), jnp.bfloat16)
