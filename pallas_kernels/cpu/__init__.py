@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("ragged_paged_attention.cc", "quantized_matmul.cc"))
+HEADERS = (Path(__file__).with_name("for_each_item.h"),)   # included by the sources
 # FFI target name -> the handler's symbol in the library.
 TARGETS = {"ember_ragged_paged_attention": "EmberRaggedPagedAttention",
            "ember_quantized_matmul": "EmberQuantizedMatmul"}
@@ -60,7 +61,7 @@ def _cpu_features() -> str:
 def _library_path(compiler: str) -> Path:
     import jaxlib
     key = hashlib.sha256("\0".join([
-        *(source.read_text() for source in SOURCES), compiler, *FLAGS, jaxlib.__version__,
+        *(source.read_text() for source in SOURCES + HEADERS), compiler, *FLAGS, jaxlib.__version__,
         platform.machine(), _cpu_features()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("EMBER_CACHE_DIR") or Path.home() / ".cache" / "ember")
     return cache / "cpu_kernels" / f"ember_cpu_kernels-{key}.so"

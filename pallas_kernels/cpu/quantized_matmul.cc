@@ -12,14 +12,11 @@
 // s sum_i x_i q_i + m sum_i x_i. Columns of out are split over XLA's intra-op thread pool.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "for_each_item.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -104,28 +101,6 @@ void Columns(const Problem& p, int64_t first, int64_t width, std::vector<float>&
   }
 }
 
-// Shared by the caller and the pool's tasks (as in ragged_paged_attention.cc): a task that
-// starts after the work is done finds nothing left and touches no buffer.
-struct Work {
-  Problem problem;
-  int64_t total = 0, columns = 0;
-  std::atomic<int64_t> next{0}, done{0};
-  std::mutex mutex;
-  std::condition_variable finished;
-
-  void Run() {
-    thread_local std::vector<float> part, sums;
-    for (int64_t i = next.fetch_add(1); i < total; i = next.fetch_add(1)) {
-      const int64_t first = i * columns;
-      Columns(problem, first, std::min(columns, problem.out_features - first), part, sums);
-      if (done.fetch_add(1) + 1 == total) {
-        std::lock_guard<std::mutex> lock(mutex);
-        finished.notify_all();
-      }
-    }
-  }
-};
-
 bool IsScale(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::F16; }
 
 ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer weight,
@@ -148,21 +123,18 @@ ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::A
     return ffi::Error::InvalidArgument("ember_quantized_matmul: unexpected shapes or dtypes "
                                        "(models/quantization.py checks them)");
   }
-  auto work = std::make_shared<Work>();
-  work->problem = Problem{x.typed_data(), out->typed_data(), weight.untyped_data(),
-                          scale.untyped_data(), minimum.untyped_data(), int4,
-                          scale.element_type() == ffi::DataType::F16,
-                          minimum.element_type() == ffi::DataType::F16, x_dims[0], in,
-                          out_features, in / rows};
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  work->columns = ColumnsPerItem(out_features, threads);
-  work->total = (out_features + work->columns - 1) / work->columns;
-  for (int64_t helper = 1; helper < std::min(threads, work->total); ++helper) {
-    pool.Schedule([work] { work->Run(); });
-  }
-  work->Run();
-  std::unique_lock<std::mutex> lock(work->mutex);
-  work->finished.wait(lock, [&] { return work->done.load() == work->total; });
+  const Problem p{x.typed_data(), out->typed_data(), weight.untyped_data(),
+                  scale.untyped_data(), minimum.untyped_data(), int4,
+                  scale.element_type() == ffi::DataType::F16,
+                  minimum.element_type() == ffi::DataType::F16, x_dims[0], in, out_features,
+                  in / rows};
+  const int64_t columns =
+      ColumnsPerItem(out_features, std::max<int64_t>(1, pool.num_threads()));
+  ember_cpu::ForEachItem(pool, (out_features + columns - 1) / columns, [&](int64_t i) {
+    thread_local std::vector<float> part, sums;
+    const int64_t first = i * columns;
+    Columns(p, first, std::min(columns, out_features - first), part, sums);
+  });
   return ffi::Error::Success();
 }
 

@@ -10,23 +10,20 @@
 // and small batched dots over it, which read the pages at a fifth of copy bandwidth. Here each
 // work item (a sequence's block of query rows, for some of its kv heads) walks its pages once,
 // a page at a time: converted into a small f32 tile while in the cache, scored, and folded into
-// an online softmax. Items run on XLA's intra-op thread pool.
+// an online softmax. Items run on XLA's intra-op thread pool (for_each_item.h).
 //
 // Defensive reads: a page-table entry outside [0, num_pages) reads page 0, context lengths are
 // cut to the page table, and rows outside cu_q_lens stay zero, so no input reads or writes
 // outside its buffers.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "for_each_item.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -324,28 +321,6 @@ std::vector<WorkItem> Plan(const Problem& p, int64_t num_seqs, int64_t num_threa
   return items;
 }
 
-// Shared by the caller and the pool's tasks; a task that starts after the work is done finds
-// nothing left and touches nothing else (the buffers may be gone by then).
-struct Work {
-  Problem problem;
-  std::vector<WorkItem> items;
-  std::atomic<int64_t> next{0}, done{0};
-  std::mutex mutex;
-  std::condition_variable finished;
-
-  void Run() {
-    thread_local Scratch scratch;
-    const int64_t total = static_cast<int64_t>(items.size());
-    for (int64_t i = next.fetch_add(1); i < total; i = next.fetch_add(1)) {
-      Attend(problem, items[i], scratch);
-      if (done.fetch_add(1) + 1 == total) {
-        std::lock_guard<std::mutex> lock(mutex);
-        finished.notify_all();
-      }
-    }
-  }
-};
-
 bool SupportedQ(ffi::DataType t) {
   return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::F16;
 }
@@ -372,25 +347,20 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Any
   }
   const ffi::DataType kv_type = kv_pages.element_type();
   const bool quantized = kv_type == ffi::DataType::S8 || kv_type == ffi::DataType::F8E4M3FN;
-  auto work = std::make_shared<Work>();
-  Problem& p = work->problem;
-  p = Problem{q.untyped_data(), q.element_type(), out->untyped_data(), kv_pages.untyped_data(),
-              kv_type, quantized ? kv_scales.typed_data() : nullptr, kv_lens.typed_data(),
-              page_indices.typed_data(), cu_q_lens.typed_data(), q_dims[0], q_dims[1],
-              q_dims[2], kv_dims[0], kv_dims[1], kv_dims[2] / 2, table_dims[1], sm_scale,
-              soft_cap, sliding_window};
+  const Problem p{q.untyped_data(), q.element_type(), out->untyped_data(),
+                  kv_pages.untyped_data(), kv_type,
+                  quantized ? kv_scales.typed_data() : nullptr, kv_lens.typed_data(),
+                  page_indices.typed_data(), cu_q_lens.typed_data(), q_dims[0], q_dims[1],
+                  q_dims[2], kv_dims[0], kv_dims[1], kv_dims[2] / 2, table_dims[1], sm_scale,
+                  soft_cap, sliding_window};
   std::memset(out->untyped_data(), 0, out->size_bytes());
   const int64_t max_seqs = kv_lens.dimensions()[0];
   const int64_t live = std::clamp<int64_t>(num_seqs.typed_data()[0], 0, max_seqs);
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  work->items = Plan(p, live, threads);
-  const int64_t total = static_cast<int64_t>(work->items.size());
-  for (int64_t helper = 1; helper < std::min(threads, total); ++helper) {
-    pool.Schedule([work] { work->Run(); });
-  }
-  work->Run();
-  std::unique_lock<std::mutex> lock(work->mutex);
-  work->finished.wait(lock, [&] { return work->done.load() == total; });
+  const std::vector<WorkItem> items = Plan(p, live, std::max<int64_t>(1, pool.num_threads()));
+  ember_cpu::ForEachItem(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
+    thread_local Scratch scratch;
+    Attend(p, items[i], scratch);
+  });
   return ffi::Error::Success();
 }
 
