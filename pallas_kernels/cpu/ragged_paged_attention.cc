@@ -12,6 +12,13 @@
 // a page at a time: converted into a small f32 tile while in the cache, scored, and folded into
 // an online softmax. Items run on XLA's intra-op thread pool (for_each_item.h).
 //
+// Heads of 16 to 256 dims in steps of 16 (where the compiler has __builtin_shufflevector) take
+// 16 keys at a time in vectors of 16 floats: each key's dot product as 16 lanes of partial sums,
+// the 16 keys' sums in one vector by a transposing tree (SumLanes), and the softmax on that
+// vector. Per-key horizontal sums and scalar exps had held a 64-sequence decode to 60% of copy
+// bandwidth, compute-bound; this reads at 80-90% (docs/perf.md). Other head sizes take a plain
+// loop per query.
+//
 // Defensive reads: a page-table entry outside [0, num_pages) reads page 0, context lengths are
 // cut to the page table, and rows outside cu_q_lens stay zero, so no input reads or writes
 // outside its buffers.
@@ -136,6 +143,138 @@ float Dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define EMBER_VECTOR_PAGES 1
+// 16 floats in whatever registers the target has (one AVX-512 register, two AVX ones).
+typedef float Vec __attribute__((vector_size(64)));
+
+inline Vec LoadVec(const float* from) {
+  Vec v;
+  std::memcpy(&v, from, sizeof v);
+  return v;
+}
+
+// Lane t of the result is the sum of x[t]'s 16 lanes: four rounds of pairing halves.
+inline Vec SumLanes(const Vec (&x)[16]) {
+  Vec a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) {   // lanes 0-7: token 2i, 8-15: token 2i + 1
+    a[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                   19, 20, 21, 22, 23) +
+           __builtin_shufflevector(x[2 * i], x[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                   26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {   // four lanes per token, tokens 4i .. 4i + 3
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
+                                   19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                   22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {   // two lanes per token, tokens 8i .. 8i + 7
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20,
+                                   21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19,
+                                   22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                 29, 31);
+}
+
+// Lane t: q . keys[t * stride] for t < count <= 16 (else 0), for a head of 16 * C dims.
+template <int C>
+Vec ScoreKeys(const Vec (&q)[C], const float* keys, int64_t stride, int64_t count) {
+  Vec part[16];
+  for (int t = 0; t < 16; ++t) {
+    part[t] = Vec{};
+    if (t < count) {
+      const float* key = keys + t * stride;
+      for (int c = 0; c < C; ++c) part[t] += q[c] * LoadVec(key + 16 * c);
+    }
+  }
+  return SumLanes(part);
+}
+
+// acc += sum of weights[t] * values[t * stride] over t < count <= 16, skipping zero weights.
+template <int C>
+void AddValues(Vec weights, const float* values, int64_t stride, int64_t count, float* acc) {
+  Vec sum[C];
+  for (int c = 0; c < C; ++c) sum[c] = LoadVec(acc + 16 * c);
+  for (int64_t t = 0; t < count; ++t) {
+    const float weight = weights[t];
+    if (weight == 0.0f) continue;   // not visible (or underflowed: adds nothing)
+    const float* value = values + t * stride;
+    for (int c = 0; c < C; ++c) sum[c] += weight * LoadVec(value + 16 * c);
+  }
+  std::memcpy(acc, sum, sizeof sum);
+}
+
+typedef int32_t IntVec __attribute__((vector_size(64)));
+
+// ExpNonPositive, lane by lane.
+inline Vec ExpNonPositive(Vec x) {
+  x = x < -87.0f ? Vec{} - 87.0f : x;
+  const Vec t = x * 1.44269504088896341f + 0.5f;
+  Vec n = __builtin_convertvector(__builtin_convertvector(t, IntVec), Vec);   // toward 0
+  n = n > t ? n - 1.0f : n;                                                     // floor
+  x -= n * 0.693359375f;
+  x -= n * -2.12194440e-4f;
+  const Vec z = x * x;
+  Vec y = Vec{} + 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  const IntVec bits = (__builtin_convertvector(n, IntVec) + 127) << 23;
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+inline float MaxLane(Vec x) {
+  float best = x[0];
+  for (int i = 1; i < 16; ++i) best = std::max(best, x[i]);
+  return best;
+}
+
+inline float SumLane(Vec x) {
+  float sum = 0.0f;
+  for (int i = 0; i < 16; ++i) sum += x[i];
+  return sum;
+}
+
+// One query's online-softmax update for the scores of keys first .. first + 15 (lane t: key
+// first + t), of which it sees [see_lo, see_hi]: returns the keys' weights (0 where unseen),
+// with running_max, running_sum and acc[d] brought to the new maximum.
+inline Vec SoftmaxUpdate(Vec scores, int64_t first, int64_t see_lo, int64_t see_hi,
+                         float soft_cap, float& running_max, float& running_sum, float* acc,
+                         int64_t d) {
+  const IntVec key = IntVec{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} +
+                     static_cast<int32_t>(first);
+  const IntVec seen =
+      (key >= static_cast<int32_t>(see_lo)) & (key <= static_cast<int32_t>(see_hi));
+  scores = seen ? scores : Vec{} + kNegInf;
+  if (soft_cap > 0.0f) {
+    for (int i = 0; i < 16; ++i) {
+      if (scores[i] != kNegInf) scores[i] = soft_cap * std::tanh(scores[i] / soft_cap);
+    }
+  }
+  const float chunk_max = MaxLane(scores);
+  if (chunk_max == kNegInf) return Vec{};   // every seen score is -inf: adds nothing
+  if (chunk_max > running_max) {
+    const float rescale = std::exp(running_max - chunk_max);
+    running_sum *= rescale;
+    for (int64_t i = 0; i < d; ++i) acc[i] *= rescale;
+    running_max = chunk_max;
+  }
+  const Vec weights = scores == kNegInf ? Vec{} : ExpNonPositive(scores - running_max);
+  running_sum += SumLane(weights);
+  return weights;
+}
+#endif
+
 struct Problem {
   const void* q;            // [T, Hq, D]
   ffi::DataType q_type;
@@ -157,12 +296,17 @@ struct WorkItem {
 
 // Per-thread buffers, grown as needed.
 struct Scratch {
+#ifdef EMBER_VECTOR_PAGES
+  std::vector<Vec> weights;   // per query: its scores, then weights, of 16 keys
+#endif
   std::vector<float> queries, scores, acc, running_max, running_sum, tile;
   std::vector<int64_t> positions;        // per row of the item
   std::vector<int64_t> query_position;   // per query: its row's position
   std::vector<int64_t> query_channel;    // per query: its K's offset in a slot's K/V (x D)
 };
 
+// C > 0: a head of 16 * C dims, in vectors (EMBER_VECTOR_PAGES); C = 0: any head size.
+template <int C>
 void Attend(const Problem& p, const WorkItem& item, Scratch& s) {
   const int64_t d = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
   const int64_t per_row = item.num_heads * group;             // queries per row
@@ -174,7 +318,7 @@ void Attend(const Problem& p, const WorkItem& item, Scratch& s) {
   s.acc.assign(num_queries * d, 0.0f);
   s.running_max.assign(num_queries, kNegInf);
   s.running_sum.assign(num_queries, 0.0f);
-  s.scores.resize(num_queries * p.page_size);
+  s.scores.resize(p.page_size);
   s.positions.resize(item.num_rows);
   s.query_position.resize(num_queries);
   s.query_channel.resize(num_queries);
@@ -202,6 +346,9 @@ void Attend(const Problem& p, const WorkItem& item, Scratch& s) {
   const int64_t kv_width = 2 * item.num_heads * d;            // this item's K/V of one slot
   const bool direct = p.kv_type == ffi::DataType::F32 && p.scales == nullptr;
   s.tile.resize(p.page_size * kv_width);
+#ifdef EMBER_VECTOR_PAGES
+  if constexpr (C > 0) s.weights.resize(num_queries);
+#endif
   for (int64_t page_no = lo / p.page_size; page_no <= hi / p.page_size; ++page_no) {
     int64_t page = p.page_indices[item.seq * p.max_pages + page_no];
     if (page < 0 || page >= p.num_pages) page = 0;
@@ -229,39 +376,66 @@ void Attend(const Problem& p, const WorkItem& item, Scratch& s) {
       base = s.tile.data();
       stride = kv_width;
     }
-    // Token by token (each slot's K/V rows are contiguous), then an online-softmax update
-    // per query, then the values, token by token again.
-    for (int64_t t = 0; t < count; ++t) {
-      const int64_t key = first + t;
-      const float* keys = base + t * stride;
-      for (int64_t m = 0; m < num_queries; ++m) {
-        const int64_t position = s.query_position[m];
-        const bool visible = key <= position &&
-                             (p.sliding_window == 0 || position - key < p.sliding_window);
+#ifdef EMBER_VECTOR_PAGES
+    if constexpr (C > 0) {
+      // 16 keys at a time: every query's scores, then their online-softmax updates, then
+      // their values (each phase's loads independent of one another).
+      for (int64_t t0 = 0; t0 < count; t0 += 16) {
+        const int64_t n = std::min<int64_t>(16, count - t0);
+        const float* keys = base + t0 * stride;
+        const int64_t key_lo = first + t0, key_hi = first + t0 + n - 1;
+        for (int64_t m = 0; m < num_queries; ++m) {
+          Vec q[C];
+          for (int c = 0; c < C; ++c) q[c] = LoadVec(&s.queries[m * d + 16 * c]);
+          s.weights[m] = ScoreKeys<C>(q, keys + s.query_channel[m], stride, n);
+        }
+        for (int64_t m = 0; m < num_queries; ++m) {
+          const int64_t position = s.query_position[m];
+          const int64_t see_lo = p.sliding_window > 0 ? position - p.sliding_window + 1 : 0;
+          s.weights[m] = position < key_lo || see_lo > key_hi
+              ? Vec{}   // sees none of these keys
+              : SoftmaxUpdate(s.weights[m], key_lo, see_lo, std::min(position, key_hi),
+                              p.soft_cap, s.running_max[m], s.running_sum[m], &s.acc[m * d],
+                              d);
+        }
+        for (int64_t m = 0; m < num_queries; ++m) {
+          AddValues<C>(s.weights[m], keys + s.query_channel[m] + d, stride, n, &s.acc[m * d]);
+        }
+      }
+      continue;
+    }
+#endif
+    // Any head size: query by query, the page's scores, online-softmax update and values.
+    for (int64_t m = 0; m < num_queries; ++m) {
+      const int64_t position = s.query_position[m];
+      // The keys this query sees, [see_lo, see_hi], of the page's [first, last].
+      const int64_t see_lo = std::max(first, p.sliding_window > 0
+                                                 ? position - p.sliding_window + 1 : first);
+      const int64_t see_hi = std::min(last, position);
+      if (see_hi < see_lo) continue;   // nothing visible: the query's state stays as it is
+      const float* keys = base + s.query_channel[m];
+      float* scores = s.scores.data();   // this query's, for this page
+      float* acc = &s.acc[m * d];
+      float& running_max = s.running_max[m];
+      float& running_sum = s.running_sum[m];
+      float chunk_max = kNegInf;
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t key = first + t;
         float score = kNegInf;
-        if (visible) {
-          score = Dot(&s.queries[m * d], keys + s.query_channel[m], d);
+        if (key >= see_lo && key <= see_hi) {
+          score = Dot(&s.queries[m * d], keys + t * stride, d);
           if (p.soft_cap > 0.0f) score = p.soft_cap * std::tanh(score / p.soft_cap);
         }
-        s.scores[m * p.page_size + t] = score;
+        scores[t] = score;
+        chunk_max = std::max(chunk_max, score);
       }
-    }
-    for (int64_t m = 0; m < num_queries; ++m) {
-      float* scores = &s.scores[m * p.page_size];
-      float chunk_max = kNegInf;
-#pragma omp simd reduction(max : chunk_max)
-      for (int64_t t = 0; t < count; ++t) chunk_max = std::max(chunk_max, scores[t]);
-      if (chunk_max == kNegInf) {   // nothing visible to this query in this page
-        std::fill(scores, scores + count, 0.0f);
-        continue;
-      }
-      const float new_max = std::max(s.running_max[m], chunk_max);
-      if (new_max > s.running_max[m]) {
-        const float rescale = std::exp(s.running_max[m] - new_max);
-        s.running_sum[m] *= rescale;
-        float* acc = &s.acc[m * d];
+      if (chunk_max == kNegInf) continue;   // every visible score is -inf: adds nothing
+      const float new_max = std::max(running_max, chunk_max);
+      if (new_max > running_max) {
+        const float rescale = std::exp(running_max - new_max);
+        running_sum *= rescale;
         for (int64_t i = 0; i < d; ++i) acc[i] *= rescale;
-        s.running_max[m] = new_max;
+        running_max = new_max;
       }
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -270,15 +444,11 @@ void Attend(const Problem& p, const WorkItem& item, Scratch& s) {
         scores[t] = scores[t] == kNegInf ? 0.0f : weight;
         sum += scores[t];
       }
-      s.running_sum[m] += sum;
-    }
-    for (int64_t t = 0; t < count; ++t) {
-      const float* values = base + t * stride + d;
-      for (int64_t m = 0; m < num_queries; ++m) {
-        const float weight = s.scores[m * p.page_size + t];
+      running_sum += sum;
+      for (int64_t t = 0; t < count; ++t) {
+        const float weight = scores[t];
         if (weight == 0.0f) continue;   // not visible (or underflowed: adds nothing)
-        const float* value = values + s.query_channel[m];
-        float* acc = &s.acc[m * d];
+        const float* value = keys + d + t * stride;
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) acc[i] += weight * value[i];
       }
@@ -292,6 +462,24 @@ void Attend(const Problem& p, const WorkItem& item, Scratch& s) {
     const int64_t q_head = item.first_head * group + m % per_row;
     StoreRow(acc, d, p.q_type, p.out, (row * p.num_q_heads + q_head) * d);
   }
+}
+
+// The instance for the problem's head size.
+using AttendFn = void (*)(const Problem&, const WorkItem&, Scratch&);
+AttendFn AttendFor(int64_t head_dim) {
+#ifdef EMBER_VECTOR_PAGES
+  switch (head_dim) {
+    case 16: return Attend<1>;
+    case 32: return Attend<2>;
+    case 48: return Attend<3>;
+    case 64: return Attend<4>;
+    case 80: return Attend<5>;
+    case 96: return Attend<6>;
+    case 128: return Attend<8>;
+    case 256: return Attend<16>;
+  }
+#endif
+  return Attend<0>;
 }
 
 // The work items of live sequences: row blocks of kRowBlock rows; the kv heads split in as
@@ -356,10 +544,11 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Any
   std::memset(out->untyped_data(), 0, out->size_bytes());
   const int64_t max_seqs = kv_lens.dimensions()[0];
   const int64_t live = std::clamp<int64_t>(num_seqs.typed_data()[0], 0, max_seqs);
+  const AttendFn attend = AttendFor(p.head_dim);
   const std::vector<WorkItem> items = Plan(p, live, std::max<int64_t>(1, pool.num_threads()));
   ember_cpu::ForEachItem(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
     thread_local Scratch scratch;
-    Attend(p, items[i], scratch);
+    attend(p, items[i], scratch);
   });
   return ffi::Error::Success();
 }

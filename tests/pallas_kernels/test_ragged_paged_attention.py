@@ -175,6 +175,22 @@ class TestCpuAttention(TestGpuAttention):
         np.testing.assert_allclose(out[third], expected[third], **TOLERANCE[case.dtype])
         np.testing.assert_array_equal(out[int(np.sum(case.q_lens)):], 0.0)
 
+    @pytest.mark.parametrize("head_dim,page_size,soft_cap,window", [
+        (16, 8, None, None), (32, 24, 30.0, 20), (48, 16, None, 9), (80, 40, 25.0, None),
+        (96, 16, None, None), (40, 16, 30.0, 20), (40, 24, None, None)])
+    def test_every_head_size_and_page_size(self, head_dim, page_size, soft_cap, window):
+        # Head sizes of 16 to 256 in steps of 16 take the kernel's vector path, 16 keys at a
+        # time (a page of 8, or the 8 left of a page of 24 or 40, fill a part of those 16);
+        # any other head size (40) takes its any-size path.
+        case = Case([1, 1, 13, 26, 1], [50, 3, 17, 40, 95], page_size, 6, 2, head_dim,
+                    jnp.float32, soft_cap, window)
+        batch = make_batch(9, case)
+        options = options_for(case)
+        out = np.asarray(jitted_attention("cpu", False, **options)(*batch.args()))
+        expected = np.asarray(jitted_attention("reference", False, **options)(*batch.args()))
+        assert not np.isnan(out).any(), "the kernel read a slot it does not own"
+        np.testing.assert_allclose(out, expected, **TOLERANCE[case.dtype])
+
 
 def test_bad_attention_arguments_name_the_argument():
     batch = make_batch(4, Case([1, 5], [10, 0], 16, 4, 2, 64, jnp.float32, None, None))
