@@ -129,4 +129,9 @@ def forward_paged(model: Transformer, kv_cache: KVCache, batch: Batch, *,
         kv_cache, out = write_and_attend(cache.kv, layer, q, k, v, batch)
         return LayerCache(kv_cache, cache.layer), out
 
-    return model.hidden_states(batch.input_ids, batch.positions, attend, kv_cache)
+    # On the CPU kernels, one device: the step's real rows, so that f32 products skip the
+    # token rung's padding (models/transformer.py).
+    num_rows = None
+    if mesh is None and pallas_kernels.resolve_backend(backend) == "cpu":
+        num_rows = batch.cu_q_lens[batch.num_seqs[0]][None]   # i32[1]
+    return model.hidden_states(batch.input_ids, batch.positions, attend, kv_cache, num_rows)

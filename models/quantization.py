@@ -399,7 +399,9 @@ class QuantizedLinear(nnx.Module):
         return format_of(self.weight_type(**{f.name: getattr(self, f.name).get_value()
                                              for f in dataclasses.fields(self.weight_type)}))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, num_rows: jax.Array | None = None) -> jax.Array:
+        # num_rows (Linear's padding hint) is not needed: the CPU kernel takes only a
+        # decode's one or two rows, and the blocked loop's dots run on XLA.
         y = quantized_matmul(x, self.quantized_weight, block_rows=self.block_rows)
         return y if self.bias is None else y + self.bias[...]
 

@@ -13,6 +13,12 @@ and the KV cache, so the same layers serve the paged engine (each layer gets a L
 its handle on the cache of every layer, writes its K/V and attends over its pages, and hands
 the updated cache on: `hidden_states` returns it) and the dense causal path used for
 training and tests (no cache: None in, None out).
+
+`num_rows` (i32[1], optional down to every Linear): the step's real rows, the rest of the
+token rung padding. The paged engine passes it on the CPU backend with unrolled layers, where
+f32 products of 16 rows or more then skip the padding (pallas_kernels/cpu/dense_matmul.cc);
+scanned layers take XLA's dots, as a custom call would be handed a copy of each layer's
+weight slice.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from jaxtyping import Array, Float, Int
 
 from models.config import ModelConfig
 from models.quantization import QuantizedLinear
+from pallas_kernels.cpu import DENSE_MIN_ROWS, dense_matmul_cpu
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,8 +78,15 @@ class Linear(nnx.Module):
         self.weight = _init(rngs, (in_features, out_features), dtype)
         self.bias = nnx.Param(_constant((out_features,), 0.0, dtype)) if bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.weight[...]
+    def __call__(self, x: jax.Array, num_rows: jax.Array | None = None) -> jax.Array:
+        weight = self.weight[...]
+        tokens = x.reshape(-1, x.shape[-1])
+        if (num_rows is not None and x.dtype == weight.dtype == jnp.float32
+                and tokens.shape[0] >= DENSE_MIN_ROWS):
+            y = dense_matmul_cpu(tokens, weight, num_rows)
+            y = y.reshape(*x.shape[:-1], weight.shape[1])
+        else:
+            y = x @ weight
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -132,17 +146,17 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
 
-    def __call__(self, x, positions, inv_freq, attend: AttendFn, cache: LayerCache | None
-                 ) -> tuple[LayerCache | None, jax.Array]:
+    def __call__(self, x, positions, inv_freq, attend: AttendFn, cache: LayerCache | None,
+                 num_rows: jax.Array | None = None) -> tuple[LayerCache | None, jax.Array]:
         lead = x.shape[:-1]
-        q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x, num_rows).reshape(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x, num_rows).reshape(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, num_rows).reshape(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, positions, inv_freq), rotary(k, positions, inv_freq)
         cache, out = attend(cache, q, k, v)  # out: [..., Hq, D]
-        return cache, self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
+        return cache, self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim), num_rows)
 
 
 class MLP(nnx.Module):
@@ -156,13 +170,13 @@ class MLP(nnx.Module):
                                 bias=c.mlp_bias, rngs=rngs)
         self.activation = c.activation
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate = self.gate_proj(x)
+    def __call__(self, x: jax.Array, num_rows: jax.Array | None = None) -> jax.Array:
+        gate = self.gate_proj(x, num_rows)
         if self.activation == "silu":
             gate = jax.nn.silu(gate)
         else:
             gate = jax.nn.gelu(gate, approximate=self.activation != "gelu")
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * self.up_proj(x, num_rows), num_rows)
 
 
 class DecoderLayer(nnx.Module):
@@ -173,12 +187,12 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, attend: AttendFn, cache: LayerCache | None
-                 ) -> tuple[LayerCache | None, jax.Array]:
+    def __call__(self, x, positions, inv_freq, attend: AttendFn, cache: LayerCache | None,
+                 num_rows: jax.Array | None = None) -> tuple[LayerCache | None, jax.Array]:
         cache, attended = self.self_attn(self.input_layernorm(x), positions, inv_freq, attend,
-                                         cache)
+                                         cache, num_rows)
         x = x + attended
-        return cache, x + self.mlp(self.post_attention_layernorm(x))
+        return cache, x + self.mlp(self.post_attention_layernorm(x), num_rows)
 
 
 class DecoderStack(nnx.Module):
@@ -210,17 +224,18 @@ class DecoderStack(nnx.Module):
 
     def run_layers(self, x: Float[Array, "*tokens hidden"], positions: Int[Array, "*tokens"],
                    inv_freq: Float[Array, "half_head_dim"], attend: AttendFn,
-                   kv_cache: jax.Array | None
+                   kv_cache: jax.Array | None, num_rows: Int[Array, "1"] | None = None
                    ) -> tuple[jax.Array | None, Float[Array, "*tokens hidden"]]:
-        """Every layer in order: (the cache as the last layer left it, hidden states)."""
-        def one(layer, layer_index, x, kv_cache):   # -> (x, kv_cache): the scan's carry
+        """Every layer in order: (the cache as the last layer left it, hidden states).
+        num_rows reaches the layers only unrolled (see the module docstring)."""
+        def one(layer, layer_index, x, kv_cache, num_rows=None):   # -> the scan's carry
             cache = None if kv_cache is None else LayerCache(kv_cache, layer_index)
-            cache, x = layer(x, positions, inv_freq, attend, cache)
+            cache, x = layer(x, positions, inv_freq, attend, cache, num_rows)
             return x, None if cache is None else cache.kv
 
         if not self.scan_layers:
             for index, layer in enumerate(self.layers):
-                x, kv_cache = one(layer, index, x, kv_cache)
+                x, kv_cache = one(layer, index, x, kv_cache, num_rows)
             return kv_cache, x
         graphdef, stacked = nnx.split(self.layers)
 
@@ -262,7 +277,8 @@ class Transformer(nnx.Module):
                                dtype=config.dtype, rngs=rngs))
 
     def hidden_states(self, input_ids: Int[Array, "*tokens"], positions: Int[Array, "*tokens"],
-                      attend: AttendFn, kv_cache: jax.Array | None = None
+                      attend: AttendFn, kv_cache: jax.Array | None = None,
+                      num_rows: Int[Array, "1"] | None = None
                       ) -> tuple[jax.Array | None, Float[Array, "*tokens hidden"]]:
         """Runs the decoder stack.
 
@@ -271,6 +287,8 @@ class Transformer(nnx.Module):
           attend: the attention seam (see AttendFn).
           kv_cache: the cache of every layer (opaque here: each layer hands `attend` a
             LayerCache of it and takes back the updated one); None on the dense path.
+          num_rows: the real rows of [T] tokens (the rest padding), for kernels that skip
+            the padding (see the module docstring); None: compute every row.
         Returns:
           (the cache as the last layer's `attend` returned it, or None; final-norm hidden
           states).
@@ -280,7 +298,8 @@ class Transformer(nnx.Module):
         if c.scale_embeddings:
             x = x * jnp.asarray(c.hidden_size ** 0.5, x.dtype)
         inv_freq = jnp.asarray(c.rope.inverse_frequencies(c.head_dim), jnp.float32)
-        kv_cache, x = self.model.run_layers(x, positions, inv_freq, attend, kv_cache)
+        kv_cache, x = self.model.run_layers(x, positions, inv_freq, attend, kv_cache,
+                                            num_rows)
         return kv_cache, self.model.norm(x)
 
     def logits(self, hidden: Float[Array, "*rows hidden"]) -> Float[Array, "*rows vocab"]:

@@ -1,13 +1,14 @@
 """The CPU's C++ kernels, called through the XLA FFI and built with the machine's C++ compiler
-on first use: ragged paged attention (ragged_paged_attention.cc) and the quantized matmul of a
-decode's few rows (quantized_matmul.cc, used by models/quantization.py).
+on first use: ragged paged attention (ragged_paged_attention.cc), the quantized matmul of a
+decode's few rows (quantized_matmul.cc, used by models/quantization.py), and the f32 matmul of
+a step's real rows, its padding skipped (dense_matmul.cc, used by models/transformer.py).
 
 Pallas has no CPU target, and XLA compiles the plain-jnp reference to a gather of the K/V
 pages and small dots that read them at a fifth of copy bandwidth on the CPU (docs/perf.md);
 the attention kernel reads each page once, in place. Same contract and numerics (f32) as
 pallas_kernels/reference.py, and the reference stays the yardstick in the tests.
 
-The shared library (both kernels) is cached under $EMBER_CACHE_DIR (default ~/.cache/ember),
+The shared library (every kernel) is cached under $EMBER_CACHE_DIR (default ~/.cache/ember),
 keyed by the sources, the compiler flags, jaxlib (whose FFI headers it is built against) and
 the CPU's features (-march=native), and written atomically, so concurrent processes share one
 build.
@@ -37,13 +38,18 @@ from pallas_kernels.kv_cache import is_quantized
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("ragged_paged_attention.cc", "quantized_matmul.cc"))
+                for name in ("ragged_paged_attention.cc", "quantized_matmul.cc",
+                             "dense_matmul.cc"))
 HEADERS = (Path(__file__).with_name("for_each_item.h"),)   # included by the sources
 # FFI target name -> the handler's symbol in the library.
 TARGETS = {"ember_ragged_paged_attention": "EmberRaggedPagedAttention",
-           "ember_quantized_matmul": "EmberQuantizedMatmul"}
+           "ember_quantized_matmul": "EmberQuantizedMatmul",
+           "ember_dense_matmul": "EmberDenseMatmul"}
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 300
+# Fewer rows than this and a product is bound by reading its weights, which XLA's dots do at
+# full speed, and its padding rows cost next to nothing: the dense kernel takes from here.
+DENSE_MIN_ROWS = 16
 _lock = threading.Lock()
 _loaded: list[bool] = []     # [whether the kernel is registered], once tried
 
@@ -139,3 +145,11 @@ def quantized_matmul_cpu(x, weight, scale, minimum=None):
     call = jax.ffi.ffi_call("ember_quantized_matmul",
                             jax.ShapeDtypeStruct((x.shape[0], weight.shape[1]), jnp.float32))
     return call(x, weight, scale, minimum)
+
+
+def dense_matmul_cpu(x, weight, num_rows):
+    """f32[T, out] = x f32[T, in] @ weight f32[in, out] for rows < num_rows i32[1] (clipped to
+    [0, T]); the rows after it are zeros, never computed. Only where `available()`."""
+    call = jax.ffi.ffi_call("ember_dense_matmul",
+                            jax.ShapeDtypeStruct((x.shape[0], weight.shape[1]), jnp.float32))
+    return call(x, weight, num_rows)

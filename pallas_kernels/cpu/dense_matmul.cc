@@ -1,0 +1,157 @@
+// x @ w for f32 x [T, in] and w [in, out] on the CPU, through the XLA FFI, computing only the
+// step's real rows: rows >= num_rows[0] of the result are zeros.
+//
+// Why it exists: a step's token count is padded to a rung of the runner's ladder (a decode of
+// 40 sequences runs 64 rows), and XLA's dot computes every padded row. Here the real row count
+// is an operand, read at run time, so the padding costs nothing and the ladder no compiles.
+// Without it XLA's CPU dots (YNNPACK, which also repacks the weights on every call) are neither
+// faster nor slower than this kernel on full rungs (docs/perf.md).
+//
+// The product is blocked for registers: a tile of kRows rows by kVecs vectors of 16 columns
+// accumulates over a block of kDepth inputs, broadcasting one x value to each row's FMAs.
+// Work items are column panels (and, where there are few, row groups) on XLA's intra-op
+// thread pool.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "for_each_item.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// 16 floats in whatever registers the target has (one AVX-512 register, two AVX ones).
+typedef float Vec __attribute__((vector_size(64)));
+
+inline Vec LoadVec(const float* from) {
+  Vec v;
+  std::memcpy(&v, from, sizeof v);
+  return v;
+}
+
+// A tile's accumulators must fit the registers: 24 of 32 with AVX-512, 6 (12 halves) of 16
+// without.
+#ifdef __AVX512F__
+constexpr int kRows = 6, kVecs = 4;
+#else
+constexpr int kRows = 3, kVecs = 2;
+#endif
+constexpr int64_t kDepth = 512;        // inputs per pass over a tile (x's rows stay in L1)
+constexpr int64_t kItemsPerThread = 4;
+
+struct Problem {
+  const float* x;   // [T, in]
+  const float* w;   // [in, out]
+  float* y;         // [T, out]
+  int64_t in, out;
+};
+
+// y[r, c] (+)= sum over k < depth of x[r, k] w[k, c], for r < MR and 16 * NV columns c, the
+// pointers at the block's first row, input and column.
+template <int MR, int NV>
+void Tile(const Problem& p, const float* x, const float* w, float* y, int64_t depth, bool add) {
+  Vec acc[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) acc[r][v] = add ? LoadVec(y + r * p.out + 16 * v) : Vec{};
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    Vec b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = LoadVec(w + k * p.out + 16 * v);
+    for (int r = 0; r < MR; ++r) {
+      const float a = x[r * p.in + k];
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r) std::memcpy(y + r * p.out, acc[r], sizeof acc[r]);
+}
+
+// Tiles of up to kRows rows over rows [0, rows) of the block.
+template <int NV>
+void Rows(const Problem& p, const float* x, const float* w, float* y, int64_t rows,
+          int64_t depth, bool add) {
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows) {
+    Tile<kRows, NV>(p, x + r * p.in, w, y + r * p.out, depth, add);
+  }
+  const float* xr = x + r * p.in;
+  float* yr = y + r * p.out;
+  switch (rows - r) {   // the last few rows
+    case 1: Tile<1, NV>(p, xr, w, yr, depth, add); break;
+    case 2: Tile<2, NV>(p, xr, w, yr, depth, add); break;
+    case 3: Tile<3, NV>(p, xr, w, yr, depth, add); break;
+    case 4: Tile<4 < kRows ? 4 : 1, NV>(p, xr, w, yr, depth, add); break;
+    case 5: Tile<5 < kRows ? 5 : 1, NV>(p, xr, w, yr, depth, add); break;
+    default: break;
+  }
+}
+
+// Columns [first, first + width) of rows [first_row, first_row + rows): 16 * NV columns at
+// a time, then the last (width % 16) one by one.
+void Block(const Problem& p, int64_t first_row, int64_t rows, int64_t first, int64_t width) {
+  for (int64_t k0 = 0; k0 < p.in; k0 += kDepth) {
+    const int64_t depth = std::min(kDepth, p.in - k0);
+    const bool add = k0 > 0;
+    const float* x = p.x + first_row * p.in + k0;
+    int64_t c = first;
+    for (; c + 16 * kVecs <= first + width; c += 16 * kVecs) {
+      Rows<kVecs>(p, x, p.w + k0 * p.out + c, p.y + first_row * p.out + c, rows, depth, add);
+    }
+    for (; c + 16 <= first + width; c += 16) {
+      Rows<1>(p, x, p.w + k0 * p.out + c, p.y + first_row * p.out + c, rows, depth, add);
+    }
+    for (; c < first + width; ++c) {
+      for (int64_t r = 0; r < rows; ++r) {
+        float sum = add ? p.y[(first_row + r) * p.out + c] : 0.0f;
+        for (int64_t k = k0; k < k0 + depth; ++k) {
+          sum += p.x[(first_row + r) * p.in + k] * p.w[k * p.out + c];
+        }
+        p.y[(first_row + r) * p.out + c] = sum;
+      }
+    }
+  }
+}
+
+ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::Buffer<ffi::S32> num_rows, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  auto x_dims = x.dimensions();
+  auto w_dims = w.dimensions();
+  if (x_dims.size() != 2 || w_dims.size() != 2 || x_dims[1] != w_dims[0] ||
+      num_rows.element_count() != 1) {
+    return ffi::Error::InvalidArgument("ember_dense_matmul: unexpected shapes "
+                                       "(models/transformer.py checks them)");
+  }
+  const Problem p{x.typed_data(), w.typed_data(), y->typed_data(), w_dims[0], w_dims[1]};
+  const int64_t tokens = x_dims[0];
+  const int64_t rows = std::clamp<int64_t>(num_rows.typed_data()[0], 0, tokens);
+  std::memset(p.y + rows * p.out, 0, (tokens - rows) * p.out * sizeof(float));
+  if (rows == 0 || p.out == 0) return ffi::Error::Success();
+  // Panels of whole tiles' columns; row groups of whole tiles' rows when the panels are too
+  // few to give every thread kItemsPerThread items.
+  const int64_t width = 16 * kVecs;
+  const int64_t panels = (p.out + width - 1) / width;
+  const int64_t wanted = kItemsPerThread * std::max<int64_t>(1, pool.num_threads());
+  const int64_t tiles = (rows + kRows - 1) / kRows;
+  const int64_t groups = std::clamp<int64_t>((wanted + panels - 1) / panels, 1, tiles);
+  const int64_t group_rows = (tiles + groups - 1) / groups * kRows;
+  const int64_t num_groups = (rows + group_rows - 1) / group_rows;
+  ember_cpu::ForEachItem(pool, panels * num_groups, [&](int64_t i) {
+    const int64_t panel = i / num_groups, group = i % num_groups;
+    const int64_t first_row = group * group_rows, first = panel * width;
+    Block(p, first_row, std::min(group_rows, rows - first_row), first,
+          std::min(width, p.out - first));
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EmberDenseMatmul, DenseMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // w
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // num_rows
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y

@@ -1,0 +1,69 @@
+"""The CPU's f32 matmul of a step's real rows (pallas_kernels/cpu/dense_matmul.cc): the
+product of those rows, zeros after them, and where the engine's step uses it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine import EngineConfig
+from engine.worker.host_arrays import empty_batch
+from engine.worker.step import jit_steps
+from models.checkpoint import abstract_model, load_config
+from models.paged import kv_cache_shape
+from pallas_kernels import cpu
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not cpu.available(),
+                                reason="the C++ kernels are for the CPU, where they build")
+
+
+@pytest.mark.parametrize("tokens,inputs,outputs,rows", [
+    (7, 700, 200, 5),     # inputs past one 512-deep pass; 8 columns past the last whole tile
+    (3, 64, 8, 3),        # fewer columns than one vector
+    (20, 96, 72, 13),     # few panels: rows split in groups across threads
+    (1, 576, 192, 1),     # a lone decode
+    (64, 128, 256, 40),   # a decode rung of 64 rows, 40 of them real
+    (4, 32, 48, 0),       # no real row
+    (4, 32, 48, 9),       # more than the rows there are: all of them
+    (4, 32, 48, -3),      # negative: none
+])
+def test_real_rows_equal_the_float64_product_and_the_rest_are_zeros(tokens, inputs, outputs,
+                                                                     rows):
+    rng = np.random.default_rng(tokens * 1000 + inputs)
+    x = rng.standard_normal((tokens, inputs)).astype(np.float32)
+    w = rng.standard_normal((inputs, outputs)).astype(np.float32)
+    y = np.asarray(jax.jit(cpu.dense_matmul_cpu)(x, w, jnp.asarray([rows], jnp.int32)))
+    real = min(max(rows, 0), tokens)
+    exact = x[:real].astype(np.float64) @ w
+    magnitude = np.abs(x[:real]).astype(np.float64) @ np.abs(w)
+    assert y.shape == (tokens, outputs) and y.dtype == np.float32
+    assert (np.abs(y[:real] - exact) <= 1e-6 * magnitude + 1e-6).all()
+    np.testing.assert_array_equal(y[real:], 0.0)
+
+
+def compiled_forward_text(model_dir, *, scan_layers, backend, dtype=None, tokens=16):
+    config = load_config(model_dir, scan_layers=scan_layers, dtype=dtype)
+    engine = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_pages=8,
+                          max_model_len=32, warmup=False, backend=backend)
+    graphdef, state = abstract_model(config)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    kv_cache = jax.ShapeDtypeStruct(kv_cache_shape(config, 8, 4), config.dtype)
+    batch, indices = empty_batch(tokens, 4, 8)
+    return jit_steps(graphdef, engine).forward.lower(
+        abstract, kv_cache, batch, indices, np.full(tokens, -1, np.int32),
+        jax.ShapeDtypeStruct((4,), np.int32)).as_text()
+
+
+@pytest.mark.parametrize("scan_layers,backend,dtype,tokens,used", [
+    (False, "auto", None, 16, True),           # unrolled f32 layers on the CPU's kernels
+    (False, "cpu", None, 32, True),
+    (False, "auto", None, 8, False),           # few rows: bound by the weights' reads
+    (True, "auto", None, 16, False),           # scanned: a custom call would copy each slice
+    (False, "reference", None, 16, False),     # the plain-jnp path asked for
+    (False, "auto", "bfloat16", 16, False),    # f32 weights only
+])
+def test_the_step_skips_padding_rows_only_for_unrolled_f32_layers_on_the_cpu_kernels(
+        hf_model_dirs, scan_layers, backend, dtype, tokens, used):
+    text = compiled_forward_text(hf_model_dirs["llama"], scan_layers=scan_layers,
+                                 backend=backend, dtype=dtype, tokens=tokens)
+    assert ("ember_dense_matmul" in text) == used
