@@ -15,10 +15,8 @@ the updated cache on: `hidden_states` returns it) and the dense causal path used
 training and tests (no cache: None in, None out).
 
 `num_rows` (i32[1], optional down to every Linear): the step's real rows, the rest of the
-token rung padding. The paged engine passes it on the CPU backend with unrolled layers, where
-f32 products of 16 rows or more then skip the padding (pallas_kernels/cpu/dense_matmul.cc);
-scanned layers take XLA's dots, as a custom call would be handed a copy of each layer's
-weight slice.
+token rung padding. The paged engine passes it on the CPU backend, where f32 products of 16
+rows or more then skip the padding (pallas_kernels/cpu/dense_matmul.cc).
 """
 
 from __future__ import annotations
@@ -226,16 +224,15 @@ class DecoderStack(nnx.Module):
                    inv_freq: Float[Array, "half_head_dim"], attend: AttendFn,
                    kv_cache: jax.Array | None, num_rows: Int[Array, "1"] | None = None
                    ) -> tuple[jax.Array | None, Float[Array, "*tokens hidden"]]:
-        """Every layer in order: (the cache as the last layer left it, hidden states).
-        num_rows reaches the layers only unrolled (see the module docstring)."""
-        def one(layer, layer_index, x, kv_cache, num_rows=None):   # -> the scan's carry
+        """Every layer in order: (the cache as the last layer left it, hidden states)."""
+        def one(layer, layer_index, x, kv_cache):   # -> (x, kv_cache): the scan's carry
             cache = None if kv_cache is None else LayerCache(kv_cache, layer_index)
             cache, x = layer(x, positions, inv_freq, attend, cache, num_rows)
             return x, None if cache is None else cache.kv
 
         if not self.scan_layers:
             for index, layer in enumerate(self.layers):
-                x, kv_cache = one(layer, index, x, kv_cache, num_rows)
+                x, kv_cache = one(layer, index, x, kv_cache)
             return kv_cache, x
         graphdef, stacked = nnx.split(self.layers)
 

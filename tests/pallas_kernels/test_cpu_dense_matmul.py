@@ -55,14 +55,13 @@ def compiled_forward_text(model_dir, *, scan_layers, backend, dtype=None, tokens
 
 
 @pytest.mark.parametrize("scan_layers,backend,dtype,tokens,used", [
-    (False, "auto", None, 16, True),           # unrolled f32 layers on the CPU's kernels
-    (False, "cpu", None, 32, True),
+    (False, "auto", None, 16, True),           # f32 layers on the CPU's kernels
+    (True, "cpu", None, 32, True),             # scanned too
     (False, "auto", None, 8, False),           # few rows: bound by the weights' reads
-    (True, "auto", None, 16, False),           # scanned: a custom call would copy each slice
     (False, "reference", None, 16, False),     # the plain-jnp path asked for
     (False, "auto", "bfloat16", 16, False),    # f32 weights only
 ])
-def test_the_step_skips_padding_rows_only_for_unrolled_f32_layers_on_the_cpu_kernels(
+def test_the_step_skips_padding_rows_only_for_f32_layers_on_the_cpu_kernels(
         hf_model_dirs, scan_layers, backend, dtype, tokens, used):
     text = compiled_forward_text(hf_model_dirs["llama"], scan_layers=scan_layers,
                                  backend=backend, dtype=dtype, tokens=tokens)
