@@ -439,7 +439,7 @@ def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest, 
     print(f"and the rest of a decode step: {num_seqs} sequences at a 16-token context "
           f"(attention negligible) take {wall * 1e3:.1f} ms, {dense_roofline / wall:.0%} of "
           f"their roofline ({dense_roofline * 1e3:.1f} ms): the matmuls of {num_seqs} rows "
-          f"(on the CPU backend with unrolled layers Ember's kernel, else XLA's), the LM head "
+          f"(on the CPU backend Ember's kernel, else XLA's), the LM head "
           f"and sampling")
     if hf:
         print(f"ember / transformers: {ember['tokens_per_s'] / hf['tokens_per_s']:.2f}x")
