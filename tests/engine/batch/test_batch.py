@@ -278,13 +278,14 @@ def count_lines(path):
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def kill_at_random(model_dir, input_path, output_path, db_path, rng, total):
-    """Starts the batch and kill -9s it after a random delay or a random number of new lines;
-    returns the line count it died at (None: it finished first). Sometimes then leaves a torn
-    line behind, as a write cut short would."""
+def kill_at_random(model_dir, input_path, output_path, db_path, rng, run_seconds):
+    """Starts the batch and kill -9s it after a random delay (a share of `run_seconds`, what a
+    whole run took: a faster engine must not outrun the kills) or a random number of new
+    lines; returns the line count it died at (None: it finished first). Sometimes then leaves
+    a torn line behind, as a write cut short would."""
     before = count_lines(output_path)
     proc = start_cli(model_dir, input_path, output_path, db_path)
-    deadline = time.monotonic() + rng.uniform(0.3, 2.5)
+    deadline = time.monotonic() + rng.uniform(0.2, 0.9) * run_seconds
     target = before + rng.randint(1, 6)
     by_time = rng.random() < 0.3
     while proc.poll() is None:
@@ -321,9 +322,11 @@ def test_kill_9_at_random_moments_then_resume_is_exactly_once(model_dir, tmp_pat
     input_path = write_lines(tmp_path / "in.jsonl", lines)
     for name in ("reference", "killed"):
         new_ledger(tmp_path / f"{name}.db")
+    start = time.monotonic()
     reference = start_cli(model_dir, input_path, tmp_path / "reference.jsonl",
                           tmp_path / "reference.db")
     assert reference.wait() == 0, reference.stderr.read().decode()[-2000:]
+    run_seconds = time.monotonic() - start
 
     output = tmp_path / "killed.jsonl"
     deaths = []
@@ -332,7 +335,7 @@ def test_kill_9_at_random_moments_then_resume_is_exactly_once(model_dir, tmp_pat
     while len(deaths) < 4 or (len(deaths) < 8 and not any(
             d is not None and 0 < d < len(lines) for d in deaths)):
         deaths.append(kill_at_random(model_dir, input_path, output, tmp_path / "killed.db",
-                                     rng, len(lines)))
+                                     rng, run_seconds))
     final = start_cli(model_dir, input_path, output, tmp_path / "killed.db")
     assert final.wait() == 0, final.stderr.read().decode()[-2000:]
     assert any(d is not None and 0 < d < len(lines) for d in deaths), f"{deaths=} {seed=}"
