@@ -185,6 +185,7 @@ inline Vec SumLanes(const Vec (&x)[16]) {
 template <int C>
 Vec ScoreKeys(const Vec (&q)[C], const float* keys, int64_t stride, int64_t count) {
   Vec part[16];
+#pragma GCC unroll 16   // the 16 keys' partial sums in registers, their FMAs interleaved
   for (int t = 0; t < 16; ++t) {
     part[t] = Vec{};
     if (t < count) {
@@ -211,6 +212,8 @@ void AddValues(Vec weights, const float* values, int64_t stride, int64_t count, 
 
 typedef int32_t IntVec __attribute__((vector_size(64)));
 
+inline Vec Max(Vec a, Vec b) { return a > b ? a : b; }
+
 // ExpNonPositive, lane by lane.
 inline Vec ExpNonPositive(Vec x) {
   x = x < -87.0f ? Vec{} - 87.0f : x;
@@ -233,16 +236,22 @@ inline Vec ExpNonPositive(Vec x) {
   return y * scale;
 }
 
+// The largest lane and the sum of the lanes, by halving (a loop over the lanes would be a
+// chain of 16 dependent scalar operations).
 inline float MaxLane(Vec x) {
-  float best = x[0];
-  for (int i = 1; i < 16; ++i) best = std::max(best, x[i]);
-  return best;
+  x = Max(x, __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  x = Max(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  x = Max(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  x = Max(x, __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return x[0];
 }
 
 inline float SumLane(Vec x) {
-  float sum = 0.0f;
-  for (int i = 0; i < 16; ++i) sum += x[i];
-  return sum;
+  x += __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  x += __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  x += __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return x[0];
 }
 
 // One query's online-softmax update for the scores of keys first .. first + 15 (lane t: key
