@@ -117,19 +117,24 @@ void StoreRow(const float* src, int64_t n, ffi::DataType type, void* dst, int64_
 
 // e^x for x <= 0 to within 2 ulp (Cephes' expf: x = n ln 2 + r, a degree-5 polynomial in r,
 // times 2^n), branch-free so that a loop of them vectorizes (libm's expf does not).
-inline float ExpNonPositive(float x) {
-  x = std::max(x, -87.0f);                      // e^-87 ~ 1.6e-38: still a normal float
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+// ExpOfRest: e^r for r = x - n ln 2 (T a float or a Vec).
+template <typename T>
+inline T ExpOfRest(T x, T n) {
   x -= n * 0.693359375f;
   x -= n * -2.12194440e-4f;
-  const float z = x * x;
-  float y = 1.9875691500e-4f;
-  y = y * x + 1.3981999507e-3f;
+  const T z = x * x;
+  T y = x * 1.9875691500e-4f + 1.3981999507e-3f;
   y = y * x + 8.3334519073e-3f;
   y = y * x + 4.1665795894e-2f;
   y = y * x + 1.6666665459e-1f;
   y = y * x + 5.0000001201e-1f;
-  y = y * z + x + 1.0f;
+  return y * z + x + 1.0f;
+}
+
+inline float ExpNonPositive(float x) {
+  x = std::max(x, -87.0f);                      // e^-87 ~ 1.6e-38: still a normal float
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float y = ExpOfRest(x, n);
   const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &exponent_bits, sizeof scale);
@@ -220,16 +225,7 @@ inline Vec ExpNonPositive(Vec x) {
   const Vec t = x * 1.44269504088896341f + 0.5f;
   Vec n = __builtin_convertvector(__builtin_convertvector(t, IntVec), Vec);   // toward 0
   n = n > t ? n - 1.0f : n;                                                     // floor
-  x -= n * 0.693359375f;
-  x -= n * -2.12194440e-4f;
-  const Vec z = x * x;
-  Vec y = Vec{} + 1.9875691500e-4f;
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * z + x + 1.0f;
+  const Vec y = ExpOfRest(x, n);
   const IntVec bits = (__builtin_convertvector(n, IntVec) + 127) << 23;
   Vec scale;
   std::memcpy(&scale, &bits, sizeof scale);
