@@ -278,18 +278,37 @@ def count_lines(path):
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def kill_at_random(model_dir, input_path, output_path, db_path, rng, run_seconds):
-    """Starts the batch and kill -9s it after a random delay (a share of `run_seconds`, what a
-    whole run took: a faster engine must not outrun the kills) or a random number of new
-    lines; returns the line count it died at (None: it finished first). Sometimes then leaves
-    a torn line behind, as a write cut short would."""
+def writing_seconds(proc, output_path) -> float:
+    """Waits for a whole run; returns how long it wrote lines (its first to its last)."""
+    first = last = None
+    count = 0
+    while proc.poll() is None:
+        now, new_count = time.monotonic(), count_lines(output_path)
+        if new_count > count:
+            first, last, count = first or now, now, new_count
+        time.sleep(0.005)
+    assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+    return (last - first) if first is not None else 0.0
+
+
+def kill_at_random(model_dir, input_path, output_path, db_path, rng, writing):
+    """Starts the batch and kill -9s it after a random number of new lines, or a random
+    delay after its first new line (a share of `writing`, how long a whole run wrote lines:
+    timed from start-up, which a first run's compiles and kernel build lengthen, a faster
+    engine's kills would land after the end); returns the line count it died at (None: it
+    finished first). Sometimes then leaves a torn line behind, as a write cut short would."""
     before = count_lines(output_path)
     proc = start_cli(model_dir, input_path, output_path, db_path)
-    deadline = time.monotonic() + rng.uniform(0.2, 0.9) * run_seconds
+    delay = rng.uniform(0.0, 1.0) * writing
     target = before + rng.randint(1, 6)
     by_time = rng.random() < 0.3
+    deadline = None
     while proc.poll() is None:
-        if (time.monotonic() >= deadline) if by_time else (count_lines(output_path) >= target):
+        count = count_lines(output_path)
+        if deadline is None and count > before:
+            deadline = time.monotonic() + delay
+        due = deadline is not None and time.monotonic() >= deadline
+        if due if by_time else count >= target:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             break
@@ -322,11 +341,9 @@ def test_kill_9_at_random_moments_then_resume_is_exactly_once(model_dir, tmp_pat
     input_path = write_lines(tmp_path / "in.jsonl", lines)
     for name in ("reference", "killed"):
         new_ledger(tmp_path / f"{name}.db")
-    start = time.monotonic()
     reference = start_cli(model_dir, input_path, tmp_path / "reference.jsonl",
                           tmp_path / "reference.db")
-    assert reference.wait() == 0, reference.stderr.read().decode()[-2000:]
-    run_seconds = time.monotonic() - start
+    writing = writing_seconds(reference, tmp_path / "reference.jsonl")
 
     output = tmp_path / "killed.jsonl"
     deaths = []
@@ -335,7 +352,7 @@ def test_kill_9_at_random_moments_then_resume_is_exactly_once(model_dir, tmp_pat
     while len(deaths) < 4 or (len(deaths) < 8 and not any(
             d is not None and 0 < d < len(lines) for d in deaths)):
         deaths.append(kill_at_random(model_dir, input_path, output, tmp_path / "killed.db",
-                                     rng, run_seconds))
+                                     rng, writing))
     final = start_cli(model_dir, input_path, output, tmp_path / "killed.db")
     assert final.wait() == 0, final.stderr.read().decode()[-2000:]
     assert any(d is not None and 0 < d < len(lines) for d in deaths), f"{deaths=} {seed=}"
