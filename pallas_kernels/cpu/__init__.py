@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("ragged_paged_attention.cc", "quantized_matmul.cc",
                              "dense_matmul.cc"))
-HEADERS = (Path(__file__).with_name("for_each_item.h"),)   # included by the sources
+HEADERS = tuple(Path(__file__).with_name(name)   # included by the sources
+                for name in ("for_each_item.h", "vec16.h"))
 # FFI target name -> the handler's symbol in the library.
 TARGETS = {"ember_ragged_paged_attention": "EmberRaggedPagedAttention",
            "ember_quantized_matmul": "EmberQuantizedMatmul",

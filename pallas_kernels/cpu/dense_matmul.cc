@@ -17,20 +17,15 @@
 #include <cstring>
 
 #include "for_each_item.h"
+#include "vec16.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// 16 floats in whatever registers the target has (one AVX-512 register, two AVX ones).
-typedef float Vec __attribute__((vector_size(64)));
-
-inline Vec LoadVec(const float* from) {
-  Vec v;
-  std::memcpy(&v, from, sizeof v);
-  return v;
-}
+using ember_cpu::LoadVec;
+using ember_cpu::Vec;
 
 // A tile's accumulators must fit the registers: 24 of 32 with AVX-512, 6 (12 halves) of 16
 // without.

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "for_each_item.h"
+#include "vec16.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -150,14 +151,8 @@ float Dot(const float* a, const float* b, int64_t n) {
 
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
 #define EMBER_VECTOR_PAGES 1
-// 16 floats in whatever registers the target has (one AVX-512 register, two AVX ones).
-typedef float Vec __attribute__((vector_size(64)));
-
-inline Vec LoadVec(const float* from) {
-  Vec v;
-  std::memcpy(&v, from, sizeof v);
-  return v;
-}
+using ember_cpu::LoadVec;
+using ember_cpu::Vec;
 
 // Lane t of the result is the sum of x[t]'s 16 lanes: four rounds of pairing halves.
 inline Vec SumLanes(const Vec (&x)[16]) {
