@@ -59,9 +59,11 @@ import numpy as np
 from flax import nnx
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from models.layer_slice import stack_and_layer
+
 GROUP = 32            # int4 group, and GGUF's Q8_0/Q4_0/Q4_1 block size
 CPU_BLOCK_ROWS = 256  # rows of `in` per loop step on a CPU (module docstring)
-CPU_KERNEL_MAX_ROWS = 2   # x rows up to which a lone CPU uses the C++ kernel (_cpu_kernel_takes)
+CPU_KERNEL_MAX_ROWS = 8   # x rows up to which a lone CPU uses the C++ kernel (_cpu_kernel_takes)
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -281,8 +283,8 @@ def check_weight(weight: QuantizedWeight) -> None:
                      f"arrays, the scale's rows dividing in{' (in // 32, with minimum)' * int4}")
 
 
-def quantized_matmul(x: jax.Array, weight: QuantizedWeight, *, block_rows: int | None = None
-                     ) -> jax.Array:
+def quantized_matmul(x: jax.Array, weight: QuantizedWeight, *, block_rows: int | None = None,
+                     layer: jax.Array | None = None) -> jax.Array:
     """x @ dequantize(weight), in blocks of input rows, never a full-size float weight.
 
     Args:
@@ -291,9 +293,16 @@ def quantized_matmul(x: jax.Array, weight: QuantizedWeight, *, block_rows: int |
       weight: Int8Weight or Int4Weight of shape [in, out].
       block_rows: input rows per loop step, a multiple of 32 dividing in (None:
         `default_block_rows`; in: one dot).
+      layer: with it (i32[]), weight's arrays are every layer's stacked on a leading axis
+        and layer `layer` is taken: read in place by the CPU kernel, sliced out otherwise
+        (models/layer_slice.py).
     Returns:
       [..., out] in x.dtype.
     """
+    stacked = weight
+    if layer is not None:   # unused, and dropped by XLA, where the kernel takes the stack
+        weight = type(weight)(**{f.name: jax.lax.dynamic_index_in_dim(
+            getattr(weight, f.name), layer, keepdims=False) for f in dataclasses.fields(weight)})
     check_weight(weight)
     in_features, out_features = weight.shape
     rows = block_rows or default_block_rows(weight)
@@ -304,8 +313,8 @@ def quantized_matmul(x: jax.Array, weight: QuantizedWeight, *, block_rows: int |
     tokens = x.reshape(-1, in_features)                              # [T, in]
     if block_rows is None and _cpu_kernel_takes(tokens):
         from pallas_kernels.cpu import quantized_matmul_cpu
-        arrays = [getattr(weight, f.name) for f in dataclasses.fields(weight)]
-        product = quantized_matmul_cpu(tokens.astype(jnp.float32), *arrays)
+        arrays = [getattr(stacked, f.name) for f in dataclasses.fields(stacked)]
+        product = quantized_matmul_cpu(tokens.astype(jnp.float32), *arrays, layer=layer)
     elif rows == in_features:
         product = _block_product(tokens, weight)
     else:
@@ -401,8 +410,12 @@ class QuantizedLinear(nnx.Module):
 
     def __call__(self, x: jax.Array, num_rows: jax.Array | None = None) -> jax.Array:
         # num_rows (Linear's padding hint) is not needed: the CPU kernel takes only a
-        # decode's one or two rows, and the blocked loop's dots run on XLA.
-        y = quantized_matmul(x, self.quantized_weight, block_rows=self.block_rows)
+        # decode's few rows, and the blocked loop's dots run on XLA.
+        arrays = {f.name: stack_and_layer(getattr(self, f.name).get_value())
+                  for f in dataclasses.fields(self.weight_type)}
+        weight = self.weight_type(**{name: array for name, (array, _) in arrays.items()})
+        layer = next(iter(arrays.values()))[1]      # under scan, the stacks and the layer
+        y = quantized_matmul(x, weight, block_rows=self.block_rows, layer=layer)
         return y if self.bias is None else y + self.bias[...]
 
 

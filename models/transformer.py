@@ -31,6 +31,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from models.config import ModelConfig
+from models.layer_slice import LayerSlice, stack_and_layer
 from models.quantization import QuantizedLinear
 from pallas_kernels.cpu import DENSE_MIN_ROWS, dense_matmul_cpu
 
@@ -77,14 +78,16 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(_constant((out_features,), 0.0, dtype)) if bias else None
 
     def __call__(self, x: jax.Array, num_rows: jax.Array | None = None) -> jax.Array:
-        weight = self.weight[...]
+        weight, layer = stack_and_layer(self.weight.get_value())   # the stack, under scan
         tokens = x.reshape(-1, x.shape[-1])
+        # Fewer rows go to XLA's dot, as fast as the kernel where it reads the weight in
+        # place, but it would copy a scanned layer's weight out of the stack first.
         if (num_rows is not None and x.dtype == weight.dtype == jnp.float32
-                and tokens.shape[0] >= DENSE_MIN_ROWS):
-            y = dense_matmul_cpu(tokens, weight, num_rows)
-            y = y.reshape(*x.shape[:-1], weight.shape[1])
+                and (tokens.shape[0] >= DENSE_MIN_ROWS or layer is not None)):
+            y = dense_matmul_cpu(tokens, weight, num_rows, layer)
+            y = y.reshape(*x.shape[:-1], weight.shape[-1])
         else:
-            y = x @ weight
+            y = x @ self.weight[...]
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -236,13 +239,15 @@ class DecoderStack(nnx.Module):
             return kv_cache, x
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(carry, per_layer):
-            params, layer_index = per_layer
+        def body(carry, layer_index):
+            # Each parameter a LayerSlice of its stack (models/layer_slice.py), not the scan's
+            # slice of it: a CPU kernel then reads its layer in place, no copy made.
+            params = jax.tree.map(lambda stack: LayerSlice(stack, layer_index), stacked)
             return one(nnx.merge(graphdef, params), layer_index, *carry), None
 
         num_layers = jax.tree.leaves(stacked)[0].shape[0]
         (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache),
-                                        (stacked, jnp.arange(num_layers, dtype=jnp.int32)))
+                                        jnp.arange(num_layers, dtype=jnp.int32))
         return kv_cache, x
 
 

@@ -41,7 +41,7 @@ SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("ragged_paged_attention.cc", "quantized_matmul.cc",
                              "dense_matmul.cc"))
 HEADERS = tuple(Path(__file__).with_name(name)   # included by the sources
-                for name in ("for_each_item.h", "vec16.h"))
+                for name in ("for_each_item.h", "layer_stack.h", "vec16.h"))
 # FFI target name -> the handler's symbol in the library.
 TARGETS = {"ember_ragged_paged_attention": "EmberRaggedPagedAttention",
            "ember_quantized_matmul": "EmberQuantizedMatmul",
@@ -49,7 +49,8 @@ TARGETS = {"ember_ragged_paged_attention": "EmberRaggedPagedAttention",
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 300
 # Fewer rows than this and a product is bound by reading its weights, which XLA's dots do at
-# full speed, and its padding rows cost next to nothing: the dense kernel takes from here.
+# full speed, and its padding rows cost next to nothing: the dense kernel takes from here,
+# or any rows of a scanned layer's weight, which XLA's dot would first copy out of its stack.
 DENSE_MIN_ROWS = 16
 _lock = threading.Lock()
 _loaded: list[bool] = []     # [whether the kernel is registered], once tried
@@ -136,21 +137,29 @@ def ragged_paged_attention_cpu(q, kv_pages, kv_lens, page_indices, cu_q_lens, nu
                 soft_cap=np.float32(soft_cap or 0.0))
 
 
-def quantized_matmul_cpu(x, weight, scale, minimum=None):
+def quantized_matmul_cpu(x, weight, scale, minimum=None, layer=None):
     """f32[T, out] = x f32[T, in] @ the dequantized weight, for models/quantization.py's
     layouts (which checks the shapes): int8 `weight` i8[in, out] with scale f32|f16[in / group,
     out], or int4 `weight` packed u8[in / 2, out] with scale and minimum f32|f16[in / 32, out].
-    Only where `available()`."""
+    Stacked over layers (each array with a leading [L] axis), `layer` (i32[]) picks one: the
+    kernel reads it in place. Only where `available()`."""
     if minimum is None:
-        minimum = jnp.zeros((1,), jnp.float32)   # read only for int4
+        minimum = jnp.zeros((1, 1), jnp.float32)   # read only for int4
     call = jax.ffi.ffi_call("ember_quantized_matmul",
-                            jax.ShapeDtypeStruct((x.shape[0], weight.shape[1]), jnp.float32))
-    return call(x, weight, scale, minimum)
+                            jax.ShapeDtypeStruct((x.shape[0], weight.shape[-1]), jnp.float32))
+    return call(x, weight, scale, minimum, _layer_operand(layer))
 
 
-def dense_matmul_cpu(x, weight, num_rows):
+def dense_matmul_cpu(x, weight, num_rows, layer=None):
     """f32[T, out] = x f32[T, in] @ weight f32[in, out] for rows < num_rows i32[1] (clipped to
-    [0, T]); the rows after it are zeros, never computed. Only where `available()`."""
+    [0, T]); the rows after it are zeros, never computed. A stacked weight [L, in, out] and
+    `layer` (i32[]) take that layer in place. Only where `available()`."""
     call = jax.ffi.ffi_call("ember_dense_matmul",
-                            jax.ShapeDtypeStruct((x.shape[0], weight.shape[1]), jnp.float32))
-    return call(x, weight, num_rows)
+                            jax.ShapeDtypeStruct((x.shape[0], weight.shape[-1]), jnp.float32))
+    return call(x, weight, num_rows, _layer_operand(layer))
+
+
+def _layer_operand(layer) -> jax.Array:
+    """i32[1]: the layer of a stacked weight the kernel takes (0 for one matrix)."""
+    return jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,)).astype(
+        jnp.int32)

@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "for_each_item.h"
+#include "layer_stack.h"
 #include "vec16.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -109,16 +110,21 @@ void Block(const Problem& p, int64_t first_row, int64_t rows, int64_t first, int
   }
 }
 
-ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                       ffi::Buffer<ffi::S32> num_rows, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                       ffi::Buffer<ffi::S32> num_rows, ffi::Buffer<ffi::S32> layer_index,
+                       ffi::Result<ffi::Buffer<ffi::F32>> y) {
   auto x_dims = x.dimensions();
-  auto w_dims = w.dimensions();
-  if (x_dims.size() != 2 || w_dims.size() != 2 || x_dims[1] != w_dims[0] ||
-      num_rows.element_count() != 1) {
+  const ember_cpu::Matrix m = ember_cpu::MatrixOf(w);
+  if (x_dims.size() != 2 || m.layers == 0 || x_dims[1] != m.rows ||
+      w.element_type() != ffi::DataType::F32 || num_rows.element_count() != 1 ||
+      layer_index.element_count() != 1) {
     return ffi::Error::InvalidArgument("ember_dense_matmul: unexpected shapes "
                                        "(models/transformer.py checks them)");
   }
-  const Problem p{x.typed_data(), w.typed_data(), y->typed_data(), w_dims[0], w_dims[1]};
+  const Problem p{x.typed_data(),
+                  static_cast<const float*>(
+                      ember_cpu::LayerData(w, m, ember_cpu::LayerOf(layer_index, m))),
+                  y->typed_data(), m.rows, m.cols};
   const int64_t tokens = x_dims[0];
   const int64_t rows = std::clamp<int64_t>(num_rows.typed_data()[0], 0, tokens);
   std::memset(p.y + rows * p.out, 0, (tokens - rows) * p.out * sizeof(float));
@@ -137,7 +143,7 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     const int64_t first_row = group * group_rows, first = panel * width;
     Block(p, first_row, std::min(group_rows, rows - first_row), first,
           std::min(width, p.out - first));
-  });
+  }, ember_cpu::HelpersFor(rows * m.size() * sizeof(float)));
   return ffi::Error::Success();
 }
 
@@ -147,6 +153,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EmberDenseMatmul, DenseMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()    // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // w
+                                  .Arg<ffi::AnyBuffer>()           // w
                                   .Arg<ffi::Buffer<ffi::S32>>()    // num_rows
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // layer (of stacked ones)
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y

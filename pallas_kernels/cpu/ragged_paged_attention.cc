@@ -546,10 +546,18 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Any
   const int64_t live = std::clamp<int64_t>(num_seqs.typed_data()[0], 0, max_seqs);
   const AttendFn attend = AttendFor(p.head_dim);
   const std::vector<WorkItem> items = Plan(p, live, std::max<int64_t>(1, pool.num_threads()));
+  // The K/V bytes the query rows read (each its sequence's context): what it costs.
+  const int64_t token_bytes = 2 * p.num_kv_heads * p.head_dim *
+                              (quantized ? 1 : kv_type == ffi::DataType::F32 ? 4 : 2);
+  int64_t bytes = 0;
+  for (int64_t s = 0; s < live; ++s) {
+    const int64_t rows = std::clamp<int64_t>(p.cu_q_lens[s + 1] - p.cu_q_lens[s], 0, p.num_rows);
+    bytes += rows * std::max<int64_t>(p.kv_lens[s], 0) * token_bytes;
+  }
   ember_cpu::ForEachItem(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
     thread_local Scratch scratch;
     attend(p, items[i], scratch);
-  });
+  }, ember_cpu::HelpersFor(bytes));
   return ffi::Error::Success();
 }
 

@@ -128,22 +128,47 @@ def test_matmul_equals_the_dequantized_matmul(rng, name, block_rows):
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the C++ kernel is for a lone CPU")
 @pytest.mark.parametrize("name", ["int8", "int4", "Q8_0", "Q4_0", "Q4_1"])
-@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9])
 def test_a_decode_on_the_cpu_runs_the_kernel_and_equals_the_dequantized_matmul(rng, name, rows):
-    # 200 columns: not a multiple of the kernel's blocks; up to 2 rows take the C++ kernel
-    # (pallas_kernels/cpu/quantized_matmul.cc), more the loop of dots.
+    # 200 columns: three blocks of 64, one of 16 and 8 alone; up to 8 rows take the C++
+    # kernel (pallas_kernels/cpu/quantized_matmul.cc: rows in passes of 4, then 3, 2 or 1),
+    # more the loop of dots.
     weight = all_weights(rng, 192, 200)[name]
     x = rng.standard_normal((rows, 192)).astype(np.float32)
     step = jax.jit(quant.quantized_matmul)
-    assert ("ember_quantized_matmul" in step.lower(x, weight).as_text()) == (rows <= 2)
+    kernel = rows <= quant.CPU_KERNEL_MAX_ROWS
+    assert ("ember_quantized_matmul" in step.lower(x, weight).as_text()) == kernel
     exact = np.asarray(quant.dequantize(weight), np.float64)
     reference, magnitude = x @ exact, np.abs(x) @ np.abs(exact)
     assert (np.abs(np.asarray(step(x, weight)) - reference) <= 1e-6 * magnitude + 1e-6).all()
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the C++ kernel is for a lone CPU")
+@pytest.mark.parametrize("name", ["int8", "int4", "Q8_0", "Q4_1"])
+def test_the_kernel_reads_a_stacked_layer_in_place(rng, name):
+    # Scanned layers hand the kernel every layer's weights and the layer's index
+    # (models/layer_slice.py): each index gives that layer's product, an index outside the
+    # stack is clipped into it, and the compiled step slices nothing out of the stack.
+    in_features, out_features = 2048, 1088   # 64 chunks of inputs split over the threads
+    layers = [all_weights(rng, in_features, out_features)[name] for _ in range(3)]
+    stack = type(layers[0])(**{f: jnp.stack([getattr(w, f) for w in layers])
+                                for f in layers[0].__dataclass_fields__})
+    x = rng.standard_normal((2, in_features)).astype(np.float32)
+    step = jax.jit(lambda x, stack, layer: quant.quantized_matmul(x, stack, layer=layer))
+    hlo = step.lower(x, stack, jnp.int32(0)).compile().as_text()
+    assert "ember_quantized_matmul" in hlo and "dynamic-slice" not in hlo
+    for layer, expected_layer in ((0, 0), (1, 1), (2, 2), (7, 2), (-1, 0)):
+        exact = np.asarray(quant.dequantize(layers[expected_layer]), np.float64)
+        reference, magnitude = x @ exact, np.abs(x) @ np.abs(exact)
+        y = np.asarray(step(x, stack, jnp.int32(layer)))
+        assert (np.abs(y - reference) <= 1e-6 * magnitude + 1e-6).all(), layer
+
+
 def test_matmul_in_bfloat16_matches_the_dequantized_model_in_bfloat16(rng):
+    # More rows than the CPU kernel takes: the loop, whose blocks are cast to bf16 (the
+    # kernel computes in f32 from the exact weights, for any x dtype).
     weight = all_weights(rng)["Q4_1"]
-    x = jnp.asarray(rng.standard_normal((5, 96)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((quant.CPU_KERNEL_MAX_ROWS + 3, 96)), jnp.bfloat16)
     y = quant.quantized_matmul(x, weight)
     dense = jnp.dot(x, quant.dequantize(weight).astype(jnp.bfloat16),
                     preferred_element_type=jnp.float32).astype(jnp.bfloat16)

@@ -41,7 +41,9 @@ def test_real_rows_equal_the_float64_product_and_the_rest_are_zeros(tokens, inpu
     np.testing.assert_array_equal(y[real:], 0.0)
 
 
-def compiled_forward_text(model_dir, *, scan_layers, backend, dtype=None, tokens=16):
+def compiled_forward_text(model_dir, *, scan_layers, backend, dtype=None, tokens=16,
+                          optimized=False):
+    """The forward step's StableHLO, or with `optimized` the HLO XLA compiled."""
     config = load_config(model_dir, scan_layers=scan_layers, dtype=dtype)
     engine = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_pages=8,
                           max_model_len=32, warmup=False, backend=backend)
@@ -49,14 +51,16 @@ def compiled_forward_text(model_dir, *, scan_layers, backend, dtype=None, tokens
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     kv_cache = jax.ShapeDtypeStruct(kv_cache_shape(config, 8, 4), config.dtype)
     batch, indices = empty_batch(tokens, 4, 8)
-    return jit_steps(graphdef, engine).forward.lower(
+    lowered = jit_steps(graphdef, engine).forward.lower(
         abstract, kv_cache, batch, indices, np.full(tokens, -1, np.int32),
-        jax.ShapeDtypeStruct((4,), np.int32)).as_text()
+        jax.ShapeDtypeStruct((4,), np.int32))
+    return lowered.compile().as_text() if optimized else lowered.as_text()
 
 
 @pytest.mark.parametrize("scan_layers,backend,dtype,tokens,used", [
     (False, "auto", None, 16, True),           # f32 layers on the CPU's kernels
     (True, "cpu", None, 32, True),             # scanned too
+    (True, "cpu", None, 8, True),              # scanned, any rows: XLA's dot would copy
     (False, "auto", None, 8, False),           # few rows: bound by the weights' reads
     (False, "reference", None, 16, False),     # the plain-jnp path asked for
     (False, "auto", "bfloat16", 16, False),    # f32 weights only
@@ -66,3 +70,36 @@ def test_the_step_skips_padding_rows_only_for_f32_layers_on_the_cpu_kernels(
     text = compiled_forward_text(hf_model_dirs["llama"], scan_layers=scan_layers,
                                  backend=backend, dtype=dtype, tokens=tokens)
     assert ("ember_dense_matmul" in text) == used
+
+
+def test_a_stacked_weight_gives_the_layer_asked_for_clipped_into_the_stack():
+    # Scanned layers hand the kernel every layer's weight and the layer's index
+    # (models/layer_slice.py); an index outside the stack is clipped into it.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((20, 96)).astype(np.float32)
+    stack = rng.standard_normal((3, 96, 72)).astype(np.float32)
+    step = jax.jit(cpu.dense_matmul_cpu)
+    for layer, taken in ((0, 0), (1, 1), (2, 2), (5, 2), (-4, 0)):
+        y = np.asarray(step(x, stack, jnp.asarray([17], jnp.int32), jnp.int32(layer)))
+        exact = x[:17].astype(np.float64) @ stack[taken]
+        magnitude = np.abs(x[:17]).astype(np.float64) @ np.abs(stack[taken])
+        assert (np.abs(y[:17] - exact) <= 1e-6 * magnitude + 1e-6).all(), layer
+        np.testing.assert_array_equal(y[17:], 0.0)
+
+
+@pytest.mark.parametrize("backend,tokens,copied", [("cpu", 16, False), ("cpu", 1, False),
+                                                    ("reference", 16, True)])
+def test_scanned_layers_copy_no_weight_out_of_the_stack_for_the_kernel(hf_model_dirs, backend,
+                                                                       tokens, copied):
+    # A dynamic-slice of a stacked weight [L, in, out] feeding an unfused operand is a copy
+    # of that layer's weight each step. The kernel reads the layer in place, at any rows;
+    # XLA's own dots (the reference path) still take the copied slice, which shows the check
+    # sees one.
+    text = compiled_forward_text(hf_model_dirs["llama"], scan_layers=True, backend=backend,
+                                 tokens=tokens, optimized=True)
+    config = load_config(hf_model_dirs["llama"])
+    h, i = config.hidden_size, config.intermediate_size
+    weight_slices = [f"f32[1,{h},{i}]", f"f32[1,{i},{h}]", f"f32[1,{h},{h}]"]
+    sliced = [line for line in text.splitlines()
+              if "dynamic-slice(" in line and any(s in line for s in weight_slices)]
+    assert bool(sliced) == copied
