@@ -39,11 +39,14 @@ block at a time. Batch 1 at 4096 x 14336, best of 5, ranges over runs on 2 cores
 other jobs (scripts/bench_quant_matmul.py): f32 dense 9-31 ms; the loop 10-20 ms (int8, Q8_0,
 Q4_1), 15-23 ms (int4 from floats); every materialising form 215-5400 ms. At 576 x 1536 all
 forms are within noise of each other (0.1-0.3 ms; the weight fits in cache).
-So a CPU loops (`default_block_rows`), except for a decode's one or two rows on a lone CPU
+So a CPU loops (`default_block_rows`), except for a decode's rows (up to 8) on a lone CPU
 device, which go to a C++ kernel through the XLA FFI (pallas_kernels/cpu/quantized_matmul.cc:
-each group's weights converted in registers and folded into per-group sums): SmolLM2's int4
-batch-1 decode 57.9 -> 104.5 tok/s on this project's CPU (README). Prompts keep the loop,
-whose dots beat the kernel from about 4 rows on. A GPU or TPU gets one dot over the whole expression
+the weights converted in registers and folded into per-group sums, read at 31-37 GB/s):
+SmolLM2's int4 batch-1 decode 57.9 -> 104.5 -> 112-116 tok/s on this project's CPU (README,
+docs/perf.md). It beats the loop up to 64 rows (2-4x at 1-8) and ties it at 512; more rows
+than 8 keep the loop, which gave the same 64-request throughput. Under scan the kernel reads
+the layer out of the stacked arrays in place (models/layer_slice.py).
+A GPU or TPU gets one dot over the whole expression
 (block_rows = in), the form XLA fuses into its GEMM (the convert in the operand's prologue)
 instead of a loop of small GEMVs: not yet measured on a device; run the bench there.
 """
