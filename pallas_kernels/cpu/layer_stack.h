@@ -1,7 +1,7 @@
 // A weight operand of the CPU kernels in this folder: one matrix [rows, cols], or a stack of
 // them [layers, rows, cols] and the index of the layer a call takes. Scanned layers hand the
 // kernels their whole stacked weights and the layer's index, so that no layer's weights are
-// copied out of the stack each step (models/transformer.py, LayerSlice).
+// copied out of the stack each step (models/layer_slice.py).
 
 #ifndef EMBER_PALLAS_KERNELS_CPU_LAYER_STACK_H_
 #define EMBER_PALLAS_KERNELS_CPU_LAYER_STACK_H_
