@@ -45,7 +45,10 @@ the weights converted in registers and folded into per-group sums, read at 31-37
 SmolLM2's int4 batch-1 decode 57.9 -> 104.5 -> 112-116 tok/s on this project's CPU (README,
 docs/perf.md). It beats the loop up to 64 rows (2-4x at 1-8) and ties it at 512; more rows
 than 8 keep the loop, which gave the same 64-request throughput. Under scan the kernel reads
-the layer out of the stacked arrays in place (models/layer_slice.py).
+the layer out of the stacked arrays in place (models/layer_slice.py). A weight whose f32 form
+fits CPU_ONE_DOT_BYTES (16 MB: every SmolLM2 projection, not an 8B model's) is one dot, not
+a loop: its converted copy is a temporary that small, and SmolLM2's 64 requests (prompts of
+8,192 tokens, the loop's blocks of 192-256 rows) ran 20-30% faster so (docs/perf.md).
 A GPU or TPU gets one dot over the whole expression
 (block_rows = in), the form XLA fuses into its GEMM (the convert in the operand's prologue)
 instead of a loop of small GEMVs: not yet measured on a device; run the bench there.
@@ -66,6 +69,7 @@ from models.layer_slice import stack_and_layer
 
 GROUP = 32            # int4 group, and GGUF's Q8_0/Q4_0/Q4_1 block size
 CPU_BLOCK_ROWS = 256  # rows of `in` per loop step on a CPU (module docstring)
+CPU_ONE_DOT_BYTES = 16 << 20   # a weight whose f32 form is no larger is one dot on a CPU
 CPU_KERNEL_MAX_ROWS = 8   # x rows up to which a lone CPU uses the C++ kernel (_cpu_kernel_takes)
 
 
@@ -258,11 +262,14 @@ def dequantize(weight: QuantizedWeight) -> jax.Array:
 
 
 def default_block_rows(weight: QuantizedWeight, backend: str | None = None) -> int:
-    """Input rows per step of the loop: all of them off a CPU (one dot for XLA to fuse); on a
-    CPU the largest multiple of 32 up to CPU_BLOCK_ROWS that divides `in` (all of them when
-    `in` is not a multiple of 32). backend: a jax platform name, None: jax.default_backend()."""
-    in_features = weight.shape[0]
-    if (backend or jax.default_backend()) != "cpu":
+    """Input rows per step of the loop: all of them off a CPU (one dot for XLA to fuse), and on
+    a CPU for a weight whose f32 form fits CPU_ONE_DOT_BYTES (one dot, its converted copy a
+    passing temporary: SmolLM2's 64 requests ran 20-25% faster so than in blocks); otherwise
+    the largest multiple of 32 up to CPU_BLOCK_ROWS that divides `in` (all of them when `in`
+    is not a multiple of 32). backend: a jax platform name, None: jax.default_backend()."""
+    in_features, out_features = weight.shape
+    if ((backend or jax.default_backend()) != "cpu"
+            or in_features * out_features * 4 <= CPU_ONE_DOT_BYTES):
         return in_features
     for rows in range(CPU_BLOCK_ROWS - CPU_BLOCK_ROWS % GROUP, 0, -GROUP):
         if in_features % rows == 0:

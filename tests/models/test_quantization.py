@@ -178,9 +178,14 @@ def test_matmul_in_bfloat16_matches_the_dequantized_model_in_bfloat16(rng):
 
 
 def test_cpu_step_never_builds_the_whole_float_weight(rng):
+    # A weight whose f32 form is past CPU_ONE_DOT_BYTES (16 MB) runs in blocks of 256 input
+    # rows; one within it is one dot (its float copy a small temporary).
+    large, _ = gguf_weight(rng, GGML.Q4_1, 4096, 1088)         # 17.8 MB in f32
+    assert quant.default_block_rows(large, "cpu") == 256
+    assert quant.default_block_rows(large, "gpu") == 4096
     weight = all_weights(rng, 1024, 64)["Q4_1"]
     x = jnp.ones((1, 1024), jnp.float32)
-    assert quant.default_block_rows(weight, "cpu") == 256
+    assert quant.default_block_rows(weight, "cpu") == 1024
 
     def largest_float_array(block_rows):
         step = functools.partial(quant.quantized_matmul, block_rows=block_rows)
