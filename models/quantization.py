@@ -264,7 +264,7 @@ def dequantize(weight: QuantizedWeight) -> jax.Array:
 def default_block_rows(weight: QuantizedWeight, backend: str | None = None) -> int:
     """Input rows per step of the loop: all of them off a CPU (one dot for XLA to fuse), and on
     a CPU for a weight whose f32 form fits CPU_ONE_DOT_BYTES (one dot, its converted copy a
-    passing temporary: SmolLM2's 64 requests ran 20-25% faster so than in blocks); otherwise
+    passing temporary: SmolLM2's 64 requests ran 20-30% faster so than in blocks); otherwise
     the largest multiple of 32 up to CPU_BLOCK_ROWS that divides `in` (all of them when `in`
     is not a multiple of 32). backend: a jax platform name, None: jax.default_backend()."""
     in_features, out_features = weight.shape
@@ -295,7 +295,7 @@ def check_weight(weight: QuantizedWeight) -> None:
 
 def quantized_matmul(x: jax.Array, weight: QuantizedWeight, *, block_rows: int | None = None,
                      layer: jax.Array | None = None) -> jax.Array:
-    """x @ dequantize(weight), in blocks of input rows, never a full-size float weight.
+    """x @ dequantize(weight), in blocks of input rows, never a large float weight.
 
     Args:
       x: [..., in], f32 or bf16; each block of weights is cast to x.dtype, products
