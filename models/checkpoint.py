@@ -28,13 +28,15 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+from gguf import GGMLQuantizationType
 
 from models.assembly import (CheckpointError, ModelAssembly, abstract_model, hf_name,
                              is_linear_weight)
 from models.config import ModelConfig
 from models.dummy import dummy_model
 from models.mapped import MappedArrayError, map_array, reserve_file_descriptors
-from models.quantization import GGUF_FORMATS, INT4, INT8, from_gguf_blocks
+from models.quantization import (GGUF_FORMATS, INT4, INT8, from_gguf_blocks,
+                                 table_from_gguf_blocks)
 from models.sharding import ShardingPlan
 from models.transformer import Transformer
 
@@ -184,7 +186,8 @@ def _load_gguf(path: Path, dtype: str | None, plan: ShardingPlan | None,
                scan_layers: bool, quantization: str | None) -> Transformer:
     """A GGUF file's weights (models/gguf.py): kept projections as their blocks, converted
     without a float round trip (`from_gguf_blocks`), the rest dequantized to float as each
-    is placed (and quantized again for "int8" / "int4")."""
+    is placed (and quantized again for "int8" / "int4"). Kept on a CPU, a tied head's Q8_0
+    table is held as its blocks too (ModelConfig.tied_head_blocks), beside the f32 table."""
     from models.gguf import read_gguf
 
     checkpoint = read_gguf(path)
@@ -193,7 +196,14 @@ def _load_gguf(path: Path, dtype: str | None, plan: ShardingPlan | None,
         raise ValueError(f"the sharding plan is for {plan.config}, not for {path} ({config})")
     kept = quantization is None
     formats = _gguf_formats(checkpoint.tensors()) if kept else _load_formats(quantization)
-    config = dataclasses.replace(config, quantization=formats)
+    table = dict(checkpoint.tensors()).get("model.embed_tokens.weight")
+    # A tied head keeps the table's Q8_0 blocks too, for the CPU kernel that reads them (one
+    # device: under a plan XLA shards the head, which the kernel is not).
+    head_blocks = (kept and plan is None and jax.default_backend() == "cpu"
+                   and config.tie_word_embeddings and table is not None
+                   and table.qtype == GGMLQuantizationType.Q8_0 and config.hidden_size % 32 == 0
+                   and table.offset == 0 and table.row_order is None)
+    config = dataclasses.replace(config, quantization=formats, tied_head_blocks=head_blocks)
 
     def weight(name: str, tensor):
         parts = name.split(".")
@@ -201,8 +211,15 @@ def _load_gguf(path: Path, dtype: str | None, plan: ShardingPlan | None,
             return from_gguf_blocks(tensor.qtype, tensor.blocks, tensor.shape)
         return tensor.dequantize()
 
-    tensors = ((name, weight(name, tensor)) for name, tensor in checkpoint.tensors())
-    return load_from_tensors(config, tensors, source=path, plan=plan)
+    def tensors():
+        for name, tensor in checkpoint.tensors():
+            yield name, weight(name, tensor)
+            if head_blocks and name == "model.embed_tokens.weight":
+                q, scale = table_from_gguf_blocks(tensor.blocks, tensor.shape)
+                yield "model.embed_tokens.head_q", q
+                yield "model.embed_tokens.head_scale", scale
+
+    return load_from_tensors(config, tensors(), source=path, plan=plan)
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:

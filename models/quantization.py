@@ -241,6 +241,24 @@ def from_gguf_blocks(qtype: GGMLQuantizationType | int, blocks: np.ndarray,
     return Int4Weight(packed, scale, minimum)
 
 
+def table_from_gguf_blocks(blocks: np.ndarray, shape: tuple[int, int]
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """A GGUF Q8_0 table (an embedding, [rows, hidden]) in its own order, table_matmul's
+    operands: (q i8[rows, hidden], scale f16[rows, hidden / 32]), the file's values.
+
+    Raises:
+      ValueError naming the shape when `blocks` are not Q8_0 blocks of it.
+    """
+    rows, hidden = shape
+    if hidden % GROUP or blocks.dtype != np.uint8 or blocks.size != rows * hidden // GROUP * 34:
+        raise ValueError(f"Q8_0 blocks {blocks.dtype}{list(blocks.shape)} for shape="
+                         f"{tuple(shape)}: expected {rows * hidden // GROUP * 34} uint8 bytes "
+                         f"and hidden a multiple of {GROUP}")
+    cells = np.ascontiguousarray(blocks).reshape(rows, hidden // GROUP, 34)
+    return (np.ascontiguousarray(cells[..., 2:]).view(np.int8).reshape(rows, hidden),
+            np.ascontiguousarray(cells[..., 0:2]).view(np.float16)[..., 0])
+
+
 def _dequantize_rows(weight: QuantizedWeight) -> tuple[jax.Array, ...]:
     """f32 weights of a block of rows, grouped: ([groups, rows_per_group, out], ...) for int8;
     (low [groups, 16, out], high [groups, 16, out]) for int4, the rows 0..15 and 16..31 of
@@ -344,6 +362,38 @@ def _cpu_kernel_takes(tokens: jax.Array) -> bool:
         return False
     from pallas_kernels.cpu import available
     return available()
+
+
+def quantize_table(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A [rows, hidden] table (hidden a multiple of 32) in Q8_0's form, one row each: (q
+    i8[rows, hidden], scale f32[rows, hidden / 32]), each block of 32 scaled by its own
+    largest magnitude; table_matmul's operands."""
+    weight = quantize_int8(np.asarray(table, np.float32).T, GROUP)
+    return np.ascontiguousarray(np.asarray(weight.q).T), np.ascontiguousarray(
+        np.asarray(weight.scale).T)
+
+
+def table_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array | None:
+    """f32[..., rows] = x [..., hidden] @ the table's transpose, for a table held as Q8_0
+    blocks one row each (q i8[rows, hidden], scale f32|f16[rows, hidden / 32]; a tied LM
+    head's copy of a GGUF embedding table): through the C++ kernel
+    (pallas_kernels/cpu/table_matmul.cc) where it takes x's rows (a decode's few, on a lone
+    CPU device), else None: the caller multiplies by its float table.
+
+    Raises:
+      ValueError naming the shapes when they do not make one table of x's width.
+    """
+    rows, hidden = q.shape if q.ndim == 2 else (0, 0)
+    if (not hidden or x.shape[-1] != hidden or hidden % GROUP
+            or tuple(scale.shape) != (rows, hidden // GROUP)):
+        raise ValueError(f"x.shape={x.shape}, q.shape={q.shape}, scale.shape={scale.shape}: "
+                         f"expected x [..., hidden], q [rows, hidden], scale [rows, hidden / "
+                         f"{GROUP}], hidden a multiple of {GROUP}")
+    tokens = x.reshape(-1, hidden)
+    if not _cpu_kernel_takes(tokens):
+        return None
+    from pallas_kernels.cpu import table_matmul_cpu
+    return table_matmul_cpu(tokens.astype(jnp.float32), q, scale).reshape(*x.shape[:-1], rows)
 
 
 def _blocked_product(tokens: jax.Array, weight: QuantizedWeight, rows: int) -> jax.Array:

@@ -32,7 +32,7 @@ from jaxtyping import Array, Float, Int
 
 from models.config import ModelConfig
 from models.layer_slice import LayerSlice, stack_and_layer
-from models.quantization import QuantizedLinear
+from models.quantization import QuantizedLinear, quantize_table, table_matmul
 from pallas_kernels.cpu import DENSE_MIN_ROWS, dense_matmul_cpu
 
 
@@ -102,11 +102,37 @@ def linear(config: ModelConfig, projection: str, in_features: int, out_features:
 
 
 class Embedding(nnx.Module):
-    def __init__(self, vocab_size: int, hidden_size: int, *, dtype, rngs: nnx.Rngs | None):
+    """The token table [vocab, hidden]; with `head_blocks` (ModelConfig.tied_head_blocks) also
+    its Q8_0 blocks, one token's row each (head_q i8[vocab, hidden], head_scale f16[vocab,
+    hidden / 32], a GGUF file's own), which a tied LM head reads for a decode's few rows."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, dtype, rngs: nnx.Rngs | None,
+                 head_blocks: bool = False):
         self.weight = _init(rngs, (vocab_size, hidden_size), dtype)
+        head_q = head_scale = None
+        if head_blocks and rngs is None:
+            head_q = nnx.Param(jax.ShapeDtypeStruct((vocab_size, hidden_size), jnp.int8))
+            head_scale = nnx.Param(jax.ShapeDtypeStruct((vocab_size, hidden_size // 32),
+                                                        jnp.float16))
+        elif head_blocks:   # random weights: the table is its blocks' values
+            q, scale = quantize_table(np.asarray(self.weight[...], np.float32))
+            scale = scale.astype(np.float16)
+            head_q, head_scale = nnx.Param(jnp.asarray(q)), nnx.Param(jnp.asarray(scale))
+            values = q.reshape(vocab_size, -1, 32) * scale.astype(np.float32)[..., None]
+            self.weight = nnx.Param(jnp.asarray(values.reshape(vocab_size, hidden_size), dtype))
+        self.head_q, self.head_scale = head_q, head_scale
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...], ids, axis=0)
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """hidden @ the table's transpose in f32: [..., hidden] -> [..., vocab]; from the Q8_0
+        blocks where the CPU kernel takes the rows (models/quantization.table_matmul)."""
+        if self.head_q is not None:
+            logits = table_matmul(hidden, self.head_q[...], self.head_scale[...])
+            if logits is not None:
+                return logits
+        return jnp.dot(hidden, self.weight[...].T, preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nnx.Module):
@@ -206,7 +232,7 @@ class DecoderStack(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=config.dtype,
-                                      rngs=rngs)
+                                      rngs=rngs, head_blocks=config.tied_head_blocks)
         self.scan_layers = config.scan_layers
         if config.scan_layers:
             self.layers = stacked_layers(config, rngs)
@@ -307,10 +333,8 @@ class Transformer(nnx.Module):
     def logits(self, hidden: Float[Array, "*rows hidden"]) -> Float[Array, "*rows vocab"]:
         """The LM head in float32 accumulation: [..., hidden] -> [..., vocab]."""
         if self.lm_head is None:
-            weight = self.model.embed_tokens.weight[...].T
-        else:
-            weight = self.lm_head.weight[...]
-        return jnp.dot(hidden, weight, preferred_element_type=jnp.float32)
+            return self.model.embed_tokens.head(hidden)
+        return jnp.dot(hidden, self.lm_head.weight[...], preferred_element_type=jnp.float32)
 
     def forward_dense(self, input_ids: Int[Array, "batch length"]
                       ) -> Float[Array, "batch length vocab"]:

@@ -39,13 +39,14 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("ragged_paged_attention.cc", "quantized_matmul.cc",
-                             "dense_matmul.cc"))
+                             "dense_matmul.cc", "table_matmul.cc"))
 HEADERS = tuple(Path(__file__).with_name(name)   # included by the sources
                 for name in ("for_each_item.h", "layer_stack.h", "vec16.h"))
 # FFI target name -> the handler's symbol in the library.
 TARGETS = {"ember_ragged_paged_attention": "EmberRaggedPagedAttention",
            "ember_quantized_matmul": "EmberQuantizedMatmul",
-           "ember_dense_matmul": "EmberDenseMatmul"}
+           "ember_dense_matmul": "EmberDenseMatmul",
+           "ember_table_matmul": "EmberTableMatmul"}
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 300
 # Fewer rows than this and a product is bound by reading its weights, which XLA's dots do at
@@ -157,6 +158,15 @@ def dense_matmul_cpu(x, weight, num_rows, layer=None):
     call = jax.ffi.ffi_call("ember_dense_matmul",
                             jax.ShapeDtypeStruct((x.shape[0], weight.shape[-1]), jnp.float32))
     return call(x, weight, num_rows, _layer_operand(layer))
+
+
+def table_matmul_cpu(x, q, scale):
+    """f32[T, out] = x f32[T, in] @ the dequantized table's transpose, for a table held one
+    output per row: q i8[out, in], scale f32|f16[out, in / 32] (a GGUF Q8_0 embedding
+    table's own order; models/quantization.py checks the shapes). Only where `available()`."""
+    call = jax.ffi.ffi_call("ember_table_matmul",
+                            jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32))
+    return call(x, q, scale)
 
 
 def _layer_operand(layer) -> jax.Array:

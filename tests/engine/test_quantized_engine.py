@@ -6,6 +6,7 @@ close to the float cache and fits more pages in less memory; nothing compiles af
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -15,6 +16,7 @@ from engine import LLM, EngineConfig, SamplingParams
 from engine.worker import runner as runner_module
 from engine.worker.sizing import page_bytes, pages_that_fit
 from models.checkpoint import PROJECTIONS, load_config
+from pallas_kernels import cpu as cpu_kernels
 from tests.gguf_files import write_model_gguf
 
 SMALL = dict(max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_pages=64,
@@ -71,6 +73,33 @@ def test_kept_gguf_blocks_give_the_dequantized_models_tokens(quantized_gguf, sca
         for got_step, want_step in zip(got.logprobs, want.logprobs, strict=True):
             token = next(iter(want_step))
             assert abs(got_step[token].logprob - want_step[token].logprob) < 1e-4
+
+
+def test_a_tied_heads_q8_0_table_gives_the_dequantized_models_tokens(hf_model_dirs, tmp_path):
+    # Qwen2's tiny model ties its head to the embedding; kept, the file's Q8_0 table is also
+    # held as its blocks, which the head reads for a decode's few rows (the C++ kernel on a
+    # CPU), the f32 table for more rows (prompt logprobs) and for the tokens' embeddings.
+    path = write_model_gguf(hf_model_dirs["qwen2"], tmp_path / "tied.gguf", BLOCKS)
+    prompts = _prompts(2)
+    kept = LLM(path, quantization=None, **SMALL)
+    runner = kept.engine.runner
+    model = nnx.merge(runner.graphdef, runner.params)
+    assert model.config.tied_head_blocks and model.lm_head is None
+    table = model.model.embed_tokens
+    assert table.head_q[...].dtype == jnp.int8 and table.head_scale[...].dtype == jnp.float16
+    hidden = jnp.ones((1, model.config.hidden_size), jnp.float32)
+    uses_kernel = "ember_table_matmul" in nnx.jit(lambda m, h: m.logits(h)).lower(
+        model, hidden).as_text()
+    assert uses_kernel == (jax.default_backend() == "cpu" and cpu_kernels.available())
+    dequantized = LLM(path, quantization="none", **SMALL)
+    assert "head_q" not in str(nnx.to_flat_state(dequantized.engine.runner.params))
+    for got, want in zip(_greedy(kept, prompts), _greedy(dequantized, prompts), strict=True):
+        assert got.token_ids == want.token_ids
+        for got_step, want_step in zip(got.logprobs, want.logprobs, strict=True):
+            token = next(iter(want_step))
+            assert abs(got_step[token].logprob - want_step[token].logprob) < 1e-4
+    np.testing.assert_allclose(_prompt_logprobs(kept, prompts),
+                               _prompt_logprobs(dequantized, prompts), atol=1e-4)
 
 
 # int8 per channel is 1 byte + a f32 scale per 64 inputs here (hidden 64): 0.27 of f32;

@@ -144,6 +144,43 @@ def test_a_decode_on_the_cpu_runs_the_kernel_and_equals_the_dequantized_matmul(r
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the C++ kernel is for a lone CPU")
+@pytest.mark.parametrize("scale_dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9])
+def test_a_tied_heads_q8_0_table_gives_the_dequantized_tables_logits(rng, rows, scale_dtype):
+    # A GGUF token_embd's own Q8_0 blocks, one token's row each (table_from_gguf_blocks):
+    # 203 tokens (whole runs of 8, 4 or 2 outputs, then single ones) of 96 inputs (3
+    # blocks). Up to 8 rows take the C++ kernel (pallas_kernels/cpu/table_matmul.cc);
+    # more return None, for the caller's float table.
+    table = rng.standard_normal((203, 96)).astype(np.float32)
+    blocks = quants.quantize(table, GGML.Q8_0)
+    q, scale = quant.table_from_gguf_blocks(blocks, table.shape)
+    exact = quants.dequantize(blocks, GGML.Q8_0).astype(np.float64)
+    np.testing.assert_array_equal(
+        q.reshape(203, 3, 32) * scale.astype(np.float64)[..., None], exact.reshape(203, 3, 32))
+    x = rng.standard_normal((rows, 96)).astype(np.float32)
+    step = jax.jit(quant.table_matmul)
+    if rows > quant.CPU_KERNEL_MAX_ROWS:
+        assert step(x, q, scale) is None
+        return
+    scale = scale.astype(scale_dtype)
+    assert "ember_table_matmul" in step.lower(x, q, scale).as_text()
+    y = np.asarray(step(x, q, scale))
+    reference, magnitude = x @ exact.T, np.abs(x) @ np.abs(exact).T
+    assert y.shape == (rows, 203) and y.dtype == np.float32
+    assert (np.abs(y - reference) <= 1e-6 * magnitude + 1e-6).all()
+
+
+def test_a_table_of_the_wrong_shape_is_refused_with_the_shapes(rng):
+    q, scale = quant.quantize_table(rng.standard_normal((10, 64)))
+    with pytest.raises(ValueError, match=r"x.shape=\(1, 63\), q.shape=\(10, 64\)"):
+        quant.table_matmul(jnp.ones((1, 63)), q, scale)
+    with pytest.raises(ValueError, match=r"scale.shape=\(10, 3\)"):
+        quant.table_matmul(jnp.ones((1, 64)), q, np.ones((10, 3), np.float32))
+    with pytest.raises(ValueError, match=r"Q8_0 blocks uint8\[10, 68\] for shape=\(10, 96\)"):
+        quant.table_from_gguf_blocks(np.zeros((10, 68), np.uint8), (10, 96))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the C++ kernel is for a lone CPU")
 @pytest.mark.parametrize("name", ["int8", "int4", "Q8_0", "Q4_1"])
 def test_the_kernel_reads_a_stacked_layer_in_place(rng, name):
     # Scanned layers hand the kernel every layer's weights and the layer's index
