@@ -186,8 +186,9 @@ def _load_gguf(path: Path, dtype: str | None, plan: ShardingPlan | None,
                scan_layers: bool, quantization: str | None) -> Transformer:
     """A GGUF file's weights (models/gguf.py): kept projections as their blocks, converted
     without a float round trip (`from_gguf_blocks`), the rest dequantized to float as each
-    is placed (and quantized again for "int8" / "int4"). Kept on a CPU, a tied head's Q8_0
-    table is held as its blocks too (ModelConfig.tied_head_blocks), beside the f32 table."""
+    is placed (and quantized again for "int8" / "int4"). Kept on a CPU, a Q8_0 LM head (or
+    the Q8_0 embedding a head is tied to) is held as its blocks too (ModelConfig.head_blocks),
+    beside the float head."""
     from models.gguf import read_gguf
 
     checkpoint = read_gguf(path)
@@ -196,14 +197,15 @@ def _load_gguf(path: Path, dtype: str | None, plan: ShardingPlan | None,
         raise ValueError(f"the sharding plan is for {plan.config}, not for {path} ({config})")
     kept = quantization is None
     formats = _gguf_formats(checkpoint.tensors()) if kept else _load_formats(quantization)
-    table = dict(checkpoint.tensors()).get("model.embed_tokens.weight")
-    # A tied head keeps the table's Q8_0 blocks too, for the CPU kernel that reads them (one
-    # device: under a plan XLA shards the head, which the kernel is not).
+    head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    head = dict(checkpoint.tensors()).get(head_name)
+    # The head keeps its Q8_0 blocks too, for the CPU kernel that reads them (one device:
+    # under a plan XLA shards the head, which the kernel is not).
     head_blocks = (kept and plan is None and jax.default_backend() == "cpu"
-                   and config.tie_word_embeddings and table is not None
-                   and table.qtype == GGMLQuantizationType.Q8_0 and config.hidden_size % 32 == 0
-                   and table.offset == 0 and table.row_order is None)
-    config = dataclasses.replace(config, quantization=formats, tied_head_blocks=head_blocks)
+                   and head is not None and head.qtype == GGMLQuantizationType.Q8_0
+                   and config.hidden_size % 32 == 0 and head.offset == 0
+                   and head.row_order is None)
+    config = dataclasses.replace(config, quantization=formats, head_blocks=head_blocks)
 
     def weight(name: str, tensor):
         parts = name.split(".")
@@ -214,10 +216,10 @@ def _load_gguf(path: Path, dtype: str | None, plan: ShardingPlan | None,
     def tensors():
         for name, tensor in checkpoint.tensors():
             yield name, weight(name, tensor)
-            if head_blocks and name == "model.embed_tokens.weight":
+            if head_blocks and name == head_name:
                 q, scale = table_from_gguf_blocks(tensor.blocks, tensor.shape)
-                yield "model.embed_tokens.head_q", q
-                yield "model.embed_tokens.head_scale", scale
+                yield "head_blocks.q", q
+                yield "head_blocks.scale", scale
 
     return load_from_tensors(config, tensors(), source=path, plan=plan)
 

@@ -75,9 +75,9 @@ class ModelConfig:
     `quantization` says how linear weights are held: (projection, QuantFormat) pairs, e.g.
     (("q_proj", INT4), ...); a projection listed is a QuantizedLinear in every layer
     (models/quantization.py), the others (and embeddings, the LM head) are float.
-    `tied_head_blocks`: a tied LM head also holds the embedding table as a GGUF file's Q8_0
-    blocks, one token's row each (`Embedding.head_q` / `head_scale`), which the CPU kernel
-    reads for a decode's few rows: a quarter of the f32 table's bytes (models/transformer.py).
+    `head_blocks`: the LM head (tied: the embedding table) is also held as a GGUF file's Q8_0
+    blocks, one token's row each (`Transformer.head_blocks`), which the CPU kernel reads for a
+    decode's few rows: a quarter of the f32 head's bytes (models/transformer.py).
     """
 
     vocab_size: int
@@ -103,7 +103,7 @@ class ModelConfig:
     dtype: str = "float32"
     scan_layers: bool = True
     quantization: tuple = ()   # ((projection, QuantFormat), ...): see the docstring
-    tied_head_blocks: bool = False   # see the docstring
+    head_blocks: bool = False   # see the docstring
 
     def __post_init__(self) -> None:
         if self.architecture not in _ARCHITECTURES:
@@ -124,10 +124,9 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
-        if self.tied_head_blocks and not (self.tie_word_embeddings and self.hidden_size % 32 == 0):
-            raise ValueError(f"tied_head_blocks=True needs tie_word_embeddings=True and a "
-                             f"hidden_size that is a multiple of 32 (got "
-                             f"{self.tie_word_embeddings}, {self.hidden_size})")
+        if self.head_blocks and self.hidden_size % 32:
+            raise ValueError(f"head_blocks=True needs a hidden_size that is a multiple of 32 "
+                             f"(Q8_0 blocks), got {self.hidden_size}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim}: expected an even number (rotary pairs)")
 

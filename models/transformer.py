@@ -102,37 +102,34 @@ def linear(config: ModelConfig, projection: str, in_features: int, out_features:
 
 
 class Embedding(nnx.Module):
-    """The token table [vocab, hidden]; with `head_blocks` (ModelConfig.tied_head_blocks) also
-    its Q8_0 blocks, one token's row each (head_q i8[vocab, hidden], head_scale f16[vocab,
-    hidden / 32], a GGUF file's own), which a tied LM head reads for a decode's few rows."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, *, dtype, rngs: nnx.Rngs | None,
-                 head_blocks: bool = False):
+    def __init__(self, vocab_size: int, hidden_size: int, *, dtype, rngs: nnx.Rngs | None):
         self.weight = _init(rngs, (vocab_size, hidden_size), dtype)
-        head_q = head_scale = None
-        if head_blocks and rngs is None:
-            head_q = nnx.Param(jax.ShapeDtypeStruct((vocab_size, hidden_size), jnp.int8))
-            head_scale = nnx.Param(jax.ShapeDtypeStruct((vocab_size, hidden_size // 32),
-                                                        jnp.float16))
-        elif head_blocks:   # random weights: the table is its blocks' values
-            q, scale = quantize_table(np.asarray(self.weight[...], np.float32))
-            scale = scale.astype(np.float16)
-            head_q, head_scale = nnx.Param(jnp.asarray(q)), nnx.Param(jnp.asarray(scale))
-            values = q.reshape(vocab_size, -1, 32) * scale.astype(np.float32)[..., None]
-            self.weight = nnx.Param(jnp.asarray(values.reshape(vocab_size, hidden_size), dtype))
-        self.head_q, self.head_scale = head_q, head_scale
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...], ids, axis=0)
 
-    def head(self, hidden: jax.Array) -> jax.Array:
-        """hidden @ the table's transpose in f32: [..., hidden] -> [..., vocab]; from the Q8_0
-        blocks where the CPU kernel takes the rows (models/quantization.table_matmul)."""
-        if self.head_q is not None:
-            logits = table_matmul(hidden, self.head_q[...], self.head_scale[...])
-            if logits is not None:
-                return logits
-        return jnp.dot(hidden, self.weight[...].T, preferred_element_type=jnp.float32)
+
+class HeadBlocks(nnx.Module):
+    """The LM head's weight, [vocab, hidden], also held as a GGUF file's Q8_0 blocks in the
+    file's own order, one token's row each (q i8[vocab, hidden], scale f16[vocab, hidden /
+    32]; ModelConfig.head_blocks): a decode's few rows read them (models/quantization.
+    table_matmul), a quarter of the float head's bytes. `table` (f32 [vocab, hidden]) fills
+    them from its values; None: shapes only, for the loader."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, table: np.ndarray | None = None):
+        if table is None:
+            self.q = nnx.Param(jax.ShapeDtypeStruct((vocab_size, hidden_size), jnp.int8))
+            self.scale = nnx.Param(jax.ShapeDtypeStruct((vocab_size, hidden_size // 32),
+                                                        jnp.float16))
+        else:
+            q, scale = quantize_table(table)
+            self.q, self.scale = nnx.Param(jnp.asarray(q)), nnx.Param(
+                jnp.asarray(scale.astype(np.float16)))
+
+    def values(self) -> np.ndarray:
+        """f32 [vocab, hidden]: the blocks' values."""
+        q, scale = np.asarray(self.q[...]), np.asarray(self.scale[...], np.float32)
+        return (q.reshape(q.shape[0], -1, 32) * scale[..., None]).reshape(q.shape)
 
 
 class RMSNorm(nnx.Module):
@@ -232,7 +229,7 @@ class DecoderStack(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=config.dtype,
-                                      rngs=rngs, head_blocks=config.tied_head_blocks)
+                                      rngs=rngs)
         self.scan_layers = config.scan_layers
         if config.scan_layers:
             self.layers = stacked_layers(config, rngs)
@@ -303,6 +300,18 @@ class Transformer(nnx.Module):
         self.lm_head = (None if config.tie_word_embeddings else
                         Linear(config.hidden_size, config.vocab_size, bias=False,
                                dtype=config.dtype, rngs=rngs))
+        head_blocks = None
+        if config.head_blocks and rngs is None:
+            head_blocks = HeadBlocks(config.vocab_size, config.hidden_size)
+        elif config.head_blocks:   # random weights: the float head holds its blocks' values
+            tied = self.lm_head is None
+            module = self.model.embed_tokens if tied else self.lm_head
+            table = np.asarray(module.weight[...], np.float32)       # tied [V, H], else [H, V]
+            head_blocks = HeadBlocks(config.vocab_size, config.hidden_size,
+                                     table if tied else table.T)
+            values = head_blocks.values()
+            module.weight = nnx.Param(jnp.asarray(values if tied else values.T, config.dtype))
+        self.head_blocks = head_blocks
 
     def hidden_states(self, input_ids: Int[Array, "*tokens"], positions: Int[Array, "*tokens"],
                       attend: AttendFn, kv_cache: jax.Array | None = None,
@@ -332,9 +341,15 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden: Float[Array, "*rows hidden"]) -> Float[Array, "*rows vocab"]:
         """The LM head in float32 accumulation: [..., hidden] -> [..., vocab]."""
+        if self.head_blocks is not None:   # a decode's few rows on a CPU: from the blocks
+            logits = table_matmul(hidden, self.head_blocks.q[...], self.head_blocks.scale[...])
+            if logits is not None:
+                return logits
         if self.lm_head is None:
-            return self.model.embed_tokens.head(hidden)
-        return jnp.dot(hidden, self.lm_head.weight[...], preferred_element_type=jnp.float32)
+            weight = self.model.embed_tokens.weight[...].T
+        else:
+            weight = self.lm_head.weight[...]
+        return jnp.dot(hidden, weight, preferred_element_type=jnp.float32)
 
     def forward_dense(self, input_ids: Int[Array, "batch length"]
                       ) -> Float[Array, "batch length vocab"]:

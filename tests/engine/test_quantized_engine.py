@@ -75,24 +75,27 @@ def test_kept_gguf_blocks_give_the_dequantized_models_tokens(quantized_gguf, sca
             assert abs(got_step[token].logprob - want_step[token].logprob) < 1e-4
 
 
-def test_a_tied_heads_q8_0_table_gives_the_dequantized_models_tokens(hf_model_dirs, tmp_path):
-    # Qwen2's tiny model ties its head to the embedding; kept, the file's Q8_0 table is also
-    # held as its blocks, which the head reads for a decode's few rows (the C++ kernel on a
-    # CPU), the f32 table for more rows (prompt logprobs) and for the tokens' embeddings.
-    path = write_model_gguf(hf_model_dirs["qwen2"], tmp_path / "tied.gguf", BLOCKS)
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_a_q8_0_head_kept_gives_the_dequantized_models_tokens(hf_model_dirs, tmp_path, kind):
+    # Qwen2's tiny model ties its head to the embedding (Q8_0 here); Llama's head is its own
+    # tensor, written Q8_0. Kept, the head is also held as the file's blocks, which a decode's
+    # few rows read (the C++ kernel on a CPU); more rows (prompt logprobs) and the tokens'
+    # embeddings use the float weights.
+    path = write_model_gguf(hf_model_dirs[kind], tmp_path / f"{kind}.gguf",
+                            {**BLOCKS, "lm_head": Q.Q8_0})
     prompts = _prompts(2)
     kept = LLM(path, quantization=None, **SMALL)
     runner = kept.engine.runner
     model = nnx.merge(runner.graphdef, runner.params)
-    assert model.config.tied_head_blocks and model.lm_head is None
-    table = model.model.embed_tokens
-    assert table.head_q[...].dtype == jnp.int8 and table.head_scale[...].dtype == jnp.float16
+    assert model.config.head_blocks and (model.lm_head is None) == (kind == "qwen2")
+    blocks = model.head_blocks
+    assert blocks.q[...].dtype == jnp.int8 and blocks.scale[...].dtype == jnp.float16
     hidden = jnp.ones((1, model.config.hidden_size), jnp.float32)
     uses_kernel = "ember_table_matmul" in nnx.jit(lambda m, h: m.logits(h)).lower(
         model, hidden).as_text()
     assert uses_kernel == (jax.default_backend() == "cpu" and cpu_kernels.available())
     dequantized = LLM(path, quantization="none", **SMALL)
-    assert "head_q" not in str(nnx.to_flat_state(dequantized.engine.runner.params))
+    assert "head_blocks" not in str(nnx.to_flat_state(dequantized.engine.runner.params))
     for got, want in zip(_greedy(kept, prompts), _greedy(dequantized, prompts), strict=True):
         assert got.token_ids == want.token_ids
         for got_step, want_step in zip(got.logprobs, want.logprobs, strict=True):

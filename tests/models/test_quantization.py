@@ -171,25 +171,27 @@ def test_a_tied_heads_q8_0_table_gives_the_dequantized_tables_logits(rng, rows, 
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the C++ kernel is for a lone CPU")
-def test_a_random_model_with_head_blocks_has_one_table_whatever_the_rows():
-    # Built with random weights, the f32 table holds its Q8_0 blocks' values: a decode's
-    # rows (the kernel, from the blocks) and more rows (XLA's dot, from the f32 table) get
-    # the same logits.
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_random_model_with_head_blocks_has_one_head_whatever_the_rows(tied):
+    # Built with random weights, the float head (the embedding when tied) holds its Q8_0
+    # blocks' values: a decode's rows (the kernel, from the blocks) and more rows (XLA's dot,
+    # from the float head) get the same logits.
     from models.config import ModelConfig
     from models.transformer import Transformer
 
-    config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_layers=1,
-                         num_heads=2, num_kv_heads=1, head_dim=32, tie_word_embeddings=True,
-                         tied_head_blocks=True)
-    model = Transformer(config, rngs=nnx.Rngs(0))
+    shape = dict(vocab_size=96, hidden_size=64, intermediate_size=64, num_layers=1,
+                 num_heads=2, num_kv_heads=1, head_dim=32)
+    model = Transformer(ModelConfig(**shape, tie_word_embeddings=tied, head_blocks=True),
+                        rngs=nnx.Rngs(0))
     hidden = jnp.asarray(np.random.default_rng(0).standard_normal((9, 64)), jnp.float32)
     logits = nnx.jit(lambda m, h: m.logits(h))
     assert "ember_table_matmul" in logits.lower(model, hidden[:1]).as_text()
+    assert "ember_table_matmul" not in logits.lower(model, hidden).as_text()
     np.testing.assert_allclose(np.asarray(logits(model, hidden[:1])),
                                np.asarray(logits(model, hidden))[:1], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="tied_head_blocks=True needs tie_word_embeddings"):
-        ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_layers=1,
-                    num_heads=2, num_kv_heads=1, head_dim=32, tied_head_blocks=True)
+    with pytest.raises(ValueError, match="head_blocks=True needs a hidden_size that is a "
+                                         "multiple of 32"):
+        ModelConfig(**{**shape, "hidden_size": 48}, head_blocks=True)
 
 
 def test_a_table_of_the_wrong_shape_is_refused_with_the_shapes(rng):
