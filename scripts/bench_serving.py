@@ -1,7 +1,8 @@
 """Serving benchmark: a concurrency sweep against a running `ember serve`.
 
 For each concurrency level, `--requests` streaming completions (seeded random token-id prompts
-and output lengths, ignore_eos so every output has its length) are sent by that many client
+and output lengths, a fresh draw per level so that no level finds its prompts in the server's
+prefix cache; ignore_eos so every output has its length) are sent by that many client
 threads, each starting its next request as the last one ends. Prints per level: requests/s,
 output tokens/s, TTFT and inter-token latency p50/p99, end-to-end p50.
 
@@ -64,8 +65,10 @@ class Level:
                 "errors": self.errors}
 
 
-def workload(args) -> list[tuple[list[int], int]]:
-    rng = np.random.default_rng(args.seed)
+def workload(args, draw: int) -> list[tuple[list[int], int]]:
+    """`--requests` (prompt, output length) pairs; each `draw` (a concurrency level) its own,
+    so that no level finds its prompts in the server's prefix cache from a level before."""
+    rng = np.random.default_rng([args.seed, draw])
     low, high = map(int, args.token_range.split(":"))
     return [(rng.integers(low, high, size=int(rng.integers(args.min_prompt, args.max_prompt + 1)))
              .tolist(), int(rng.integers(args.min_output, args.max_output + 1)))
@@ -210,13 +213,15 @@ def main(argv=None) -> None:
     model = served.json()["data"][0]["id"]
     if args.offline_compare and (args.model is None or args.max_num_seqs is None):
         sys.exit("--offline-compare needs --model DIR and --max-num-seqs (the server's)")
-    jobs = workload(args)
-    run_level(args, model, jobs[:min(4, len(jobs))], 1)   # connections and caches warm
+    levels = [int(level) for level in args.concurrency.split(",")]
+    jobs = [workload(args, draw) for draw in range(len(levels))]
+    warm = workload(args, len(levels))             # prompts no level sends
+    run_level(args, model, warm[:min(4, len(warm))], 1)   # connections and caches warm
     print(f"{'clients':>7} {'req/s':>8} {'out tok/s':>10} {'TTFT p50':>9} {'p99':>8} "
           f"{'ITL p50':>8} {'p99':>8} {'E2E p50':>9}  (ms)")
     summaries = []
-    for concurrency in map(int, args.concurrency.split(",")):
-        summary = run_level(args, model, jobs, concurrency).summary()
+    for concurrency, level_jobs in zip(levels, jobs):
+        summary = run_level(args, model, level_jobs, concurrency).summary()
         summaries.append(summary)
         print(f"{concurrency:>7} {summary['requests_per_s']:>8.2f} "
               f"{summary['output_tokens_per_s']:>10.1f} {summary['ttft_p50_ms']:>9.1f} "
@@ -225,8 +230,8 @@ def main(argv=None) -> None:
               + (f"   {summary['errors']} errors" if summary["errors"] else ""))
     if args.offline_compare:
         print("\nserver vs LLM.generate in-process, same requests and concurrency:")
-        for summary in summaries:
-            offline = offline_tokens_per_s(args, jobs, summary["concurrency"])
+        for summary, level_jobs in zip(summaries, jobs):
+            offline = offline_tokens_per_s(args, level_jobs, summary["concurrency"])
             summary["offline_output_tokens_per_s"] = offline
             ratio = summary["output_tokens_per_s"] / offline
             verdict = "ok" if ratio >= 0.95 else "BELOW the 95% target"
