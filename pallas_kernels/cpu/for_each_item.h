@@ -68,9 +68,9 @@ struct Work {
 };
 
 // This library's helper threads (as many as XLA's pool has threads, less the caller, and no
-// more than a Team call asks for): each
-// spins on the generation of the posted work, joins the newest, then spins again for
-// kSpinMicros (yielding the core after kPausesBeforeYield) before it sleeps.
+// more than a Team call asks for): each spins on the generation of the posted work, joins the
+// newest, then spins again for kSpinMicros (yielding the core after kPausesBeforeYield) before
+// it sleeps.
 class Team {
  public:
   static Team& Get(int64_t threads) {
