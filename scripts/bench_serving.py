@@ -173,7 +173,7 @@ def plot(summaries: list[dict], path: str) -> None:
     throughput.plot(load, [s["output_tokens_per_s"] for s in summaries], "o-")
     throughput.set(xscale="log", xlabel="concurrent clients", ylabel="output tokens/s",
                    title="throughput")
-    for name in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
+    for name in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms"):
         latency.plot(load, [s[name] for s in summaries], "o-", label=name)
     latency.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms",
                 title="latency")
