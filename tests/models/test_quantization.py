@@ -354,3 +354,39 @@ def test_matmul_on_a_mesh(rng, parallel):
         assert (error <= 1e-6 * (np.abs(np.asarray(x)) @ np.abs(exact)) + 1e-6).all()
         text = step.lower(x, placed).compile().as_text()
         assert "all-gather" not in text          # each device multiplies its own rows/columns
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the C++ kernel is for a lone CPU")
+def test_the_table_kernel_gives_the_same_rows_when_called_from_many_threads(rng):
+    # Two engines in one process (or XLA running independent calls at once) call the C++
+    # kernels concurrently: a call under 4 MB posts to the library's one Team of helper
+    # threads, which a second call then takes over (pallas_kernels/cpu/for_each_item.h), and
+    # a larger one goes to XLA's pool. Every call must end, with the result a lone call
+    # gives (bitwise: each output is summed by one thread, in one order, whoever runs it).
+    import threading
+
+    small = quant.quantize_table(rng.standard_normal((59392, 64)))     # 3.6 MB: the Team
+    large = quant.quantize_table(rng.standard_normal((40960, 128)))    # 5 MB: XLA's pool
+    step = jax.jit(quant.table_matmul)
+    inputs = [(rng.standard_normal((rows, table[0].shape[1])).astype(np.float32), table)
+              for table in (small, large) for rows in (1, 3, 8)]
+    expected = [np.asarray(step(x, *table)) for x, table in inputs]
+    wrong, failures = [], []
+
+    def worker(offset: int) -> None:
+        try:
+            for turn in range(12):
+                index = (offset + turn) % len(inputs)
+                x, table = inputs[index]
+                if not np.array_equal(np.asarray(step(x, *table)), expected[index]):
+                    wrong.append(index)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            failures.append(error)
+
+    threads = [threading.Thread(target=worker, args=(offset,)) for offset in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a kernel call hung"
+    assert not failures and not wrong, (failures, wrong)
