@@ -19,7 +19,9 @@ split over byte tokens is sent whole), so ITL can exceed TPOT.
                         requests at a time, the next one added once one has finished), whose
                         ratio leaves out what the offline engine gains by holding every
                         request from the start (no slot empty between a request and the
-                        next), and so measures what HTTP, JSON and the ledger cost.
+                        next): what is left is HTTP, JSON and the ledger, and the machine's
+                        drift between the runs (each level's three runs come one after the
+                        other).
 
 Usage: python scripts/bench_serving.py --base-url http://127.0.0.1:8000 --api-key KEY \\
            [--concurrency 1,4,16,64] [--requests 128] [--seed 0] [--plot sweep.png]
@@ -98,7 +100,7 @@ def stream_one(session: requests.Session, args, model: str, prompt: list[int],
                       timeout=args.timeout) as response:
         response.raise_for_status()
         # chunk_size=None: each of the server's chunks as it arrives. The default (512 bytes)
-        # holds an event back until the next fills the buffer, which added up to a token's
+        # holds an event back until the next fills the buffer, which added up to a chunk's
         # time to every TTFT and gap measured here before 2026-11-30 14:00 UTC.
         for line in response.iter_lines(chunk_size=None):
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
