@@ -339,23 +339,30 @@ def test_kill_9_at_random_moments_then_resume_is_exactly_once(model_dir, tmp_pat
     lines.insert(20, {"custom_id": "too-hot", "method": "POST", "url": "/v1/completions",
                       "body": {"model": MODEL, "prompt": "x", "temperature": 3}})
     input_path = write_lines(tmp_path / "in.jsonl", lines)
-    for name in ("reference", "killed"):
-        new_ledger(tmp_path / f"{name}.db")
+    new_ledger(tmp_path / "reference.db")
     reference = start_cli(model_dir, input_path, tmp_path / "reference.jsonl",
                           tmp_path / "reference.db")
     writing = writing_seconds(reference, tmp_path / "reference.jsonl")
 
-    output = tmp_path / "killed.jsonl"
-    deaths = []
+    def mid_file(died):
+        return died is not None and 0 < died < len(lines)
+
+    output, db, deaths = tmp_path / "killed.jsonl", tmp_path / "killed-0.db", []
+    new_ledger(db)
     # At least 4 kills; more (up to 8) until one lands mid-file: output comes in bursts of
     # finished requests, so a kill can miss the middle on a fast or a loaded machine.
-    while len(deaths) < 4 or (len(deaths) < 8 and not any(
-            d is not None and 0 < d < len(lines) for d in deaths)):
-        deaths.append(kill_at_random(model_dir, input_path, output, tmp_path / "killed.db",
-                                     rng, writing))
-    final = start_cli(model_dir, input_path, output, tmp_path / "killed.db")
+    while len(deaths) < 4 or (len(deaths) < 8 and not any(map(mid_file, deaths))):
+        deaths.append(kill_at_random(model_dir, input_path, output, db, rng, writing))
+        if deaths[-1] is None and not any(map(mid_file, deaths)):
+            # The run ended before its kill fired (a timed kill, drawn from the reference
+            # run's pace, can outlast a faster run), so the file is whole and no later kill
+            # could land in it: start over with a fresh file and ledger.
+            output.unlink()
+            db = tmp_path / f"killed-{len(deaths)}.db"
+            new_ledger(db)
+    final = start_cli(model_dir, input_path, output, db)
     assert final.wait() == 0, final.stderr.read().decode()[-2000:]
-    assert any(d is not None and 0 < d < len(lines) for d in deaths), f"{deaths=} {seed=}"
+    assert any(map(mid_file, deaths)), f"{deaths=} {seed=}"
 
     expected, got = read_output(tmp_path / "reference.jsonl"), read_output(output)
     assert sorted(got) == sorted(expected) and len(got) == len(lines), f"{seed=}"
@@ -363,7 +370,7 @@ def test_kill_9_at_random_moments_then_resume_is_exactly_once(model_dir, tmp_pat
         assert without_run_fields(got[custom_id]) == without_run_fields(line), f"{seed=}"
     assert got["line-8"]["response"]["body"]["error"]["code"] == "invalid_json"
     # Billed exactly once: one row per successful line, with that line's usage.
-    rows = {row["id"]: row for row in _ledger_rows(tmp_path / "killed.db")}
+    rows = {row["id"]: row for row in _ledger_rows(db)}
     billed = {line["response"]["request_id"]: line["response"]["body"]["usage"]
               for line in got.values() if line["response"]["status_code"] == 200}
     assert sorted(rows) == sorted(billed) and len(billed) == len(lines) - 2
