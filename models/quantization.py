@@ -375,8 +375,8 @@ def quantize_table(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def table_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array | None:
     """f32[..., rows] = x [..., hidden] @ the table's transpose, for a table held as Q8_0
-    blocks one row each (q i8[rows, hidden], scale f32|f16[rows, hidden / 32]; a tied LM
-    head's copy of a GGUF embedding table): through the C++ kernel
+    blocks one row each (q i8[rows, hidden], scale f32|f16[rows, hidden / 32]; an LM head's
+    copy of a GGUF file's Q8_0 head or tied embedding table): through the C++ kernel
     (pallas_kernels/cpu/table_matmul.cc) where it takes x's rows (a decode's few, on a lone
     CPU device), else None: the caller multiplies by its float table.
 

@@ -1,9 +1,9 @@
 """The CPU's C++ kernels, called through the XLA FFI and built with the machine's C++ compiler
 on first use: ragged paged attention (ragged_paged_attention.cc), the quantized matmul of a
-decode's few rows (quantized_matmul.cc, used by models/quantization.py), a tied LM head from a
-GGUF's Q8_0 embedding table for a decode's few rows (table_matmul.cc, the same), and the f32
-matmul of a step's real rows, its padding skipped (dense_matmul.cc, used by
-models/transformer.py).
+decode's few rows (quantized_matmul.cc, used by models/quantization.py), an LM head from a
+GGUF's Q8_0 blocks (its own or the tied embedding table's) for a decode's few rows
+(table_matmul.cc, the same), and the f32 matmul of a step's real rows, its padding skipped
+(dense_matmul.cc, used by models/transformer.py).
 
 Pallas has no CPU target, and XLA compiles the plain-jnp reference to a gather of the K/V
 pages and small dots that read them at a fifth of copy bandwidth on the CPU (docs/perf.md);

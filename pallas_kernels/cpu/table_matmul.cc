@@ -1,18 +1,20 @@
 // x @ table.T for a few rows of x and an int8 table held one output per row, on the CPU, through
-// the XLA FFI: a tied LM head read straight from a GGUF file's Q8_0 blocks.
+// the XLA FFI: an LM head (its own tensor, or the embedding table it is tied to) read straight
+// from a GGUF file's Q8_0 blocks.
 //
 // Layout: q i8[out, in] with scale f32|f16[out, in / 32] (table[o, i] = q[o, i] scale[o, i / 32]),
-// the embedding table's own order (a token's row, its blocks along the hidden size); x f32[T, in],
+// the GGUF tensor's own order (a token's row, its blocks along the hidden size); x f32[T, in],
 // out f32[T, out].
 //
-// Why it exists: a tied head's weight is the embedding table, [vocab, hidden]. Held in f32 it is
-// the largest read of a small model's decode step (SmolLM2-135M: 113 MB of 180 MB a token), and
-// XLA's dot reads it at copy speed; its Q8_0 blocks are a quarter of that. quantized_matmul.cc
-// reads [in, out] weights, whose passes stride over rows; here each output's weights are one
-// contiguous run, read once from start to end, converted in registers and scaled per block.
+// Why it exists: the head's weight, [vocab, hidden] (a tied head's is the embedding table), held
+// in f32 is the largest read of a small model's decode step (SmolLM2-135M: 113 MB of 180 MB a
+// token), and XLA's dot reads it at copy speed; its Q8_0 blocks are a quarter of that.
+// quantized_matmul.cc reads [in, out] weights, whose passes stride over rows; here each output's
+// weights are one contiguous run, read once from start to end, converted in registers and scaled
+// per block.
 //
-// Work items are runs of kItemRows outputs on XLA's thread pool; helpers are woken only for a
-// large table (for_each_item.h).
+// Work items are runs of kItemRows outputs, on the caller and helper threads as the table's size
+// asks (for_each_item.h).
 
 #include <algorithm>
 #include <cstdint>
