@@ -30,9 +30,8 @@ from werkzeug.exceptions import HTTPException
 from engine.openai import api
 from engine.openai.api import ApiError
 from engine.openai.formatting import json_text
-from engine.openai.prompts import prepare_chat, prepare_completion
+from engine.openai.prompts import prepare_chat, prepare_completion, render_chat
 from engine.openai.responses import ChatAssembler, CompletionAssembler
-from engine.serving import admission
 from engine.serving.openapi import openapi_document
 from engine.serving.respond import EventStream, Reply, respond, stream
 from engine.serving.service import Service
@@ -177,9 +176,11 @@ def _add_generation_routes(app: Flask, service: Service) -> None:
     def chat_completions():
         key, body, arrival = _begin(service)
         parsed = api.parse_chat(body, service.limits)
-        service.admission.precheck(key, [admission.message_text(parsed.messages)],
-                                   parsed.sampling, param="messages")
-        prepared = prepare_chat(parsed, service.model_info())
+        # Rendered first (cheap next to tokenizing): the bound counts what the template adds
+        # around each message, not only the contents.
+        text = render_chat(parsed, service.model_info())
+        service.admission.precheck(key, [text], parsed.sampling, param="messages")
+        prepared = prepare_chat(parsed, service.model_info(), text)
         response_id = _new_request_id("chatcmpl")
         assembler = ChatAssembler(parsed, prepared, response_id, int(time.time()),
                                   service.limits.model_name)

@@ -317,7 +317,8 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--no-auth", action="store_true",
                        help="no API keys: all usage goes to the anonymous key, and only "
                             "requests addressed to a loopback Host (or to --host) are answered")
-    serve.add_argument("--threads", type=int, default=64, help="HTTP threads")
+    serve.add_argument("--threads", type=int, default=128,
+                       help="HTTP threads, started as requests need them")
     serve.add_argument("--max-queue", type=int, default=1024,
                        help="most engine requests in flight; more get 503")
     serve.add_argument("--max-n", type=int, default=16, help="most samples per prompt")
@@ -325,6 +326,10 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--max-sequences-per-key", type=int, default=256,
                        help="most sequences (prompts x n) one key may have queued or running; "
                             "more get 429")
+    serve.add_argument("--max-requests-per-key", type=int, default=None,
+                       help="most requests one key may have in flight, each holding an HTTP "
+                            "thread; more get 429 (default: half of --threads; no limit with "
+                            "--no-auth)")
     serve.add_argument("--default-max-tokens", type=int, default=None,
                        help="max_tokens of a request that sets none, cut to the context left "
                             "(default: 16 for completions, the whole context for chat)")
@@ -333,6 +338,13 @@ def _add_serve_command(commands) -> None:
                             "so cached tokens never tell one key what another sent)")
     serve.add_argument("--read-timeout", type=float, default=30.0,
                        help="seconds a client has to send a whole request (then 408)")
+    serve.add_argument("--write-timeout", type=float, default=30.0,
+                       help="seconds each write of a response may wait for the client to read "
+                            "(then the connection is closed and the request aborted)")
+    serve.add_argument("--send-buffer-bytes", type=int, default=None,
+                       help="each connection's kernel send buffer (SO_SNDBUF): the unread "
+                            "output a client can pin before a write waits (default: the "
+                            "kernel's, which grows to megabytes)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds SIGTERM waits for running requests (then aborts them)")
     serve.add_argument("--log-level", default="info",
@@ -373,7 +385,8 @@ def _serve(args) -> None:
     if (args.coordinator_address, args.num_processes, args.process_id) != (None, None, None):
         _multihost_flags(args)
     for flag in ("port", "threads", "max_queue", "max_n", "max_body_bytes",
-                 "max_sequences_per_key", "default_max_tokens", "read_timeout"):
+                 "max_sequences_per_key", "max_requests_per_key", "default_max_tokens",
+                 "read_timeout", "write_timeout", "send_buffer_bytes"):
         value = getattr(args, flag)
         if value is not None and not value >= (0 if flag == "port" else 1):
             raise ValueError(f"--{flag.replace('_', '-')}={value}: expected a positive number")
@@ -397,9 +410,11 @@ def _serve(args) -> None:
                        no_auth=args.no_auth, threads=args.threads, max_queue=args.max_queue,
                        max_n=args.max_n, max_body_bytes=args.max_body_bytes,
                        max_sequences_per_key=args.max_sequences_per_key,
+                       max_requests_per_key=args.max_requests_per_key,
                        shared_prefix_cache=args.shared_prefix_cache,
                        default_max_tokens=args.default_max_tokens,
-                       read_timeout=args.read_timeout,
+                       read_timeout=args.read_timeout, write_timeout=args.write_timeout,
+                       send_buffer_bytes=args.send_buffer_bytes,
                        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
                        engine_factory=_multihost_leader(args, config),
                        step_timeout=_step_timeout(args),

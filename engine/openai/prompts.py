@@ -62,15 +62,27 @@ def prepare_completion(request: CompletionRequest, model: ModelInfo) -> Prepared
     return PreparedRequest(prompts, _params(request.sampling, prompts, model, extra))
 
 
-def prepare_chat(request: ChatRequest, model: ModelInfo) -> PreparedRequest:
+def render_chat(request: ChatRequest, model: ModelInfo) -> str:
+    """The prompt text the chat template writes from the messages (and tools): what the
+    server bounds before tokenizing it, as it bounds a completion's prompt."""
     tools = request.tools
     try:
-        token_ids = model.tokenizer.apply_chat_template(
-            template_messages(request.messages), add_generation_prompt=True, tokenize=True,
+        return model.tokenizer.apply_chat_template(
+            template_messages(request.messages), add_generation_prompt=True, tokenize=False,
             tools=None if tools is None else list(tools.tools))
     except Exception as error:  # noqa: BLE001 - a template failing on user messages is a 400
         raise ApiError(400, f"messages: the chat template could not render them: "
                        f"{str(error)[:200]}", param="messages", code="invalid_value") from None
+
+
+def prepare_chat(request: ChatRequest, model: ModelInfo, text: str | None = None
+                 ) -> PreparedRequest:
+    """`text`: render_chat's, when the caller has it already."""
+    if text is None:
+        text = render_chat(request, model)
+    # Encoded without BOS / EOS: the template writes them.
+    token_ids = model.tokenizer.encode(text, add_special_tokens=False)
+    tools = request.tools
     prompts = [EnginePrompt(None, token_ids)]
     extra = _structured(request.structured_output, model)
     if request.logprobs:

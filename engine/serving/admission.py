@@ -4,11 +4,12 @@ Tokenizing costs CPU in proportion to the prompt (a 4 MB prompt takes seconds), 
 Service first checks what the parsed body alone tells, with lower bounds:
 
 - each prompt has at least ceil(UTF-8 bytes / the most bytes one token covers) tokens, so a
-  prompt that cannot fit max_model_len is a 400 without tokenizing it;
+  prompt that cannot fit max_model_len is a 400 without tokenizing it (a chat's prompt is the
+  text its template renders, what it writes around each message included);
 - the request's quota estimate (prompts plus n * max_tokens) is at least those bounds plus
   n * the max_tokens the body sets: a key past its requests/min, tokens/min or tokens/day gets
   its 429 at once (Ledger.check_quota), and a request larger than the key's whole quota a 400;
-- the key's engine sequences in flight (SequenceLimit): at most K per key.
+- the key's requests and engine sequences in flight (request_limit, sequence_limit).
 
 A lower bound never refuses what the exact admission after tokenization (Ledger.try_admit with
 the exact estimate) would admit, so the exact admission stays the one that counts.
@@ -52,20 +53,6 @@ def prompt_tokens_at_least(prompt: str | list[int], bytes_per_token: int) -> int
     return len(prompt)
 
 
-def message_text(messages: list) -> str:
-    """The text a chat template renders from OpenAI messages (what counts for the lower
-    bound: string contents and text parts; templates render every message's content)."""
-    parts = []
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            parts.extend(part.get("text", "") for part in content
-                         if isinstance(part, dict) and isinstance(part.get("text"), str))
-    return "".join(parts)
-
-
 def header_strings(headers: Mapping[str, Any] | None) -> dict[str, str]:
     return {name: str(value) for name, value in (headers or {}).items()}
 
@@ -82,19 +69,26 @@ def quota_error(decision: Any, headers: dict[str, str]) -> ApiError:
                     code="rate_limit_exceeded", headers=headers)
 
 
-class SequenceLimit:
-    """At most `limit` engine sequences (prompts x n) queued or running per key, so one key's
-    burst cannot fill the engine's queue ahead of everyone else's requests.
+class PerKeyLimit:
+    """At most `limit` of something in flight per key: engine sequences (prompts x n, queued
+    or running), so that one key's burst cannot fill the engine's queue ahead of everyone
+    else's requests, or HTTP requests being answered, so that one key cannot hold every HTTP
+    thread (a client that stops reading holds one until the write timeout).
 
     Args:
-      limit: the most sequences one key may have in flight (--max-sequences-per-key).
+      limit: the most one key may have in flight.
+      flag: the `ember serve` flag that sets it, named in refusals.
+      what: what is counted, as a refusal says it ("sequences", "requests").
+      code: the refusals' error code.
+      detail: how a whole request counts, in a 400 (one larger than the limit alone).
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, *, flag: str, what: str, code: str, detail: str = ""):
         if not is_int(limit) or limit < 1:
-            raise ValueError(f"max_sequences_per_key={limit!r}: expected an integer >= 1")
-        self.limit = limit
-        self._held: dict[int, int] = {}   # key id -> sequences in flight
+            raise ValueError(f"{flag.lstrip('-').replace('-', '_')}={limit!r}: expected an "
+                             "integer >= 1")
+        self.limit, self.flag, self.what, self.code, self.detail = limit, flag, what, code, detail
+        self._held: dict[int, int] = {}   # key id -> count in flight
         self._lock = threading.Lock()
 
     def held(self, key: Any) -> int:
@@ -107,8 +101,8 @@ class SequenceLimit:
             self._refuse_if_over(key, count, self._held.get(key.id, 0))
 
     def take(self, key: Any, count: int) -> None:
-        """Counts `count` more sequences for the key, or raises (400: more than the whole
-        limit; 429 with Retry-After: the limit is reached for now)."""
+        """Counts `count` more for the key, or raises (400: more than the whole limit; 429
+        with Retry-After: the limit is reached for now)."""
         with self._lock:
             held = self._held.get(key.id, 0)
             self._refuse_if_over(key, count, held)
@@ -123,16 +117,28 @@ class SequenceLimit:
                 self._held.pop(key.id, None)
 
     def _refuse_if_over(self, key: Any, count: int, held: int) -> None:
-        flag = "--max-sequences-per-key"
         if count > self.limit:
-            raise ApiError(400, f"the request has {count} sequences (prompts x n): more than "
-                           f"the {self.limit} one key may have queued or running ({flag})",
-                           code="too_many_sequences")
+            raise ApiError(400, f"the request has {count} {self.what}{self.detail}: more than "
+                           f"the {self.limit} one key may have in flight ({self.flag})",
+                           code=self.code)
         if held + count > self.limit:
-            raise ApiError(429, f"key {key.name!r} has {held} sequences queued or running; "
-                           f"{count} more would pass its limit of {self.limit} ({flag}): "
+            raise ApiError(429, f"key {key.name!r} has {held} {self.what} in flight; "
+                           f"{count} more would pass its limit of {self.limit} ({self.flag}): "
                            "retry when some finish", type="rate_limit_error",
-                           code="too_many_sequences", headers={"Retry-After": "1"})
+                           code=self.code, headers={"Retry-After": "1"})
+
+
+def sequence_limit(limit: int) -> PerKeyLimit:
+    """The engine sequences (prompts x n) one key may have queued or running."""
+    return PerKeyLimit(limit, flag="--max-sequences-per-key", what="sequences",
+                       code="too_many_sequences", detail=" (prompts x n)")
+
+
+def request_limit(limit: int) -> PerKeyLimit:
+    """The HTTP requests one key may have in flight, from admission until its ledger row is
+    final (a response's last write follows, bounded by the write timeout)."""
+    return PerKeyLimit(limit, flag="--max-requests-per-key", what="requests",
+                       code="too_many_requests")
 
 
 class EdgeAdmission:
@@ -141,30 +147,35 @@ class EdgeAdmission:
     Args:
       ledger: the metering Ledger (check_quota, try_admit, finalize).
       model_name: the served model, as ledger rows name it.
-      sequences: the per-key SequenceLimit.
+      sequences: the per-key sequence_limit.
       model_info: returns the served ModelInfo (raises a 503 while the engine warms up).
+      requests: the per-key request_limit (None: none).
     """
 
-    def __init__(self, ledger: Any, model_name: str, sequences: SequenceLimit,
-                 model_info: Callable[[], ModelInfo]):
+    def __init__(self, ledger: Any, model_name: str, sequences: PerKeyLimit,
+                 model_info: Callable[[], ModelInfo], requests: PerKeyLimit | None = None):
         self.ledger, self.model_name, self.sequences = ledger, model_name, sequences
+        self.requests = requests
         self._model_info = model_info
         self._bytes_per_token: int | None = None
 
     def precheck(self, key: Any, prompts: list, sampling: SamplingFields, *,
                  param: str = "prompt") -> None:
         """What can be refused before tokenizing, on lower bounds: a 429 for a key past its
-        quota or its sequences in flight, a 400 for a prompt that cannot fit the context or
-        a request larger than the key's whole quota.
+        quota or its requests or sequences in flight, a 400 for a prompt that cannot fit the
+        context or a request larger than the key's whole quota.
 
         Args:
           key: the caller's key.
-          prompts: the request's prompts, as text or token ids (chat: its messages' text).
+          prompts: the request's prompts, as text or token ids (chat: the text its template
+            renders).
           sampling: the parsed sampling fields (n, max_tokens).
           param: the body field the prompts came from, for a 400's `param`.
         """
         context = self._model_info().max_model_len
         per_prompt = [prompt_tokens_at_least(p, self._max_token_bytes()) for p in prompts]
+        if self.requests is not None:
+            self.requests.check(key, 1)
         self.sequences.check(key, len(prompts) * sampling.n)
         estimate = sum(per_prompt) + len(prompts) * sampling.n * (sampling.max_tokens or 0)
         decision = self.ledger.check_quota(key, estimate)

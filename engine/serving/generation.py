@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import select
 import socket
 import ssl
 import threading
@@ -66,10 +67,16 @@ class ClientWatch:
         if self._sock is None:
             return False
         try:
+            # Polled first: a socket with a timeout (the server's write timeout) waits up to
+            # it for data before any recv, MSG_DONTWAIT or not.
+            poll = select.poll()
+            poll.register(self._sock, select.POLLIN)
+            if not poll.poll(0):
+                return False      # connected, nothing sent: the normal case
             return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except (BlockingIOError, InterruptedError):
-            return False      # connected, nothing sent: the normal case
-        except OSError:
+            return False
+        except (OSError, ValueError):   # ValueError: the socket is closed
             return True
 
 

@@ -8,6 +8,10 @@ An HTTP thread gets a connection only once a whole request has arrived on it (se
 engine/serving/request_buffer.py): until then the worker's main loop reads it without
 blocking, so slow or half-open clients (slowloris) cannot hold the threads that /health and
 real requests need. A request not whole within the read timeout is answered 408 and closed.
+The other way round, each write of a response has the write timeout: a client that leaves its
+response unread that long (the socket's buffers full) is dropped, its generation aborted and
+its ledger row finalized, so it cannot hold a thread either; and one key holds at most
+--max-requests-per-key threads (half of them by default) with requests in flight.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ WSGI_APP = "server:create_app"   # called with the Service; returns the WSGI app
 WORKER_BOOT_ERROR = 3    # gunicorn's arbiter halts (rather than respawning) on this exit code
 SHUTDOWN_MARGIN_S = 5.0  # of the graceful timeout, kept for aborting and finalizing
 DEFAULT_READ_TIMEOUT_S = 30.0   # for a whole request (head and body), from its first awaited byte
+DEFAULT_WRITE_TIMEOUT_S = 30.0  # for each write of a response (an SSE event, a body)
 _RECV_BYTES = 1 << 18
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 _TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
@@ -136,6 +141,20 @@ class EmberWorker(ThreadWorker):
         self.nr_conns -= 1
         conn.close()
 
+    def handle_request(self, req, conn):
+        """gunicorn's, each write under the write timeout (gunicorn left the socket
+        blocking, without one): a client that reads nothing for that long is dropped, and
+        closing the response (its stream) aborts and finalizes what it was sent."""
+        conn.sock.settimeout(self.app.write_timeout)
+        if self.app.send_buffer is not None:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.app.send_buffer)
+        try:
+            return super().handle_request(req, conn)
+        except TimeoutError:
+            logger.info("a client left its response unread for %g s: connection closed",
+                        self.app.write_timeout)
+            return False
+
     def murder_pending(self):
         """gunicorn's check of idle connections (main loop, about once a second), plus the
         read timeout of requests still arriving (all of them when the worker stops)."""
@@ -187,13 +206,21 @@ class EmberApplication(BaseApplication):
         byte (EmberWorker answers 408 and closes after that).
       body_limit: bodies up to this many bytes are read before a thread gets the request;
         a larger Content-Length goes to the app at once, which refuses it unread.
+      write_timeout: seconds each write of a response may wait for the client to read
+        (EmberWorker closes the connection after that).
+      send_buffer: each connection's kernel send buffer in bytes (SO_SNDBUF; None: the
+        kernel's own, which grows to megabytes): how much unread output a client pins in
+        the kernel before a write waits.
     """
 
     def __init__(self, options: dict[str, Any], build_service, *,
                  read_timeout: float = DEFAULT_READ_TIMEOUT_S,
-                 body_limit: int = DEFAULT_MAX_BODY_BYTES):
+                 body_limit: int = DEFAULT_MAX_BODY_BYTES,
+                 write_timeout: float = DEFAULT_WRITE_TIMEOUT_S,
+                 send_buffer: int | None = None):
         self.options, self.build_service = options, build_service
         self.read_timeout, self.body_limit = read_timeout, body_limit
+        self.write_timeout, self.send_buffer = write_timeout, send_buffer
         self.service: Service | None = None   # set in the worker, read by EmberWorker
         super().__init__()
 
@@ -236,11 +263,14 @@ def frozen_after(build: Callable[[], Any]) -> Callable[[], Any]:
 
 def serve(*, model: str | None, engine_config: Any, db_url: str | None,
           instance: str | None, host: str, port: int, model_name: str, no_auth: bool,
-          threads: int = 64, max_queue: int = 1024, max_n: int = 16,
+          threads: int = 128, max_queue: int = 1024, max_n: int = 16,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_sequences_per_key: int = DEFAULT_MAX_SEQUENCES_PER_KEY,
+          max_requests_per_key: int | None = None,
           shared_prefix_cache: bool = False, default_max_tokens: int | None = None,
-          read_timeout: float = DEFAULT_READ_TIMEOUT_S, shutdown_timeout: float = 30.0,
+          read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+          write_timeout: float = DEFAULT_WRITE_TIMEOUT_S, send_buffer_bytes: int | None = None,
+          shutdown_timeout: float = 30.0,
           log_level: str = "info", engine_factory: Any = None,
           step_timeout: float | None = None, tool_call_parser: str | None = None) -> None:
     """Runs the server under gunicorn (one gthread worker) until SIGTERM or SIGINT.
@@ -260,7 +290,11 @@ def serve(*, model: str | None, engine_config: Any, db_url: str | None,
       model_name, no_auth, max_queue, max_n, max_body_bytes, max_sequences_per_key,
       shared_prefix_cache, default_max_tokens, tool_call_parser: as for start_service.
       threads: HTTP threads of the one worker.
+      max_requests_per_key: most requests one key may have in flight (a 429 past it; None:
+        half the threads, or no limit without keys, where every client is one tenant).
       read_timeout: seconds a client has to send a whole request (then 408).
+      write_timeout: seconds each write of a response may wait for the client to read it.
+      send_buffer_bytes: each connection's kernel send buffer (None: the kernel's).
       shutdown_timeout: seconds SIGTERM waits for running requests before aborting them.
       log_level: gunicorn's log level.
       engine_factory: builds the engine in the worker instead of LLMEngine(model,
@@ -272,6 +306,10 @@ def serve(*, model: str | None, engine_config: Any, db_url: str | None,
         logger.error("the engine failed to start: %s", error)
         os._exit(WORKER_BOOT_ERROR)
 
+    requests_per_key = max_requests_per_key
+    if requests_per_key is None and not no_auth:
+        requests_per_key = max(1, threads // 2)
+
     def build_service() -> Service:
         from engine.llm_engine import LLMEngine
         from engine.metering import Ledger
@@ -282,6 +320,7 @@ def serve(*, model: str | None, engine_config: Any, db_url: str | None,
                              model_name=model_name, no_auth=no_auth,
                              max_body_bytes=max_body_bytes, max_queue=max_queue, max_n=max_n,
                              max_sequences_per_key=max_sequences_per_key,
+                             max_requests_per_key=requests_per_key,
                              step_timeout=step_timeout,
                              shared_prefix_cache=shared_prefix_cache,
                              default_max_tokens=default_max_tokens,
@@ -297,4 +336,5 @@ def serve(*, model: str | None, engine_config: Any, db_url: str | None,
                "keepalive": 5, "loglevel": log_level, "accesslog": None, "preload_app": False,
                "control_socket_disable": True}
     EmberApplication(options, build_service, read_timeout=read_timeout,
-                     body_limit=max_body_bytes).run()
+                     body_limit=max_body_bytes, write_timeout=write_timeout,
+                     send_buffer=send_buffer_bytes).run()

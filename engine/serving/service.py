@@ -48,6 +48,7 @@ def start_service(engine: Any | Callable[[], Any], ledger: Any, *, model_name: s
                   no_auth: bool = False, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                   max_queue: int = 1024, max_n: int = 16,
                   max_sequences_per_key: int = admission.DEFAULT_MAX_SEQUENCES_PER_KEY,
+                  max_requests_per_key: int | None = None,
                   shared_prefix_cache: bool = False, default_max_tokens: int | None = None,
                   allowed_hosts: tuple[str, ...] = (),
                   on_engine_failure: Callable[[BaseException], None] | None = None,
@@ -66,6 +67,8 @@ def start_service(engine: Any | Callable[[], Any], ledger: Any, *, model_name: s
       max_n: most samples per prompt.
       max_sequences_per_key: most engine sequences (prompts x n) one key may have queued or
         running; more is a 429 (a request larger than that alone, a 400).
+      max_requests_per_key: most requests one key may have in flight (a 429 past it), so
+        that one key cannot hold every HTTP thread; None: no limit.
       shared_prefix_cache: share the prefix cache between keys (default: each key's cache is
         its own, so cached_tokens never tells one key what another sent).
       default_max_tokens: max_tokens of a request that sets none (cut to the context left);
@@ -87,25 +90,29 @@ def start_service(engine: Any | Callable[[], Any], ledger: Any, *, model_name: s
                        "interrupted", interrupted)
     limits = api.Limits(model_name, max_n=max_n, default_max_tokens=default_max_tokens,
                         tool_call_parser=tool_call_parser)   # a bad name fails here
-    sequences = admission.SequenceLimit(max_sequences_per_key)   # a bad limit fails first
+    sequences = admission.sequence_limit(max_sequences_per_key)   # a bad limit fails first
+    requests = None if max_requests_per_key is None else admission.request_limit(
+        max_requests_per_key)
     thread = EngineThread(engine, max_queue=max_queue, on_failure=on_engine_failure,
                           step_timeout=step_timeout).start()
     return Service(thread, ledger, limits, no_auth=no_auth, max_body_bytes=max_body_bytes,
-                   sequences=sequences, shared_prefix_cache=shared_prefix_cache,
-                   allowed_hosts=allowed_hosts)
+                   sequences=sequences, requests=requests,
+                   shared_prefix_cache=shared_prefix_cache, allowed_hosts=allowed_hosts)
 
 
 class Service:
     def __init__(self, engine: EngineThread, ledger: Any, limits: api.Limits, *,
                  no_auth: bool, max_body_bytes: int,
-                 sequences: admission.SequenceLimit | None = None,
+                 sequences: admission.PerKeyLimit | None = None,
+                 requests: admission.PerKeyLimit | None = None,
                  shared_prefix_cache: bool = False, allowed_hosts: tuple[str, ...] = ()):
         self.engine, self.ledger, self.limits = engine, ledger, limits
         self.no_auth, self.max_body_bytes = no_auth, max_body_bytes
-        self.sequences = sequences or admission.SequenceLimit(
+        self.sequences = sequences or admission.sequence_limit(
             admission.DEFAULT_MAX_SEQUENCES_PER_KEY)
+        self.requests = requests   # None: no limit
         self.admission = admission.EdgeAdmission(ledger, limits.model_name, self.sequences,
-                                                 self.model_info)
+                                                 self.model_info, requests)
         self.shared_prefix_cache, self.allowed_hosts = shared_prefix_cache, allowed_hosts
         self.metrics = ServerMetrics(limits.model_name, lambda: engine.stats,
                                      lambda: engine.state == "ready")
@@ -195,11 +202,11 @@ class Service:
         """
         count = len(prepared.prompts)
         sequences = count * prepared.params.n
-        self.sequences.take(key, sequences)   # 400 / 429
+        self._take(key, sequences)   # 429 (400: more sequences than the whole limit)
         try:
             self.engine.reserve(count)
         except Unavailable as error:
-            self.sequences.give_back(key, sequences)
+            self._give_back(key, sequences)
             raise ApiError(503, str(error), type="server_error", code="unavailable",
                            headers={"Retry-After": "1"}) from None
         generation = Generation(
@@ -217,7 +224,7 @@ class Service:
                 raise admission.quota_error(decision, headers)
         except BaseException:
             self.engine.release(count)
-            self.sequences.give_back(key, sequences)
+            self._give_back(key, sequences)
             raise
         with self._lock:
             self._generations[response_id] = generation
@@ -228,9 +235,23 @@ class Service:
     def _forget(self, generation: Generation) -> None:
         with self._lock:
             known = self._generations.pop(generation.response_id, None) is not None
-        if known:   # its sequences were taken in start(), once
-            self.sequences.give_back(generation.key,
-                                     len(generation.prompts) * generation.params.n)
+        if known:   # its request and sequences were taken in start(), once
+            self._give_back(generation.key, len(generation.prompts) * generation.params.n)
+
+    def _take(self, key: Any, sequences: int) -> None:
+        if self.requests is not None:
+            self.requests.take(key, 1)
+        try:
+            self.sequences.take(key, sequences)
+        except BaseException:
+            if self.requests is not None:
+                self.requests.give_back(key, 1)
+            raise
+
+    def _give_back(self, key: Any, sequences: int) -> None:
+        self.sequences.give_back(key, sequences)
+        if self.requests is not None:
+            self.requests.give_back(key, 1)
 
     # ------------------------------------------------------------------ other routes
     def tokenize(self, key: Any, body: dict) -> dict:

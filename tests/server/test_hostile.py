@@ -1,9 +1,11 @@
 """Hostile clients at the HTTP edge, table-driven, each with another tenant watching: while
 the attack runs, the other tenant's stream gets every token and a completed ledger row.
 
-Cases: quotas checked before a 4 MB prompt is tokenized; /tokenize and /detokenize counted
-against requests per minute; at most K sequences in flight per key; --no-auth answering only
-loopback Hosts and JSON bodies; /metrics naming no key; 70 slow (slowloris) connections."""
+Cases: quotas checked before a 4 MB prompt is tokenized; a chat of 100,000 empty messages
+refused before it is tokenized; /tokenize and /detokenize counted against requests per minute;
+at most K sequences in flight per key; --no-auth answering only loopback Hosts and JSON
+bodies; /metrics naming no key; 70 slow (slowloris) connections; a key's streams that are
+never read (at most half the HTTP threads, dropped after the write timeout)."""
 
 import json
 import socket
@@ -21,13 +23,18 @@ HUGE_PROMPT = {"model": "tiny-llama", "prompt": "a" * (4_000_000), "max_tokens":
 FAST_S = 1.5   # tokenizing the 4 MB prompt alone takes longer on this model's tokenizer
 
 
+WRITE_TIMEOUT_S = 3
+
+
 @pytest.fixture(scope="module")
 def limited_server(new_server):
-    """K = 8 sequences per key, a 3 s read timeout, 8 HTTP threads, a default max_tokens of
-    5 and the prefix cache shared between keys."""
+    """K = 8 sequences per key, 3 s read and write timeouts, 16 KB send buffers, 8 HTTP
+    threads (so 4 requests in flight per key), a default max_tokens of 5 and the prefix cache
+    shared between keys."""
     return new_server("--max-sequences-per-key", "8", "--read-timeout", "3",
-                      "--threads", "8", "--default-max-tokens", "5",
-                      "--shared-prefix-cache").start()
+                      "--write-timeout", str(WRITE_TIMEOUT_S), "--send-buffer-bytes", "16384",
+                      "--threads", "8",
+                      "--default-max-tokens", "5", "--shared-prefix-cache").start()
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +75,19 @@ def prompt_past_the_context_is_refused_untokenized(server):
     response, seconds = timed_post(server, key, HUGE_PROMPT)
     assert_error(response, 400, "context_length_exceeded")
     assert seconds < FAST_S, f"{seconds:.2f} s: the prompt was tokenized"
+
+
+def chat_past_the_context_is_refused_untokenized(server):
+    # Empty contents: what the chat template writes around each message is what counts.
+    _, key = server.create_key()
+    messages = [{"role": "user", "content": ""}] * 100_000
+    start = time.monotonic()
+    response = post(server, "/v1/chat/completions", key,
+                    json={"model": "tiny-llama", "messages": messages, "max_tokens": 1})
+    seconds = time.monotonic() - start
+    error = assert_error(response, 400, "context_length_exceeded")
+    assert error["param"] == "messages"
+    assert seconds < FAST_S, f"{seconds:.2f} s: the messages were tokenized"
 
 
 def estimate_over_the_whole_tpm_is_400(server):
@@ -191,9 +211,60 @@ def slowloris_holds_no_thread(server):
     assert all(answer.startswith(b"HTTP/1.1 408") for answer in answers), answers[:3]
 
 
+def unread_stream(server, key: str, body: dict) -> socket.socket:
+    """A streaming request whose client never reads (a 4 KB receive buffer, so the
+    server's writes soon wait for it)."""
+    payload = json.dumps(body).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\n"
+                 + f"Authorization: Bearer {key}\r\nContent-Length: {len(payload)}\r\n\r\n"
+                 .encode() + payload)
+    return sock
+
+
+def unread_streams_hold_half_the_threads_until_the_write_timeout(server):
+    name, key = server.create_key()
+    where = ("key_id = (SELECT id FROM keys WHERE name = ?)", (name,))
+    # n = 2 x 200 tokens with 20 logprobs each: ~140 KB, far more than the sockets' buffers
+    # hold (16 KB sent, which the kernel doubles, 4 KB received).
+    body = {**BODY, "prompt": "a", "n": 2, "max_tokens": 200, "ignore_eos": True,
+            "logprobs": 20, "stream": True}
+    unread = [unread_stream(server, key, body) for _ in range(4)]   # 8 threads: 4 per key
+    try:
+        deadline = time.monotonic() + 30
+        while len(server.rows(*where)) < 4:
+            assert time.monotonic() < deadline, "the 4 streams were not admitted"
+            time.sleep(0.05)
+        fifth = post(server, "/v1/completions", key, json=BODY)
+        error = assert_error(fifth, 429, "too_many_requests")
+        assert "4" in error["message"] and fifth.headers["Retry-After"] == "1"
+        asked = time.monotonic()
+        assert requests.get(server.base_url + "/health", timeout=10).status_code == 200
+        assert time.monotonic() - asked < 1.0
+        _, other_key = server.create_key()   # the other threads serve everyone else
+        assert post(server, "/v1/completions", other_key, json=BODY).status_code == 200
+        # Dropped once a write has waited WRITE_TIMEOUT_S: each row final, billing what was
+        # sent (less than the 400 tokens generated).
+        deadline = time.monotonic() + WRITE_TIMEOUT_S + 30
+        while any(row["status"] == "running" for row in server.rows(*where)):
+            assert time.monotonic() < deadline, server.rows(*where)
+            time.sleep(0.1)
+        rows = [(row["status"], row["completion_tokens"]) for row in server.rows(*where)]
+        assert len(rows) == 4 and all(status == "aborted" and tokens < 400
+                                      for status, tokens in rows), rows
+        assert post(server, "/v1/completions", key, json=BODY).status_code == 200
+    finally:
+        for sock in unread:
+            sock.close()
+
+
 CASES = [
     ("quota-before-tokenizing-4mb", "server", rpm_exhausted_key_sends_4mb),
     ("context-before-tokenizing-4mb", "server", prompt_past_the_context_is_refused_untokenized),
+    ("chat-context-before-tokenizing", "server", chat_past_the_context_is_refused_untokenized),
     ("estimate-over-whole-quota", "server", estimate_over_the_whole_tpm_is_400),
     ("tokenize-rpm", "server", tokenize_and_detokenize_count_against_rpm),
     ("sequences-per-key", "limited_server", more_sequences_than_k_per_key),
@@ -202,6 +273,8 @@ CASES = [
     ("auth-json-only", "server", only_json_bodies_are_accepted),
     ("metrics-labels", "server", metrics_name_no_key),
     ("slowloris", "limited_server", slowloris_holds_no_thread),
+    ("unread-streams", "limited_server",
+     unread_streams_hold_half_the_threads_until_the_write_timeout),
 ]
 
 
