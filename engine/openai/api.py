@@ -64,6 +64,7 @@ class SamplingFields:
     n: int
     stream: bool
     include_usage: bool
+    max_tokens_param: str = "max_tokens"   # the body field max_tokens came from, for errors
 
 
 @dataclass(slots=True)
@@ -195,8 +196,10 @@ def _stop_token_ids(body: dict) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def parse_sampling(body: dict, limits: Limits, max_tokens: int | None) -> SamplingFields:
-    """Reads the fields both endpoints share; `max_tokens` is the endpoint's resolved limit."""
+def parse_sampling(body: dict, limits: Limits, max_tokens: int | None,
+                   max_tokens_param: str = "max_tokens") -> SamplingFields:
+    """Reads the fields both endpoints share; `max_tokens` is the endpoint's resolved limit,
+    read from body field `max_tokens_param`."""
     check_model(body, limits)
     get_str(body, "user")
     _unsupported(body, "logit_bias", (None, {}))
@@ -226,7 +229,7 @@ def parse_sampling(body: dict, limits: Limits, max_tokens: int | None) -> Sampli
             raise invalid("stream_options", options, "an object", "invalid_type")
         include_usage = get_bool(options, "include_usage")
     return SamplingFields(max_tokens, fields, limits.default_max_tokens, n, stream,
-                          include_usage)
+                          include_usage, max_tokens_param)
 
 
 # ------------------------------------------------------------------ endpoints
@@ -279,10 +282,12 @@ def parse_chat(body: dict, limits: Limits) -> ChatRequest:
     if forced is not None and structured is not None:
         raise invalid("tool_choice", body.get("tool_choice"), f"{tools.choice!r} only without "
                       "response_format or guided_* (both constrain the output)")
-    max_tokens = get_int(body, "max_completion_tokens", 1)
+    max_tokens_param = "max_completion_tokens"   # OpenAI's name now; max_tokens still read
+    max_tokens = get_int(body, max_tokens_param, 1)
     if max_tokens is None:
-        max_tokens = get_int(body, "max_tokens", 1)
-    sampling = parse_sampling(body, limits, max_tokens)
+        max_tokens_param = "max_tokens"
+        max_tokens = get_int(body, max_tokens_param, 1)
+    sampling = parse_sampling(body, limits, max_tokens, max_tokens_param)
     logprobs = get_bool(body, "logprobs")
     top_logprobs = get_int(body, "top_logprobs", 0, RANGES["logprobs"].high)
     if top_logprobs is not None and not logprobs:

@@ -87,7 +87,7 @@ def prepare_chat(request: ChatRequest, model: ModelInfo, text: str | None = None
     extra = _structured(request.structured_output, model)
     if request.logprobs:
         extra["logprobs"] = request.top_logprobs or 0
-    return PreparedRequest(prompts, _params(request.sampling, prompts, model, extra),
+    return PreparedRequest(prompts, _params(request.sampling, prompts, model, extra, "messages"),
                            _tool_call_format(tools, model))
 
 
@@ -156,10 +156,10 @@ def _check_ids(name: str, token_ids: list[int], vocab_size: int) -> None:
 
 
 def _params(sampling: SamplingFields, prompts: list[EnginePrompt], model: ModelInfo,
-            extra: dict) -> SamplingParams:
+            extra: dict, prompt_param: str = "prompt") -> SamplingParams:
     """The request's SamplingParams; without max_tokens it gets sampling.default_max_tokens
     (the server's default, or the endpoint's; at least min_tokens) cut to the context the
-    longest prompt leaves."""
+    longest prompt leaves. `prompt_param`: the body field the prompts came from."""
     longest = max(len(p.token_ids) for p in prompts)
     room = model.max_model_len - longest
     for index, prompt in enumerate(prompts):
@@ -168,16 +168,17 @@ def _params(sampling: SamplingFields, prompts: list[EnginePrompt], model: ModelI
             raise ApiError(400, f"{name}: expected at least one token", param="prompt",
                            code="invalid_value")
     if room < 0:
-        raise ApiError(400, f"prompt has {longest} tokens: beyond the context of "
-                       f"max_model_len={model.max_model_len}", param="prompt",
+        raise ApiError(400, f"{prompt_param} has {longest} tokens: beyond the context of "
+                       f"max_model_len={model.max_model_len}", param=prompt_param,
                        code="context_length_exceeded")
     max_tokens, default = sampling.max_tokens, sampling.default_max_tokens
     if max_tokens is None:   # a default never undercuts the min_tokens the body asks for
         default = max(default, sampling.fields.get("min_tokens", 0)) if default else None
         max_tokens = room if default is None else min(default, room)
     elif max_tokens > room:
-        raise ApiError(400, f"prompt has {longest} tokens and max_tokens={max_tokens}: together "
-                       f"beyond max_model_len={model.max_model_len}", param="max_tokens",
+        name = sampling.max_tokens_param
+        raise ApiError(400, f"{prompt_param} has {longest} tokens and {name}={max_tokens}: "
+                       f"together beyond max_model_len={model.max_model_len}", param=name,
                        code="context_length_exceeded")
     fields = dict(sampling.fields)
     _check_ids("stop_token_ids", list(fields.get("stop_token_ids", ())), model.vocab_size)

@@ -329,8 +329,14 @@ def _parse_time(name: str, value: str | None) -> datetime | None:
         return None
     try:
         if value.replace(".", "", 1).isdigit():
-            return datetime.fromtimestamp(float(value), timezone.utc)
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            moment = datetime.fromtimestamp(float(value), timezone.utc)
+        else:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        # The ledger compares in UTC: a time whose UTC falls outside years 1-9999 (9999-12-31
+        # at -23:59) has none.
+        if moment.tzinfo is not None:
+            moment.astimezone(timezone.utc)
     except (ValueError, OverflowError, OSError):
-        raise invalid(name, value, "an ISO 8601 date or time, or unix seconds") from None
+        raise invalid(name, value, "an ISO 8601 date or time, or unix seconds, within years "
+                      "1-9999 in UTC") from None
     return moment

@@ -123,6 +123,9 @@ CASES = [
      "invalid_value", "max_completion_tokens"),
     ("chat-context", "POST", CHAT, chat(max_tokens=MAX_MODEL_LEN), 400,
      "context_length_exceeded", "max_tokens"),
+    ("chat-context-max-completion-tokens", "POST", CHAT,
+     chat(max_completion_tokens=MAX_MODEL_LEN), 400, "context_length_exceeded",
+     "max_completion_tokens"),
     ("tool-name", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f g"}}]),
      400, "invalid_value", "tools[0].function.name"),
     ("json-schema-missing", "POST", CHAT, chat(response_format={"type": "json_schema"}), 400,
@@ -143,6 +146,11 @@ CASES = [
      "group_by"),
     ("usage-start-yesterday", "GET", "/v1/usage?start=yesterday", None, 400, "invalid_value",
      "start"),
+    # Valid ISO 8601, but their UTC falls outside years 1-9999 (a 500 once).
+    ("usage-start-past-year-9999", "GET", "/v1/usage?start=9999-12-31T23:59:59-23:59", None,
+     400, "invalid_value", "start"),
+    ("usage-end-before-year-1", "GET", "/v1/usage?end=0001-01-01T00:00:00%2B23:59", None, 400,
+     "invalid_value", "end"),
     ("unknown-model-card", "GET", "/v1/models/gpt-4", None, 404, "model_not_found", None),
 ]
 # Values that pass a naive check (an int, a number > 0) but overflow what the runner packs
