@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.core.request import ModelOutput, Request, SchedulerOutput
+from engine.core.request import ModelOutput, Request, RequestStatus, SchedulerOutput
 from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, Prefix, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -109,8 +109,12 @@ class OutputProcessor:
                 params.logprobs))
         detokenizer = group.detokenizers[index]
         previous_length = len(output.text)
-        output.text += detokenizer.add([token])
         is_finished = request.is_finished
+        # A token that ended the request (EOS, a stop token) is in token_ids, but its text
+        # only with include_stop_str_in_output, as a stop string's (vLLM's rule).
+        if not (is_finished and _ended_by_token(request, token)
+                and not params.include_stop_str_in_output):
+            output.text += detokenizer.add([token])
         if is_finished:
             output.text += detokenizer.finish()
         stop = self._find_stop(output, params, previous_length)
@@ -126,7 +130,8 @@ class OutputProcessor:
                    ) -> str | None:
         """Looks for a stop string in the new text (and the few characters before it, which
         a stop string may straddle); cuts the text there."""
-        if not params.stop or len(output.token_ids) < params.min_tokens:
+        # Not within the first min_tokens tokens (vLLM's rule): their text is always kept.
+        if not params.stop or len(output.token_ids) <= params.min_tokens:
             return None
         longest = max(len(s) for s in params.stop)
         start = max(0, previous_length - longest + 1)
@@ -188,3 +193,15 @@ class OutputProcessor:
         self._groups.pop(group.request_id, None)
         for sample in group.samples:
             self._sample_index.pop(sample.request_id, None)
+
+
+def _ended_by_token(request: Request, token: int) -> bool:
+    """Whether `token` ended the finished request as EOS or one of its stop_token_ids
+    (engine/core/request.py: check_stop), rather than a length limit or a grammar."""
+    if request.status is not RequestStatus.FINISHED_STOPPED:
+        return False
+    if request.stop_reason == token:
+        return True
+    grammar_done = request.matcher is not None and request.matcher.is_finished()
+    return (request.stop_reason is None and not grammar_done
+            and not request.sampling_params.ignore_eos and token in request.eos_token_ids)

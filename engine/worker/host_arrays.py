@@ -5,7 +5,7 @@ and the history a penalty slot is filled from when a request takes one."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -172,6 +172,13 @@ def slot_history(request: Request, position: int, max_model_len: int,
     tokens[len(known)] = HISTORY_PENDING
     # The one output not on the host: the previous step's draw, as a forward input takes it.
     return tokens, _pending_input(request, len(known), previous_rows)[1]
+
+
+def forbid_tokens(row: np.ndarray, token_ids: Iterable[int]) -> None:
+    """Clears the bits of `token_ids` (ids past the row's width ignored) in one bitmask row
+    (u32[ceil(V/32)]: token t is bit t % 32 of word t // 32)."""
+    ids = np.fromiter((t for t in token_ids if 0 <= t < row.shape[0] * 32), np.int64)
+    np.bitwise_and.at(row, ids // 32, ~(np.uint32(1) << (ids % 32).astype(np.uint32)))
 
 
 def open_bitmask(num_seqs: int, vocab_size: int) -> TokenBitmask:

@@ -33,7 +33,8 @@ import pallas_kernels
 from engine.config import EngineConfig
 from engine.core.request import ModelOutput, Request, SchedulerOutput
 from engine.structured import fill_bitmasks
-from engine.worker.host_arrays import empty_batch, open_bitmask, rung, sampling_arrays, step_batch
+from engine.worker.host_arrays import (empty_batch, forbid_tokens, open_bitmask, output_position,
+                                      rung, sampling_arrays, step_batch)
 from engine.worker.penalties import DevicePenalties, is_lost
 from engine.worker.prompt_logprobs import prompt_targets, unpack_prompt_logprobs
 from engine.worker.step import TOP_LOGPROBS, PenaltyArrays, SamplingArrays, TokenBitmask, jit_steps
@@ -205,18 +206,25 @@ class Runner:
             scheduled, chosen, {} if previous is None else previous.rows,
             self._no_draws if previous is None else previous.drawn)
         sampling, penalties = sampling_arrays(chosen, step.num_seqs, with_penalties, slots)
-        # Rows that draw a token this step under a grammar (a prefill chunk draws none; a
-        # request finished since it was scheduled is left free: its row is discarded).
-        constrained = [(request.matcher, s) for s, (item, request) in
-                       enumerate(zip(scheduled, chosen))
-                       if item.sample and request.matcher is not None
-                       and not request.is_finished]
-        bitmask = self._open_bitmask(step.num_seqs) if constrained else None
+        # Rows that draw a token this step (a prefill chunk draws none; a request finished
+        # since it was scheduled is left free: its row is discarded) under a grammar, and
+        # those short of min_tokens, which may not draw EOS or a stop token yet (as vLLM and
+        # transformers forbid them).
+        drawing = [(s, request) for s, (item, request) in enumerate(zip(scheduled, chosen))
+                   if item.sample and not request.is_finished]
+        constrained = [(request.matcher, s) for s, request in drawing
+                       if request.matcher is not None]
+        short = [(s, request) for s, request in drawing
+                 if output_position(request) < request.sampling_params.min_tokens]
+        bitmask = self._open_bitmask(step.num_seqs) if constrained or short else None
         if bitmask is not None:
             # Filled while the forward runs (dispatch is asynchronous): the host's grammar
             # work overlaps the device's, and the masks reach the device with the sampler.
             fill_bitmasks(constrained, bitmask.bitmask)
-            bitmask.enabled[[s for _, s in constrained]] = True
+            for s, request in short:
+                forbid_tokens(bitmask.bitmask[s], request.eos_token_ids
+                              | set(request.sampling_params.stop_token_ids))
+            bitmask.enabled[[s for _, s in constrained] + [s for s, _ in short]] = True
         step.packed, step.drawn, penalty_state = self._sample(
             self.param_leaves, step.last_hidden, sampling, penalties,
             self.penalties.state if with_penalties else None, bitmask,

@@ -1,5 +1,8 @@
 """End-to-end generation through LLM: parity with transformers, batching invariance,
-prefix caching, preemption, seeded sampling, logprobs, stops and bad input."""
+prefix caching, preemption, seeded sampling, logprobs, stops, min_tokens and bad input."""
+
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -128,6 +131,69 @@ def test_stop_strings_and_length(llama):
     assert stopped.outputs[0].finish_reason == "stop"
     assert stopped.outputs[0].stop_reason == stop
     assert stopped.outputs[0].text == text[:text.index(stop)]
+
+
+def greedy_ids(llm, prompt, **params):
+    return llm.generate(prompt, SamplingParams(temperature=0, **params))[0].outputs[0]
+
+
+def test_min_tokens_holds_back_eos_and_stop_tokens_as_transformers_does(hf_model_dirs, llama,
+                                                                        tmp_path):
+    prompt = random_prompts(seed=9, count=1)[0]
+    first = greedy_ids(llama, prompt, max_tokens=1, ignore_eos=True).token_ids[0]
+    # The same model with the greedy first token as a second EOS (generation_config).
+    eos_dir = tmp_path / "llama-eos"
+    shutil.copytree(hf_model_dirs["llama"], eos_dir)
+    config = json.loads((eos_dir / "generation_config.json").read_text())
+    eos = sorted(llama.engine.eos_token_ids | {first})
+    (eos_dir / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+    with_eos = LLM(str(eos_dir), **SMALL)
+    model = load_hf_model(hf_model_dirs["llama"])
+    for min_tokens in (0, 1, 4):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt["prompt_token_ids"]]), max_new_tokens=8,
+                                 min_new_tokens=min_tokens, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=0)
+        expected = out[0, len(prompt["prompt_token_ids"]):].tolist()
+        assert (expected[0] == first) == (min_tokens == 0)
+        ended = greedy_ids(with_eos, prompt, max_tokens=8, min_tokens=min_tokens)
+        assert ended.token_ids == expected, min_tokens
+        # A stop token is held back alike (vLLM's rule as well).
+        stopped = greedy_ids(llama, prompt, max_tokens=8, min_tokens=min_tokens,
+                             stop_token_ids=[first])
+        assert stopped.token_ids == ended.token_ids, min_tokens
+        if min_tokens == 0:   # ended on its first token: no text from it
+            assert ended.finish_reason == stopped.finish_reason == "stop"
+            assert stopped.stop_reason == first and ended.text == stopped.text == ""
+
+
+def test_a_stop_tokens_text_comes_only_with_include_stop_str_in_output(llama):
+    prompt = random_prompts(seed=9, count=1)[0]
+    free = greedy_ids(llama, prompt, max_tokens=12, ignore_eos=True).token_ids
+    index = next(i for i in range(2, len(free)) if free[i] not in free[:i])
+    decode = llama.get_tokenizer().decode
+    for include, expected in ((False, decode(free[:index])), (True, decode(free[:index + 1]))):
+        out = greedy_ids(llama, prompt, max_tokens=12, ignore_eos=True,
+                         stop_token_ids=[free[index]], include_stop_str_in_output=include)
+        assert out.token_ids == free[:index + 1] and out.stop_reason == free[index]
+        assert out.text == expected, include
+
+
+def test_stop_strings_are_not_looked_for_within_min_tokens(llama):
+    # A prompt whose first greedy token is one plain character, then that character as stop.
+    for seed in range(100, 200):
+        prompt = random_prompts(seed=seed, count=1)[0]
+        first = greedy_ids(llama, prompt, max_tokens=1, ignore_eos=True).text
+        if first.isascii() and first.isalnum():
+            break
+    else:
+        pytest.fail("no prompt of seeds 100-199 starts its output with a plain character")
+    free = greedy_ids(llama, prompt, max_tokens=16, ignore_eos=True).text
+    stopped = greedy_ids(llama, prompt, max_tokens=16, ignore_eos=True, stop=[first])
+    assert stopped.text == "" and stopped.finish_reason == "stop"
+    held = greedy_ids(llama, prompt, max_tokens=16, ignore_eos=True, stop=[first], min_tokens=1)
+    later = free.find(first, 1)   # found again only after the first token's text
+    assert held.text == (free if later < 0 else free[:later])
 
 
 def test_request_beyond_max_model_len_is_rejected_before_taking_pages(llama):
