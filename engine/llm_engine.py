@@ -213,7 +213,7 @@ class LLMEngine:
         for index in range(params.n):
             sample_id = request_id if params.n == 1 else f"{request_id}#{index}"
             samples.append(Request(sample_id, token_ids, params, eos_token_ids=eos,
-                                   priority=priority, seed=(base_seed + index) % 2 ** 32,
+                                   priority=priority, seed=(base_seed + index) % 2 ** 64,
                                    wait_for=None if index == 0 else samples[0].request_id,
                                    tenant=tenant, cache_salt=cache_salt,
                                    matcher=None if grammar is None else grammar.matcher()))

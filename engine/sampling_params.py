@@ -108,7 +108,8 @@ class SamplingParams:
       min_p: drop tokens less likely than min_p times the most likely one; 0 keeps all.
       presence_penalty, frequency_penalty: OpenAI's additive penalties over generated tokens.
       repetition_penalty: multiplicative penalty (>1 discourages) over prompt and output tokens.
-      seed: makes the draws reproducible whatever else shares the batch.
+      seed: makes the draws reproducible whatever else shares the batch; every 64-bit value
+        is its own (taken mod 2**64, so -1 and 2**64 - 1 are one seed).
       stop: strings that end generation; they are cut from the text.
       stop_token_ids: token ids that end generation (besides EOS unless ignore_eos).
       logprobs: number of top logprobs per output token (0 gives only the chosen token's).
@@ -145,8 +146,11 @@ class SamplingParams:
         # Lists are accepted for convenience and stored as tuples so params stay hashable.
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop or ()))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        for name, expected in (("stop", "a string or a list of strings"),
+                               ("stop_token_ids", "a list of token ids")):
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, (list, tuple)), name, value, expected)
+            object.__setattr__(self, name, tuple(value or ()))
         for name, bounds in RANGES.items():
             value = getattr(self, name)
             if name == "stop_token_ids":

@@ -127,7 +127,8 @@ def sampling_arrays(chosen: list[Request], num_seqs: int, with_penalties: bool,
         top_k=column((p.top_k for p in params), np.int32, 0),
         top_p=column((p.top_p for p in params), np.float32, 1.0),
         min_p=column((p.min_p for p in params), np.float32, 0.0),
-        seeds=column((r.seed for r in chosen), np.uint32, 0),
+        seeds=np.asarray([divmod(r.seed, 1 << 32) for r in chosen] + [(0, 0)] * pad,
+                         np.uint32).reshape(num_seqs, 2),
         positions=column(map(output_position, chosen), np.int32, 0))
     if not with_penalties:
         return sampling, None

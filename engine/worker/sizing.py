@@ -44,12 +44,18 @@ def page_bytes(model_config: ModelConfig, config: EngineConfig) -> int:
 
 def fit_max_model_len(requested: int | None, model_limit: int, num_pages: int,
                       page_size: int) -> int:
-    """The longest sequence served: `requested` (None: the model's limit), never beyond
-    the model's limit nor what the KV cache holds for one sequence.
+    """The longest sequence served: `requested` (None: the model's limit, cut to what the KV
+    cache holds for one sequence).
 
     Raises:
-      ValueError when `requested` is beyond the KV cache (as vLLM refuses to start).
+      ValueError when `requested` is beyond the model's limit (its positions were never
+      trained; a clamp would serve less than asked without a word) or beyond the KV cache,
+      as vLLM refuses to start for either.
     """
+    if requested is not None and requested > model_limit:
+        raise ValueError(f"max_model_len={requested} is beyond the model's limit of "
+                         f"{model_limit} positions (max_position_embeddings, or the GGUF "
+                         "file's context length): lower max_model_len or leave it unset")
     capacity = (num_pages - 1) * page_size   # page 0 is reserved for padding
     if requested is not None and requested > capacity:
         raise ValueError(f"max_model_len={requested} is beyond the {capacity} tokens the KV "

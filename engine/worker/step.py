@@ -47,7 +47,7 @@ class SamplingArrays(NamedTuple):
     top_k: jax.Array        # i32[S]  <= 0 disables
     top_p: jax.Array        # f32[S]
     min_p: jax.Array        # f32[S]
-    seeds: jax.Array        # u32[S]
+    seeds: jax.Array        # u32[S, 2]  the seed mod 2**64 as (high, low) words: its key
     positions: jax.Array    # i32[S]  output position of the token being drawn
 
 
@@ -140,9 +140,11 @@ def init_penalty_slot(state: PenaltyState, slot, tokens, num_prompt, pending_row
 
 
 def request_keys(seeds, positions):
-    """Raw key data u32[S, 2] of fold_in(PRNGKey(seed), output_position), per sequence."""
-    def one(seed, position):
-        return jax.random.key_data(jax.random.fold_in(jax.random.PRNGKey(seed), position))
+    """Raw key data u32[S, 2] of fold_in(PRNGKey(seed), output_position), per sequence:
+    seeds u32[S, 2] hold each seed mod 2**64 as (high, low) words, the raw key PRNGKey makes
+    of a 64-bit seed ([0, seed] for one below 2**32, as with a 32-bit seed)."""
+    def one(key, position):
+        return jax.random.key_data(jax.random.fold_in(key, position))
     return jax.vmap(one)(seeds, positions)
 
 

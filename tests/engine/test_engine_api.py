@@ -165,6 +165,8 @@ TINY = dict(max_num_seqs=4, max_num_batched_tokens=32, page_size=16, num_pages=6
     (5, 64, 64),        # exactly what the cache holds
     (5, 65, "max_model_len=65 is beyond the 64 tokens the KV cache holds"),
     (5, 256, "max_model_len=256 is beyond the 64 tokens the KV cache holds"),
+    # Beyond the model's 512 positions: refused, as vLLM does (it was cut to 512 unsaid).
+    (64, 513, "max_model_len=513 is beyond the model's limit of 512 positions"),
 ])
 def test_max_model_len_fits_the_kv_cache(hf_model_dirs, caplog, num_pages, max_model_len,
                                          expected):

@@ -97,6 +97,17 @@ def test_seeded_request_same_alone_and_in_batch(llama):
     assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
 
 
+def test_every_64_bit_seed_is_its_own(llama):
+    # Seeds were cut to 32 bits: 0 and 2**32 drew the same tokens.
+    target = random_prompts(seed=6, count=1)[0]
+    seeds = [0, 1, 2 ** 32, 2 ** 32 + 1, 2 ** 63, 2 ** 64 - 1, -1]
+    drawn = [tuple(out.outputs[0].token_ids) for out in llama.generate(
+        [target] * len(seeds), [SamplingParams(max_tokens=20, temperature=1.0, seed=seed)
+                                for seed in seeds])]
+    assert len(set(drawn[:-1])) == len(seeds) - 1   # all different
+    assert drawn[-1] == drawn[-2]                   # -1 is 2**64 - 1 (mod 2**64)
+
+
 def test_logprobs_equal_log_softmax_of_transformers_logits(hf_model_dirs, llama):
     prompt = random_prompts(seed=8, count=1, low=10, high=11)[0]["prompt_token_ids"]
     out = llama.generate({"prompt_token_ids": prompt},

@@ -73,6 +73,15 @@ def test_sampling_params_rejects_what_the_engine_cannot_pack(field, value, param
         dataclasses.replace(SamplingParams(), **{field: value})
 
 
+@pytest.mark.parametrize("field,value", [("stop", 5), ("stop", {"a": 1}),
+                                         ("stop_token_ids", 5), ("stop_token_ids", "5")])
+def test_sampling_params_names_a_stop_field_of_the_wrong_type(field, value):
+    # These once raised a TypeError naming nothing (an int is not iterable).
+    with pytest.raises(InvalidParamError) as caught:
+        SamplingParams(**{field: value})
+    assert caught.value.name == field and "expected a " in str(caught.value)
+
+
 def random_in(bounds, rng):
     """An endpoint or a random value of a range (log-uniform for wide ones)."""
     low = bounds.low if not bounds.low_open else min(bounds.high, bounds.low + 1e-6)
