@@ -27,11 +27,25 @@ class RequestGroup:
     def finished(self) -> bool:
         return all(output.finished for output in self.outputs)
 
+    @property
+    def holdback(self) -> int:
+        """Characters a running sample's text holds back: a stop string found later cuts
+        the text where it starts (unless include_stop_str_in_output), and what a snapshot
+        showed is never taken back (vLLM holds back alike)."""
+        params = self.params
+        if not params.stop or params.include_stop_str_in_output:
+            return 0
+        return max(map(len, params.stop)) - 1
+
     def snapshot(self) -> RequestOutput:
         """This step's view of the group, without copying what it generated: a finished
         sample's lists never change again and are handed out as they are; a running one's
-        are Prefix views of the tokens so far (the engine keeps appending to them)."""
-        outputs = [CompletionOutput(o.index, o.text, _as_of_now(o.token_ids, o.finished),
+        are Prefix views of the tokens so far (the engine keeps appending to them), and its
+        text without the last `holdback` characters, so each view's text starts the next."""
+        hold = self.holdback
+        outputs = [CompletionOutput(o.index, o.text if o.finished or not hold
+                                    else o.text[:max(0, len(o.text) - hold)],
+                                    _as_of_now(o.token_ids, o.finished),
                                     o.cumulative_logprob,
                                     None if o.logprobs is None else _as_of_now(o.logprobs,
                                                                                o.finished),

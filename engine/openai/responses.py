@@ -1,8 +1,9 @@
 """A Generation's outputs -> OpenAI completions / chat bodies and stream chunks (no JAX).
 
 Choices are indexed prompt-major, sample-minor (choice = prompt * n + sample), as OpenAI does.
-While a choice streams, the last max(len(stop)) - 1 characters are held back: a stop string
-found later cuts the text there, and what was already sent can never be taken back.
+While a choice streams, the engine's outputs hold back the last max(len(stop)) - 1 characters
+(engine/core/output_processor.py: RequestGroup.holdback): a stop string found later cuts the
+text there, and what was already sent can never be taken back.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ class _Assembler:
             prepared, response_id, created, model)
         self.include_usage = include_usage
         self.n = prepared.params.n
-        stops = prepared.params.stop
-        self._holdback = max(map(len, stops)) - 1 if stops else 0
         self._sent = [_Sent() for _ in range(len(prepared.prompts) * self.n)]
         self._token_deltas = prepared.params.logprobs is not None   # a chunk per token then
 
@@ -47,7 +46,7 @@ class _Assembler:
             if sent.finished:
                 continue
             done = sample.finish_reason is not None
-            end = len(sample.text) if done else max(sent.chars, len(sample.text) - self._holdback)
+            end = max(sent.chars, len(sample.text))
             text, first_token = sample.text[sent.chars:end], sent.tokens
             if not text and not done and (not self._token_deltas
                                           or len(sample.token_ids) == first_token):

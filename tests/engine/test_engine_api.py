@@ -138,6 +138,7 @@ def test_chat_uses_the_template(warm_llm):
     out = warm_llm.chat(messages, SamplingParams(max_tokens=4, temperature=0))[0]
     expected = warm_llm.get_tokenizer().apply_chat_template(messages, tokenize=True)
     assert out.prompt_token_ids == expected
+    assert out.prompt == warm_llm.get_tokenizer().apply_chat_template(messages)   # the text
     with pytest.raises(ValueError, match="role"):
         warm_llm.chat([{"role": "robot", "content": "hi"}])
 

@@ -190,6 +190,24 @@ def test_a_stop_tokens_text_comes_only_with_include_stop_str_in_output(llama):
         assert out.text == expected, include
 
 
+def test_each_streamed_text_starts_the_final_text(llama):
+    # A stop string's first characters come a step before the rest; a view showing them
+    # was later cut back (LLMEngine.step streams these views).
+    prompt = random_prompts(seed=9, count=1)[0]
+    free = greedy_ids(llama, prompt, max_tokens=30, ignore_eos=True).text
+    start = next(i for i in range(1, len(free) - 1)   # two plain characters, one token each
+                 if free[i:i + 2].isascii() and free[i:i + 2].isprintable())
+    stop = free[start:start + 2]
+    engine = llama.engine
+    engine.add_request("streamed", prompt, SamplingParams(max_tokens=30, temperature=0,
+                                                          ignore_eos=True, stop=[stop]))
+    texts = []
+    while engine.has_unfinished_requests():
+        texts += [out.outputs[0].text for out in engine.step() if out.request_id == "streamed"]
+    assert texts[-1] == free[:free.index(stop)]
+    assert all(texts[-1].startswith(text) for text in texts), texts
+
+
 def test_stop_strings_are_not_looked_for_within_min_tokens(llama):
     # A prompt whose first greedy token is one plain character, then that character as stop.
     for seed in range(100, 200):
