@@ -86,24 +86,30 @@ def reconcile(output: OutputFile, ledger: Any, key: Any, model_name: str,
               discount: float) -> int:
     """Bills the successful output lines a killed run wrote but did not bill; returns how many.
 
-    Those are always the newest lines, so chunks are billed from the end backwards until a
-    chunk holds a line the ledger has already billed.
+    Billing follows writing, so those are always the newest lines. They are found from the
+    end backwards, a chunk at a time, up to the newest line the ledger holds as final, then
+    billed oldest first, a transaction per chunk: a run killed in between leaves the lines
+    still unbilled the newest ones, which the next run finds the same way.
     """
     lines = [line for line in output.finished if line.status_code == 200 and line.request_id]
-    billed, end = 0, len(lines)
-    while end > 0:
-        chunk = lines[max(0, end - RECONCILE_CHUNK):end]
+    start = len(lines)
+    while start > 0:
+        chunk = lines[max(0, start - RECONCILE_CHUNK):start]
+        final = ledger.final_ids([line.request_id for line in chunk])
+        if final:
+            start -= len(chunk) - max(i for i, line in enumerate(chunk)
+                                      if line.request_id in final) - 1
+            break
+        start -= len(chunk)
+    billed = 0
+    for first in range(start, len(lines), RECONCILE_CHUNK):
         usages = []
-        for line in chunk:
+        for line in lines[first:first + RECONCILE_CHUNK]:
             usage = output.read_line(line)["response"]["body"]["usage"]
             usages.append((line.request_id, usage["prompt_tokens"],
                            usage["prompt_tokens_details"]["cached_tokens"],
                            usage["completion_tokens"]))
-        newly = len(ledger.record_finished(key, model_name, usages, discount=discount))
-        billed += newly
-        if newly < len(chunk):
-            break
-        end -= len(chunk)
+        billed += len(ledger.record_finished(key, model_name, usages, discount=discount))
     return billed
 
 

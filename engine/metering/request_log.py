@@ -255,6 +255,16 @@ class RequestLog:
                     billed.add(request_id)
         return [i for i in ids if i in billed]
 
+    def final_ids(self, request_ids: Sequence[str]) -> set[str]:
+        """Which of these requests have a final row (read only)."""
+        table, ids, final = schema.requests, list(request_ids), set()
+        with self._db.connect() as conn:
+            for start in range(0, len(ids), 500):   # under every backend's bound-parameter limit
+                final.update(conn.execute(sa.select(table.c.id).where(
+                    table.c.id.in_(ids[start:start + 500]),
+                    table.c.status.in_(schema.FINAL_STATUSES))).scalars())
+        return final
+
     def _mark_row_interrupted(self, row) -> int:
         """Marks one running row (id, model and its counts) interrupted, priced on its counts;
         1 if this call did it."""

@@ -461,6 +461,40 @@ def test_lines_written_but_not_billed_are_billed_on_resume_once(llm, tmp_path):
                                           for line in output.values())
 
 
+def test_a_resume_killed_while_it_bills_leaves_nothing_unbilled(llm, tmp_path, monkeypatch):
+    # 12 lines written, none billed; the resume bills them 5 a transaction and dies after its
+    # first. Billing the newest first, the next resume found that chunk billed and stopped:
+    # the 7 older lines were never billed.
+    rng = random.Random(17)
+    input_path = write_lines(tmp_path / "in.jsonl", [random_line(rng, i, "") for i in range(12)])
+    files = open_batch(input_path, tmp_path / "out.jsonl")
+    run_batch(llm.engine, files, model_name=MODEL, progress=False)   # killed before billing
+    files.close()
+    monkeypatch.setattr("engine.batch.job.RECONCILE_CHUNK", 5)
+    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
+        key, _ = ledger.create_key("team-a")
+        bill = ledger.record_finished
+
+        def bill_then_die(*args, **kwargs):
+            billed = bill(*args, **kwargs)
+            raise KeyboardInterrupt(f"killed after billing {billed}")
+
+        monkeypatch.setattr(ledger, "record_finished", bill_then_die)
+        files = open_batch(input_path, tmp_path / "out.jsonl")
+        with pytest.raises(KeyboardInterrupt):
+            run_batch(llm.engine, files, model_name=MODEL, ledger=ledger, key=key,
+                      progress=False)
+        files.close()
+        monkeypatch.setattr(ledger, "record_finished", bill)
+        assert ledger.usage(key.id)[0].requests == 5
+        files = open_batch(input_path, tmp_path / "out.jsonl")
+        summary = run_batch(llm.engine, files, model_name=MODEL, ledger=ledger, key=key,
+                            progress=False)
+        files.close()
+        assert summary.billed == 7
+        assert ledger.usage(key.id)[0].requests == 12
+
+
 def test_output_recovery_drops_only_a_torn_last_line(tmp_path):
     from engine.batch.jsonl import OutputFile
 
