@@ -113,6 +113,12 @@ class ModelAssembly:
           source: the file or checkpoint named in errors.
         """
         if not self.wants(name):
+            if self._unknown_layer_tensor(name):
+                # A layer's tensor the model has no place for (a bias config.json does not
+                # switch on, say): skipping it would run a different model without a word.
+                raise CheckpointError(f"{source}: tensor {name} is not a weight of the model "
+                                      "config.json describes (a field it omits or gets "
+                                      "wrong, or an unsupported variant)")
             return
         fmt = self._quantized_format(name)
         if fmt is not None:
@@ -203,6 +209,13 @@ class ModelAssembly:
     def _layers_of(self, key: tuple) -> set[int]:
         stacked = self.stacked.get(key)
         return set() if stacked is None else stacked.layers
+
+    def _unknown_layer_tensor(self, name: str) -> bool:
+        """A decoder layer's tensor (`model.layers.N...` or stacked `model.layers...`) that
+        fills no weight of this model; rotary buffers are not weights."""
+        return (name.startswith("model.layers.") and not name.endswith("rotary_emb.inv_freq")
+                and name not in self.whole and name not in self.rows
+                and not self._rows_of(name) and self._quantized_format(name) is None)
 
     def _rows_of(self, name: str) -> list[str]:
         """The per-layer names of a stacked name (`model.layers.X`) whose weight is one

@@ -13,6 +13,17 @@ _ARCHITECTURES: dict[str, dict] = {
     "Qwen3ForCausalLM": {"qk_norm": True},
     "GemmaForCausalLM": {"norm_offset": 1.0, "scale_embeddings": True},
 }
+# transformers' defaults, where its config class has its own for a field config.json omits.
+_HF_DEFAULTS: dict[str, dict] = {
+    "GemmaForCausalLM": {"hidden_act": "gelu_pytorch_tanh", "tie_word_embeddings": True},
+    "MistralForCausalLM": {"sliding_window": 4096},
+    "Qwen2ForCausalLM": {"sliding_window": 4096},
+    "Qwen3ForCausalLM": {"sliding_window": 4096},
+}
+# Architectures whose config reads attention_bias (q, k, v and o) and mlp_bias: transformers
+# ignores the keys elsewhere (Qwen2's q, k, v biases are always on, Mistral has none).
+_ATTENTION_BIAS = ("LlamaForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM")
+_MLP_BIAS = ("LlamaForCausalLM",)
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -160,13 +171,13 @@ class ModelConfig:
                              f"expected one of {SUPPORTED_ARCHITECTURES}")
         num_heads = _required(hf, "num_attention_heads")
         hidden_size = _required(hf, "hidden_size")
-        activation = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+        defaults = _HF_DEFAULTS.get(architecture, {})
+        activation = (hf.get("hidden_activation")
+                      or hf.get("hidden_act", defaults.get("hidden_act", "silu")))
         if architecture == "GemmaForCausalLM" and activation == "gelu":
             activation = "gelu_pytorch_tanh"  # transformers runs Gemma's "gelu" as tanh-GeLU
         switches = dict(_ARCHITECTURES[architecture])
-        if architecture == "LlamaForCausalLM" and hf.get("attention_bias"):
-            switches.update(qkv_bias=True, o_bias=True)
-        if architecture == "Qwen3ForCausalLM" and hf.get("attention_bias"):
+        if architecture in _ATTENTION_BIAS and hf.get("attention_bias"):
             switches.update(qkv_bias=True, o_bias=True)
         return cls(
             architecture=architecture,
@@ -181,8 +192,9 @@ class ModelConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope=_rope_from_hf(hf),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings",
+                                            defaults.get("tie_word_embeddings", False))),
+            mlp_bias=architecture in _MLP_BIAS and bool(hf.get("mlp_bias", False)),
             sliding_window=_sliding_window(hf, architecture),
             dtype=dtype or _dtype_from_hf(hf),
             scan_layers=scan_layers,
@@ -210,19 +222,38 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
 
 
 def _sliding_window(hf: dict, architecture: str) -> int | None:
-    window = hf.get("sliding_window")
-    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        # Qwen ships a window it uses only when use_sliding_window is set, and then only on
-        # layers from max_window_layers on.
-        if not hf.get("use_sliding_window"):
-            return None
+    """The window every layer attends within, as transformers reads the config: Mistral's
+    `sliding_window` (4096 when absent); Qwen's only with `use_sliding_window`, and only on
+    the layers `layer_types` names sliding (without it, those from `max_window_layers` on).
+    Llama and Gemma have none, whatever the file says.
+
+    Raises:
+      ValueError naming the field when only some layers would slide (not supported).
+    """
+    window = hf.get("sliding_window", _HF_DEFAULTS.get(architecture, {}).get("sliding_window"))
+    if architecture == "MistralForCausalLM":
+        return window
+    if architecture not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        return None
+    if not hf.get("use_sliding_window") or window is None:
+        return None
+    layers = hf["num_hidden_layers"]
+    types = hf.get("layer_types")
+    if types is not None:
+        sliding = [kind == "sliding_attention" for kind in types]
+        if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
+            raise ValueError(f"config.json layer_types={types!r}: expected {layers} entries of "
+                             "'sliding_attention' or 'full_attention'")
+        field, value = "layer_types", types
+    else:
         first_sliding_layer = hf.get("max_window_layers", 0)
-        if first_sliding_layer >= hf["num_hidden_layers"]:
-            return None
-        if first_sliding_layer > 0:
-            raise ValueError(f"config.json max_window_layers={first_sliding_layer}: a sliding "
-                             "window on only some layers is not supported (expected 0 or >= "
-                             "num_hidden_layers)")
+        sliding = [layer >= first_sliding_layer for layer in range(layers)]
+        field, value = "max_window_layers", first_sliding_layer
+    if not any(sliding):
+        return None
+    if not all(sliding):
+        raise ValueError(f"config.json {field}={value!r}: a sliding window on only some layers "
+                         "is not supported (expected every layer or none)")
     return window
 
 

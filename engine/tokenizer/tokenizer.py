@@ -193,10 +193,12 @@ class Tokenizer:
 def _load_backend(model_dir: Path, config: Mapping[str, Any],
                   special_tokens: Mapping[str, str]) -> tokenizers.Tokenizer:
     if (model_dir / "tokenizer.json").is_file():
-        backend = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        if config.get("tokenizer_class") in _LLAMA_CLASSES:
-            # transformers 5 rebuilds a Llama tokenizer's text handling from the config, whatever
-            # the file says (hub Llama-2 files prepend "▁" with a normalizer, even after <s>).
+        text = (model_dir / "tokenizer.json").read_text(encoding="utf-8")
+        backend = tokenizers.Tokenizer.from_str(text)
+        # transformers 5 rebuilds a Llama tokenizer's text handling from the config, whatever
+        # the file says (hub Llama-2 files prepend "▁" with a normalizer, even after <s>),
+        # unless the file is byte-level (Llama 3 style), which it then loads as it is.
+        if config.get("tokenizer_class") in _LLAMA_CLASSES and '"ByteLevel"' not in text:
             _use_llama_pipeline(backend, config, add_prefix_default=True)
         _add_missing_tokens(backend, config, special_tokens)
         # BOS / EOS come from the file's post-processor: transformers 5 ignores the config's

@@ -175,6 +175,18 @@ def bytelevel_dir(tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="session")
+def llama_class_bytelevel_dir(bytelevel_dir, tmp_path_factory):
+    """The byte-level files under a Llama tokenizer class, as hub Llama 3 files declare it:
+    transformers loads the file as it is (its Llama pipeline once dropped every space)."""
+    directory = tmp_path_factory.mktemp("llama_class_bytelevel")
+    shutil.copytree(bytelevel_dir, directory, dirs_exist_ok=True)
+    config_path = directory / "tokenizer_config.json"
+    _write_json(config_path, {**json.loads(config_path.read_text()),
+                              "tokenizer_class": "LlamaTokenizerFast"})
+    return directory
+
+
 def _both(directory):
     """(ours, transformers') tokenizer for the same directory."""
     return (Tokenizer.from_pretrained(directory),
@@ -182,7 +194,8 @@ def _both(directory):
 
 
 @pytest.fixture(scope="session",
-                params=["llama_dir", "spm_dir", "no_prefix_spm_dir", "bytelevel_dir"])
+                params=["llama_dir", "spm_dir", "no_prefix_spm_dir", "bytelevel_dir",
+                        "llama_class_bytelevel_dir"])
 def pair(request):
     return _both(request.getfixturevalue(request.param))
 
