@@ -22,7 +22,9 @@ Billing follows what the client was sent, and survives kill -9:
 - non-streaming (`wait`): nothing is sent until the whole body, which carries every generated
   token, so "sent" means generated: counts are recorded as the engine produces them (a crash
   loses at most the tokens of the writer's last period, progress.FLUSH_INTERVAL_S + a commit);
-- an aborted, failed or shut-down stream is finalised on the tokens sent, not generated.
+- an aborted, failed or shut-down stream is finalised on the tokens sent, not generated
+  (a shutdown's sweep finalizes what is still open as aborted, whatever its engine
+  requests did, and its stream sends nothing more).
 """
 
 from __future__ import annotations
@@ -157,11 +159,16 @@ class Generation:
         counts as sent once the caller asks for the next; it is yielded only when the ledger
         row is close enough behind (module docstring).
 
+        Returns early once the row is final (a shutdown's sweep finalized it on what was
+        sent): nothing more goes out unbilled.
+
         Raises:
           ClientGone: the client closed the connection (the caller aborts).
         """
         for steps in self._changes(watch):
             for piece in self._pieces(steps):
+                if self.usage is not None:
+                    return
                 self._hold_until_recorded(piece)
                 yield piece
                 self._sent = self._after(piece)

@@ -23,6 +23,7 @@ import math
 import os
 import selectors
 import socket
+import threading
 import time
 from functools import partial
 from typing import Any, Callable
@@ -43,6 +44,8 @@ logger = logging.getLogger("ember.server")
 WSGI_APP = "server:create_app"   # called with the Service; returns the WSGI app
 WORKER_BOOT_ERROR = 3    # gunicorn's arbiter halts (rather than respawning) on this exit code
 SHUTDOWN_MARGIN_S = 5.0  # of the graceful timeout, kept for aborting and finalizing
+SWEEP_DELAY_S = 1.0      # after the drain: the engine's aborts reach their streams first
+SWEEP_JOIN_S = 2.0       # the sweep's wait for the engine thread to end
 DEFAULT_READ_TIMEOUT_S = 30.0   # for a whole request (head and body), from its first awaited byte
 DEFAULT_WRITE_TIMEOUT_S = 30.0  # for each write of a response (an SSE event, a body)
 _RECV_BYTES = 1 << 18
@@ -73,7 +76,16 @@ class EmberWorker(ThreadWorker):
     def handle_exit(self, sig, frame):
         service = self._service()
         if service is not None:
-            service.begin_shutdown(max(0.0, self.cfg.graceful_timeout - SHUTDOWN_MARGIN_S))
+            drain = max(0.0, self.cfg.graceful_timeout - SHUTDOWN_MARGIN_S)
+            service.begin_shutdown(drain)
+            # gunicorn waits the whole graceful timeout for connections still being written
+            # (a client reading slowly) and the arbiter kills the worker at that same moment,
+            # so run()'s final close() may never come: the rows are finalized once the drain
+            # is over, well before the kill.
+            sweep = threading.Timer(drain + SWEEP_DELAY_S if drain else 0.0, service.close,
+                                    kwargs={"join_seconds": SWEEP_JOIN_S})
+            sweep.daemon = True
+            sweep.start()
         super().handle_exit(sig, frame)
 
     def handle_quit(self, sig, frame):

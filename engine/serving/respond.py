@@ -115,6 +115,8 @@ def stream(generation: Generation, assembler, first_chunks: list[dict],
                     return
                 for chunk in assembler.chunks(changed):
                     yield sse(chunk)
+            if generation.usage is not None:
+                return   # finalized by a shutdown's sweep, as aborted: the stream just ends
             usage = generation.finalize()
             if assembler.include_usage:
                 yield sse(assembler.usage_chunk(usage))

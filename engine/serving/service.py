@@ -312,14 +312,16 @@ class Service:
         self.engine.request_stop(drain_seconds)
 
     def close(self, join_seconds: float = 10.0) -> None:
-        """Aborts whatever still runs and finalizes every open ledger row."""
+        """Aborts whatever still runs and finalizes every open ledger row as aborted, billed
+        on what was sent (a stream still being written has not been sent whole, even when
+        its engine requests finished); the streams send nothing more."""
         self.shutting_down = True
         self.engine.request_stop(0.0)
         self.engine.join(join_seconds)
         with self._lock:
             open_generations = list(self._generations.values())
         for generation in open_generations:
-            generation.finalize()
+            generation.finalize("aborted")
         if open_generations:
             logger.info("shutdown: finalized %d open requests", len(open_generations))
 

@@ -116,3 +116,17 @@ class SlowClients:
                 answers.append(repr(error).encode())
             sock.close()
         return answers
+
+
+def unread_stream(server, key: str, body: dict) -> socket.socket:
+    """A streaming request whose client never reads (a 4 KB receive buffer, so the
+    server's writes soon wait for it)."""
+    payload = json.dumps(body).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\n"
+                 + f"Authorization: Bearer {key}\r\nContent-Length: {len(payload)}\r\n\r\n"
+                 .encode() + payload)
+    return sock

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from tests.server.conftest import auth
-from tests.server.hostile import SlowClients, Victim, wait_idle
+from tests.server.hostile import SlowClients, Victim, unread_stream, wait_idle
 
 BODY = {"model": "tiny-llama", "prompt": "0123456789", "max_tokens": 4}
 HUGE_PROMPT = {"model": "tiny-llama", "prompt": "a" * (4_000_000), "max_tokens": 4}
@@ -209,20 +209,6 @@ def slowloris_holds_no_thread(server):
     time.sleep(max(0.0, start + 4.5 - time.monotonic()))   # past the 3 s read timeout
     answers = slow.answers()
     assert all(answer.startswith(b"HTTP/1.1 408") for answer in answers), answers[:3]
-
-
-def unread_stream(server, key: str, body: dict) -> socket.socket:
-    """A streaming request whose client never reads (a 4 KB receive buffer, so the
-    server's writes soon wait for it)."""
-    payload = json.dumps(body).encode()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", server.port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                 b"Content-Type: application/json\r\n"
-                 + f"Authorization: Bearer {key}\r\nContent-Length: {len(payload)}\r\n\r\n"
-                 .encode() + payload)
-    return sock
 
 
 def unread_streams_hold_half_the_threads_until_the_write_timeout(server):

@@ -1,7 +1,10 @@
 """The server's life: 503 while warming and when overloaded, a clean SIGTERM (in-flight
-streams end, every ledger row final), a kill -9 mid-stream (after a restart every admitted
-request has exactly one row, interrupted), and one-line CLI errors."""
+streams end, every ledger row final), SIGINT and SIGTERM with a stream nobody reads (its row
+final and aborted when the server is gone, billed what was sent), a kill -9 mid-stream
+(after a restart every admitted request has exactly one row, interrupted), and one-line CLI
+errors."""
 
+import json
 import os
 import re
 import signal
@@ -13,6 +16,7 @@ import time
 import requests
 
 from tests.server.conftest import ROOT, auth
+from tests.server.hostile import unread_stream
 
 STREAM = {"model": "tiny-llama", "prompt": "Go on and on.", "max_tokens": 230,
           "ignore_eos": True, "stream": True}
@@ -73,6 +77,42 @@ def test_warming_overload_and_sigterm(new_server):
     assert server.proc.wait(60) == 0
     rows = key_rows(server, name)
     assert len(rows) == 2 and {row["status"] for row in rows} <= {"completed", "aborted"}
+
+
+def received_tokens(sock) -> int:
+    """The tokens of the whole SSE events a socket holds, read to its end (logprobs: one
+    entry per token)."""
+    sock.settimeout(30)
+    data = b""
+    while chunk := sock.recv(1 << 16):
+        data += chunk
+    tokens = 0
+    for event in data.split(b"\n\n"):
+        line = event.rpartition(b"data: ")[2]
+        if line.startswith(b"{") and line.endswith(b"}"):
+            tokens += sum(len(choice["logprobs"]["tokens"])
+                          for choice in json.loads(line)["choices"])
+    return tokens
+
+
+def test_a_shutdown_bills_a_stream_nobody_reads_what_it_was_sent(new_server):
+    # SIGINT (quick): the worker's close() finalized such a row "completed", billing every
+    # token generated. SIGTERM: gunicorn waited the whole graceful timeout for the stuck
+    # write and the arbiter killed the worker then, so the row stayed running.
+    for sig, flags in ((signal.SIGINT, ()), (signal.SIGTERM, ("--shutdown-timeout", "6"))):
+        server = new_server("--send-buffer-bytes", "16384", *flags).start()
+        name, key = server.create_key()
+        sock = unread_stream(server, key, {**STREAM, "n": 8, "logprobs": 1})
+        wait_for(lambda: key_rows(server, name), what="the stream's row")
+        time.sleep(2)   # the engine runs on; the stream waits on its full buffers
+        server.proc.send_signal(sig)
+        server.proc.wait(60)
+        rows = key_rows(server, name)   # with no restart: the worker finalized it
+        received = received_tokens(sock)
+        sock.close()
+        assert len(rows) == 1 and rows[0]["status"] == "aborted", (sig, rows)
+        assert rows[0]["completion_tokens"] <= received < 8 * STREAM["max_tokens"], (
+            sig, rows[0]["completion_tokens"], received)
 
 
 def test_kill_9_mid_stream_leaves_every_admitted_request_one_interrupted_row(new_server):
