@@ -33,7 +33,8 @@ from engine.openai.formatting import json_text
 from engine.openai.prompts import prepare_chat, prepare_completion, render_chat
 from engine.openai.responses import ChatAssembler, CompletionAssembler
 from engine.serving.openapi import openapi_document
-from engine.serving.respond import EventStream, Reply, respond, stream
+from engine.serving.generation import ClientWatch
+from engine.serving.respond import CLIENT_GONE_STATUS, EventStream, Reply, respond, stream
 from engine.serving.service import Service
 
 logger = logging.getLogger("ember.server")
@@ -169,6 +170,8 @@ def _add_generation_routes(app: Flask, service: Service) -> None:
         response_id = _new_request_id("cmpl")
         assembler = CompletionAssembler(parsed, prepared, service.tokenizer, response_id,
                                         int(time.time()), service.limits.model_name)
+        if _client_left():
+            return Response(status=CLIENT_GONE_STATUS)
         generation, headers = service.start(prepared, key, response_id, arrival)
         return _answer(generation, assembler, [], headers, parsed.sampling.stream)
 
@@ -185,8 +188,16 @@ def _add_generation_routes(app: Flask, service: Service) -> None:
         assembler = ChatAssembler(parsed, prepared, response_id, int(time.time()),
                                   service.limits.model_name)
         first_chunks = assembler.role_chunks() if parsed.sampling.stream else []
+        if _client_left():
+            return Response(status=CLIENT_GONE_STATUS)
         generation, headers = service.start(prepared, key, response_id, arrival)
         return _answer(generation, assembler, first_chunks, headers, parsed.sampling.stream)
+
+
+def _client_left() -> bool:
+    """Whether the client closed its connection while its request waited for a thread or
+    was prepared: it is then not admitted (no engine work, no ledger row)."""
+    return ClientWatch(request.environ.get("gunicorn.socket")).gone()
 
 
 def _answer(generation, assembler, first_chunks: list[dict], headers: dict,

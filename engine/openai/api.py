@@ -163,7 +163,8 @@ def _reject_constant(name: str) -> None:
 def check_model(body: dict, limits: Limits) -> None:
     model = get_str(body, "model")
     if model is not None and model != limits.model_name:
-        raise ApiError(400, f"model={model[:80]!r}: this server serves {limits.model_name!r}",
+        # 404, as OpenAI and vLLM answer (the client raises NotFoundError).
+        raise ApiError(404, f"model={model[:80]!r}: this server serves {limits.model_name!r}",
                        param="model", code="model_not_found")
 
 

@@ -80,6 +80,8 @@ def completion_logprobs(positions: list[PositionLogprobs | None], token_ids: lis
             top = {}
             for entry in _top(position, count):   # tokens with the same text: keep the likelier
                 top.setdefault(entry.decoded_token, entry.logprob)
+            # The sampled token always, as OpenAI and vLLM list it: up to count + 1 entries.
+            top.setdefault(text, logprob)
         body["tokens"].append(text)
         body["token_logprobs"].append(logprob)
         body["top_logprobs"].append(top)

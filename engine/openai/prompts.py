@@ -92,12 +92,24 @@ def prepare_chat(request: ChatRequest, model: ModelInfo, text: str | None = None
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
-    """The messages as chat templates expect them: an assistant's tool call arguments as a
-    dict, where OpenAI sends JSON text (vLLM converts them alike; templates such as Llama
-    3.1's write `arguments | tojson`, which would quote the text once more)."""
+    """The messages as chat templates expect them, as vLLM hands them to a text model's
+    template: content as one string (a list of text parts joined by newlines; an
+    assistant's null content beside its tool_calls, as the server itself answers, empty),
+    and an assistant's tool call arguments as a dict, where OpenAI sends JSON text
+    (templates such as Llama 3.1's write `arguments | tojson`, which would quote the text
+    once more)."""
     rendered = []
     for message in messages:
-        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if not isinstance(message, dict):
+            rendered.append(message)   # validate_messages names what is wrong with it
+            continue
+        content = message.get("content")
+        if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+            message = {**message, "content": "\n".join(str(part.get("text", ""))
+                                                        for part in content)}
+        elif content is None and message.get("tool_calls"):
+            message = {**message, "content": ""}
+        calls = message.get("tool_calls")
         if isinstance(calls, list):
             message = {**message, "tool_calls": [_call_for_template(call) for call in calls]}
         rendered.append(message)

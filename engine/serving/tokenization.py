@@ -14,6 +14,7 @@ from typing import Any
 from engine.info import ModelInfo
 from engine.openai import api
 from engine.openai.api import ApiError, invalid
+from engine.openai.prompts import template_messages
 from engine.sampling_params import is_int
 from engine.tokenizer.chat_template import load_chat_templates
 
@@ -47,7 +48,8 @@ def _render_chat(info: ModelInfo, messages: list, add_generation_prompt: bool,
                  tools: list[dict] | None = None) -> list:
     try:
         return info.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True, tools=tools)
+            template_messages(messages), add_generation_prompt=add_generation_prompt,
+            tokenize=True, tools=tools)
     except Exception as error:  # noqa: BLE001 - a template failing on user input is a 400
         raise ApiError(400, f"messages: the chat template could not render them: "
                        f"{str(error)[:200]}", param="messages") from None

@@ -96,7 +96,7 @@ CASES = [
     ("stream-int", "POST", C, completion(stream=1), 400, "invalid_type", "stream"),
     ("stream-options-alone", "POST", C, completion(stream_options={"include_usage": True}), 400,
      "invalid_value", "stream_options"),
-    ("unknown-model", "POST", C, completion(model="gpt-4"), 400, "model_not_found", "model"),
+    ("unknown-model", "POST", C, completion(model="gpt-4"), 404, "model_not_found", "model"),
     ("model-number", "POST", C, completion(model=7), 400, "invalid_type", "model"),
     ("logit-bias", "POST", C, completion(logit_bias={"1": 5}), 400, "unsupported_parameter",
      "logit_bias"),

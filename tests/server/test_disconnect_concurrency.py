@@ -1,7 +1,10 @@
 """Clients that leave, and many clients at once: an aborted request frees its pages and is
-billed only for the tokens emitted; 64 concurrent streams all finish and the ledger totals
-equal the sum of what the responses reported."""
+billed only for the tokens emitted; a request whose client left before it was admitted is
+not run; 64 concurrent streams all finish and the ledger totals equal the sum of what the
+responses reported."""
 
+import json
+import socket
 import threading
 import time
 
@@ -66,6 +69,22 @@ def test_non_streaming_client_that_times_out_is_aborted(server, api_key):
     (row,) = server.rows("key_id = (SELECT id FROM keys WHERE name = ?)", (name,))
     assert row["status"] == "aborted" and row["completion_tokens"] < 64 * LONG["max_tokens"]
     wait_idle(server)
+
+
+def test_a_request_whose_client_left_before_admission_is_not_run(server):
+    # The client sends a whole request and closes its side before any answer (as one that
+    # gave up while the request waited for an HTTP thread): nothing is admitted or billed.
+    name, key = server.create_key()
+    payload = json.dumps({**LONG, "max_tokens": 4}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\n"
+                     + f"Authorization: Bearer {key}\r\nContent-Length: {len(payload)}\r\n"
+                       "Connection: close\r\n\r\n".encode() + payload)
+        sock.shutdown(socket.SHUT_WR)
+        answer = sock.recv(64)
+    assert answer.startswith(b"HTTP/1.1 499"), answer
+    assert not server.rows("key_id = (SELECT id FROM keys WHERE name = ?)", (name,))
 
 
 def test_64_concurrent_streams_finish_and_ledger_totals_match(server):

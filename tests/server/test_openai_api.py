@@ -126,6 +126,21 @@ def test_legacy_logprobs_of_greedy_tokens_are_the_top_ones(server, client):
     assert_billed(server, out.id, out.usage)
 
 
+def test_legacy_top_logprobs_always_hold_the_sampled_token(client):
+    # At temperature 2 the draw is often not the most likely token; OpenAI lists it anyway
+    # (up to logprobs + 1 entries). It was left out when not among the top ones.
+    out = client.completions.create(model=MODEL, prompt=random_ids(6, 12), max_tokens=30,
+                                    temperature=2.0, seed=3, logprobs=1,
+                                    extra_body={"ignore_eos": True})
+    logprobs = out.choices[0].logprobs
+    for token, chosen, top in zip(logprobs.tokens, logprobs.token_logprobs,
+                                  logprobs.top_logprobs):
+        # (tokens of the same text, such as bytes of a character shown as U+FFFD, share an
+        # entry: the likelier one's)
+        assert 1 <= len(top) <= 2 and top[token] >= chosen - 1e-6
+    assert any(len(top) == 2 for top in logprobs.top_logprobs)   # some draw was not the top
+
+
 def test_echo_with_zero_tokens_scores_the_prompt(server, client):
     prompt = random_ids(5, 10)
     step = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,

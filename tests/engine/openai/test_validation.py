@@ -244,3 +244,27 @@ def test_a_default_max_tokens_never_undercuts_min_tokens(info):
     parsed = api.parse_completion({"prompt": "abc", "min_tokens": 9, "max_tokens": 5}, limits)
     with pytest.raises(api.ApiError, match=r"^min_tokens=9: expected at most max_tokens=5"):
         prepare_completion(parsed, info)
+
+
+def chat_ids(body, info):
+    return parse_and_prepare({"model": "tiny", **body}, info, chat=True).prompts[0].token_ids
+
+
+def test_text_parts_reach_a_string_template_as_one_string(info):
+    # The template concatenates message['content']: a list of parts failed there (a 400).
+    parts = [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]
+    assert chat_ids({"messages": [{"role": "user", "content": parts}]}, info) == chat_ids(
+        {"messages": [{"role": "user", "content": "hel\nlo"}]}, info)
+
+
+def test_an_answered_tool_call_goes_back_as_the_server_gave_it(info):
+    # The assistant message as the server answers it (content null beside tool_calls), then
+    # the tool's result: the standard round trip, once a 400 ('no attribute content').
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    messages = [{"role": "user", "content": "1 + 2?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "3"}]
+    assert chat_ids({"messages": messages}, info) == chat_ids(
+        {"messages": [{**messages[1], "content": ""} if m is messages[1] else m
+                      for m in messages]}, info)
