@@ -214,8 +214,10 @@ def _ended_by_token(request: Request, token: int) -> bool:
     (engine/core/request.py: check_stop), rather than a length limit or a grammar."""
     if request.status is not RequestStatus.FINISHED_STOPPED:
         return False
-    if request.stop_reason == token:
-        return True
-    grammar_done = request.matcher is not None and request.matcher.is_finished()
-    return (request.stop_reason is None and not grammar_done
-            and not request.sampling_params.ignore_eos and token in request.eos_token_ids)
+    if request.stop_reason is not None:
+        return request.stop_reason == token
+    if request.matcher is not None and request.matcher.is_finished():
+        # A grammar complete on its last token keeps that token's text; one that took EOS
+        # (which it allows whatever ignore_eos says) ended on it.
+        return token in request.matcher.eos_token_ids
+    return not request.sampling_params.ignore_eos and token in request.eos_token_ids

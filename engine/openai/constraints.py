@@ -32,6 +32,11 @@ _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 # (body field, structured_outputs key, kind); vLLM's names.
 _GUIDED = (("guided_json", "json", "json_schema"), ("guided_regex", "regex", "regex"),
            ("guided_grammar", "grammar", "grammar"), ("guided_choice", "choice", "choice"))
+_STRUCTURED_KEYS = frozenset({key for _, key, _ in _GUIDED} | {"json_object"})
+# vLLM options that change what the constraint allows, which llguidance's grammar here does
+# not take: refused rather than ignored.
+_UNSUPPORTED_GUIDED = ("guided_whitespace_pattern", "disable_any_whitespace",
+                       "structural_tag")
 
 
 @dataclass(slots=True, frozen=True)
@@ -68,10 +73,18 @@ def parse_structured_output(body: dict) -> StructuredOutput | None:
     for name, _, kind in _GUIDED:
         if body.get(name) is not None:
             found.append((name, _build(name, kind, body[name])))
+    for name in _UNSUPPORTED_GUIDED:   # they would shape the output in a way not enforced
+        if body.get(name) is not None:
+            raise invalid(name, body[name], "it to be left out: not supported by this server",
+                          "unsupported_parameter")
     options = body.get("structured_outputs")
     if options is not None:
         if not isinstance(options, dict):
             raise invalid("structured_outputs", options, "an object", "invalid_type")
+        for key in options:
+            if key not in _STRUCTURED_KEYS:
+                raise invalid(f"structured_outputs.{key}", options[key], "one of the keys "
+                              f"{sorted(_STRUCTURED_KEYS)}", "unsupported_parameter")
         for _, key, kind in _GUIDED:
             if options.get(key) is not None:
                 found.append((f"structured_outputs.{key}",
@@ -169,6 +182,11 @@ def _tools(tools: Any) -> list[dict]:
         if parameters is not None and not isinstance(parameters, dict):
             raise invalid(f"{where}.function.parameters", parameters, "a JSON schema object",
                           "invalid_type")
+        if parameters and parameters.get("type") != "object":
+            # Arguments are an object (OpenAI refuses any other schema alike): without
+            # "type", a constraint would allow a number or a list as the arguments.
+            raise invalid(f"{where}.function.parameters", parameters,
+                          'a JSON schema of "type": "object"')
     return tools
 
 
@@ -178,7 +196,7 @@ def _tool_choice(choice: Any, tools: list[dict]) -> tuple[str, str | None]:
     if isinstance(choice, str):
         if choice not in TOOL_CHOICES:
             raise invalid("tool_choice", choice, f"one of {TOOL_CHOICES} or a named function")
-        if choice == "required" and not tools:
+        if choice != "none" and not tools:   # OpenAI and vLLM refuse "auto" alike
             raise invalid("tool_choice", choice, "tools to choose from")
         return choice, None
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) and isinstance(

@@ -168,7 +168,8 @@ class ChatAssembler(_Assembler):
         deltas = stream.feed(text, done)
         if not deltas and (done or self.logprobs):   # text held back: an empty delta carries
             deltas = [{}]                            # the finish_reason or the logprobs
-        return deltas, tools.finish_reason(sample.finish_reason, stream.called)
+        return deltas, tools.finish_reason(sample.finish_reason, stream.called,
+                                           sample.stop_reason)
 
     def response(self, outputs: list[RequestOutput], usage: Usage) -> dict:
         choices = [self._message(sample) for output in outputs for sample in output.outputs]
@@ -180,5 +181,6 @@ class ChatAssembler(_Assembler):
                                    self._logprobs(sample, 0))
         content, calls = tools.message_tool_calls(sample.text, self._tool_format)
         return fmt.chat_choice(sample.index, content,
-                               tools.finish_reason(sample.finish_reason, bool(calls)),
+                               tools.finish_reason(sample.finish_reason, bool(calls),
+                                                   sample.stop_reason),
                                self._logprobs(sample, 0), calls)

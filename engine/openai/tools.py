@@ -192,9 +192,11 @@ def message_tool_calls(text: str, fmt: ToolCallFormat) -> tuple[str | None, list
     return (content or None) if bodies else text, bodies
 
 
-def finish_reason(reason: str | None, called: bool) -> str | None:
-    """OpenAI's finish_reason: "tool_calls" for an output that ended on its own with calls."""
-    return "tool_calls" if called and reason == "stop" else reason
+def finish_reason(reason: str | None, called: bool, stop_reason: int | str | None = None
+                  ) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" for an output that ended on its own with calls;
+    one a stop string or stop token cut (its call may be incomplete) stays "stop"."""
+    return "tool_calls" if called and reason == "stop" and stop_reason is None else reason
 
 
 @dataclass(slots=True)

@@ -68,6 +68,11 @@ class Matcher:
         self._num_accepted += accepted
         return accepted
 
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The ids that end the sequence (the grammar takes them only where it may end)."""
+        return self._eos_token_ids
+
     def is_finished(self) -> bool:
         """The grammar is complete (or an EOS was accepted): nothing but EOS may follow."""
         return self._state.is_stopped()

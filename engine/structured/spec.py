@@ -134,8 +134,10 @@ def _to_grammar(kind: str, text: str) -> str:
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(text)
     if kind == "choice":
-        # Lark string literals take JSON's escapes (llguidance's own grammar_from does this).
-        alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(text))
+        # Lark string literals take JSON's escapes (llguidance's own grammar_from does this);
+        # JSON leaves DEL raw, which the Lark lexer refuses, so it is escaped too.
+        alternatives = " | ".join(json.dumps(c, ensure_ascii=False).replace("\x7f", "\\u007f")
+                                  for c in json.loads(text))
         return llguidance.LLMatcher.grammar_from_lark(f"start: {alternatives}")
     from llguidance.gbnf_to_lark import any_to_lark
     try:

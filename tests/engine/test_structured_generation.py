@@ -49,6 +49,21 @@ def test_outputs_match_their_constraints(warm_llm):
     assert warm_llm.engine.compilations_after_warmup == 0
 
 
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_a_grammar_ended_by_eos_leaves_its_text_out(warm_llm, ignore_eos):
+    # [0-9]+ can only end by EOS; with special tokens shown, "</s>" was in every text.
+    spec = StructuredOutput.regex("[0-9]+")
+    params = SamplingParams(n=2, max_tokens=60, temperature=1.0, seed=3, structured_output=spec,
+                            skip_special_tokens=False, ignore_eos=ignore_eos)
+    samples = [sample for output in warm_llm.generate(random_prompts(seed=1, count=6), params,
+                                                      use_tqdm=False)
+               for sample in output.outputs if sample.finish_reason == "stop"]
+    assert samples
+    for sample in samples:
+        assert re.fullmatch("[0-9]+", sample.text), sample.text
+        assert sample.token_ids[-1] in warm_llm.engine.eos_token_ids   # the token is kept
+
+
 def test_free_rows_of_a_mixed_batch_are_untouched(warm_llm):
     prompts = random_prompts(seed=4, count=6)
     free = SamplingParams(max_tokens=12, temperature=1.0, seed=9, ignore_eos=True)

@@ -257,6 +257,20 @@ BAD = [
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
      "tool_choice", "response_format"),
     ({"functions": [{"name": "f"}]}, "functions", "tools"),
+    # Accepted once, each asking for what was never enforced: arguments that need not be an
+    # object, a constraint under an unknown key, whitespace rules llguidance does not take,
+    # a choice among no tools.
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "properties": {"x": {"type": "integer"}}}}}], "tool_choice": "required"},
+     "tools[0].function.parameters", '"type": "object"'),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "string"}}}]}, "tools[0].function.parameters", '"type": "object"'),
+    ({"structured_outputs": {"jsonschema": {"type": "object"}}},
+     "structured_outputs.jsonschema", "one of the keys"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag",
+     "one of the keys"),
+    ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
+    ({"tool_choice": "auto"}, "tool_choice", "tools to choose from"),
     ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls", "true or false"),
 ]
 

@@ -168,3 +168,15 @@ def test_chat_assembler_streams_and_answers_tool_calls():
 def test_chat_choice_without_tools_is_unchanged():
     assert fmt.chat_choice(0, "hi", "stop")["message"] == {
         "role": "assistant", "content": "hi", "refusal": None, "tool_calls": []}
+
+
+@pytest.mark.parametrize("reason, called, stop_reason, expected", [
+    ("stop", True, None, "tool_calls"),      # ended on its own (EOS, a finished grammar)
+    ("stop", True, '"days"', "stop"),        # a stop string cut the call: it may be partial
+    ("stop", True, 7, "stop"),               # so did a stop token
+    ("stop", False, None, "stop"),
+    ("length", True, None, "length"),
+])
+def test_finish_reason_says_tool_calls_only_for_calls_that_ended_whole(reason, called,
+                                                                       stop_reason, expected):
+    assert finish_reason(reason, called, stop_reason) == expected

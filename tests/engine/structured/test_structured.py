@@ -81,6 +81,15 @@ def test_json_object_takes_objects_only(trained_tokenizer):
         assert not compiler.matcher(spec).accept(first_token), text
 
 
+@pytest.mark.parametrize("choice", ["d\x7f", "\x01", "x\ty", 'q"r', "a/b", "l\u2028m"])
+def test_a_choice_with_any_character_is_taken_as_written(choice, trained_tokenizer):
+    # DEL went into the grammar's string literal raw, and its lexer refused the choice.
+    compiler = compiler_for(trained_tokenizer, trained_tokenizer.vocab_size)
+    matcher = compiler.matcher(StructuredOutput.choice([choice, "other"]))
+    assert all(matcher.accept(t) for t in trained_tokenizer.encode(choice, False))
+    assert matcher.can_finish()
+
+
 def test_finished_grammar_allows_only_eos(vocab):
     compiler, vocab_tokenizer = vocab.compiler, vocab.tokenizer
     matcher = compiler.matcher(StructuredOutput.choice(["maybe later"]))
