@@ -186,7 +186,7 @@ def _add_generation_routes(app: Flask, service: Service) -> None:
         prepared = prepare_chat(parsed, service.model_info(), text)
         response_id = _new_request_id("chatcmpl")
         assembler = ChatAssembler(parsed, prepared, response_id, int(time.time()),
-                                  service.limits.model_name)
+                                  service.limits.model_name, service.tokenizer)
         first_chunks = assembler.role_chunks() if parsed.sampling.stream else []
         if _client_left():
             return Response(status=CLIENT_GONE_STATUS)

@@ -159,7 +159,8 @@ def plan_job(request: BatchRequest, ids: BatchIds, model: ModelInfo, limits: api
     parsed.sampling.fields.setdefault("seed", default_seed(request.custom_id))
     if chat:
         prepared = prepare_chat(parsed, model)
-        assembler = ChatAssembler(parsed, prepared, ids.request_id, created, limits.model_name)
+        assembler = ChatAssembler(parsed, prepared, ids.request_id, created, limits.model_name,
+                                  model.tokenizer)
     else:
         prepared = prepare_completion(parsed, model)
         assembler = CompletionAssembler(parsed, prepared, model.tokenizer, ids.request_id,

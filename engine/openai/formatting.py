@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import date, datetime
 from typing import Any
 
@@ -108,19 +109,25 @@ def completion_body(response_id: str, created: int, model: str, choices: list[di
 
 
 # ------------------------------------------------------------------ chat
-def chat_logprobs(positions: list[PositionLogprobs], token_ids: list[int], count: int) -> dict:
-    """Chat logprobs: per token its text, logprob, UTF-8 bytes and the top `count`."""
+def chat_logprobs(positions: list[PositionLogprobs], token_ids: list[int], count: int,
+                  token_bytes: Callable[[int], bytes] | None = None) -> dict:
+    """Chat logprobs: per token its text, logprob, bytes and the top `count`.
+
+    `token_bytes` gives a token's own bytes (Tokenizer.token_bytes), which a token holding
+    part of a character needs (its text is U+FFFD); None: the UTF-8 of its text.
+    """
+    def entry_body(token_id: int, entry) -> dict:
+        raw = entry.decoded_token.encode("utf-8") if token_bytes is None else token_bytes(
+            token_id)
+        return {"token": entry.decoded_token, "logprob": entry.logprob, "bytes": list(raw)}
+
     content = []
     for token_id, position in zip(token_ids, positions):
-        chosen = position[token_id]
-        content.append({**_chat_entry(chosen),
-                        "top_logprobs": [_chat_entry(entry) for entry in _top(position, count)]})
+        ranked = sorted(position.items(), key=lambda item: item[1].rank)
+        top = [(i, entry) for i, entry in ranked if entry.rank <= count][:count]
+        content.append({**entry_body(token_id, position[token_id]),
+                        "top_logprobs": [entry_body(i, entry) for i, entry in top]})
     return {"content": content, "refusal": None}
-
-
-def _chat_entry(entry) -> dict:
-    return {"token": entry.decoded_token, "logprob": entry.logprob,
-            "bytes": list(entry.decoded_token.encode("utf-8"))}
 
 
 def chat_choice(index: int, content: str | None, finish_reason: str | None,

@@ -123,9 +123,12 @@ class ChatAssembler(_Assembler):
     """/v1/chat/completions: assistant messages, tool calls and chat logprobs."""
 
     def __init__(self, request: ChatRequest, prepared: PreparedRequest, response_id: str,
-                 created: int, model: str):
+                 created: int, model: str, tokenizer=None):
+        """`tokenizer`: gives each logprob entry its token's own bytes (None: those of its
+        text, which a token holding part of a character shows as U+FFFD)."""
         super().__init__(prepared, response_id, created, model,
                          request.sampling.include_usage)
+        self._token_bytes = None if tokenizer is None else tokenizer.token_bytes
         self.logprobs = request.logprobs
         self.top_logprobs = request.top_logprobs or 0
         self._tool_format = prepared.tool_calls
@@ -140,7 +143,7 @@ class ChatAssembler(_Assembler):
         if not self.logprobs:
             return None
         return fmt.chat_logprobs(sample.logprobs[first_token:], sample.token_ids[first_token:],
-                                 self.top_logprobs)
+                                 self.top_logprobs, self._token_bytes)
 
     def role_chunks(self) -> list[dict]:
         """The first chunk of every choice: the assistant role and empty content."""

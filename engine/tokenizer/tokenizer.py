@@ -56,6 +56,9 @@ class Tokenizer:
         self._special_ids = frozenset(i for i, token in added.items() if token.special)
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self._byte_token_ids = _byte_fallback_ids(backend)
+        self._added_ids = frozenset(added)
+        decoder = backend.decoder
+        self._byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
         # decode() of one token, by (id, skip_special_tokens): each streamed token decodes
         # the one before it as context (IncrementalDetokenizer), each logprob its piece.
         self._pieces: dict[tuple[int, bool], str] = {}
@@ -127,6 +130,22 @@ class Tokenizer:
     def byte_token_ids(self) -> frozenset[int]:
         """Ids of the byte-fallback tokens <0x00>..<0xFF> (empty unless the decoder joins them)."""
         return self._byte_token_ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for in text, even a part of a character (OpenAI's
+        logprob `bytes`, which decode() of the token alone cannot give: it shows U+FFFD):
+        a byte-level token's bytes, a byte-fallback token's one byte, a sentencepiece
+        piece's text with its '▁' as a space, an added token's text."""
+        piece = self._backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids:
+            return piece.encode("utf-8")
+        if token_id in self._byte_token_ids:   # <0xNN>
+            return bytes([int(piece[3:5], 16)])
+        if self._byte_level and all(char in _BYTE_OF_CHAR for char in piece):
+            return bytes(_BYTE_OF_CHAR[char] for char in piece)
+        return piece.replace("\u2581", " ").encode("utf-8")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Returns the token ids of `text`; add_special_tokens adds BOS / EOS as the config says.
@@ -271,6 +290,19 @@ def _config_eos_ids(model_dir: Path) -> set[int]:
         value = _read_json(model_dir / name).get("eos_token_id")
         eos_ids.update([value] if isinstance(value, int) else value or [])
     return eos_ids
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's alphabet: the character standing for each byte in its vocabulary
+    (GPT-2's scheme: printable Latin-1 bytes stand for themselves, the other 68 bytes, in
+    order, for the characters from U+0100 on), mapped back to the byte."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    moved = [byte for byte in range(256) if byte not in kept]
+    return {**{chr(byte): byte for byte in kept},
+            **{chr(0x100 + index): byte for index, byte in enumerate(moved)}}
+
+
+_BYTE_OF_CHAR = _byte_level_chars()
 
 
 def _byte_fallback_ids(backend: tokenizers.Tokenizer) -> frozenset[int]:

@@ -141,6 +141,21 @@ def test_legacy_top_logprobs_always_hold_the_sampled_token(client):
     assert any(len(top) == 2 for top in logprobs.top_logprobs)   # some draw was not the top
 
 
+def test_chat_logprob_bytes_are_each_tokens_own(client):
+    # The test model's tokens are single bytes; one inside a character decodes to U+FFFD,
+    # and its `bytes` were those of U+FFFD (3), not its own byte.
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "é 世界"}], max_tokens=40,
+        temperature=1.0, seed=5, logprobs=True, top_logprobs=2,
+        extra_body={"ignore_eos": True})
+    entries = [e for entry in out.choices[0].logprobs.content for e in [entry, *entry.top_logprobs]]
+    split = [entry for entry in entries if entry.token == "\ufffd"]
+    assert split   # the case is there
+    assert all(len(entry.bytes) == 1 and entry.bytes[0] >= 0x80 for entry in split), split
+    assert all(bytes(entry.bytes).decode() == entry.token for entry in entries
+               if entry.token != "\ufffd")
+
+
 def test_echo_with_zero_tokens_scores_the_prompt(server, client):
     prompt = random_ids(5, 10)
     step = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,

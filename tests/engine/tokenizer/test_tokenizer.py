@@ -527,3 +527,19 @@ def test_missing_files_and_template_are_clear_errors(bytelevel_dir, tmp_path):
     shutil.copy(bytelevel_dir / "tokenizer.json", tmp_path / "tokenizer.json")
     with pytest.raises(ValueError, match=f"{tmp_path}: tokenizer_config.json has no chat_template"):
         Tokenizer.from_pretrained(tmp_path).apply_chat_template(CONVERSATIONS[0])
+
+
+def test_token_bytes_join_into_the_text(pair):
+    # A character split over tokens (byte fallback, byte-level pieces) decodes to U+FFFD
+    # token by token; the tokens' own bytes put it back together (chat logprobs' `bytes`).
+    ours, _ = pair
+    rng = random.Random(5)
+    for _ in range(60):
+        text = " ".join(rng.choice(["héllo", "世界", "🎉", "word", "Ωmega", "a", "naïve"])
+                        for _ in range(rng.randint(1, 6)))
+        ids = ours.encode(text, add_special_tokens=False)
+        joined = b"".join(ours.token_bytes(token) for token in ids).decode("utf-8")
+        assert joined.strip(" ") == text, (text, joined)   # sentencepiece: a leading space
+    special = sorted(ours.all_special_ids)
+    assert all(ours.token_bytes(token) == ours.decode([token], skip_special_tokens=False)
+               .encode("utf-8") for token in special)
