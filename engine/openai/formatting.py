@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import date, datetime
 from typing import Any
 
-from engine.outputs import PositionLogprobs, Usage
+from engine.outputs import Logprob, PositionLogprobs, Usage
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -51,10 +51,10 @@ def add_usage(total: Usage, more: Usage) -> Usage:
                  total.cached_tokens + more.cached_tokens)
 
 
-def _top(position: PositionLogprobs, count: int) -> list:
-    """The `count` most likely tokens of a position, most likely first."""
-    ranked = sorted(position.values(), key=lambda entry: entry.rank)
-    return [entry for entry in ranked if entry.rank <= count][:count]
+def _top(position: PositionLogprobs, count: int) -> list[tuple[int, Logprob]]:
+    """The `count` most likely tokens of a position, most likely first: (token id, entry)."""
+    ranked = sorted(position.items(), key=lambda item: item[1].rank)
+    return [(token_id, entry) for token_id, entry in ranked if entry.rank <= count][:count]
 
 
 # ------------------------------------------------------------------ legacy completions
@@ -79,7 +79,7 @@ def completion_logprobs(positions: list[PositionLogprobs | None], token_ids: lis
             chosen = position[token_id]
             text, logprob = chosen.decoded_token, chosen.logprob
             top = {}
-            for entry in _top(position, count):   # tokens with the same text: keep the likelier
+            for _, entry in _top(position, count):   # tokens of the same text: the likelier
                 top.setdefault(entry.decoded_token, entry.logprob)
             # The sampled token always, as OpenAI and vLLM list it: up to count + 1 entries.
             top.setdefault(text, logprob)
@@ -123,10 +123,9 @@ def chat_logprobs(positions: list[PositionLogprobs], token_ids: list[int], count
 
     content = []
     for token_id, position in zip(token_ids, positions):
-        ranked = sorted(position.items(), key=lambda item: item[1].rank)
-        top = [(i, entry) for i, entry in ranked if entry.rank <= count][:count]
         content.append({**entry_body(token_id, position[token_id]),
-                        "top_logprobs": [entry_body(i, entry) for i, entry in top]})
+                        "top_logprobs": [entry_body(i, entry)
+                                         for i, entry in _top(position, count)]})
     return {"content": content, "refusal": None}
 
 

@@ -57,8 +57,7 @@ class Tokenizer:
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self._byte_token_ids = _byte_fallback_ids(backend)
         self._added_ids = frozenset(added)
-        decoder = backend.decoder
-        self._byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
+        self._byte_level = _decoder_has(backend, "ByteLevel")
         # decode() of one token, by (id, skip_special_tokens): each streamed token decodes
         # the one before it as context (IncrementalDetokenizer), each logprob its piece.
         self._pieces: dict[tuple[int, bool], str] = {}
@@ -305,9 +304,14 @@ def _byte_level_chars() -> dict[str, int]:
 _BYTE_OF_CHAR = _byte_level_chars()
 
 
-def _byte_fallback_ids(backend: tokenizers.Tokenizer) -> frozenset[int]:
+def _decoder_has(backend: tokenizers.Tokenizer, kind: str) -> bool:
+    """Whether the backend's decoder is, or holds, a decoder of type `kind`."""
     decoder = backend.decoder
-    if decoder is None or b'"ByteFallback"' not in decoder.__getstate__():
+    return decoder is not None and f'"{kind}"'.encode() in decoder.__getstate__()
+
+
+def _byte_fallback_ids(backend: tokenizers.Tokenizer) -> frozenset[int]:
+    if not _decoder_has(backend, "ByteFallback"):
         return frozenset()
     ids = (backend.token_to_id(f"<0x{byte:02X}>") for byte in range(256))
     return frozenset(i for i in ids if i is not None)
