@@ -7,14 +7,37 @@ twice per step, which for a decode bound by reading its weights costs up to thre
 bytes. So the scanned stack (models/transformer.py) gives each layer's module LayerSlice
 values: reading one (`param[...]`) takes the slice as before, while the CPU kernels' callers
 (Linear, QuantizedLinear) take the stack and the layer's index (`stack_and_layer`) and the
-kernel reads the layer in place (pallas_kernels/cpu/layer_stack.h).
+kernel reads the layer in place (pallas_kernels/cpu/layer_stack.h). On a GPU, Linear hands
+products of few rows to the Pallas layer matmul (pallas_kernels/gpu/layer_matmul.py), which
+reads the layer in place too, while a step is traced inside `gpu_layer_matmul(True)`: the
+paged engine's single-device steps on the GPU kernels (models/paged.py). A step on a mesh
+keeps XLA's dot, which GSPMD partitions (a Pallas call it cannot).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import jax
+
+_GPU_LAYER_MATMUL = contextvars.ContextVar("ember_gpu_layer_matmul", default=False)
+
+
+@contextlib.contextmanager
+def gpu_layer_matmul(allowed: bool):
+    """While a step is traced: whether a scanned layer's products may take the GPU layer
+    matmul (pallas_kernels/gpu/kernel_choice.py then decides which do)."""
+    token = _GPU_LAYER_MATMUL.set(allowed)
+    try:
+        yield
+    finally:
+        _GPU_LAYER_MATMUL.reset(token)
+
+
+def gpu_layer_matmul_allowed() -> bool:
+    return _GPU_LAYER_MATMUL.get()
 
 
 @dataclass(slots=True, frozen=True)

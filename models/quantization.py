@@ -51,7 +51,12 @@ a loop: its converted copy is a temporary that small, and SmolLM2's 64 requests 
 8,192 tokens, the loop's blocks of 192-256 rows) ran 20-30% faster so (docs/perf.md).
 A GPU or TPU gets one dot over the whole expression
 (block_rows = in), the form XLA fuses into its GEMM (the convert in the operand's prologue)
-instead of a loop of small GEMVs: not yet measured on a device; run the bench there.
+instead of a loop of small GEMVs. Under scan that dot reads a copied slice of the stacks: on
+an H200 (2026-11-30, docs/perf.md) Llama-3-8B's batch-1 decode ran 84.1 tok/s in int8 and
+72.2 in int4, no faster than bf16's 81.6. So on one GPU a scanned layer's product of a
+decode's few rows goes to the Pallas layer matmul (pallas_kernels/gpu/layer_matmul.py),
+which reads the int8 or int4 arrays in place and converts them in registers; not yet run on
+a GPU (lowered for CUDA and interpreted on the CPU: tests/pallas_kernels/test_layer_matmul.py).
 """
 
 from __future__ import annotations
@@ -65,7 +70,9 @@ import numpy as np
 from flax import nnx
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from models.layer_slice import stack_and_layer
+from models.layer_slice import gpu_layer_matmul_allowed, stack_and_layer
+from pallas_kernels.gpu.kernel_choice import layer_matmul_wanted
+from pallas_kernels.gpu.layer_matmul import supported_quantized
 
 GROUP = 32            # int4 group, and GGUF's Q8_0/Q4_0/Q4_1 block size
 CPU_BLOCK_ROWS = 256  # rows of `in` per loop step on a CPU (module docstring)
@@ -339,7 +346,11 @@ def quantized_matmul(x: jax.Array, weight: QuantizedWeight, *, block_rows: int |
                          f"expected x [..., {in_features}] and block rows a multiple of {GROUP} "
                          f"dividing {in_features}")
     tokens = x.reshape(-1, in_features)                              # [T, in]
-    if block_rows is None and _cpu_kernel_takes(tokens):
+    if block_rows is None and _gpu_kernel_takes(tokens, weight, layer):
+        from pallas_kernels.gpu.layer_matmul import quantized_layer_matmul_gpu
+        arrays = tuple(getattr(stacked, f.name) for f in dataclasses.fields(stacked))
+        product = quantized_layer_matmul_gpu(tokens, arrays, layer, kind=format_of(weight).kind)
+    elif block_rows is None and _cpu_kernel_takes(tokens):
         from pallas_kernels.cpu import quantized_matmul_cpu
         arrays = [getattr(stacked, f.name) for f in dataclasses.fields(stacked)]
         product = quantized_matmul_cpu(tokens.astype(jnp.float32), *arrays, layer=layer)
@@ -348,6 +359,18 @@ def quantized_matmul(x: jax.Array, weight: QuantizedWeight, *, block_rows: int |
     else:
         product = _blocked_product(tokens, weight, rows)
     return product.astype(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+def _gpu_kernel_takes(tokens: jax.Array, weight: QuantizedWeight,
+                      layer: jax.Array | None) -> bool:
+    """Whether a scanned layer's product of a decode's few rows reads its weight in place
+    on the GPU (pallas_kernels/gpu/layer_matmul.py) rather than XLA's dot over a copied
+    slice of the stack (models/layer_slice.py). weight: the layer's (its shapes)."""
+    if layer is None or not gpu_layer_matmul_allowed() or not layer_matmul_wanted():
+        return False
+    in_features, out_features = weight.shape
+    return supported_quantized(tokens.shape[0], format_of(weight).kind, in_features,
+                               out_features, weight.scale.shape[0])
 
 
 def _cpu_kernel_takes(tokens: jax.Array) -> bool:

@@ -31,9 +31,10 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from models.config import ModelConfig
-from models.layer_slice import LayerSlice, stack_and_layer
+from models.layer_slice import LayerSlice, gpu_layer_matmul_allowed, stack_and_layer
 from models.quantization import QuantizedLinear, quantize_table, table_matmul
 from pallas_kernels.cpu import DENSE_MIN_ROWS, dense_matmul_cpu
+from pallas_kernels.gpu.kernel_choice import uses_layer_matmul
 
 
 @dataclass(slots=True, frozen=True)
@@ -86,6 +87,10 @@ class Linear(nnx.Module):
                 and (tokens.shape[0] >= DENSE_MIN_ROWS or layer is not None)):
             y = dense_matmul_cpu(tokens, weight, num_rows, layer)
             y = y.reshape(*x.shape[:-1], weight.shape[-1])
+        elif (layer is not None and gpu_layer_matmul_allowed()
+              and uses_layer_matmul(tokens.shape[0], weight.shape)):
+            from pallas_kernels.gpu.layer_matmul import layer_matmul_gpu
+            y = layer_matmul_gpu(tokens, weight, layer).reshape(*x.shape[:-1], weight.shape[-1])
         else:
             y = x @ self.weight[...]
         return y if self.bias is None else y + self.bias[...]

@@ -1,13 +1,20 @@
-"""Which GPU attention kernels run: Mosaic GPU (Hopper and newer) or Triton.
+"""Which GPU kernels run: attention on Mosaic GPU (Hopper and newer) or Triton, and a scanned
+layer's small products on the Pallas layer matmul or XLA's dot.
 
 EMBER_GPU_KERNELS, read when the step is traced:
   auto (default)  Mosaic GPU for decode (prefill) on a GPU of compute capability >= 9.0 when
                   this jax has Mosaic GPU and the kernels cover the batch (mosaic_supported),
-                  once MOSAIC_DECODE_BY_DEFAULT (MOSAIC_PREFILL_BY_DEFAULT) is set; Triton
-                  everywhere else.
+                  if MOSAIC_DECODE_BY_DEFAULT (MOSAIC_PREFILL_BY_DEFAULT) is set or this jax
+                  has no Pallas Triton lowering; Triton everywhere else.
   triton          Triton only (the Pallas Triton lowering is deprecated since jax 0.11).
   mosaic          Mosaic GPU wherever it covers the batch, whatever the device: lowering for
                   a GPU from a CPU, GPU interpret mode, timing both kernels.
+
+EMBER_GPU_LAYER_MATMUL, read when the step is traced:
+  auto (default)  the Pallas layer matmul (gpu/layer_matmul.py) for the products of a scanned
+                  layer with few rows (LAYER_MATMUL_BY_DEFAULT), XLA's dot for the rest.
+  pallas          the layer matmul wherever it covers the product.
+  xla             XLA's dot (it copies a scanned layer's weight out of its stack first).
 
 On a jax without the Pallas Triton lowering (compat.has_pallas_triton: removed in some
 release after 0.12), "reference" (XLA's attention) takes Triton's place wherever Mosaic GPU
@@ -22,15 +29,41 @@ import os
 import jax
 
 from pallas_kernels.compat import cuda_compute_capability, has_mosaic_gpu, has_pallas_triton
+from pallas_kernels.gpu import layer_matmul
 from pallas_kernels.gpu.mosaic_tiles import mosaic_supported
 
 GPU_KERNELS_VARIABLE = "EMBER_GPU_KERNELS"
 GPU_KERNEL_CHOICES = ("auto", "triton", "mosaic")
 MOSAIC_MIN_COMPUTE_CAPABILITY = 9.0
-# The Mosaic kernels have been lowered and interpreted, never compiled nor run on a GPU: until
-# scripts/device_check.sh has checked them natively, "auto" keeps Triton and "mosaic" opts in.
+# The Mosaic kernels match the reference natively (H200, 2026-11-30, docs/perf.md) but are
+# slower than Triton's: decode 1.7x at 64 sequences of 4k context (par at 8 of 1k),
+# prefill 2.8x. So "auto" keeps Triton where this jax has it; without it, Mosaic GPU on
+# Hopper and newer (its decode 16x the XLA reference's speed at 4k context).
 MOSAIC_DECODE_BY_DEFAULT = False
 MOSAIC_PREFILL_BY_DEFAULT = False
+LAYER_MATMUL_VARIABLE = "EMBER_GPU_LAYER_MATMUL"
+LAYER_MATMUL_CHOICES = ("auto", "pallas", "xla")
+# On by the device check of 2026-11-30 (H200, docs/perf.md): Llama-3-8B bf16 batch-1 decode
+# 81.6 -> 186 tok/s, the kernel 2.6x XLA's dot over a scanned stack at 64 rows.
+LAYER_MATMUL_BY_DEFAULT = True
+
+
+def layer_matmul_wanted() -> bool:
+    """Whether scanned layers' products run on the Pallas layer matmul where it covers them
+    (layer_matmul.supported, supported_quantized), by EMBER_GPU_LAYER_MATMUL, the device and
+    this jax."""
+    choice = os.environ.get(LAYER_MATMUL_VARIABLE, "auto")
+    if choice not in LAYER_MATMUL_CHOICES:
+        raise ValueError(f"{LAYER_MATMUL_VARIABLE}={choice!r}: expected one of "
+                         f"{LAYER_MATMUL_CHOICES}")
+    wanted = choice == "pallas" or (choice == "auto" and LAYER_MATMUL_BY_DEFAULT)
+    return wanted and jax.default_backend() == "gpu" and has_pallas_triton()
+
+
+def uses_layer_matmul(rows: int, stack_shape: tuple[int, ...]) -> bool:
+    """Whether a scanned layer's product of `rows` rows against its float [layers, in, out]
+    stack runs on the Pallas layer matmul."""
+    return layer_matmul_wanted() and layer_matmul.supported(rows, stack_shape)
 
 
 def decode_kernel_for(q, kv_pages, kv_scales) -> str:
@@ -63,7 +96,7 @@ def _kernel_for(q, kv_pages, kv_scales, mosaic_by_default) -> str:
         return fallback
     if choice == "mosaic":
         return "mosaic"
-    if not mosaic_by_default:
+    if not mosaic_by_default and fallback == "triton":
         return fallback
     capability = cuda_compute_capability()
     hopper_or_newer = capability is not None and capability >= MOSAIC_MIN_COMPUTE_CAPABILITY

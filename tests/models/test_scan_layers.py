@@ -2,6 +2,7 @@
 or checkpoint, whichever structure wrote the checkpoint, and Hugging Face's names on disk."""
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -94,3 +95,69 @@ def test_load_from_tensors_names_a_missing_or_misshapen_layer_tensor(hf_model_di
     with pytest.raises(CheckpointError, match=r"here: tensor model\.layers\.1\.mlp\.up_proj\."
                                               r"weight has shape \(64, 7\), expected \(64, 128\)"):
         load_from_tensors(config, state.items(), source="here")
+
+
+def test_scanned_layers_on_the_gpu_layer_matmul_give_the_unrolled_logits(monkeypatch):
+    """A scanned Linear's GPU path (pallas_kernels/gpu/layer_matmul.py, interpreted here):
+    every projection of few rows reads its layer in place from the stack, and the logits
+    are the unrolled model's."""
+    import models.transformer as transformer
+    from models.layer_slice import gpu_layer_matmul
+    from pallas_kernels.gpu import layer_matmul
+
+    tiles = layer_matmul.LayerMatmulTiles(block_n=16, block_k=16, programs=4)
+    kernel, stacks = layer_matmul.layer_matmul_gpu, []
+
+    def interpreted(x, stack, layer):
+        stacks.append(stack.shape)
+        return kernel(x, stack, layer, tiles=tiles, interpret=True)
+
+    monkeypatch.setattr(layer_matmul, "layer_matmul_gpu", interpreted)
+    monkeypatch.setattr(transformer, "uses_layer_matmul",
+                        lambda rows, shape: layer_matmul.supported(rows, shape, tiles))
+    scanned = Transformer(CONFIG, rngs=nnx.Rngs(3))
+    unrolled = Transformer(dataclasses.replace(CONFIG, scan_layers=False), rngs=nnx.Rngs(3))
+    logits_of(scanned)
+    assert not stacks   # outside gpu_layer_matmul(True) (e.g. on a mesh): XLA's dot
+    with gpu_layer_matmul(True):
+        got = logits_of(scanned)
+    # q, k, v, o, gate, up and down, each on its [3, in, out] stack.
+    assert sorted(stacks) == sorted([(3, 32, 32), (3, 32, 16), (3, 32, 16), (3, 32, 32),
+                                     (3, 32, 64), (3, 32, 64), (3, 64, 32)])
+    stacks.clear()
+    with gpu_layer_matmul(True):
+        np.testing.assert_allclose(got, logits_of(unrolled), atol=1e-5, rtol=0)
+    assert not stacks   # unrolled layers hold their own weights: XLA's dot reads them in place
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q8_0", "int4"])
+def test_scanned_quantized_layers_on_the_gpu_layer_matmul(monkeypatch, fmt):
+    """A scanned QuantizedLinear's GPU path (interpreted here) reads each layer's int8 or int4
+    arrays in place and gives the logits of XLA's path over the same weights."""
+    import models.quantization as quantization
+    from models.checkpoint import PROJECTIONS
+    from models.layer_slice import gpu_layer_matmul
+    from pallas_kernels.gpu import layer_matmul
+
+    formats = {"int8": quantization.INT8, "int4": quantization.INT4,
+               "q8_0": quantization.QuantFormat("int8", 32, "float16")}
+    config = dataclasses.replace(CONFIG, quantization=tuple(
+        (projection, formats[fmt]) for projection in PROJECTIONS))
+    tiles = layer_matmul.LayerMatmulTiles(block_n=16, block_k=16, programs=4)
+    kernel, calls = layer_matmul.quantized_layer_matmul_gpu, []
+
+    def interpreted(x, arrays, layer, *, kind):
+        calls.append(kind)
+        return kernel(x, arrays, layer, kind=kind, tiles=tiles, interpret=True)
+
+    model = Transformer(config, rngs=nnx.Rngs(3))
+    expected = logits_of(model)                        # XLA's path: no kernel
+    monkeypatch.setattr(layer_matmul, "quantized_layer_matmul_gpu", interpreted)
+    monkeypatch.setattr(quantization, "layer_matmul_wanted", lambda: True)
+    monkeypatch.setattr(quantization, "supported_quantized",
+                        functools.partial(layer_matmul.supported_quantized, tiles=tiles))
+    assert not calls
+    with gpu_layer_matmul(True):
+        got = logits_of(model)
+    assert calls == [formats[fmt].kind] * 7            # every projection, traced once
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)

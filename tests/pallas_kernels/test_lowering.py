@@ -139,3 +139,27 @@ def test_write_kv_pages_and_sample_lower():
                             spec((rows,), jnp.int32), spec((rows,), jnp.float32),
                             spec((rows,), jnp.float32), spec((rows, 2), jnp.uint32))
     assert TRITON_CALL in module
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_layer_matmul_lowers(dtype):
+    from pallas_kernels.gpu.layer_matmul import layer_matmul_gpu
+    for rows, in_features, out_features in ((1, 4096, 14336), (64, 14336, 4096)):
+        module = lower_for_cuda(layer_matmul_gpu, spec((rows, in_features), dtype),
+                                spec((32, in_features, out_features), dtype),
+                                spec((), jnp.int32))
+        assert TRITON_CALL in module
+
+
+@pytest.mark.parametrize("kind,scale_rows", [("int8", 1), ("int8", 128), ("int4", 128)])
+def test_quantized_layer_matmul_lowers(kind, scale_rows):
+    from pallas_kernels.gpu.layer_matmul import quantized_layer_matmul_gpu
+    in_features, out_features = 4096, 14336
+    weight = ((spec((32, in_features, out_features), jnp.int8),) if kind == "int8"
+              else (spec((32, in_features // 2, out_features), jnp.uint8),))
+    scales = (spec((32, scale_rows, out_features), jnp.float16),) * (1 if kind == "int8" else 2)
+    for rows in (1, 64):
+        module = lower_for_cuda(
+            lambda x, layer, *arrays: quantized_layer_matmul_gpu(x, arrays, layer, kind=kind),
+            spec((rows, in_features), jnp.bfloat16), spec((), jnp.int32), *weight, *scales)
+        assert TRITON_CALL in module

@@ -164,8 +164,11 @@ def test_kernel_choice_without_triton(monkeypatch, jax_without_triton):
     assert decode_kernel_for(q, kv_pages, None) == prefill_kernel_for(q, kv_pages, None) == "mosaic"
     f32 = (spec(q.shape, jnp.float32), spec(kv_pages.shape, jnp.float32), None)
     assert decode_kernel_for(*f32) == prefill_kernel_for(*f32) == "reference"
-    monkeypatch.delenv(GPU_KERNELS_VARIABLE)     # Mosaic GPU not on by default yet
-    assert decode_kernel_for(q, kv_pages, None) == "reference"
+    monkeypatch.delenv(GPU_KERNELS_VARIABLE)     # auto: Mosaic GPU on Hopper and newer
+    for capability, expected in ((None, "reference"), (8.0, "reference"), (9.0, "mosaic")):
+        monkeypatch.setattr(kernel_choice, "cuda_compute_capability", lambda: capability)
+        assert decode_kernel_for(q, kv_pages, None) == expected
+        assert prefill_kernel_for(q, kv_pages, None) == expected
     monkeypatch.setenv(GPU_KERNELS_VARIABLE, "triton")
     with pytest.raises(ValueError, match="EMBER_GPU_KERNELS=triton: jax .* no Pallas Triton"):
         decode_kernel_for(q, kv_pages, None)
