@@ -3,7 +3,9 @@ no checkpoint needed), against the device's memory roofline and transformers' `g
 
 For each shape ("8b": Llama-3-8B's sizes, "1b": Llama-3.2-1B's), in one run:
   - load seconds, and warm-up: seconds to compile every ladder rung (EngineConfig.warmup)
-    of the throughput engine (256 sequences, 2,048 tokens a step), cold;
+    of the throughput engine (256 sequences, 2,048 tokens a step), cold (Llama-3-8B on an
+    H200: 143 s for 96 rungs; --warmup on-demand skips it and compiles only what each
+    concurrency's run needs, by an untimed run of it first);
   - batch-1 decode tokens/s (one greedy request, ignore_eos, on an engine of one sequence
     after an untimed request of the same lengths), against the HBM roofline:
     bandwidth / bytes of weights read per token, the bandwidth measured here by a large
@@ -17,12 +19,18 @@ For each shape ("8b": Llama-3-8B's sizes, "1b": Llama-3.2-1B's), in one run:
   - the step-time breakdown (engine/worker/timeline.py) per step: host ms (time in
     engine.step() not spent waiting for results), device busy ms and idle ms;
   - "8b" also int8 and int4 weights: batch-1 decode against the roofline of their bytes;
-  - last, if time is left: the first shape's bf16 batch-1 decode again with the Mosaic GPU
-    attention kernels (EMBER_GPU_KERNELS=mosaic; Hopper and newer), what setting
-    pallas_kernels/gpu/kernel_choice.py's flags would change end to end.
+  - last, if time is left, the first shape's bf16 batch-1 decode again with each kernel
+    choice of pallas_kernels/gpu/kernel_choice.py forced (VARIANTS): XLA's dot in place of
+    the Pallas layer matmul (EMBER_GPU_LAYER_MATMUL=xla), the Mosaic GPU attention
+    (EMBER_GPU_KERNELS=mosaic; Hopper and newer): what setting its flags would change end to
+    end, with how many of the greedy tokens equal the default's;
+  - with --profile-host, each concurrency once more under cProfile (its figures not
+    reported): the host's slowest functions in results.json (host_profile).
 
 Order: transformers, the copy bandwidth, then per shape (8b first) batch-1 bf16, int8,
-int4, the throughput engine's warm-up, 64 requests, 256 requests; then the Mosaic GPU run.
+int4, the throughput engine's warm-up, 64 requests, 256 requests; then the variants.
+--parts picks some of them (batch1: bf16 batch-1; quantized: int8 and int4; throughput:
+warm-up and the concurrencies; variants), for a lease with little time.
 Every part has a time limit (LIMITS) inside one global budget (--budget-s): a throughput
 run cut by its limit reports tokens/s over what finished and says so ("partial"); a part
 with too little time left is listed as skipped. A compile cannot be cut: a warm-up starts
@@ -32,12 +40,15 @@ tiny shapes, short workloads, transformers on CPU (a smoke test of the whole flo
 laptop; its figures mean nothing).
 
 Usage: python scripts/bench_gpu_e2e.py [--shapes 8b,1b] [--out DIR] [--budget-s 150]
+                                      [--parts batch1,quantized,throughput,variants]
+                                      [--warmup full|on-demand]
        python scripts/bench_gpu_e2e.py --quick
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -78,7 +89,11 @@ FULL = dict(prompt_len=1024, output_len=128, batch1_tokens=128, concurrencies=(6
 QUICK = dict(prompt_len=48, output_len=12, batch1_tokens=24, concurrencies=(2, 4),
              max_num_batched_tokens=32, page_size=16)
 # Each part's own limit (seconds), within what the global budget has left.
-LIMITS = dict(batch1=20, warmup=60, throughput_64=20, throughput_256=30)
+LIMITS = dict(batch1=20, warmup=60, untimed=45, throughput_64=20, throughput_256=30)
+PARTS = ("batch1", "quantized", "throughput", "variants")
+# (row label, environment): bf16 batch-1 decode with one kernel choice forced.
+VARIANTS = (("bf16 xla layer matmul", {"EMBER_GPU_LAYER_MATMUL": "xla"}),
+            ("bf16 mosaic-gpu attention", {"EMBER_GPU_KERNELS": "mosaic"}))
 
 
 def write_model_dir(out_dir: Path, hf_config: dict) -> Path:
@@ -125,8 +140,9 @@ def bytes_per_token(engine) -> int:
 
 def run_requests(engine, prompts: list[list[int]], max_tokens: int, limit_s: float) -> dict:
     """Every prompt at once, stepped until done or `limit_s`; the DeviceTimeline's per-step
-    breakdown, token times (the first token of each request, and each token after) and the
-    shapes compiled meanwhile (0 once an untimed run of the same shape went before)."""
+    breakdown, token times (the first token of each request, and each token after), the
+    shapes compiled meanwhile (0 once an untimed run of the same shape went before) and the
+    first request's token ids."""
     from engine import SamplingParams
     from engine.worker.timeline import DeviceTimeline
 
@@ -137,7 +153,7 @@ def run_requests(engine, prompts: list[list[int]], max_tokens: int, limit_s: flo
     ids = [f"r{start}-{index}" for index in range(len(prompts))]
     for request_id, prompt in zip(ids, prompts):
         engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
-    produced, token_times, finished, steps, in_step = {}, [], 0, 0, 0.0
+    produced, token_times, finished, steps, in_step, first_ids = {}, [], 0, 0, 0.0, []
     while engine.has_unfinished_requests() and time.perf_counter() - start < limit_s:
         step_start = time.perf_counter()
         outputs = engine.step()
@@ -149,6 +165,8 @@ def run_requests(engine, prompts: list[list[int]], max_tokens: int, limit_s: flo
             token_times += [now] * (count - produced.get(output.request_id, 0))
             produced[output.request_id] = count
             finished += output.finished
+            if output.request_id == ids[0]:
+                first_ids = list(output.outputs[0].token_ids)
     elapsed = time.perf_counter() - start
     compilations = engine.compilations_after_warmup - compiled_before
     device = timeline.summary()
@@ -161,15 +179,17 @@ def run_requests(engine, prompts: list[list[int]], max_tokens: int, limit_s: flo
     per_step = 1000 / max(steps, 1)
     return dict(output_tokens=len(token_times), seconds=elapsed, finished=finished,
                 requests=len(prompts), partial=partial, steps=steps, token_times=token_times,
-                compilations=compilations,
+                compilations=compilations, token_ids=first_ids,
                 host_ms=per_step * (in_step - device.waited_s), busy_ms=per_step * device.busy_s,
                 idle_ms=per_step * device.idle_s, idle_share=device.idle_share)
 
 
-def batch1_decode(engine, tokens: int, limit_s: float, rng) -> dict:
+def batch1_decode(engine, tokens: int, limit_s: float) -> dict:
     """One greedy request: decode tokens/s from its first token to its last (prefill out),
-    after an untimed one of the same lengths (compiles a cold engine's shapes)."""
-    untimed, timed = rng.integers(3, engine.model_config.vocab_size, size=(2, 32)).tolist()
+    after an untimed one of the same lengths (compiles a cold engine's shapes). The prompts
+    are the same on every engine (a variant's tokens compare with the default's)."""
+    untimed, timed = np.random.default_rng(1).integers(
+        3, engine.model_config.vocab_size, size=(2, 32)).tolist()
     run_requests(engine, [untimed], tokens, limit_s / 2)
     run = run_requests(engine, [timed], tokens, limit_s / 2)   # no prefix-cache hit
     times = run.pop("token_times")
@@ -184,10 +204,30 @@ def throughput(engine, concurrency: int, workload: dict, limit_s: float, rng) ->
                            size=(concurrency, workload["prompt_len"])).tolist()
     run = run_requests(engine, prompts, workload["output_len"], limit_s)
     run.pop("token_times")
+    run.pop("token_ids")
     run["tokens_per_s"] = run["output_tokens"] / run["seconds"]
     prompt_tokens = workload["prompt_len"] * run["finished"]
     run["total_tokens_per_s"] = (run["output_tokens"] + prompt_tokens) / run["seconds"]
     return run
+
+
+def profile_host(engine, concurrency: int, workload: dict, limit_s: float, rng) -> list[str]:
+    """One more run of `concurrency` requests under cProfile (slower: its figures are not
+    reported), the functions that held the host longest (own time), one line each."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        throughput(engine, concurrency, workload, limit_s, rng)
+    finally:
+        profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:25]
+    return [f"{own * 1e3:9.1f} ms own {total * 1e3:9.1f} ms cumulative {calls:8d} calls  "
+            f"{Path(file).name}:{line} {name}"
+            for (file, line, name), (_, calls, own, total, _) in rows]
 
 
 def make_engine(model_dir: Path, workload: dict, *, max_num_seqs: int, warmup: bool,
@@ -210,28 +250,44 @@ def make_engine(model_dir: Path, workload: dict, *, max_num_seqs: int, warmup: b
     return engine, time.perf_counter() - start - engine.warmup_seconds
 
 
-def bench_shape(model_dir: Path, shape: str, workload: dict, report: Report, rng) -> None:
+def bench_shape(model_dir: Path, shape: str, workload: dict, report: Report, rng,
+                parts: tuple[str, ...] = PARTS, warmup: str = "full",
+                profile: bool = False) -> None:
     """Batch-1 decode per weight format ("8b": bf16, int8, int4; "1b": bf16), each on an
     engine of one sequence compiling on demand; then the throughput engine: its warm-up
-    (every rung, timed), then each concurrency, the longest last so that a tight budget
-    cuts it first."""
+    (every rung, timed; warmup="on-demand": none, each concurrency's shapes compiled by an
+    untimed run of it first), then each concurrency, the longest last so that a tight
+    budget cuts it first. `parts`: which of batch1 (bf16), quantized, throughput run;
+    `profile`: after each concurrency, one more run under cProfile (profile_host)."""
     import jax
 
-    for weights in ("bf16", "int8", "int4") if shape == "8b" else ("bf16",):
+    formats = (("bf16",) if "batch1" in parts else ()) + (
+        ("int8", "int4") if "quantized" in parts and shape == "8b" else ())
+    for weights in formats:
         bench_batch1(model_dir, shape, weights, workload, report, rng)
-    if not report.starts(f"{shape} engine and warm-up", LIMITS["warmup"]):
+    if "throughput" not in parts or not report.starts(f"{shape} engine and warm-up",
+                                                      LIMITS["warmup"]):
         return
     jax.clear_caches()   # cold, as a fresh process: nothing kept from the engines above
-    engine, load_s = make_engine(model_dir, workload, warmup=True,
+    engine, load_s = make_engine(model_dir, workload, warmup=warmup == "full",
                                  max_num_seqs=max(workload["concurrencies"]))
     config = engine.config
-    report.warmup(shape, engine.warmup_seconds, load_s, buckets=2 * len(config.token_ladder)
-                  + 8 * len(config.seq_ladder))
+    if warmup == "full":
+        report.warmup(shape, engine.warmup_seconds, load_s,
+                      buckets=2 * len(config.token_ladder) + 8 * len(config.seq_ladder))
     for concurrency in workload["concurrencies"]:
         limit = LIMITS["throughput_64" if concurrency <= 64 else "throughput_256"]
+        if warmup != "full" and report.starts(f"{shape} untimed {concurrency}",
+                                              LIMITS["untimed"] + limit):
+            throughput(engine, concurrency, workload, report.limit(LIMITS["untimed"]), rng)
         if report.starts(f"{shape} throughput {concurrency}", limit):
             report.throughput(shape, concurrency, throughput(
                 engine, concurrency, workload, report.limit(limit), rng))
+        if profile and report.starts(f"{shape} host profile {concurrency}", limit):
+            lines = profile_host(engine, concurrency, workload, report.limit(limit), rng)
+            print("\n".join(lines[:15]), flush=True)
+            report.results.setdefault("host_profile", {})[f"{shape} {concurrency}"] = lines
+            report.write()
     del engine
     gc.collect()
 
@@ -250,37 +306,50 @@ def bench_batch1(model_dir: Path, shape: str, weights: str, workload: dict, repo
     report.engine(shape, label, load_s, bytes_per_token(engine))
     left = LIMITS["batch1"] - (time.perf_counter() - start)
     report.batch1(shape, label, batch1_decode(
-        engine, workload["batch1_tokens"], report.limit(max(left, 5)), rng))
+        engine, workload["batch1_tokens"], report.limit(max(left, 5))))
     del engine
     gc.collect()
 
 
-def bench_mosaic_batch1(model_dir: Path, shape: str, workload: dict, report: Report,
-                        rng) -> None:
-    """bf16 batch-1 decode with the Mosaic GPU attention kernels forced
-    (EMBER_GPU_KERNELS=mosaic, read when the engine traces its steps). Skipped off Hopper,
-    on a jax without Mosaic GPU, and when the device check chose Triton after its kernel
-    stage failed (EMBER_GPU_KERNELS=triton)."""
+def bench_variants(model_dir: Path, shape: str, workload: dict, report: Report,
+                   rng) -> None:
+    """bf16 batch-1 decode with each of VARIANTS' kernel choices forced (read when the engine
+    traces its steps), and how many greedy tokens equal the default's. The Mosaic GPU one
+    is skipped off Hopper, on a jax without Mosaic GPU, and when the device check chose
+    Triton after its kernel stage failed (EMBER_GPU_KERNELS=triton)."""
     from pallas_kernels.compat import cuda_compute_capability, has_mosaic_gpu
     from pallas_kernels.gpu.kernel_choice import (GPU_KERNELS_VARIABLE,
                                                   MOSAIC_MIN_COMPUTE_CAPABILITY)
 
-    chosen = os.environ.get(GPU_KERNELS_VARIABLE)
-    capability = cuda_compute_capability() or 0
-    if chosen == "triton" or not has_mosaic_gpu() or capability < MOSAIC_MIN_COMPUTE_CAPABILITY:
-        report.note(f"Mosaic GPU batch-1 skipped: {GPU_KERNELS_VARIABLE}={chosen}, Mosaic GPU "
-                    f"{'present' if has_mosaic_gpu() else 'absent'}, compute capability "
-                    f"{cuda_compute_capability()}")
-        return
-    os.environ[GPU_KERNELS_VARIABLE] = "mosaic"
-    try:
-        bench_batch1(model_dir, shape, "bf16", workload, report, rng,
-                     label="bf16 mosaic-gpu attention")
-    finally:
-        if chosen is None:
-            del os.environ[GPU_KERNELS_VARIABLE]
-        else:
-            os.environ[GPU_KERNELS_VARIABLE] = chosen
+    for label, environment in VARIANTS:
+        chosen = os.environ.get(GPU_KERNELS_VARIABLE)
+        capability = cuda_compute_capability() or 0
+        if GPU_KERNELS_VARIABLE in environment and (
+                chosen == "triton" or not has_mosaic_gpu()
+                or capability < MOSAIC_MIN_COMPUTE_CAPABILITY):
+            report.note(f"{label} skipped: {GPU_KERNELS_VARIABLE}={chosen}, Mosaic GPU "
+                        f"{'present' if has_mosaic_gpu() else 'absent'}, compute capability "
+                        f"{cuda_compute_capability()}")
+            continue
+        saved = {name: os.environ.get(name) for name in environment}
+        os.environ.update(environment)
+        try:
+            bench_batch1(model_dir, shape, "bf16", workload, report, rng, label=label)
+        except Exception as error:  # noqa: BLE001 - one variant's failure ends only it
+            report.note(f"{shape} {label}: {type(error).__name__}: {str(error)[:400]}")
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        default = report.results["batch1"].get(f"{shape} bf16", {}).get("token_ids")
+        variant = report.results["batch1"].get(f"{shape} {label}", {}).get("token_ids")
+        if default and variant:
+            same = next((i for i, (a, b) in enumerate(zip(default, variant)) if a != b),
+                        min(len(default), len(variant)))
+            report.note(f"{shape} {label}: the first {same} of {len(default)} greedy tokens "
+                        "equal the default kernels' (random weights: near-ties may flip)")
 
 
 def run_transformers(shapes: list[str], configs: dict, workload: dict, budget_s: float,
@@ -316,6 +385,14 @@ def main() -> None:
                         help="all parts together (default 150; --quick 140)")
     parser.add_argument("--hf-budget-s", type=float, default=None,
                         help="transformers' share of the budget (default 35; --quick 25)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated, some of {', '.join(PARTS)}")
+    parser.add_argument("--warmup", choices=("full", "on-demand"), default="full",
+                        help="the throughput engine: compile every rung first, timed (full), "
+                             "or only each run's shapes, by an untimed run of it (on-demand)")
+    parser.add_argument("--profile-host", action="store_true",
+                        help="after each concurrency, one more run under cProfile: its "
+                             "slowest host functions go to results.json (host_profile)")
     parser.add_argument("--spec-tbps", type=float, default=4.8,
                         help="the device's HBM bandwidth on paper, TB/s (H200: 4.8)")
     args = parser.parse_args()
@@ -324,13 +401,18 @@ def main() -> None:
     unknown = [shape for shape in shapes if shape not in table]
     if unknown:
         parser.error(f"--shapes: unknown {unknown}; expected some of {sorted(table)}")
+    parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
+    if not parts or set(parts) - set(PARTS):
+        parser.error(f"--parts {args.parts!r}: expected some of {', '.join(PARTS)}")
     workload = QUICK if args.quick else FULL
     budget = args.budget_s or (140 if args.quick else 150)
     report = Report(budget, args.out, args.spec_tbps * 1e12, workload, quick=args.quick)
     configs = {shape: {**LLAMA, **table[shape]} for shape in shapes}
     # transformers first: the JAX process below keeps the device memory it takes.
-    run_transformers(shapes, configs, workload, args.hf_budget_s or (25 if args.quick else 35),
-                     report)
+    if "throughput" in parts:
+        hf_budget = args.hf_budget_s
+        run_transformers(shapes, configs, workload,
+                         (25 if args.quick else 35) if hf_budget is None else hf_budget, report)
     import jax
 
     report.device(str(jax.devices()[0].device_kind), device_bandwidth(args.quick))
@@ -338,10 +420,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ember-e2e-") as tmp:
         model_dirs = {shape: write_model_dir(Path(tmp) / shape, configs[shape])
                       for shape in shapes}
-        parts = [(bench_shape, shape) for shape in shapes] + [(bench_mosaic_batch1, shapes[0])]
-        for part, shape in parts:
+        steps = [(functools.partial(bench_shape, parts=parts, warmup=args.warmup,
+                                    profile=args.profile_host), shape) for shape in shapes]
+        if "variants" in parts:
+            steps.append((bench_variants, shapes[0]))
+        for step, shape in steps:
             try:
-                part(model_dirs[shape], shape, workload, report, rng)
+                step(model_dirs[shape], shape, workload, report, rng)
             except Exception as error:  # noqa: BLE001 - one part's failure ends only it
                 report.note(f"{shape}: {type(error).__name__}: {str(error)[:400]}")
     report.finish()

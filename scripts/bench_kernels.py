@@ -10,6 +10,10 @@ a sort-based top-p sampler. --quick shrinks every shape (a smoke run, e.g. on a 
 --attention-kernels only checks the Triton and the Mosaic GPU attention kernels (decode, then
 prefill) against the reference and times them side by side (exit status 1 if one fails or
 differs).
+--layer-matmul only checks and times the GPU layer matmul (pallas_kernels/gpu/layer_matmul.py)
+against XLA's dot over a scan of stacked layers (which copies each layer's slice), at
+Llama-3-8B's narrowest and widest shapes; with --sweep also a few tile choices at one row
+and XLA's dot over separate weights (the ideal it should reach).
 """
 
 from __future__ import annotations
@@ -96,6 +100,120 @@ def measure_ceilings(results, quick):
     matmul = jax.jit(lambda p, q: jnp.dot(p, q, preferred_element_type=jnp.bfloat16))
     seconds = results.add("ceiling", f"matmul {n}^3 bf16", "xla", *median_seconds(matmul, a, a))
     return bandwidth, 2 * n ** 3 / seconds
+
+
+# (name, in, out): Llama-3-8B's narrowest product (k_proj) and its two widest.
+LAYER_MATMUL_SHAPES = (("k_proj", 4096, 1024), ("gate_proj", 4096, 14336),
+                       ("down_proj", 14336, 4096))
+
+
+def bench_layer_matmul(results, bandwidth, quick, interpret, sweep_tiles=False):
+    """The layer matmul over every layer of a stack (a scan, as the scanned model runs it)
+    against XLA's dot on the same scan (and, sweeping, on separate weights); then int8 (per
+    channel) and int4 weights at one row against XLA's path for them
+    (models/quantization.quantized_matmul over the layer's slices). Per-call bytes are the
+    weights'. Returns whether every product matched XLA's (relative error < 1e-2)."""
+    from pallas_kernels.gpu.layer_matmul import (TILES, LayerMatmulTiles, layer_matmul_gpu,
+                                                 layer_matmul_reference,
+                                                 quantized_layer_matmul_gpu)
+    layers = 2 if quick else 32
+    shapes = (("small", 256, 128),) if quick else LAYER_MATMUL_SHAPES
+    sweep = (TILES, TILES._replace(block_n=128), TILES._replace(programs=1024),
+             LayerMatmulTiles(block_n=64, block_k=64, programs=1024, num_stages=4))
+    if not sweep_tiles:
+        sweep = sweep[:1]
+    if quick:
+        sweep = (LayerMatmulTiles(block_n=64, block_k=64, programs=4),)
+
+    def over_layers(product):
+        def run(x, *stacks):
+            def body(total, layer):
+                return total + product(x, stacks, layer).astype(jnp.float32), None
+            start = jnp.zeros((x.shape[0], stacks[0].shape[2]), jnp.float32)
+            layer_ids = jnp.arange(stacks[0].shape[0], dtype=jnp.int32)
+            return jax.lax.scan(body, start, layer_ids)[0]
+        return jax.jit(run)
+
+    ok = True
+
+    def check_and_time(shape, label, mine, want, args, metrics):
+        nonlocal ok
+        try:
+            got = mine(*args)
+            error = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+        except Exception as failure:  # noqa: BLE001 - reported, the rest still run
+            print(f"  layer matmul {shape} {label}: failed: {type(failure).__name__}: "
+                  f"{str(failure)[:1500]}", flush=True)
+            ok = False
+            return
+        print(f"  layer matmul {shape} {label} vs xla: {error:.3g}", flush=True)
+        ok &= error < 1e-2
+        results.try_add("layer mm", shape, label, lambda: mine, *args, **metrics)
+
+    unstacked = jax.jit(lambda x, weights: sum(
+        jnp.dot(x, w, preferred_element_type=jnp.float32) for w in weights))
+    for rows in ((1,) if quick else (1, 64)):
+        for name, fan_in, fan_out in shapes:
+            keys = jax.random.split(jax.random.PRNGKey(rows + fan_in), 2)
+            x = jax.random.normal(keys[0], (rows, fan_in), jnp.bfloat16)
+            stack = jax.random.normal(keys[1], (layers, fan_in, fan_out), jnp.bfloat16)
+            shape = f"{name} {rows}x{fan_in}x{fan_out} L{layers}"
+            metrics = dict(bytes_moved=stack.size * 2, ceiling=bandwidth)
+            xla = over_layers(lambda x, stacks, layer: layer_matmul_reference(x, stacks[0],
+                                                                             layer))
+            want = xla(x, stack)
+            for tiles in sweep if rows == 1 else sweep[:1]:
+                label = (f"pallas n{tiles.block_n} k{tiles.block_k} p{tiles.programs} "
+                         f"s{tiles.num_stages}")
+                mine = over_layers(lambda x, stacks, layer, tiles=tiles: layer_matmul_gpu(
+                    x, stacks[0], layer, tiles=tiles, interpret=interpret))
+                check_and_time(shape, label, mine, want, (x, stack), metrics)
+            results.try_add("layer mm", shape, "xla dot, scanned stack", lambda: xla, x, stack,
+                            **metrics)
+            if sweep_tiles:
+                weights = tuple(stack[i] for i in range(layers))
+                results.try_add("layer mm", shape, "xla dot, separate weights",
+                                lambda: unstacked, x, weights, **metrics)
+                del weights
+            del stack
+    for kind in ("int8", "int4"):
+        for name, fan_in, fan_out in shapes[1:] or shapes:
+            x, arrays = quantized_stacks(kind, layers, fan_in, fan_out)
+            shape = f"{name} 1x{fan_in}x{fan_out} L{layers} {kind}"
+            metrics = dict(bytes_moved=sum(a.size * a.dtype.itemsize for a in arrays),
+                           ceiling=bandwidth)
+            xla = over_layers(functools.partial(quantized_reference, kind=kind))
+            mine = over_layers(lambda x, stacks, layer, kind=kind: quantized_layer_matmul_gpu(
+                x, stacks, layer, kind=kind, tiles=sweep[0], interpret=interpret))
+            check_and_time(shape, f"pallas {kind}", mine, xla(x, *arrays), (x, *arrays),
+                           metrics)
+            results.try_add("layer mm", shape, f"xla {kind}, scanned stack", lambda: xla, x,
+                            *arrays, **metrics)
+            del arrays
+    return ok
+
+
+def quantized_stacks(kind, layers, fan_in, fan_out):
+    """x bf16[1, in] and random int8 (per channel) or int4 (groups of 32) arrays stacked on
+    [layers], as models/quantization.py lays them out (values drawn directly: any bits)."""
+    keys = jax.random.split(jax.random.PRNGKey(fan_in + fan_out), 4)
+    x = jax.random.normal(keys[0], (1, fan_in), jnp.bfloat16)
+    if kind == "int8":
+        q = jax.random.randint(keys[1], (layers, fan_in, fan_out), -127, 128, jnp.int8)
+        scale = jax.random.uniform(keys[2], (layers, 1, fan_out), jnp.float32) * 1e-3
+        return x, (q, scale)
+    packed = jax.random.randint(keys[1], (layers, fan_in // 2, fan_out), 0, 256, jnp.uint8)
+    scale = jax.random.uniform(keys[2], (layers, fan_in // 32, fan_out), jnp.float32) * 1e-3
+    minimum = -8 * scale
+    return x, (packed, scale, minimum)
+
+
+def quantized_reference(x, stacks, layer, *, kind):
+    """XLA's path for a scanned quantized layer: quantized_matmul over the layer's slices."""
+    from models.quantization import Int4Weight, Int8Weight, quantized_matmul
+    weight = (Int8Weight if kind == "int8" else Int4Weight)(
+        *(jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False) for stack in stacks))
+    return quantized_matmul(x, weight)
 
 
 def paged_decode_batch(rng, seqs, context, page_size, num_q_heads, num_kv_heads, head_dim,
@@ -205,14 +323,13 @@ def attention_kernels_only(results, rng, quick, interpret) -> bool:
 def bench_decode_kv_dtypes(results, ours, args, shape, bandwidth):
     """The same decode step over fp8 and int8 copies of the bf16 cache: bytes moved shrink
     with the cache (int8 adds its scales); the difference is against the bf16 cache's output."""
-    from pallas_kernels.kv_cache import kv_cache_bytes_per_token, quantize_int8, to_float_cache
+    from pallas_kernels.kv_cache import kv_cache_bytes_per_token, quantize
     q, kv_pages, kv_lens = args[:3]
     tokens = int(kv_lens.sum())
     num_kv_heads, head_dim = kv_pages.shape[2] // 2, kv_pages.shape[3]
     bf16_out = ours(*args).astype(jnp.float32)
     for name in ("float8_e4m3fn", "int8"):
-        cache = (jax.jit(quantize_int8)(kv_pages) if name == "int8"
-                 else (jax.jit(to_float_cache, static_argnums=1)(kv_pages, name), None))
+        cache = jax.jit(quantize, static_argnums=1)(kv_pages, name)   # (values, scales)
         step = functools.partial(ours, kv_scales=cache[1])
         cached = (q, cache[0], *args[2:])
         report_difference(f"decode kv {name} vs bf16 kv", lambda cached=cached: jnp.abs(
@@ -378,6 +495,8 @@ def main():
     parser.add_argument("--out", type=Path, help="directory for table.md, timings.json/.csv")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
     parser.add_argument("--sweep", action="store_true", help="only time block-size choices")
+    parser.add_argument("--layer-matmul", action="store_true",
+                        help="only check and time the GPU layer matmul against XLA's dot")
     parser.add_argument("--attention-kernels", action="store_true",
                         help="only check and time the Triton and Mosaic GPU attention kernels")
     options = parser.parse_args()
@@ -386,7 +505,7 @@ def main():
     device = jax.devices()[0]
     print(f"jax {jax.__version__} on {device.device_kind} ({jax.default_backend()})", flush=True)
     results, rng = Results(), np.random.default_rng(0)
-    if options.sweep:
+    if options.sweep and not options.layer_matmul:
         sweep_sampling(results, interpret)
         return sweep_block_sizes(results, rng, interpret)
     if options.attention_kernels:
@@ -394,6 +513,10 @@ def main():
         print(f"\n{markdown(results, [])}\n\nattention kernels: {'PASS' if ok else 'FAIL'}")
         sys.exit(0 if ok else 1)
     bandwidth, flops = measure_ceilings(results, quick)
+    if options.layer_matmul:
+        ok = bench_layer_matmul(results, bandwidth, quick, interpret, options.sweep)
+        print(f"\n{markdown(results, [])}\n\nlayer matmul: {'PASS' if ok else 'FAIL'}")
+        sys.exit(0 if ok else 1)
     targets = []
     for seqs, context in ([(4, 256)] if quick else [(64, 4096), (32, 16384)]):
         mine = bench_decode(results, rng, seqs, context, bandwidth, interpret)
