@@ -9,35 +9,34 @@ values: reading one (`param[...]`) takes the slice as before, while the CPU kern
 (Linear, QuantizedLinear) take the stack and the layer's index (`stack_and_layer`) and the
 kernel reads the layer in place (pallas_kernels/cpu/layer_stack.h). On a GPU, Linear hands
 products of few rows to the Pallas layer matmul (pallas_kernels/gpu/layer_matmul.py), which
-reads the layer in place too, while a step is traced inside `gpu_layer_matmul(True)`: the
-paged engine's single-device steps on the GPU kernels (models/paged.py). A step on a mesh
-keeps XLA's dot, which GSPMD partitions (a Pallas call it cannot).
+reads the layer in place too, where the step's ProductHints allow it: the paged engine's
+single-device steps on the GPU kernels (models/paged.py). A step on a mesh keeps XLA's dot,
+which GSPMD partitions (a Pallas call it cannot).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from dataclasses import dataclass
 
 import jax
 
-_GPU_LAYER_MATMUL = contextvars.ContextVar("ember_gpu_layer_matmul", default=False)
+
+@dataclass(slots=True, frozen=True)
+class ProductHints:
+    """How a step's linear products may run, handed down to every Linear by the caller that
+    knows the step (models/paged.py); the dense path passes none (NO_HINTS).
+
+    num_rows: i32[1], the step's real rows (the rest token-rung padding), for the CPU dense
+      kernel, which then skips the padding; None: every row is computed.
+    gpu_layer_matmul: whether a scanned layer's products of few rows may read its weights in
+      place on the GPU (pallas_kernels/gpu/kernel_choice.py decides which do).
+    """
+
+    num_rows: jax.Array | None = None
+    gpu_layer_matmul: bool = False
 
 
-@contextlib.contextmanager
-def gpu_layer_matmul(allowed: bool):
-    """While a step is traced: whether a scanned layer's products may take the GPU layer
-    matmul (pallas_kernels/gpu/kernel_choice.py then decides which do)."""
-    token = _GPU_LAYER_MATMUL.set(allowed)
-    try:
-        yield
-    finally:
-        _GPU_LAYER_MATMUL.reset(token)
-
-
-def gpu_layer_matmul_allowed() -> bool:
-    return _GPU_LAYER_MATMUL.get()
+NO_HINTS = ProductHints()
 
 
 @dataclass(slots=True, frozen=True)

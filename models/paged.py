@@ -25,7 +25,7 @@ from jaxtyping import Array, Float
 import pallas_kernels
 from models.batch import Batch
 from models.config import ModelConfig
-from models.layer_slice import gpu_layer_matmul
+from models.layer_slice import ProductHints
 from models.sharding import HEADS, KV_PAGES, KV_SCALES, zeros
 from models.transformer import LayerCache, Transformer
 from pallas_kernels.compat import shard_map
@@ -132,11 +132,10 @@ def forward_paged(model: Transformer, kv_cache: KVCache, batch: Batch, *,
 
     # On the CPU kernels, one device: the step's real rows, so that f32 products skip the
     # token rung's padding (models/transformer.py).
-    num_rows = None
-    resolved = pallas_kernels.resolve_backend(backend)
-    if mesh is None and resolved == "cpu":
-        num_rows = batch.cu_q_lens[batch.num_seqs[0]][None]   # i32[1]
     # One GPU on its kernels: a scanned layer's small products read its weights in place.
-    with gpu_layer_matmul(mesh is None and resolved == "gpu" and not interpret):
-        return model.hidden_states(batch.input_ids, batch.positions, attend, kv_cache,
-                                   num_rows)
+    resolved = pallas_kernels.resolve_backend(backend)
+    hints = ProductHints(
+        num_rows=(batch.cu_q_lens[batch.num_seqs[0]][None]              # i32[1]
+                  if mesh is None and resolved == "cpu" else None),
+        gpu_layer_matmul=mesh is None and resolved == "gpu" and not interpret)
+    return model.hidden_states(batch.input_ids, batch.positions, attend, kv_cache, hints)

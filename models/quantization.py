@@ -70,7 +70,7 @@ import numpy as np
 from flax import nnx
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from models.layer_slice import gpu_layer_matmul_allowed, stack_and_layer
+from models.layer_slice import NO_HINTS, ProductHints, stack_and_layer
 from pallas_kernels.gpu.kernel_choice import layer_matmul_wanted
 from pallas_kernels.gpu.layer_matmul import supported_quantized
 
@@ -319,7 +319,8 @@ def check_weight(weight: QuantizedWeight) -> None:
 
 
 def quantized_matmul(x: jax.Array, weight: QuantizedWeight, *, block_rows: int | None = None,
-                     layer: jax.Array | None = None) -> jax.Array:
+                     layer: jax.Array | None = None, gpu_layer_matmul: bool = False
+                     ) -> jax.Array:
     """x @ dequantize(weight), in blocks of input rows, never a large float weight.
 
     Args:
@@ -329,8 +330,10 @@ def quantized_matmul(x: jax.Array, weight: QuantizedWeight, *, block_rows: int |
       block_rows: input rows per loop step, a multiple of 32 dividing in (None:
         `default_block_rows`; in: one dot).
       layer: with it (i32[]), weight's arrays are every layer's stacked on a leading axis
-        and layer `layer` is taken: read in place by the CPU kernel, sliced out otherwise
-        (models/layer_slice.py).
+        and layer `layer` is taken: read in place by the CPU kernel (and, with
+        gpu_layer_matmul, the GPU layer matmul), sliced out otherwise (models/layer_slice.py).
+      gpu_layer_matmul: whether a decode's few rows may take the GPU layer matmul
+        (ProductHints.gpu_layer_matmul).
     Returns:
       [..., out] in x.dtype.
     """
@@ -346,7 +349,7 @@ def quantized_matmul(x: jax.Array, weight: QuantizedWeight, *, block_rows: int |
                          f"expected x [..., {in_features}] and block rows a multiple of {GROUP} "
                          f"dividing {in_features}")
     tokens = x.reshape(-1, in_features)                              # [T, in]
-    if block_rows is None and _gpu_kernel_takes(tokens, weight, layer):
+    if block_rows is None and gpu_layer_matmul and _gpu_kernel_takes(tokens, weight, layer):
         from pallas_kernels.gpu.layer_matmul import quantized_layer_matmul_gpu
         arrays = tuple(getattr(stacked, f.name) for f in dataclasses.fields(stacked))
         product = quantized_layer_matmul_gpu(tokens, arrays, layer, kind=format_of(weight).kind)
@@ -366,7 +369,7 @@ def _gpu_kernel_takes(tokens: jax.Array, weight: QuantizedWeight,
     """Whether a scanned layer's product of a decode's few rows reads its weight in place
     on the GPU (pallas_kernels/gpu/layer_matmul.py) rather than XLA's dot over a copied
     slice of the stack (models/layer_slice.py). weight: the layer's (its shapes)."""
-    if layer is None or not gpu_layer_matmul_allowed() or not layer_matmul_wanted():
+    if layer is None or not layer_matmul_wanted():
         return False
     in_features, out_features = weight.shape
     return supported_quantized(tokens.shape[0], format_of(weight).kind, in_features,
@@ -491,14 +494,15 @@ class QuantizedLinear(nnx.Module):
         return format_of(self.weight_type(**{f.name: getattr(self, f.name).get_value()
                                              for f in dataclasses.fields(self.weight_type)}))
 
-    def __call__(self, x: jax.Array, num_rows: jax.Array | None = None) -> jax.Array:
-        # num_rows (Linear's padding hint) is not needed: the CPU kernel takes only a
+    def __call__(self, x: jax.Array, hints: ProductHints = NO_HINTS) -> jax.Array:
+        # hints.num_rows (Linear's padding hint) is not needed: the CPU kernel takes only a
         # decode's few rows, and the blocked loop's dots run on XLA.
         arrays = {f.name: stack_and_layer(getattr(self, f.name).get_value())
                   for f in dataclasses.fields(self.weight_type)}
         weight = self.weight_type(**{name: array for name, (array, _) in arrays.items()})
         layer = next(iter(arrays.values()))[1]      # under scan, the stacks and the layer
-        y = quantized_matmul(x, weight, block_rows=self.block_rows, layer=layer)
+        y = quantized_matmul(x, weight, block_rows=self.block_rows, layer=layer,
+                             gpu_layer_matmul=hints.gpu_layer_matmul)
         return y if self.bias is None else y + self.bias[...]
 
 

@@ -14,9 +14,10 @@ its handle on the cache of every layer, writes its K/V and attends over its page
 the updated cache on: `hidden_states` returns it) and the dense causal path used for
 training and tests (no cache: None in, None out).
 
-`num_rows` (i32[1], optional down to every Linear): the step's real rows, the rest of the
-token rung padding. The paged engine passes it on the CPU backend, where f32 products of 16
-rows or more then skip the padding (pallas_kernels/cpu/dense_matmul.cc).
+`hints` (models.layer_slice.ProductHints, down to every Linear): how the step's products may
+run. Its `num_rows` (i32[1]) is the step's real rows, the rest of the token rung padding: the
+paged engine passes it on the CPU backend, where f32 products of 16 rows or more then skip
+the padding (pallas_kernels/cpu/dense_matmul.cc); on one GPU it allows the layer matmul.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from models.config import ModelConfig
-from models.layer_slice import LayerSlice, gpu_layer_matmul_allowed, stack_and_layer
+from models.layer_slice import NO_HINTS, LayerSlice, ProductHints, stack_and_layer
 from models.quantization import QuantizedLinear, quantize_table, table_matmul
 from pallas_kernels.cpu import DENSE_MIN_ROWS, dense_matmul_cpu
 from pallas_kernels.gpu.kernel_choice import uses_layer_matmul
@@ -78,16 +79,16 @@ class Linear(nnx.Module):
         self.weight = _init(rngs, (in_features, out_features), dtype)
         self.bias = nnx.Param(_constant((out_features,), 0.0, dtype)) if bias else None
 
-    def __call__(self, x: jax.Array, num_rows: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, hints: ProductHints = NO_HINTS) -> jax.Array:
         weight, layer = stack_and_layer(self.weight.get_value())   # the stack, under scan
         tokens = x.reshape(-1, x.shape[-1])
         # Fewer rows go to XLA's dot, as fast as the kernel where it reads the weight in
         # place, but it would copy a scanned layer's weight out of the stack first.
-        if (num_rows is not None and x.dtype == weight.dtype == jnp.float32
+        if (hints.num_rows is not None and x.dtype == weight.dtype == jnp.float32
                 and (tokens.shape[0] >= DENSE_MIN_ROWS or layer is not None)):
-            y = dense_matmul_cpu(tokens, weight, num_rows, layer)
+            y = dense_matmul_cpu(tokens, weight, hints.num_rows, layer)
             y = y.reshape(*x.shape[:-1], weight.shape[-1])
-        elif (layer is not None and gpu_layer_matmul_allowed()
+        elif (layer is not None and hints.gpu_layer_matmul
               and uses_layer_matmul(tokens.shape[0], weight.shape)):
             from pallas_kernels.gpu.layer_matmul import layer_matmul_gpu
             y = layer_matmul_gpu(tokens, weight, layer).reshape(*x.shape[:-1], weight.shape[-1])
@@ -176,16 +177,16 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
 
     def __call__(self, x, positions, inv_freq, attend: AttendFn, cache: LayerCache | None,
-                 num_rows: jax.Array | None = None) -> tuple[LayerCache | None, jax.Array]:
+                 hints: ProductHints = NO_HINTS) -> tuple[LayerCache | None, jax.Array]:
         lead = x.shape[:-1]
-        q = self.q_proj(x, num_rows).reshape(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x, num_rows).reshape(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, num_rows).reshape(*lead, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x, hints).reshape(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x, hints).reshape(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, hints).reshape(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, positions, inv_freq), rotary(k, positions, inv_freq)
         cache, out = attend(cache, q, k, v)  # out: [..., Hq, D]
-        return cache, self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim), num_rows)
+        return cache, self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim), hints)
 
 
 class MLP(nnx.Module):
@@ -199,13 +200,13 @@ class MLP(nnx.Module):
                                 bias=c.mlp_bias, rngs=rngs)
         self.activation = c.activation
 
-    def __call__(self, x: jax.Array, num_rows: jax.Array | None = None) -> jax.Array:
-        gate = self.gate_proj(x, num_rows)
+    def __call__(self, x: jax.Array, hints: ProductHints = NO_HINTS) -> jax.Array:
+        gate = self.gate_proj(x, hints)
         if self.activation == "silu":
             gate = jax.nn.silu(gate)
         else:
             gate = jax.nn.gelu(gate, approximate=self.activation != "gelu")
-        return self.down_proj(gate * self.up_proj(x, num_rows), num_rows)
+        return self.down_proj(gate * self.up_proj(x, hints), hints)
 
 
 class DecoderLayer(nnx.Module):
@@ -217,11 +218,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x, positions, inv_freq, attend: AttendFn, cache: LayerCache | None,
-                 num_rows: jax.Array | None = None) -> tuple[LayerCache | None, jax.Array]:
+                 hints: ProductHints = NO_HINTS) -> tuple[LayerCache | None, jax.Array]:
         cache, attended = self.self_attn(self.input_layernorm(x), positions, inv_freq, attend,
-                                         cache, num_rows)
+                                         cache, hints)
         x = x + attended
-        return cache, x + self.mlp(self.post_attention_layernorm(x), num_rows)
+        return cache, x + self.mlp(self.post_attention_layernorm(x), hints)
 
 
 class DecoderStack(nnx.Module):
@@ -253,12 +254,12 @@ class DecoderStack(nnx.Module):
 
     def run_layers(self, x: Float[Array, "*tokens hidden"], positions: Int[Array, "*tokens"],
                    inv_freq: Float[Array, "half_head_dim"], attend: AttendFn,
-                   kv_cache: jax.Array | None, num_rows: Int[Array, "1"] | None = None
+                   kv_cache: jax.Array | None, hints: ProductHints = NO_HINTS
                    ) -> tuple[jax.Array | None, Float[Array, "*tokens hidden"]]:
         """Every layer in order: (the cache as the last layer left it, hidden states)."""
         def one(layer, layer_index, x, kv_cache):   # -> (x, kv_cache): the scan's carry
             cache = None if kv_cache is None else LayerCache(kv_cache, layer_index)
-            cache, x = layer(x, positions, inv_freq, attend, cache, num_rows)
+            cache, x = layer(x, positions, inv_freq, attend, cache, hints)
             return x, None if cache is None else cache.kv
 
         if not self.scan_layers:
@@ -320,7 +321,7 @@ class Transformer(nnx.Module):
 
     def hidden_states(self, input_ids: Int[Array, "*tokens"], positions: Int[Array, "*tokens"],
                       attend: AttendFn, kv_cache: jax.Array | None = None,
-                      num_rows: Int[Array, "1"] | None = None
+                      hints: ProductHints = NO_HINTS
                       ) -> tuple[jax.Array | None, Float[Array, "*tokens hidden"]]:
         """Runs the decoder stack.
 
@@ -329,8 +330,8 @@ class Transformer(nnx.Module):
           attend: the attention seam (see AttendFn).
           kv_cache: the cache of every layer (opaque here: each layer hands `attend` a
             LayerCache of it and takes back the updated one); None on the dense path.
-          num_rows: the real rows of [T] tokens (the rest padding), for kernels that skip
-            the padding (see the module docstring); None: compute every row.
+          hints: how the products may run (models.layer_slice.ProductHints): the real
+            rows of [T] tokens for kernels that skip the padding, the GPU layer matmul.
         Returns:
           (the cache as the last layer's `attend` returned it, or None; final-norm hidden
           states).
@@ -341,7 +342,7 @@ class Transformer(nnx.Module):
             x = x * jnp.asarray(c.hidden_size ** 0.5, x.dtype)
         inv_freq = jnp.asarray(c.rope.inverse_frequencies(c.head_dim), jnp.float32)
         kv_cache, x = self.model.run_layers(x, positions, inv_freq, attend, kv_cache,
-                                            num_rows)
+                                            hints)
         return kv_cache, self.model.norm(x)
 
     def logits(self, hidden: Float[Array, "*rows hidden"]) -> Float[Array, "*rows vocab"]:
@@ -356,12 +357,14 @@ class Transformer(nnx.Module):
             weight = self.lm_head.weight[...]
         return jnp.dot(hidden, weight, preferred_element_type=jnp.float32)
 
-    def forward_dense(self, input_ids: Int[Array, "batch length"]
-                      ) -> Float[Array, "batch length vocab"]:
-        """Full causal forward over [batch, length] (training and scoring; no KV cache)."""
+    def forward_dense(self, input_ids: Int[Array, "batch length"],
+                      hints: ProductHints = NO_HINTS) -> Float[Array, "batch length vocab"]:
+        """Full causal forward over [batch, length] (training and scoring; no KV cache);
+        hints as hidden_states takes them."""
         length = input_ids.shape[-1]
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), input_ids.shape)
-        _, hidden = self.hidden_states(input_ids, positions, dense_causal_attend(self.config))
+        _, hidden = self.hidden_states(input_ids, positions, dense_causal_attend(self.config),
+                                       hints=hints)
         return self.logits(hidden)
 
 

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 
 from models import (CheckpointError, ModelConfig, Transformer, convert_to_orbax, load_config,
                     load_from_tensors, load_model, save_safetensors)
+from models.layer_slice import NO_HINTS, ProductHints
 from tests.hf_models import load_hf_model
 
 IDS = np.random.default_rng(5).integers(3, 300, size=(2, 12))
@@ -19,8 +20,11 @@ CONFIG = ModelConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_l
                      num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True, qk_norm=True)
 
 
-def logits_of(model):
-    return np.asarray(model.forward_dense(jnp.asarray(IDS)), np.float32)
+GPU_HINTS = ProductHints(gpu_layer_matmul=True)   # as models/paged.py gives one GPU's steps
+
+
+def logits_of(model, hints=NO_HINTS):
+    return np.asarray(model.forward_dense(jnp.asarray(IDS), hints), np.float32)
 
 
 def weights(model) -> dict[str, np.ndarray]:
@@ -102,7 +106,6 @@ def test_scanned_layers_on_the_gpu_layer_matmul_give_the_unrolled_logits(monkeyp
     every projection of few rows reads its layer in place from the stack, and the logits
     are the unrolled model's."""
     import models.transformer as transformer
-    from models.layer_slice import gpu_layer_matmul
     from pallas_kernels.gpu import layer_matmul
 
     tiles = layer_matmul.LayerMatmulTiles(block_n=16, block_k=16, programs=4)
@@ -118,15 +121,13 @@ def test_scanned_layers_on_the_gpu_layer_matmul_give_the_unrolled_logits(monkeyp
     scanned = Transformer(CONFIG, rngs=nnx.Rngs(3))
     unrolled = Transformer(dataclasses.replace(CONFIG, scan_layers=False), rngs=nnx.Rngs(3))
     logits_of(scanned)
-    assert not stacks   # outside gpu_layer_matmul(True) (e.g. on a mesh): XLA's dot
-    with gpu_layer_matmul(True):
-        got = logits_of(scanned)
+    assert not stacks   # without the hint (the dense path, a mesh): XLA's dot
+    got = logits_of(scanned, GPU_HINTS)
     # q, k, v, o, gate, up and down, each on its [3, in, out] stack.
     assert sorted(stacks) == sorted([(3, 32, 32), (3, 32, 16), (3, 32, 16), (3, 32, 32),
                                      (3, 32, 64), (3, 32, 64), (3, 64, 32)])
     stacks.clear()
-    with gpu_layer_matmul(True):
-        np.testing.assert_allclose(got, logits_of(unrolled), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got, logits_of(unrolled, GPU_HINTS), atol=1e-5, rtol=0)
     assert not stacks   # unrolled layers hold their own weights: XLA's dot reads them in place
 
 
@@ -136,7 +137,6 @@ def test_scanned_quantized_layers_on_the_gpu_layer_matmul(monkeypatch, fmt):
     arrays in place and gives the logits of XLA's path over the same weights."""
     import models.quantization as quantization
     from models.checkpoint import PROJECTIONS
-    from models.layer_slice import gpu_layer_matmul
     from pallas_kernels.gpu import layer_matmul
 
     formats = {"int8": quantization.INT8, "int4": quantization.INT4,
@@ -157,7 +157,6 @@ def test_scanned_quantized_layers_on_the_gpu_layer_matmul(monkeypatch, fmt):
     monkeypatch.setattr(quantization, "supported_quantized",
                         functools.partial(layer_matmul.supported_quantized, tiles=tiles))
     assert not calls
-    with gpu_layer_matmul(True):
-        got = logits_of(model)
+    got = logits_of(model, GPU_HINTS)
     assert calls == [formats[fmt].kind] * 7            # every projection, traced once
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
