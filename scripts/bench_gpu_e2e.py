@@ -27,8 +27,9 @@ For each shape ("8b": Llama-3-8B's sizes, "1b": Llama-3.2-1B's), in one run:
   - with --profile-host, each concurrency once more under cProfile (its figures not
     reported): the host's slowest functions in results.json (host_profile).
 
-Order: transformers, the copy bandwidth, then per shape (8b first) batch-1 bf16, int8,
-int4, the throughput engine's warm-up, 64 requests, 256 requests; then the variants.
+Order: transformers, the copy bandwidth, then per shape (8b first) batch-1 bf16, the
+throughput engine's warm-up, 64 requests, 256 requests, int8 and int4 batch-1; then the
+variants.
 --parts picks some of them (batch1: bf16 batch-1; quantized: int8 and int4; throughput:
 warm-up and the concurrencies; variants), for a lease with little time.
 Every part has a time limit (LIMITS) inside one global budget (--budget-s): a throughput
@@ -253,20 +254,25 @@ def make_engine(model_dir: Path, workload: dict, *, max_num_seqs: int, warmup: b
 def bench_shape(model_dir: Path, shape: str, workload: dict, report: Report, rng,
                 parts: tuple[str, ...] = PARTS, warmup: str = "full",
                 profile: bool = False) -> None:
-    """Batch-1 decode per weight format ("8b": bf16, int8, int4; "1b": bf16), each on an
-    engine of one sequence compiling on demand; then the throughput engine: its warm-up
-    (every rung, timed; warmup="on-demand": none, each concurrency's shapes compiled by an
-    untimed run of it first), then each concurrency, the longest last so that a tight
-    budget cuts it first. `parts`: which of batch1 (bf16), quantized, throughput run;
-    `profile`: after each concurrency, one more run under cProfile (profile_host)."""
+    """bf16 batch-1 decode on an engine of one sequence compiling on demand; the throughput
+    engine: its warm-up (every rung, timed; warmup="on-demand": none, each concurrency's
+    shapes compiled by an untimed run of it first), then each concurrency, the longest last
+    so that a tight budget cuts it first; then ("8b") int8 and int4 batch-1 decode.
+    `parts`: which of batch1 (bf16), throughput, quantized run; `profile`: after each
+    concurrency, one more run under cProfile (profile_host)."""
+    if "batch1" in parts:
+        bench_batch1(model_dir, shape, "bf16", workload, report, rng)
+    if "throughput" in parts:
+        bench_throughput(model_dir, shape, workload, report, rng, warmup, profile)
+    for weights in ("int8", "int4") if "quantized" in parts and shape == "8b" else ():
+        bench_batch1(model_dir, shape, weights, workload, report, rng)
+
+
+def bench_throughput(model_dir: Path, shape: str, workload: dict, report: Report, rng,
+                     warmup: str, profile: bool) -> None:
     import jax
 
-    formats = (("bf16",) if "batch1" in parts else ()) + (
-        ("int8", "int4") if "quantized" in parts and shape == "8b" else ())
-    for weights in formats:
-        bench_batch1(model_dir, shape, weights, workload, report, rng)
-    if "throughput" not in parts or not report.starts(f"{shape} engine and warm-up",
-                                                      LIMITS["warmup"]):
+    if not report.starts(f"{shape} engine and warm-up", LIMITS["warmup"]):
         return
     jax.clear_caches()   # cold, as a fresh process: nothing kept from the engines above
     engine, load_s = make_engine(model_dir, workload, warmup=warmup == "full",

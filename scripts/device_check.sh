@@ -21,7 +21,7 @@
 #   docstring; its throughput engine compiles on demand: a full warm-up of the 8B shape
 #   took 143 s on an H200, 2026-11-30).
 # Native kernel correctness comes before the end-to-end figures: the end-to-end stage cuts
-# its 256-request runs and the 1B shape first when time runs short.
+# its quantized rows, 256-request runs and the 1B shape first when time runs short.
 # The kernel tests (about 110 s in full on an H200, 2026-11-28) skip test_lowering.py, which
 # only lowers for other platforms and runs in the CPU suite; they and the kernel benchmark
 # (about 45 s then) may still stop at their limits, and their logs show how far they got.
