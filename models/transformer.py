@@ -97,6 +97,26 @@ class Linear(nnx.Module):
         return y if self.bias is None else y + self.bias[...]
 
 
+def grouped_products(linears: tuple[Linear | QuantizedLinear, ...], x: jax.Array,
+                     hints: ProductHints) -> tuple[jax.Array, ...]:
+    """x through each of a scanned layer's Linears that read the same input (q, k and v;
+    gate and up): on one GPU one layer-matmul call for all, so that a narrow product (k, v)
+    shares the programs of a wide one (pallas_kernels/gpu/layer_matmul.py); else each on
+    its own."""
+    pairs = [stack_and_layer(linear.weight.get_value()) if isinstance(linear, Linear)
+             else (None, None) for linear in linears]
+    rows = x.size // x.shape[-1]
+    if not (hints.gpu_layer_matmul and all(layer is not None for _, layer in pairs)
+            and len({stack.dtype for stack, _ in pairs}) == 1
+            and all(uses_layer_matmul(rows, stack.shape) for stack, _ in pairs)):
+        return tuple(linear(x, hints) for linear in linears)
+    from pallas_kernels.gpu.layer_matmul import grouped_layer_matmul_gpu
+    products = grouped_layer_matmul_gpu(x.reshape(rows, x.shape[-1]),
+                                        tuple(stack for stack, _ in pairs), pairs[0][1])
+    return tuple((y if linear.bias is None else y + linear.bias[...]).reshape(
+        *x.shape[:-1], y.shape[-1]) for y, linear in zip(products, linears))
+
+
 def linear(config: ModelConfig, projection: str, in_features: int, out_features: int, *,
            bias: bool, rngs: nnx.Rngs | None) -> Linear | QuantizedLinear:
     """The `projection` layer (e.g. "q_proj"): quantized when config.quantization lists it."""
@@ -179,9 +199,10 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, inv_freq, attend: AttendFn, cache: LayerCache | None,
                  hints: ProductHints = NO_HINTS) -> tuple[LayerCache | None, jax.Array]:
         lead = x.shape[:-1]
-        q = self.q_proj(x, hints).reshape(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x, hints).reshape(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, hints).reshape(*lead, self.num_kv_heads, self.head_dim)
+        q, k, v = grouped_products((self.q_proj, self.k_proj, self.v_proj), x, hints)
+        q = q.reshape(*lead, self.num_heads, self.head_dim)
+        k = k.reshape(*lead, self.num_kv_heads, self.head_dim)
+        v = v.reshape(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, positions, inv_freq), rotary(k, positions, inv_freq)
@@ -201,12 +222,12 @@ class MLP(nnx.Module):
         self.activation = c.activation
 
     def __call__(self, x: jax.Array, hints: ProductHints = NO_HINTS) -> jax.Array:
-        gate = self.gate_proj(x, hints)
+        gate, up = grouped_products((self.gate_proj, self.up_proj), x, hints)
         if self.activation == "silu":
             gate = jax.nn.silu(gate)
         else:
             gate = jax.nn.gelu(gate, approximate=self.activation != "gelu")
-        return self.down_proj(gate * self.up_proj(x, hints), hints)
+        return self.down_proj(gate * up, hints)
 
 
 class DecoderLayer(nnx.Module):

@@ -113,7 +113,8 @@ def bench_layer_matmul(results, bandwidth, quick, interpret, sweep_tiles=False):
     channel) and int4 weights at one row against XLA's path for them
     (models/quantization.quantized_matmul over the layer's slices). Per-call bytes are the
     weights'. Returns whether every product matched XLA's (relative error < 1e-2)."""
-    from pallas_kernels.gpu.layer_matmul import (TILES, LayerMatmulTiles, layer_matmul_gpu,
+    from pallas_kernels.gpu.layer_matmul import (TILES, LayerMatmulTiles,
+                                                 grouped_layer_matmul_gpu, layer_matmul_gpu,
                                                  layer_matmul_reference,
                                                  quantized_layer_matmul_gpu)
     layers = 2 if quick else 32
@@ -129,11 +130,11 @@ def bench_layer_matmul(results, bandwidth, quick, interpret, sweep_tiles=False):
     if quick:
         sweep = (LayerMatmulTiles(block_n=64, block_k=64, programs=4),)
 
-    def over_layers(product):
+    def over_layers(product, width=None):   # width: the product's columns (the stack's)
         def run(x, *stacks):
             def body(total, layer):
                 return total + product(x, stacks, layer).astype(jnp.float32), None
-            start = jnp.zeros((x.shape[0], stacks[0].shape[2]), jnp.float32)
+            start = jnp.zeros((x.shape[0], width or stacks[0].shape[2]), jnp.float32)
             layer_ids = jnp.arange(stacks[0].shape[0], dtype=jnp.int32)
             return jax.lax.scan(body, start, layer_ids)[0]
         return jax.jit(run)
@@ -156,8 +157,11 @@ def bench_layer_matmul(results, bandwidth, quick, interpret, sweep_tiles=False):
 
     unstacked = jax.jit(lambda x, weights: sum(
         jnp.dot(x, w, preferred_element_type=jnp.float32) for w in weights))
+    # Without --sweep (the device check's stage, 40 s): 64 rows of gate_proj only, the
+    # quantized weights on gate_proj only.
+    wide = shapes if quick or sweep_tiles else shapes[1:2]
     for rows in ((1,) if quick else (1, 64)):
-        for name, fan_in, fan_out in shapes:
+        for name, fan_in, fan_out in shapes if rows == 1 else wide:
             keys = jax.random.split(jax.random.PRNGKey(rows + fan_in), 2)
             x = jax.random.normal(keys[0], (rows, fan_in), jnp.bfloat16)
             stack = jax.random.normal(keys[1], (layers, fan_in, fan_out), jnp.bfloat16)
@@ -180,8 +184,25 @@ def bench_layer_matmul(results, bandwidth, quick, interpret, sweep_tiles=False):
                                 lambda: unstacked, x, weights, **metrics)
                 del weights
             del stack
+    for rows in ((1,) if quick or not sweep_tiles else (1, 64)):   # q, k, v in one call
+        widths = (128, 64, 64) if quick else (4096, 1024, 1024)
+        fan_in = 256 if quick else 4096
+        keys = jax.random.split(jax.random.PRNGKey(rows), 4)
+        x = jax.random.normal(keys[0], (rows, fan_in), jnp.bfloat16)
+        stacks = tuple(jax.random.normal(key, (layers, fan_in, width), jnp.bfloat16)
+                       for key, width in zip(keys[1:], widths))
+        shape = f"qkv {rows}x{fan_in}x{'+'.join(map(str, widths))} L{layers}"
+        metrics = dict(bytes_moved=sum(stack.size * 2 for stack in stacks), ceiling=bandwidth)
+        xla = over_layers(lambda x, stacks, layer: jnp.concatenate(
+            [layer_matmul_reference(x, stack, layer) for stack in stacks], axis=1), sum(widths))
+        mine = over_layers(lambda x, stacks, layer: jnp.concatenate(grouped_layer_matmul_gpu(
+            x, stacks, layer, tiles=sweep[0], interpret=interpret), axis=1), sum(widths))
+        check_and_time(shape, "pallas, one call", mine, xla(x, *stacks), (x, *stacks), metrics)
+        results.try_add("layer mm", shape, "xla dots, scanned stacks", lambda: xla, x, *stacks,
+                        **metrics)
+        del stacks
     for kind in ("int8", "int4"):
-        for name, fan_in, fan_out in shapes[1:] or shapes:
+        for name, fan_in, fan_out in wide:
             x, arrays = quantized_stacks(kind, layers, fan_in, fan_out)
             shape = f"{name} 1x{fan_in}x{fan_out} L{layers} {kind}"
             metrics = dict(bytes_moved=sum(a.size * a.dtype.itemsize for a in arrays),

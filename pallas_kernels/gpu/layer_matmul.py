@@ -10,7 +10,10 @@ the few rows of a decode step (ROWS_MAX); a prefill's many rows amortise the cop
 
 Each program computes BN output columns over a range of the input rows (split-K, so that a
 narrow product still has enough programs to keep the memory busy): f32 partial sums
-[split, rows, out], added up after the call. The rows are padded to a power of two >= 16
+[split, rows, out], added up after the call. Products that read one input (q, k and v;
+gate and up) can go in one call (`grouped_layer_matmul_gpu`): their column blocks side by
+side, each program reading the stack its block falls in, so that the narrow k and v (alone
+16 column blocks of Llama-3-8B: 800 GB/s on the H200) share the programs of q. The rows are padded to a power of two >= 16
 (the MMA's smallest M).
 
 Quantized weights (models/quantization.py's layouts, every array stacked on [layers]) are
@@ -27,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels.compat import gpu_load, gpu_store, triton_compiler_params
@@ -100,52 +104,79 @@ def split_k(in_features: int, out_features: int, tiles: LayerMatmulTiles,
 
 def _kernel(layer_ref,   # i32[1]
             x_ref,       # [M, in] (M padded)
-            w_ref,       # [layers, in, out]
-            out_ref,     # f32[split, M, out]
-            *, block_n, block_k, steps):
+            *refs,       # the stacks [layers, in, out_i], then out f32[split, M, sum(out_i)]
+            block_n, block_k, steps, column_blocks):
+    out_ref, stacks = refs[-1], refs[:-1]
     n_block, part = pl.program_id(0), pl.program_id(1)
     layer = layer_ref[0]
     rows = jnp.arange(x_ref.shape[0], dtype=jnp.int32)[:, None]                   # [M, 1]
     cols = (n_block * block_n + jnp.arange(block_n, dtype=jnp.int32))[None, :]    # [1, BN]
     first = part * steps * block_k
 
-    def body(step, acc):
-        ks = first + step * block_k + jnp.arange(block_k, dtype=jnp.int32)         # i32[BK]
-        x = gpu_load(x_ref.at[rows, ks[None, :]])                                # [M, BK]
-        w = gpu_load(w_ref.at[layer, ks[:, None], cols])                          # [BK, BN]
-        return acc + jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), precision=EXACT,
-                                         preferred_element_type=jnp.float32)
+    def product(w_ref, first_block):
+        local = cols - first_block * block_n     # the column in this stack's own output
 
-    acc = jax.lax.fori_loop(0, steps, body,
-                            jnp.zeros((x_ref.shape[0], block_n), jnp.float32))
-    gpu_store(out_ref.at[part, rows, cols], acc)
+        def body(step, acc):
+            ks = first + step * block_k + jnp.arange(block_k, dtype=jnp.int32)     # i32[BK]
+            x = gpu_load(x_ref.at[rows, ks[None, :]])                            # [M, BK]
+            w = gpu_load(w_ref.at[layer, ks[:, None], local])                     # [BK, BN]
+            return acc + jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), precision=EXACT,
+                                             preferred_element_type=jnp.float32)
+
+        acc = jax.lax.fori_loop(0, steps, body,
+                                jnp.zeros((x_ref.shape[0], block_n), jnp.float32))
+        gpu_store(out_ref.at[part, rows, cols], acc)
+
+    if len(stacks) == 1:
+        product(stacks[0], 0)
+        return
+    first_block = 0
+    for w_ref, blocks in zip(stacks, column_blocks):   # each program: its stack's columns
+        pl.when((n_block >= first_block) & (n_block < first_block + blocks))(
+            functools.partial(product, w_ref, first_block))
+        first_block += blocks
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def layer_matmul_gpu(x, stack, layer, *, tiles: LayerMatmulTiles = TILES, interpret=False):
     """x [M, in] @ stack[layer] ([layers, in, out], layer i32[]): [M, out] in x's dtype,
     accumulated in f32. M <= ROWS_MAX and the shapes `supported`."""
+    return grouped_layer_matmul_gpu(x, (stack,), layer, tiles=tiles, interpret=interpret)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+def grouped_layer_matmul_gpu(x, stacks, layer, *, tiles: LayerMatmulTiles = TILES,
+                             interpret=False):
+    """x [M, in] @ each stack's layer `layer` (stacks: [layers, in, out_i] of one dtype,
+    e.g. q, k and v), in one call: a narrow product (k, v) shares the programs of a wide one.
+    Returns a tuple of [M, out_i] in x's dtype, accumulated in f32. M <= ROWS_MAX and every
+    stack `supported`."""
     rows, in_features = x.shape
-    _, stack_in, out_features = stack.shape
-    if stack_in != in_features or not supported(rows, stack.shape, tiles):
-        raise ValueError(f"x.shape={x.shape}, stack.shape={stack.shape}: expected x [M, in] "
-                         f"with M <= {ROWS_MAX}, in a multiple of {tiles.block_k} and out of "
-                         f"{tiles.block_n}")
+    shapes = [tuple(stack.shape) for stack in stacks]
+    if (not stacks or any(shape[1] != in_features or not supported(rows, shape, tiles)
+                          for shape in shapes)
+            or len({stack.dtype for stack in stacks}) != 1):
+        raise ValueError(f"x.shape={x.shape}, stack shapes {shapes}: expected x [M, in] with "
+                         f"M <= {ROWS_MAX}, stacks [layers, in, out] of one dtype, in a "
+                         f"multiple of {tiles.block_k} and each out of {tiles.block_n}")
+    widths = [shape[2] for shape in shapes]
     padded = max(MIN_ROWS, 1 << (rows - 1).bit_length())
-    x_padded = jnp.zeros((padded, in_features), stack.dtype).at[:rows].set(
-        x.astype(stack.dtype))
-    split = split_k(in_features, out_features, tiles)
+    x_padded = jnp.zeros((padded, in_features), stacks[0].dtype).at[:rows].set(
+        x.astype(stacks[0].dtype))
+    split = split_k(in_features, sum(widths), tiles)
     steps = in_features // tiles.block_k // split
     partial = pl.pallas_call(
-        functools.partial(_kernel, block_n=tiles.block_n, block_k=tiles.block_k, steps=steps),
-        grid=(out_features // tiles.block_n, split),
-        out_shape=jax.ShapeDtypeStruct((split, padded, out_features), jnp.float32),
+        functools.partial(_kernel, block_n=tiles.block_n, block_k=tiles.block_k, steps=steps,
+                          column_blocks=tuple(width // tiles.block_n for width in widths)),
+        grid=(sum(widths) // tiles.block_n, split),
+        out_shape=jax.ShapeDtypeStruct((split, padded, sum(widths)), jnp.float32),
         compiler_params=triton_compiler_params(num_warps=tiles.num_warps,
                                                num_stages=tiles.num_stages),
         interpret=interpret,
         name="ember_layer_matmul",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_padded, stack)
-    return partial.sum(axis=0)[:rows].astype(x.dtype)
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_padded, *stacks)
+    out = partial.sum(axis=0)[:rows].astype(x.dtype)
+    bounds = np.cumsum([0] + widths)
+    return tuple(out[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]))
 
 
 def _quantized_kernel(layer_ref,   # i32[1]

@@ -103,32 +103,31 @@ def test_load_from_tensors_names_a_missing_or_misshapen_layer_tensor(hf_model_di
 
 def test_scanned_layers_on_the_gpu_layer_matmul_give_the_unrolled_logits(monkeypatch):
     """A scanned Linear's GPU path (pallas_kernels/gpu/layer_matmul.py, interpreted here):
-    every projection of few rows reads its layer in place from the stack, and the logits
-    are the unrolled model's."""
+    every projection of few rows reads its layer in place from the stack, q, k and v in one
+    call and gate and up in another, and the logits are the unrolled model's."""
     import models.transformer as transformer
     from pallas_kernels.gpu import layer_matmul
 
     tiles = layer_matmul.LayerMatmulTiles(block_n=16, block_k=16, programs=4)
-    kernel, stacks = layer_matmul.layer_matmul_gpu, []
+    kernel, calls = layer_matmul.grouped_layer_matmul_gpu, []
 
-    def interpreted(x, stack, layer):
-        stacks.append(stack.shape)
-        return kernel(x, stack, layer, tiles=tiles, interpret=True)
+    def interpreted(x, stacks, layer, **_):
+        calls.append([stack.shape for stack in stacks])
+        return kernel(x, stacks, layer, tiles=tiles, interpret=True)
 
-    monkeypatch.setattr(layer_matmul, "layer_matmul_gpu", interpreted)
+    monkeypatch.setattr(layer_matmul, "grouped_layer_matmul_gpu", interpreted)
     monkeypatch.setattr(transformer, "uses_layer_matmul",
                         lambda rows, shape: layer_matmul.supported(rows, shape, tiles))
     scanned = Transformer(CONFIG, rngs=nnx.Rngs(3))
     unrolled = Transformer(dataclasses.replace(CONFIG, scan_layers=False), rngs=nnx.Rngs(3))
     logits_of(scanned)
-    assert not stacks   # without the hint (the dense path, a mesh): XLA's dot
+    assert not calls   # without the hint (the dense path, a mesh): XLA's dot
     got = logits_of(scanned, GPU_HINTS)
-    # q, k, v, o, gate, up and down, each on its [3, in, out] stack.
-    assert sorted(stacks) == sorted([(3, 32, 32), (3, 32, 16), (3, 32, 16), (3, 32, 32),
-                                     (3, 32, 64), (3, 32, 64), (3, 64, 32)])
-    stacks.clear()
+    assert calls == [[(3, 32, 32), (3, 32, 16), (3, 32, 16)], [(3, 32, 32)],   # q k v; o
+                     [(3, 32, 64), (3, 32, 64)], [(3, 64, 32)]]                # gate up; down
+    calls.clear()
     np.testing.assert_allclose(got, logits_of(unrolled, GPU_HINTS), atol=1e-5, rtol=0)
-    assert not stacks   # unrolled layers hold their own weights: XLA's dot reads them in place
+    assert not calls   # unrolled layers hold their own weights: XLA's dot reads them in place
 
 
 @pytest.mark.parametrize("fmt", ["int8", "q8_0", "int4"])

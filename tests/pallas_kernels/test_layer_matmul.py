@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels.gpu.layer_matmul import (GROUP, ROWS_MAX, LayerMatmulTiles,
-                                             layer_matmul_gpu, layer_matmul_reference,
+                                             grouped_layer_matmul_gpu, layer_matmul_gpu,
+                                             layer_matmul_reference,
                                              quantized_block_k, quantized_layer_matmul_gpu,
                                              split_k, supported, supported_quantized)
 from tests.pallas_kernels.common import GPU_INTERPRET, NATIVE_GPU
@@ -41,6 +42,26 @@ def test_matches_the_layer_it_names(dtype, rows, in_features, out_features):
         assert relative_error(got, other) > 0.5
         reference = layer_matmul_reference(x, stack, jnp.int32(layer))
         assert relative_error(reference, want) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_grouped_products_each_match_their_own(dtype):
+    """q, k and v (one input, three stacks of other widths) in one call: each output is its
+    own stack's product, whichever program range computed it."""
+    in_features, widths = (4096, (4096, 1024, 1024)) if NATIVE_GPU else (128, (128, 64, 64))
+    keys = jax.random.split(jax.random.PRNGKey(4), 4)
+    x = jax.random.normal(keys[0], (3, in_features), jnp.float32).astype(dtype)
+    stacks = tuple(jax.random.normal(key, (2, in_features, width), jnp.float32).astype(dtype)
+                   for key, width in zip(keys[1:], widths))
+    got = grouped_layer_matmul_gpu(x, stacks, jnp.int32(1), tiles=TILES,
+                                   interpret=GPU_INTERPRET)
+    assert [y.shape for y in got] == [(3, width) for width in widths]
+    for y, stack in zip(got, stacks):
+        want = np.asarray(x, np.float64) @ np.asarray(stack[1], np.float64)
+        assert y.dtype == dtype and relative_error(y, want) < TOLERANCE[dtype]
+    with pytest.raises(ValueError, match="of one dtype"):
+        grouped_layer_matmul_gpu(x, (stacks[0], stacks[1].astype(jnp.float16)), jnp.int32(0),
+                                 tiles=TILES, interpret=True)
 
 
 def test_refuses_what_it_does_not_cover():

@@ -149,6 +149,13 @@ def test_layer_matmul_lowers(dtype):
                                 spec((32, in_features, out_features), dtype),
                                 spec((), jnp.int32))
         assert TRITON_CALL in module
+    from pallas_kernels.gpu.layer_matmul import grouped_layer_matmul_gpu
+    for rows in (1, 64):   # q, k and v of Llama-3-8B in one call
+        module = lower_for_cuda(
+            lambda x, layer, *stacks: grouped_layer_matmul_gpu(x, stacks, layer),
+            spec((rows, 4096), dtype), spec((), jnp.int32),
+            *(spec((32, 4096, width), dtype) for width in (4096, 1024, 1024)))
+        assert TRITON_CALL in module
 
 
 @pytest.mark.parametrize("kind,scale_rows", [("int8", 1), ("int8", 128), ("int4", 128)])
