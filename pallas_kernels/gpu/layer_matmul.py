@@ -13,8 +13,8 @@ narrow product still has enough programs to keep the memory busy): f32 partial s
 [split, rows, out], added up after the call. Products that read one input (q, k and v;
 gate and up) can go in one call (`grouped_layer_matmul_gpu`): their column blocks side by
 side, each program reading the stack its block falls in, so that the narrow k and v (alone
-16 column blocks of Llama-3-8B: 800 GB/s on the H200) share the programs of q. The rows are padded to a power of two >= 16
-(the MMA's smallest M).
+16 column blocks of Llama-3-8B: 800 GB/s on the H200) share the programs of q. The rows are
+padded to a power of two >= 16 (the MMA's smallest M).
 
 Quantized weights (models/quantization.py's layouts, every array stacked on [layers]) are
 read as stored and converted in registers, the dequantized tile in x's dtype before the
@@ -34,11 +34,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels.compat import gpu_load, gpu_store, triton_compiler_params
+from pallas_kernels.gpu.attention_tiles import EXACT
 
 ROWS_MAX = 64
 MIN_ROWS = 16
-# f32 operands multiply in full f32 (Triton's default for them is TF32); bf16 ones unaffected.
-EXACT = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
 
 
 class LayerMatmulTiles(NamedTuple):
@@ -53,8 +52,6 @@ class LayerMatmulTiles(NamedTuple):
 
 
 TILES = LayerMatmulTiles()
-
-
 GROUP = 32   # rows per scale row of a grouped int8 or an int4 weight
 
 
