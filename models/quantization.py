@@ -369,7 +369,7 @@ def _gpu_kernel_takes(tokens: jax.Array, weight: QuantizedWeight,
     """Whether a scanned layer's product of a decode's few rows reads its weight in place
     on the GPU (pallas_kernels/gpu/layer_matmul.py) rather than XLA's dot over a copied
     slice of the stack (models/layer_slice.py). weight: the layer's (its shapes)."""
-    if layer is None or not layer_matmul_wanted():
+    if layer is None or not layer_matmul_wanted(tokens.shape[0]):
         return False
     in_features, out_features = weight.shape
     return supported_quantized(tokens.shape[0], format_of(weight).kind, in_features,

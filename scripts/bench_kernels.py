@@ -159,8 +159,10 @@ def bench_layer_matmul(results, bandwidth, quick, interpret, sweep_tiles=False):
         jnp.dot(x, w, preferred_element_type=jnp.float32) for w in weights))
     # Without --sweep (the device check's stage, 40 s): 64 rows of gate_proj only, the
     # quantized weights on gate_proj only.
+    # With --sweep also 128 and 256 rows, which the kernel takes but the engine does not give
+    # it yet (kernel_choice.LAYER_MATMUL_MAX_ROWS).
     wide = shapes if quick or sweep_tiles else shapes[1:2]
-    for rows in ((1,) if quick else (1, 64)):
+    for rows in (1,) if quick else (1, 64, 128, 256) if sweep_tiles else (1, 64):
         for name, fan_in, fan_out in shapes if rows == 1 else wide:
             keys = jax.random.split(jax.random.PRNGKey(rows + fan_in), 2)
             x = jax.random.normal(keys[0], (rows, fan_in), jnp.bfloat16)

@@ -46,24 +46,28 @@ LAYER_MATMUL_CHOICES = ("auto", "pallas", "xla")
 # On by the device check of 2026-11-30 (H200, docs/perf.md): Llama-3-8B bf16 batch-1 decode
 # 81.6 -> 186 tok/s, the kernel 2.6x XLA's dot over a scanned stack at 64 rows.
 LAYER_MATMUL_BY_DEFAULT = True
+# The rows up to which it runs: measured there at 1 and 64 rows; 128 and 256 (the kernel
+# takes them, in programs of 64 rows) are for `bench_kernels.py --layer-matmul --sweep`.
+LAYER_MATMUL_MAX_ROWS = 64
 
 
-def layer_matmul_wanted() -> bool:
-    """Whether scanned layers' products run on the Pallas layer matmul where it covers them
-    (layer_matmul.supported, supported_quantized), by EMBER_GPU_LAYER_MATMUL, the device and
-    this jax."""
+def layer_matmul_wanted(rows: int) -> bool:
+    """Whether scanned layers' products of `rows` rows run on the Pallas layer matmul where it
+    covers them (layer_matmul.supported, supported_quantized), by EMBER_GPU_LAYER_MATMUL,
+    LAYER_MATMUL_MAX_ROWS, the device and this jax."""
     choice = os.environ.get(LAYER_MATMUL_VARIABLE, "auto")
     if choice not in LAYER_MATMUL_CHOICES:
         raise ValueError(f"{LAYER_MATMUL_VARIABLE}={choice!r}: expected one of "
                          f"{LAYER_MATMUL_CHOICES}")
     wanted = choice == "pallas" or (choice == "auto" and LAYER_MATMUL_BY_DEFAULT)
-    return wanted and jax.default_backend() == "gpu" and has_pallas_triton()
+    return (wanted and rows <= LAYER_MATMUL_MAX_ROWS and jax.default_backend() == "gpu"
+            and has_pallas_triton())
 
 
 def uses_layer_matmul(rows: int, stack_shape: tuple[int, ...]) -> bool:
     """Whether a scanned layer's product of `rows` rows against its float [layers, in, out]
     stack runs on the Pallas layer matmul."""
-    return layer_matmul_wanted() and layer_matmul.supported(rows, stack_shape)
+    return layer_matmul_wanted(rows) and layer_matmul.supported(rows, stack_shape)
 
 
 def decode_kernel_for(q, kv_pages, kv_scales) -> str:

@@ -6,7 +6,8 @@ Under the scanned decoder (models/transformer.py) a layer's weight is a dynamic-
 first: the weight is read, written and read again, three times the bytes of a decode bound
 by reading its weights (an H200, 2026-11-30, Llama-3-8B shape: batch-1 decode 12.2 ms a
 step against 3.9 ms for its 15 GB of weights). This kernel reads the slice in place, for
-the few rows of a decode step (ROWS_MAX); a prefill's many rows amortise the copy.
+the few rows of a decode step (kernel_choice.LAYER_MATMUL_MAX_ROWS; the kernel takes up to
+ROWS_MAX, in programs of BLOCK_M rows); a prefill's many rows amortise the copy.
 
 Each program computes BN output columns over a range of the input rows (split-K, so that a
 narrow product still has enough programs to keep the memory busy): f32 partial sums
@@ -14,7 +15,7 @@ narrow product still has enough programs to keep the memory busy): f32 partial s
 gate and up) can go in one call (`grouped_layer_matmul_gpu`): their column blocks side by
 side, each program reading the stack its block falls in, so that the narrow k and v (alone
 16 column blocks of Llama-3-8B: 800 GB/s on the H200) share the programs of q. The rows are
-padded to a power of two >= 16 (the MMA's smallest M).
+padded to a power of two >= 16 (the MMA's smallest M), past BLOCK_M to a multiple of it.
 
 Quantized weights (models/quantization.py's layouts, every array stacked on [layers]) are
 read as stored and converted in registers, the dequantized tile in x's dtype before the
@@ -36,7 +37,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels.compat import gpu_load, gpu_store, triton_compiler_params
 from pallas_kernels.gpu.attention_tiles import EXACT
 
-ROWS_MAX = 64
+ROWS_MAX = 256   # what the kernel takes; kernel_choice.LAYER_MATMUL_MAX_ROWS what runs on it
+BLOCK_M = 64     # rows a program takes: more rows, more programs along the grid's first axis
 MIN_ROWS = 16
 
 
@@ -87,6 +89,13 @@ def supported_quantized(rows: int, kind: str, in_features: int, out_features: in
             and out_features % tiles.block_n == 0)
 
 
+def padded_rows(rows: int) -> int:
+    """x's rows padded: a power of two >= MIN_ROWS up to BLOCK_M, then a multiple of it."""
+    if rows <= BLOCK_M:
+        return max(MIN_ROWS, 1 << (rows - 1).bit_length())
+    return -(-rows // BLOCK_M) * BLOCK_M
+
+
 def split_k(in_features: int, out_features: int, tiles: LayerMatmulTiles,
             block_k: int | None = None) -> int:
     """Input-row splits: a power of two dividing the loop's steps (of block_k rows, default
@@ -102,11 +111,11 @@ def split_k(in_features: int, out_features: int, tiles: LayerMatmulTiles,
 def _kernel(layer_ref,   # i32[1]
             x_ref,       # [M, in] (M padded)
             *refs,       # the stacks [layers, in, out_i], then out f32[split, M, sum(out_i)]
-            block_n, block_k, steps, column_blocks):
+            block_m, block_n, block_k, steps, column_blocks):
     out_ref, stacks = refs[-1], refs[:-1]
-    n_block, part = pl.program_id(0), pl.program_id(1)
+    m_block, n_block, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
-    rows = jnp.arange(x_ref.shape[0], dtype=jnp.int32)[:, None]                   # [M, 1]
+    rows = (m_block * block_m + jnp.arange(block_m, dtype=jnp.int32))[:, None]    # [BM, 1]
     cols = (n_block * block_n + jnp.arange(block_n, dtype=jnp.int32))[None, :]    # [1, BN]
     first = part * steps * block_k
 
@@ -120,8 +129,7 @@ def _kernel(layer_ref,   # i32[1]
             return acc + jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), precision=EXACT,
                                              preferred_element_type=jnp.float32)
 
-        acc = jax.lax.fori_loop(0, steps, body,
-                                jnp.zeros((x_ref.shape[0], block_n), jnp.float32))
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
         gpu_store(out_ref.at[part, rows, cols], acc)
 
     if len(stacks) == 1:
@@ -156,15 +164,18 @@ def grouped_layer_matmul_gpu(x, stacks, layer, *, tiles: LayerMatmulTiles = TILE
                          f"M <= {ROWS_MAX}, stacks [layers, in, out] of one dtype, in a "
                          f"multiple of {tiles.block_k} and each out of {tiles.block_n}")
     widths = [shape[2] for shape in shapes]
-    padded = max(MIN_ROWS, 1 << (rows - 1).bit_length())
+    padded = padded_rows(rows)
     x_padded = jnp.zeros((padded, in_features), stacks[0].dtype).at[:rows].set(
         x.astype(stacks[0].dtype))
     split = split_k(in_features, sum(widths), tiles)
     steps = in_features // tiles.block_k // split
+    block_m = min(padded, BLOCK_M)
     partial = pl.pallas_call(
-        functools.partial(_kernel, block_n=tiles.block_n, block_k=tiles.block_k, steps=steps,
+        functools.partial(_kernel, block_m=block_m, block_n=tiles.block_n,
+                          block_k=tiles.block_k, steps=steps,
                           column_blocks=tuple(width // tiles.block_n for width in widths)),
-        grid=(sum(widths) // tiles.block_n, split),
+        # the row blocks first: the programs that read one weight tile run side by side
+        grid=(padded // block_m, sum(widths) // tiles.block_n, split),
         out_shape=jax.ShapeDtypeStruct((split, padded, sum(widths)), jnp.float32),
         compiler_params=triton_compiler_params(num_warps=tiles.num_warps,
                                                num_stages=tiles.num_stages),
@@ -180,11 +191,11 @@ def _quantized_kernel(layer_ref,   # i32[1]
                       x_ref,       # [M, in] (M padded)
                       *refs,       # the weight's stacks (int8: q, scale; int4: packed, scale,
                                    # minimum), then out f32[split, M, out]
-                      kind, per_channel, block_n, block_k, steps):
+                      kind, per_channel, block_m, block_n, block_k, steps):
     out_ref = refs[-1]
-    n_block, part = pl.program_id(0), pl.program_id(1)
+    m_block, n_block, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
-    rows = jnp.arange(x_ref.shape[0], dtype=jnp.int32)[:, None]                   # [M, 1]
+    rows = (m_block * block_m + jnp.arange(block_m, dtype=jnp.int32))[:, None]    # [BM, 1]
     cols = (n_block * block_n + jnp.arange(block_n, dtype=jnp.int32))[None, :]    # [1, BN]
     first = part * steps * block_k
     dtype = x_ref.dtype
@@ -220,7 +231,7 @@ def _quantized_kernel(layer_ref,   # i32[1]
         return acc + product(x_low, low) + product(x_high, high)
 
     acc = jax.lax.fori_loop(0, steps, int8_step if kind == "int8" else int4_step,
-                            jnp.zeros((x_ref.shape[0], block_n), jnp.float32))
+                            jnp.zeros((block_m, block_n), jnp.float32))
     if per_channel:
         acc = acc * scale_row(refs[1], 0)
     gpu_store(out_ref.at[part, rows, cols], acc)
@@ -242,15 +253,16 @@ def quantized_layer_matmul_gpu(x, arrays, layer, *, kind, tiles: LayerMatmulTile
                          f"[layers, in, out] arrays, M <= {ROWS_MAX} and out a multiple of "
                          f"{tiles.block_n}")
     block_k = quantized_block_k(kind, in_features, scale_rows, tiles)
-    padded = max(MIN_ROWS, 1 << (rows - 1).bit_length())
+    padded = padded_rows(rows)
     x_padded = jnp.zeros((padded, in_features), x.dtype).at[:rows].set(x)
     split = split_k(in_features, out_features, tiles, block_k)
     steps = in_features // block_k // split
+    block_m = min(padded, BLOCK_M)
     partial = pl.pallas_call(
         functools.partial(_quantized_kernel, kind=kind,
-                          per_channel=kind == "int8" and scale_rows == 1,
+                          per_channel=kind == "int8" and scale_rows == 1, block_m=block_m,
                           block_n=tiles.block_n, block_k=block_k, steps=steps),
-        grid=(out_features // tiles.block_n, split),
+        grid=(padded // block_m, out_features // tiles.block_n, split),
         out_shape=jax.ShapeDtypeStruct((split, padded, out_features), jnp.float32),
         compiler_params=triton_compiler_params(num_warps=tiles.num_warps,
                                                num_stages=tiles.num_stages),

@@ -152,7 +152,7 @@ def test_scanned_quantized_layers_on_the_gpu_layer_matmul(monkeypatch, fmt):
     model = Transformer(config, rngs=nnx.Rngs(3))
     expected = logits_of(model)                        # XLA's path: no kernel
     monkeypatch.setattr(layer_matmul, "quantized_layer_matmul_gpu", interpreted)
-    monkeypatch.setattr(quantization, "layer_matmul_wanted", lambda: True)
+    monkeypatch.setattr(quantization, "layer_matmul_wanted", lambda rows: True)
     monkeypatch.setattr(quantization, "supported_quantized",
                         functools.partial(layer_matmul.supported_quantized, tiles=tiles))
     assert not calls

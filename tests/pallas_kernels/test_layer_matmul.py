@@ -16,8 +16,10 @@ from tests.pallas_kernels.common import GPU_INTERPRET, NATIVE_GPU
 # Small tiles in interpret mode (every program is a Python-level step there).
 TILES = LayerMatmulTiles() if NATIVE_GPU else LayerMatmulTiles(block_n=64, block_k=64,
                                                                 programs=8)
-SHAPES = ([(1, 4096, 14336), (7, 14336, 4096), (16, 4096, 1024), (64, 2048, 8192)]
-          if NATIVE_GPU else [(1, 256, 128), (5, 512, 192), (16, 128, 64), (33, 192, 128)])
+# Rows past 64: programs of 64 rows each (100 -> 128 padded, 2 of them).
+SHAPES = ([(1, 4096, 14336), (7, 14336, 4096), (16, 4096, 1024), (64, 2048, 8192),
+           (256, 4096, 14336)]
+          if NATIVE_GPU else [(1, 256, 128), (5, 512, 192), (16, 128, 64), (100, 192, 128)])
 TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float32: 1e-5}
 
 
@@ -92,6 +94,17 @@ def test_choice_is_read_from_its_variable(monkeypatch):
     assert not uses_layer_matmul(1, (2, 128, 128))
 
 
+def test_rows_past_the_limit_keep_xlas_dot(monkeypatch):
+    from pallas_kernels.gpu import kernel_choice
+    monkeypatch.setattr(kernel_choice.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(kernel_choice, "has_pallas_triton", lambda: True)
+    monkeypatch.delenv(kernel_choice.LAYER_MATMUL_VARIABLE, raising=False)
+    limit = kernel_choice.LAYER_MATMUL_MAX_ROWS
+    assert kernel_choice.uses_layer_matmul(limit, (2, 4096, 1024))
+    assert not kernel_choice.uses_layer_matmul(limit + 1, (2, 4096, 1024))
+    assert supported(limit + 1, (2, 4096, 1024))   # the kernel takes them; the policy does not
+
+
 def stacked_quantized(kind, in_features, out_features, layers=3, group=None):
     """(arrays stacked on [layers], the layers' exact f64 weights) of random weights."""
     from models.quantization import dequantize, quantize_int4, quantize_int8
@@ -107,10 +120,11 @@ def stacked_quantized(kind, in_features, out_features, layers=3, group=None):
 
 @pytest.mark.parametrize("kind,group", [("int8", None), ("int8", 32), ("int4", None)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("in_features", [32, 4096 if NATIVE_GPU else 256])
-def test_quantized_weights_read_as_stored(kind, group, dtype, in_features):
-    # in_features 32: one row of scales, which is per channel for int8 and a group for int4
-    rows, out_features = 5, 1024 if NATIVE_GPU else 128
+@pytest.mark.parametrize("in_features,rows", [(32, 5), (4096 if NATIVE_GPU else 256, 70)])
+def test_quantized_weights_read_as_stored(kind, group, dtype, in_features, rows):
+    # in_features 32: one row of scales, which is per channel for int8 and a group for int4;
+    # 70 rows: two programs of 64 rows
+    out_features = 1024 if NATIVE_GPU else 128
     arrays, exact = stacked_quantized(kind, in_features, out_features, group=group)
     x = jax.random.normal(jax.random.PRNGKey(1), (rows, in_features), jnp.float32).astype(dtype)
     for layer in (0, 2):

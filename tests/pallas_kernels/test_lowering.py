@@ -144,7 +144,8 @@ def test_write_kv_pages_and_sample_lower():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_layer_matmul_lowers(dtype):
     from pallas_kernels.gpu.layer_matmul import layer_matmul_gpu
-    for rows, in_features, out_features in ((1, 4096, 14336), (64, 14336, 4096)):
+    for rows, in_features, out_features in ((1, 4096, 14336), (64, 14336, 4096),
+                                            (256, 4096, 14336)):
         module = lower_for_cuda(layer_matmul_gpu, spec((rows, in_features), dtype),
                                 spec((32, in_features, out_features), dtype),
                                 spec((), jnp.int32))
@@ -165,7 +166,7 @@ def test_quantized_layer_matmul_lowers(kind, scale_rows):
     weight = ((spec((32, in_features, out_features), jnp.int8),) if kind == "int8"
               else (spec((32, in_features // 2, out_features), jnp.uint8),))
     scales = (spec((32, scale_rows, out_features), jnp.float16),) * (1 if kind == "int8" else 2)
-    for rows in (1, 64):
+    for rows in (1, 64, 256):
         module = lower_for_cuda(
             lambda x, layer, *arrays: quantized_layer_matmul_gpu(x, arrays, layer, kind=kind),
             spec((rows, in_features), jnp.bfloat16), spec((), jnp.int32), *weight, *scales)
