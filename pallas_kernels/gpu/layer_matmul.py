@@ -108,16 +108,45 @@ def split_k(in_features: int, out_features: int, tiles: LayerMatmulTiles,
     return split
 
 
+def _program(layer_ref, block_m, block_n, block_k, steps):
+    """This program's layer, rows i32[BM, 1] and columns i32[1, BN] of the output, its part
+    of the split input rows and where that part starts, over the grid
+    (row blocks, column blocks, parts)."""
+    m_block, n_block, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = (m_block * block_m + jnp.arange(block_m, dtype=jnp.int32))[:, None]
+    cols = (n_block * block_n + jnp.arange(block_n, dtype=jnp.int32))[None, :]
+    return layer_ref[0], rows, cols, part, part * steps * block_k
+
+
+def _launch(kernel, x, arrays, layer, *, out_features, block_k, tiles, name, interpret):
+    """`kernel` over the grid _program reads: x's rows padded (padded_rows), the input rows
+    split toward tiles.programs; f32[M, out] once the parts are added up."""
+    rows, in_features = x.shape
+    padded = padded_rows(rows)
+    x_padded = jnp.zeros((padded, in_features), x.dtype).at[:rows].set(x)
+    split = split_k(in_features, out_features, tiles, block_k)
+    block_m = min(padded, BLOCK_M)
+    partial = pl.pallas_call(
+        functools.partial(kernel, block_m=block_m, block_n=tiles.block_n, block_k=block_k,
+                          steps=in_features // block_k // split),
+        # the row blocks first: the programs that read one weight tile run side by side
+        grid=(padded // block_m, out_features // tiles.block_n, split),
+        out_shape=jax.ShapeDtypeStruct((split, padded, out_features), jnp.float32),
+        compiler_params=triton_compiler_params(num_warps=tiles.num_warps,
+                                               num_stages=tiles.num_stages),
+        interpret=interpret,
+        name=name,
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_padded, *arrays)
+    return partial.sum(axis=0)[:rows]
+
+
 def _kernel(layer_ref,   # i32[1]
             x_ref,       # [M, in] (M padded)
             *refs,       # the stacks [layers, in, out_i], then out f32[split, M, sum(out_i)]
             block_m, block_n, block_k, steps, column_blocks):
     out_ref, stacks = refs[-1], refs[:-1]
-    m_block, n_block, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer = layer_ref[0]
-    rows = (m_block * block_m + jnp.arange(block_m, dtype=jnp.int32))[:, None]    # [BM, 1]
-    cols = (n_block * block_n + jnp.arange(block_n, dtype=jnp.int32))[None, :]    # [1, BN]
-    first = part * steps * block_k
+    layer, rows, cols, part, first = _program(layer_ref, block_m, block_n, block_k, steps)
+    n_block = pl.program_id(1)
 
     def product(w_ref, first_block):
         local = cols - first_block * block_n     # the column in this stack's own output
@@ -164,25 +193,11 @@ def grouped_layer_matmul_gpu(x, stacks, layer, *, tiles: LayerMatmulTiles = TILE
                          f"M <= {ROWS_MAX}, stacks [layers, in, out] of one dtype, in a "
                          f"multiple of {tiles.block_k} and each out of {tiles.block_n}")
     widths = [shape[2] for shape in shapes]
-    padded = padded_rows(rows)
-    x_padded = jnp.zeros((padded, in_features), stacks[0].dtype).at[:rows].set(
-        x.astype(stacks[0].dtype))
-    split = split_k(in_features, sum(widths), tiles)
-    steps = in_features // tiles.block_k // split
-    block_m = min(padded, BLOCK_M)
-    partial = pl.pallas_call(
-        functools.partial(_kernel, block_m=block_m, block_n=tiles.block_n,
-                          block_k=tiles.block_k, steps=steps,
-                          column_blocks=tuple(width // tiles.block_n for width in widths)),
-        # the row blocks first: the programs that read one weight tile run side by side
-        grid=(padded // block_m, sum(widths) // tiles.block_n, split),
-        out_shape=jax.ShapeDtypeStruct((split, padded, sum(widths)), jnp.float32),
-        compiler_params=triton_compiler_params(num_warps=tiles.num_warps,
-                                               num_stages=tiles.num_stages),
-        interpret=interpret,
-        name="ember_layer_matmul",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_padded, *stacks)
-    out = partial.sum(axis=0)[:rows].astype(x.dtype)
+    kernel = functools.partial(_kernel, column_blocks=tuple(
+        width // tiles.block_n for width in widths))
+    out = _launch(kernel, x.astype(stacks[0].dtype), stacks, layer, out_features=sum(widths),
+                  block_k=tiles.block_k, tiles=tiles, name="ember_layer_matmul",
+                  interpret=interpret).astype(x.dtype)
     bounds = np.cumsum([0] + widths)
     return tuple(out[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]))
 
@@ -193,11 +208,7 @@ def _quantized_kernel(layer_ref,   # i32[1]
                                    # minimum), then out f32[split, M, out]
                       kind, per_channel, block_m, block_n, block_k, steps):
     out_ref = refs[-1]
-    m_block, n_block, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer = layer_ref[0]
-    rows = (m_block * block_m + jnp.arange(block_m, dtype=jnp.int32))[:, None]    # [BM, 1]
-    cols = (n_block * block_n + jnp.arange(block_n, dtype=jnp.int32))[None, :]    # [1, BN]
-    first = part * steps * block_k
+    layer, rows, cols, part, first = _program(layer_ref, block_m, block_n, block_k, steps)
     dtype = x_ref.dtype
 
     def scale_row(scale_ref, group):                                              # f32[1, BN]
@@ -252,24 +263,11 @@ def quantized_layer_matmul_gpu(x, arrays, layer, *, kind, tiles: LayerMatmulTile
                          f"{[tuple(a.shape) for a in arrays]}: expected int8 or int4 "
                          f"[layers, in, out] arrays, M <= {ROWS_MAX} and out a multiple of "
                          f"{tiles.block_n}")
-    block_k = quantized_block_k(kind, in_features, scale_rows, tiles)
-    padded = padded_rows(rows)
-    x_padded = jnp.zeros((padded, in_features), x.dtype).at[:rows].set(x)
-    split = split_k(in_features, out_features, tiles, block_k)
-    steps = in_features // block_k // split
-    block_m = min(padded, BLOCK_M)
-    partial = pl.pallas_call(
-        functools.partial(_quantized_kernel, kind=kind,
-                          per_channel=kind == "int8" and scale_rows == 1, block_m=block_m,
-                          block_n=tiles.block_n, block_k=block_k, steps=steps),
-        grid=(padded // block_m, out_features // tiles.block_n, split),
-        out_shape=jax.ShapeDtypeStruct((split, padded, out_features), jnp.float32),
-        compiler_params=triton_compiler_params(num_warps=tiles.num_warps,
-                                               num_stages=tiles.num_stages),
-        interpret=interpret,
-        name=f"ember_layer_matmul_{kind}",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_padded, *arrays)
-    return partial.sum(axis=0)[:rows].astype(x.dtype)
+    kernel = functools.partial(_quantized_kernel, kind=kind,
+                               per_channel=kind == "int8" and scale_rows == 1)
+    return _launch(kernel, x, arrays, layer, out_features=out_features,
+                   block_k=quantized_block_k(kind, in_features, scale_rows, tiles), tiles=tiles,
+                   name=f"ember_layer_matmul_{kind}", interpret=interpret).astype(x.dtype)
 
 
 def layer_matmul_reference(x, stack, layer):
