@@ -349,13 +349,13 @@ def quantized_matmul(x: jax.Array, weight: QuantizedWeight, *, block_rows: int |
                          f"expected x [..., {in_features}] and block rows a multiple of {GROUP} "
                          f"dividing {in_features}")
     tokens = x.reshape(-1, in_features)                              # [T, in]
+    # The stacks as stored, for the kernels that read the layer in place.
+    arrays = tuple(getattr(stacked, f.name) for f in dataclasses.fields(stacked))
     if block_rows is None and gpu_layer_matmul and _gpu_kernel_takes(tokens, weight, layer):
         from pallas_kernels.gpu.layer_matmul import quantized_layer_matmul_gpu
-        arrays = tuple(getattr(stacked, f.name) for f in dataclasses.fields(stacked))
         product = quantized_layer_matmul_gpu(tokens, arrays, layer, kind=format_of(weight).kind)
     elif block_rows is None and _cpu_kernel_takes(tokens):
         from pallas_kernels.cpu import quantized_matmul_cpu
-        arrays = [getattr(stacked, f.name) for f in dataclasses.fields(stacked)]
         product = quantized_matmul_cpu(tokens.astype(jnp.float32), *arrays, layer=layer)
     elif rows == in_features:
         product = _block_product(tokens, weight)

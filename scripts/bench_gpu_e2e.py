@@ -261,11 +261,11 @@ def bench_shape(model_dir: Path, shape: str, workload: dict, report: Report, rng
     `parts`: which of batch1 (bf16), throughput, quantized run; `profile`: after each
     concurrency, one more run under cProfile (profile_host)."""
     if "batch1" in parts:
-        bench_batch1(model_dir, shape, "bf16", workload, report, rng)
+        bench_batch1(model_dir, shape, "bf16", workload, report)
     if "throughput" in parts:
         bench_throughput(model_dir, shape, workload, report, rng, warmup, profile)
     for weights in ("int8", "int4") if "quantized" in parts and shape == "8b" else ():
-        bench_batch1(model_dir, shape, weights, workload, report, rng)
+        bench_batch1(model_dir, shape, weights, workload, report)
 
 
 def bench_throughput(model_dir: Path, shape: str, workload: dict, report: Report, rng,
@@ -299,7 +299,7 @@ def bench_throughput(model_dir: Path, shape: str, workload: dict, report: Report
 
 
 def bench_batch1(model_dir: Path, shape: str, weights: str, workload: dict, report: Report,
-                 rng, label: str | None = None) -> None:
+                 label: str | None = None) -> None:
     """Batch-1 decode of `weights` ("bf16", "int8", "int4") on an engine of one sequence,
     not warmed up: the untimed first request compiles the few shapes it needs. label: the
     row's name (default: weights)."""
@@ -340,7 +340,7 @@ def bench_variants(model_dir: Path, shape: str, workload: dict, report: Report,
         saved = {name: os.environ.get(name) for name in environment}
         os.environ.update(environment)
         try:
-            bench_batch1(model_dir, shape, "bf16", workload, report, rng, label=label)
+            bench_batch1(model_dir, shape, "bf16", workload, report, label=label)
         except Exception as error:  # noqa: BLE001 - one variant's failure ends only it
             report.note(f"{shape} {label}: {type(error).__name__}: {str(error)[:400]}")
         finally:

@@ -12,8 +12,11 @@ prefill) against the reference and times them side by side (exit status 1 if one
 differs).
 --layer-matmul only checks and times the GPU layer matmul (pallas_kernels/gpu/layer_matmul.py)
 against XLA's dot over a scan of stacked layers (which copies each layer's slice), at
-Llama-3-8B's narrowest and widest shapes; with --sweep also a few tile choices at one row
-and XLA's dot over separate weights (the ideal it should reach).
+Llama-3-8B's narrowest and widest shapes (one row; 64 rows of gate_proj), q, k and v in one
+call against three dots, and int8 and int4 weights against XLA's path for them (gate_proj,
+one row); with --sweep every shape at 1, 64, 128 and 256 rows, a few tile choices at one row
+and XLA's dot over separate weights (the ideal it should reach). Exit status 1 if a product
+fails or differs from XLA's.
 """
 
 from __future__ import annotations

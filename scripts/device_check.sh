@@ -10,8 +10,8 @@
 # For a machine with an NVIDIA GPU and jax[cuda] (plus pytest, scipy, torch with CUDA and
 # transformers for the end-to-end baseline) already installed; no network. Ember's models
 # import `gguf`, which this workplace's H200 image lacks: carry its wheel (the device
-# README's .whl recipe); the environment stage stops the check at once without it. Runs from the
-# repository (PYTHONPATH, no install). With --out DIR the kernel benchmark writes table.md,
+# README's .whl recipe); the environment stage stops the check at once without it. Runs
+# from the repository (PYTHONPATH, no install). With --out DIR the kernel benchmark writes table.md,
 # timings.json and timings.csv there, the test log goes to DIR/tests.log and the end-to-end
 # table and JSON to DIR/e2e/. Exit status: non-zero if a stage failed or ran out of time.
 #
