@@ -17,7 +17,9 @@ For each shape ("8b": Llama-3-8B's sizes, "1b": Llama-3.2-1B's), in one run:
     (scripts/hf_generate.py, a child process run first, before JAX takes device memory:
     same shapes, bf16, the same batch padded as one);
   - the step-time breakdown (engine/worker/timeline.py) per step: host ms (time in
-    engine.step() not spent waiting for results), device busy ms and idle ms;
+    engine.step() not spent waiting for results; of it, in parentheses, the time inside
+    the jitted calls, which is where a launch that waits for the device shows:
+    scripts/bench_dispatch.py), device busy ms and idle ms;
   - "8b" also int8 and int4 weights: batch-1 decode against the roofline of their bytes;
   - last, if time is left, the first shape's bf16 batch-1 decode again with each kernel
     choice of pallas_kernels/gpu/kernel_choice.py forced (VARIANTS): XLA's dot in place of
@@ -181,7 +183,8 @@ def run_requests(engine, prompts: list[list[int]], max_tokens: int, limit_s: flo
     return dict(output_tokens=len(token_times), seconds=elapsed, finished=finished,
                 requests=len(prompts), partial=partial, steps=steps, token_times=token_times,
                 compilations=compilations, token_ids=first_ids,
-                host_ms=per_step * (in_step - device.waited_s), busy_ms=per_step * device.busy_s,
+                host_ms=per_step * (in_step - device.waited_s),
+                dispatch_ms=per_step * device.dispatch_s, busy_ms=per_step * device.busy_s,
                 idle_ms=per_step * device.idle_s, idle_share=device.idle_share)
 
 

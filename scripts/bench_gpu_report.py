@@ -96,8 +96,8 @@ class Report:
                  "(load_format=\"dummy\").", "",
                  f"## Batch-1 decode ({w['batch1_tokens']} greedy tokens, 32-token prompt)", "",
                  "| model | load s | warm-up s | GB read/token | tok/s | roofline tok/s "
-                 "(measured / spec) | share of roofline (measured / spec) | host / device / "
-                 "idle ms per step |", "|---|---|---|---|---|---|---|---|"]
+                 "(measured / spec) | share of roofline (measured / spec) | host (in jitted "
+                 "calls) / device / idle ms per step |", "|---|---|---|---|---|---|---|---|"]
         for name, engine in r["engines"].items():
             run = r["batch1"].get(name)
             size = engine["bytes_per_token"]
@@ -115,7 +115,8 @@ class Report:
         lines += ["", f"## Throughput ({w['prompt_len']}-token random prompts, "
                   f"{w['output_len']}-token outputs, ignore_eos; all requests at once)", "",
                   "| model, concurrent | Ember output tok/s | total tok/s | transformers "
-                  "output tok/s | Ember / transformers | host / device / idle ms per step "
+                  "output tok/s | Ember / transformers | host (in jitted calls) / device / "
+                  "idle ms per step "
                   "(idle share) | note |", "|---|---|---|---|---|---|---|"]
         for name in {**r["throughput"], **r["transformers"]}:
             run, hf = r["throughput"].get(name), r["transformers"].get(name, {})
@@ -145,4 +146,6 @@ def _num(value) -> str:
 def _steps(run: dict | None) -> str:
     if not run:
         return "-"
-    return f"{run['host_ms']:.2f} / {run['busy_ms']:.2f} / {run['idle_ms']:.2f}"
+    dispatch = f" ({run['dispatch_ms']:.2f})" if "dispatch_ms" in run else ""
+    return (f"{run['host_ms']:.2f}{dispatch} / {run['busy_ms']:.2f} / "
+            f"{run['idle_ms']:.2f}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Ember's GPU device check: the Mosaic GPU and Triton attention kernels (decode, prefill)
 # against the reference, the layer matmul against XLA's dot, the kernel tests natively on
-# the GPU, the kernel benchmark, end to end on random-weight Llama 8B and 1B shapes
+# the GPU, the kernel benchmark, which calls wait for a busy device (scripts/bench_dispatch.py),
+# end to end on random-weight Llama 8B and 1B shapes
 # (scripts/bench_gpu_e2e.py), and (where more than one GPU is visible) the tensor-parallel
 # scaling benchmark.
 #
@@ -17,14 +18,15 @@
 #
 # Time budget, one GPU: 300 s of stage limits (plus seconds for nvidia-smi and a GPU count):
 #   environment 15 + attention kernels 45 + layer matmul 40 + kernel tests 45
-#   + kernel benchmark 20 + end to end 130 (its own parts share 108 s; bench_gpu_e2e.py's
+#   + kernel benchmark 10 (its ceilings at least; its rows were measured on 2026-11-28 and 30)
+#   + dispatch probe 15 + end to end 130 (its own parts share 108 s; bench_gpu_e2e.py's
 #   docstring; its throughput engine compiles on demand: a full warm-up of the 8B shape
 #   took 143 s on an H200, 2026-11-30).
 # Native kernel correctness comes before the end-to-end figures: the end-to-end stage cuts
 # its quantized rows, 256-request runs and the 1B shape first when time runs short.
 # The kernel tests (about 110 s in full on an H200, 2026-11-28) skip test_lowering.py, which
 # only lowers for other platforms and runs in the CPU suite; they and the kernel benchmark
-# (about 45 s then) may still stop at their limits, and their logs show how far they got.
+# (about 45 s in full) stop at their limits, and their logs show how far they got.
 # With more than one GPU the scaling stage adds up to 120 s.
 # EMBER_E2E_BUDGET_S (default 108) and EMBER_E2E_HF_BUDGET_S (default 35) widen the end-to-end
 # stage for a lease with time to spare (its limit is the budget plus 22 s): the default
@@ -94,9 +96,17 @@ echo "tests: exit $tests_status in $((SECONDS - start)) s"
 
 echo "== benchmark"
 start=$SECONDS
-timeout 20 "$python" scripts/bench_kernels.py ${out:+--out "$out"}
+timeout 10 "$python" scripts/bench_kernels.py ${out:+--out "$out"}
 bench_status=$?
 echo "benchmark: exit $bench_status in $((SECONDS - start)) s"
+
+echo "== dispatch probe: which calls wait for a busy device"
+# Each kind of call an engine step makes, timed while the device is busy (the 8B engine's
+# host time at 64 requests was the whole step on 2026-11-30: scripts/bench_dispatch.py).
+start=$SECONDS
+timeout 15 "$python" scripts/bench_dispatch.py ${out:+--out "$out"}
+dispatch_status=$?
+echo "dispatch probe: exit $dispatch_status in $((SECONDS - start)) s"
 
 echo "== end to end: Llama 8B and 1B shapes, random bf16 weights"
 # Batch-1 decode against the HBM roofline (bf16, int8, int4), throughput at 64 and 256
@@ -121,4 +131,4 @@ if [[ "$gpus" -gt 1 ]]; then
 fi
 
 [[ $kernels_status -eq 0 && $layer_status -eq 0 && $tests_status -eq 0 && $bench_status -eq 0 \
-   && $e2e_status -eq 0 && $scaling_status -eq 0 ]]
+   && $dispatch_status -eq 0 && $e2e_status -eq 0 && $scaling_status -eq 0 ]]

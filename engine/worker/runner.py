@@ -177,9 +177,9 @@ class Runner:
         # its dtype fails the step before the (donated) KV cache is touched.
         batch, logits_indices, previous_rows = self._build_batch(scheduler_output, chosen,
                                                                  previous)
-        self.kv_cache, hidden, last_hidden = self._forward(
-            self.param_leaves, self.kv_cache, batch, logits_indices, previous_rows,
-            self._no_draws if previous is None else previous.drawn)
+        self.kv_cache, hidden, last_hidden = self._dispatch(
+            self._forward, self.param_leaves, self.kv_cache, batch, logits_indices,
+            previous_rows, self._no_draws if previous is None else previous.drawn)
         self._record(last_hidden)
         step = StepInFlight(
             scheduler_output, chosen, rung(self._seq_ladder, len(scheduled)),
@@ -225,8 +225,8 @@ class Runner:
                 forbid_tokens(bitmask.bitmask[s], request.eos_token_ids
                               | set(request.sampling_params.stop_token_ids))
             bitmask.enabled[[s for _, s in constrained] + [s for s, _ in short]] = True
-        step.packed, step.drawn, penalty_state = self._sample(
-            self.param_leaves, step.last_hidden, sampling, penalties,
+        step.packed, step.drawn, penalty_state = self._dispatch(
+            self._sample, self.param_leaves, step.last_hidden, sampling, penalties,
             self.penalties.state if with_penalties else None, bitmask,
             num_seqs=step.num_seqs, num_top=step.num_top)
         if with_penalties:
@@ -249,6 +249,18 @@ class Runner:
         output.top_logprob_ids = packed[:, 3:3 + num_top].astype(np.int32)
         output.top_logprobs = packed[:, 3 + num_top:]
         return output
+
+    def _dispatch(self, jitted, *args, **kwargs):
+        """jitted(*args, **kwargs), the host's time inside the call added to the timeline's
+        dispatch time when one is attached: a call that returns only once the device has
+        caught up shows there."""
+        if self.timeline is None:
+            return jitted(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return jitted(*args, **kwargs)
+        finally:
+            self.timeline.add_dispatch(time.perf_counter() - start)
 
     def _record(self, output: jax.Array) -> None:
         if self.timeline is not None:
@@ -295,8 +307,8 @@ class Runner:
         if targets is None:
             return None
         targets, wanted, spans = targets
-        packed = self._prompt_logprobs(self.param_leaves, hidden, targets,
-                                       num_top=TOP_LOGPROBS)
+        packed = self._dispatch(self._prompt_logprobs, self.param_leaves, hidden, targets,
+                                num_top=TOP_LOGPROBS)
         self._record(packed)
         return packed, wanted, spans
 

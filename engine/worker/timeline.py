@@ -38,6 +38,7 @@ class TimelineSummary:
     busy_s: float     # the device computing
     idle_s: float     # the device waiting for the host to dispatch
     waited_s: float   # the host blocked on results (Runner.collect)
+    dispatch_s: float  # the host inside the jitted calls, launching them (Runner._dispatch)
 
     @property
     def idle_share(self) -> float:
@@ -54,6 +55,7 @@ class DeviceTimeline:
         self._dispatched: list[float] = []
         self._done: list[float | None] = []
         self._waited = 0.0
+        self._dispatch = 0.0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._wait_each, daemon=True,
                                         name="ember-timeline")
@@ -67,6 +69,9 @@ class DeviceTimeline:
 
     def add_wait(self, seconds: float) -> None:
         self._waited += seconds
+
+    def add_dispatch(self, seconds: float) -> None:
+        self._dispatch += seconds
 
     def summary(self) -> TimelineSummary:
         """Waits for every recorded computation, then sums the chain; restores the switch
@@ -84,7 +89,8 @@ class DeviceTimeline:
             busy += max(0.0, finished - start)
             previous_done = finished
         wall = (self._done[-1] - self._dispatched[0]) if self._done else 0.0
-        return TimelineSummary(len(self._done), wall, busy, idle, self._waited)
+        return TimelineSummary(len(self._done), wall, busy, idle, self._waited,
+                               self._dispatch)
 
     def _wait_each(self) -> None:
         while True:

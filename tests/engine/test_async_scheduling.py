@@ -5,10 +5,13 @@ page is leaked and no token past a request's end is emitted. (Zero compilations 
 warm-up with async scheduling, the default, is checked by the warmed engines of
 test_structured_generation.py and test_failure_isolation.py; this one skips warm-up.)"""
 
+import time
+
 import pytest
 
 from engine import LLM, SamplingParams
 from engine.structured import StructuredOutput
+from engine.worker.timeline import DeviceTimeline
 from tests.engine.test_generation import random_prompts
 
 # 12 usable pages of 16 tokens for 4 sequences of up to ~110 tokens: preemption runs.
@@ -102,3 +105,19 @@ def test_an_abort_in_flight_emits_nothing_after_it(llm):
     assert seen["abort-0"] == expected[0] and seen["abort-2"] == expected[2]
     engine.step()   # applies the step still in flight: it emits nothing for the aborted one
     assert engine.stats().num_free_pages == free_pages
+
+
+def test_a_timeline_counts_the_host_time_inside_the_jitted_calls(llm):
+    # The benchmarks split the host's time per step into the jitted calls (where a launch
+    # that waits for the device shows) and the rest.
+    timeline = llm.engine.runner.timeline = DeviceTimeline()
+    start = time.perf_counter()
+    try:
+        llm.generate(random_prompts(seed=61, count=3, low=10, high=20),
+                     SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)
+    finally:
+        llm.engine.runner.timeline = None
+    elapsed = time.perf_counter() - start
+    summary = timeline.summary()
+    assert summary.computations >= 2 * 6   # a forward and a sampler a step, at least 6 steps
+    assert 0 < summary.dispatch_s < elapsed

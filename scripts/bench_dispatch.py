@@ -1,0 +1,148 @@
+"""Does a dispatch block the host while the device is busy? One probe per kind of call.
+
+An engine step overlaps host work with the device only if launching a computation returns
+before the computations queued ahead of it finish. On an H200 (2026-11-30, docs/perf.md) the
+engine's host time at 64 requests was the whole step (25 ms, of it 20 ms of device work,
+and the device idle 5 ms a step, about what the host's Python takes): as if some call
+in the step waited for the device. This script finds which kinds of call do, without a
+model: it queues a computation that keeps the device busy for about --busy-ms, then times
+the host's return from one probe call, for each probe:
+
+  device args        a jitted call on device arrays only (the baseline)
+  numpy 256 B ...    the same with one numpy argument of 256 B, 64 KiB and 1 MiB (a step's
+                     page table is 75 KB at 256 sequences)
+  16 numpy args      sixteen small numpy arguments (a step's batch and sampling arrays)
+  device_put 64 KiB  jax.device_put of a numpy array, alone
+  donated busy out   a call donating the busy computation's own output (the KV cache that
+                     the step before writes)
+  lax.cond           a call whose body holds a lax.cond on a device value
+  while (dynamic)    a call whose body holds a while loop with a trip count read on the device
+  scan (static)      a call whose body holds a lax.scan of fixed length (the scanned layers)
+  to host, ready     np.asarray of a small array computed before the busy one (collect())
+
+A probe "blocks" when its return took more than half of what the busy computation had left.
+Rows: probe, host ms of the call, the busy computation's ms, blocks yes/no. --out DIR writes
+dispatch.json there.
+
+  python scripts/bench_dispatch.py [--busy-ms 30] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BLOCKS_AT = 0.5   # share of the busy computation's time a probe's return may take
+
+
+def busy_computation(busy_ms: float):
+    """(a jitted function keeping the device busy about busy_ms, its input): a chain of
+    matmuls whose count is calibrated here."""
+    side = 4096 if jax.default_backend() == "gpu" else 512
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    x = jax.random.normal(jax.random.key(0), (side, side), dtype) / side ** 0.5
+
+    @functools.partial(jax.jit, static_argnames="count")
+    def chain(x, count):
+        return jax.lax.fori_loop(0, count, lambda _, y: jnp.tanh(y @ x), x)
+
+    one = timed(lambda: chain(x, count=8).block_until_ready()) / 8
+    count = max(1, round(busy_ms / 1e3 / one))
+    return functools.partial(chain, count=count), x
+
+
+def timed(call) -> float:
+    """Seconds of call() after a first, untimed one (compiles)."""
+    call()
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def probes(x: jax.Array) -> dict:
+    """name -> (prepare(busy_output) -> call, run once untimed first)."""
+    small = jnp.ones((64,), jnp.int32)
+    add = jax.jit(lambda a, b: a + b.sum())
+    many = jax.jit(lambda a, *rest: a + sum(r.sum() for r in rest))
+    donate = jax.jit(lambda y: y * 2, donate_argnums=0)
+    cond = jax.jit(lambda a: jax.lax.cond(a.sum() > 0, lambda v: v + 1, lambda v: v - 1, a))
+    dynamic = jax.jit(lambda a: jax.lax.while_loop(lambda c: c[0] < c[1][0] % 5 + 3,
+                                                   lambda c: (c[0] + 1, c[1] + 1),
+                                                   (0, a))[1])
+    scan = jax.jit(lambda a: jax.lax.scan(lambda c, _: (c + 1, None), a, None, length=32)[0])
+    ready = small + 1
+    ready.block_until_ready()
+
+    def numpy_arg(nbytes):
+        host = np.arange(nbytes // 4, dtype=np.int32)
+        return lambda _: lambda: add(small, host)
+
+    return {
+        "device args": lambda _: lambda: add(small, small),
+        "numpy 256 B": numpy_arg(256),
+        "numpy 64 KiB": numpy_arg(64 << 10),
+        "numpy 1 MiB": numpy_arg(1 << 20),
+        "16 numpy args": lambda _: lambda: many(small, *[np.arange(64, dtype=np.int32)] * 16),
+        "device_put 64 KiB": lambda _: lambda: jax.device_put(np.ones(16 << 10, np.int32)),
+        "donated busy out": lambda out: lambda: donate(out),
+        "lax.cond": lambda _: lambda: cond(small),
+        "while (dynamic)": lambda _: lambda: dynamic(small),
+        "scan (static)": lambda _: lambda: scan(small),
+        "to host, ready": lambda _: lambda: np.asarray(ready),
+    }
+
+
+def probe(busy, x, prepare) -> tuple[float, float]:
+    """(seconds the probe call took to return, seconds the busy computation ran) with the
+    busy computation queued just before it."""
+    jax.block_until_ready(prepare(busy(x))())   # compiles the probe for these inputs
+    start = time.perf_counter()
+    out = busy(x)
+    call = prepare(out)
+    call_start = time.perf_counter()
+    result = call()
+    returned = time.perf_counter() - call_start
+    # The probe's result waits for the busy computation where it reads its output; the
+    # busy output itself where it was not donated.
+    jax.block_until_ready([a for a in (out, result) if isinstance(a, np.ndarray)
+                           or not a.is_deleted()])
+    return returned, time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--busy-ms", type=float, default=30.0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    busy, x = busy_computation(args.busy_ms)
+    busy_s = timed(lambda: busy(x).block_until_ready())
+    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, "
+          f"busy computation {busy_s * 1e3:.1f} ms")
+    print("| probe | call returned (ms) | busy ran (ms) | blocks |")
+    print("| --- | ---: | ---: | --- |")
+    rows = []
+    for name, prepare in probes(x).items():
+        returned, ran = probe(busy, x, prepare)
+        blocks = returned > BLOCKS_AT * busy_s
+        rows.append(dict(probe=name, returned_ms=returned * 1e3, busy_ms=ran * 1e3,
+                         blocks=blocks))
+        print(f"| {name} | {returned * 1e3:.2f} | {ran * 1e3:.1f} | "
+              f"{'yes' if blocks else 'no'} |", flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "dispatch.json").write_text(json.dumps(
+            dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                 busy_ms=busy_s * 1e3, rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
