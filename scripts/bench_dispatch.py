@@ -15,6 +15,8 @@ the host's return from one probe call, for each probe:
   device_put 64 KiB  jax.device_put of a numpy array, alone
   donated busy out   a call donating the busy computation's own output (the KV cache that
                      the step before writes)
+  step-like          donating the busy output, with sixteen numpy arguments (an engine's
+                     forward: the cache the step before writes, and the batch's arrays)
   lax.cond           a call whose body holds a lax.cond on a device value
   while (dynamic)    a call whose body holds a while loop with a trip count read on the device
   scan (static)      a call whose body holds a lax.scan of fixed length (the scanned layers)
@@ -73,6 +75,8 @@ def probes(x: jax.Array) -> dict:
     add = jax.jit(lambda a, b: a + b.sum())
     many = jax.jit(lambda a, *rest: a + sum(r.sum() for r in rest))
     donate = jax.jit(lambda y: y * 2, donate_argnums=0)
+    step = jax.jit(lambda y, *rest: y * 2 + sum(r.sum() for r in rest), donate_argnums=0)
+    batch = [np.arange(64, dtype=np.int32)] * 16
     cond = jax.jit(lambda a: jax.lax.cond(a.sum() > 0, lambda v: v + 1, lambda v: v - 1, a))
     dynamic = jax.jit(lambda a: jax.lax.while_loop(lambda c: c[0] < c[1][0] % 5 + 3,
                                                    lambda c: (c[0] + 1, c[1] + 1),
@@ -90,9 +94,10 @@ def probes(x: jax.Array) -> dict:
         "numpy 256 B": numpy_arg(256),
         "numpy 64 KiB": numpy_arg(64 << 10),
         "numpy 1 MiB": numpy_arg(1 << 20),
-        "16 numpy args": lambda _: lambda: many(small, *[np.arange(64, dtype=np.int32)] * 16),
+        "16 numpy args": lambda _: lambda: many(small, *batch),
         "device_put 64 KiB": lambda _: lambda: jax.device_put(np.ones(16 << 10, np.int32)),
         "donated busy out": lambda out: lambda: donate(out),
+        "step-like": lambda out: lambda: step(out, *batch),
         "lax.cond": lambda _: lambda: cond(small),
         "while (dynamic)": lambda _: lambda: dynamic(small),
         "scan (static)": lambda _: lambda: scan(small),
@@ -103,18 +108,22 @@ def probes(x: jax.Array) -> dict:
 def probe(busy, x, prepare) -> tuple[float, float]:
     """(seconds the probe call took to return, seconds the busy computation ran) with the
     busy computation queued just before it."""
-    jax.block_until_ready(prepare(busy(x))())   # compiles the probe for these inputs
+    out = busy(x)
+    wait_for(out, prepare(out)())   # compiles the probe for these inputs
     start = time.perf_counter()
     out = busy(x)
     call = prepare(out)
     call_start = time.perf_counter()
     result = call()
     returned = time.perf_counter() - call_start
-    # The probe's result waits for the busy computation where it reads its output; the
-    # busy output itself where it was not donated.
-    jax.block_until_ready([a for a in (out, result) if isinstance(a, np.ndarray)
-                           or not a.is_deleted()])
+    wait_for(out, result)
     return returned, time.perf_counter() - start
+
+
+def wait_for(busy_out: jax.Array, result) -> None:
+    """Until the busy computation (unless its output was donated) and the probe are done."""
+    jax.block_until_ready([a for a in (busy_out, result)
+                           if isinstance(a, np.ndarray) or not a.is_deleted()])
 
 
 def main() -> int:
