@@ -16,6 +16,7 @@ For each shape ("8b": Llama-3-8B's sizes, "1b": Llama-3.2-1B's), in one run:
     output tokens (ignore_eos): output and total tokens/s, against transformers `generate`
     (scripts/hf_generate.py, a child process run first, before JAX takes device memory:
     same shapes, bf16, the same batch padded as one);
+  - the first concurrency once more with the host's work in line (async scheduling off);
   - the step-time breakdown (engine/worker/timeline.py) per step: host ms (time in
     engine.step() not spent waiting for results; of it, in parentheses, the time inside
     the jitted calls, which is where a launch that waits for the device shows:
@@ -30,8 +31,8 @@ For each shape ("8b": Llama-3-8B's sizes, "1b": Llama-3.2-1B's), in one run:
     reported): the host's slowest functions in results.json (host_profile).
 
 Order: transformers, the copy bandwidth, then per shape (8b first) batch-1 bf16, the
-throughput engine's warm-up, 64 requests, 256 requests, int8 and int4 batch-1; then the
-variants.
+throughput engine's warm-up, 64 requests (async, in line), 256 requests, int8 and int4
+batch-1; then the variants.
 --parts picks some of them (batch1: bf16 batch-1; quantized: int8 and int4; throughput:
 warm-up and the concurrencies; variants), for a lease with little time.
 Every part has a time limit (LIMITS) inside one global budget (--budget-s): a throughput
@@ -292,6 +293,16 @@ def bench_throughput(model_dir: Path, shape: str, workload: dict, report: Report
         if report.starts(f"{shape} throughput {concurrency}", limit):
             report.throughput(shape, concurrency, throughput(
                 engine, concurrency, workload, report.limit(limit), rng))
+        if (concurrency == workload["concurrencies"][0]
+                and report.starts(f"{shape} in line {concurrency}", limit)):
+            # The host's work in line with the device's (--no-async-scheduling): as fast as
+            # async scheduling when the overlap is lost somewhere.
+            engine.async_scheduling = False
+            try:
+                report.throughput(shape, f"{concurrency} in line", throughput(
+                    engine, concurrency, workload, report.limit(limit), rng))
+            finally:
+                engine.async_scheduling = True
         if profile and report.starts(f"{shape} host profile {concurrency}", limit):
             lines = profile_host(engine, concurrency, workload, report.limit(limit), rng)
             print("\n".join(lines[:15]), flush=True)

@@ -60,7 +60,7 @@ class Report:
         self.results["batch1"][f"{shape} {weights}"] = run
         self.write()
 
-    def throughput(self, shape: str, concurrency: int, run: dict) -> None:
+    def throughput(self, shape: str, concurrency: int | str, run: dict) -> None:
         self.results["throughput"][f"{shape} {concurrency}"] = run
         self.write()
 
