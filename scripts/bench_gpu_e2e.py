@@ -41,12 +41,16 @@ with too little time left is listed as skipped. A compile cannot be cut: a warm-
 only with 30% of its limit left, and may overrun the budget by the rest. The table and JSON
 are rewritten after each part, so a run killed from outside keeps what it measured. --quick:
 tiny shapes, short workloads, transformers on CPU (a smoke test of the whole flow on a
-laptop; its figures mean nothing).
+laptop; its figures mean nothing). --host-shapes: the full workload on each shape's vocabulary
+with two tiny layers, whose host ms per step on a CPU is what the engine's own work costs
+(to set beside a device's host ms: docs/perf.md).
 
 Usage: python scripts/bench_gpu_e2e.py [--shapes 8b,1b] [--out DIR] [--budget-s 150]
                                       [--parts batch1,quantized,throughput,variants]
                                       [--warmup full|on-demand]
        python scripts/bench_gpu_e2e.py --quick
+       python scripts/bench_gpu_e2e.py --host-shapes --shapes 8b --parts throughput \
+           --hf-budget-s 0 --warmup on-demand --budget-s 900
 """
 
 from __future__ import annotations
@@ -87,6 +91,11 @@ QUICK_SHAPES = {   # the same two kinds (untied, tied) at sizes a CPU runs in se
     "1b": dict(SHAPES["1b"], hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2, intermediate_size=128, vocab_size=1024),
 }
+# The shapes' vocabularies and the full workload with two tiny layers (--host-shapes): what
+# the host's work costs a step, on a machine whose device work for them is small (a CPU).
+HOST_SHAPES = {shape: dict(config, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=128)
+               for shape, config in SHAPES.items()}
 # (prompt_len, output_len, batch-1 tokens, concurrencies, max_num_batched_tokens)
 FULL = dict(prompt_len=1024, output_len=128, batch1_tokens=128, concurrencies=(64, 256),
             max_num_batched_tokens=2048, page_size=16)
@@ -158,11 +167,14 @@ def run_requests(engine, prompts: list[list[int]], max_tokens: int, limit_s: flo
     for request_id, prompt in zip(ids, prompts):
         engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
     produced, token_times, finished, steps, in_step, first_ids = {}, [], 0, 0, 0.0, []
+    host_by_kind = {"prefill": [], "decode": []}   # each step's host seconds, by what it fed
+    kinds = record_step_kinds(engine)
     while engine.has_unfinished_requests() and time.perf_counter() - start < limit_s:
-        step_start = time.perf_counter()
+        step_start, waited = time.perf_counter(), timeline.waited_s
         outputs = engine.step()
         now = time.perf_counter()
         in_step += now - step_start
+        host_by_kind[kinds[-1]].append(now - step_start - (timeline.waited_s - waited))
         steps += 1
         for output in outputs:
             count = len(output.outputs[0].token_ids)
@@ -172,6 +184,7 @@ def run_requests(engine, prompts: list[list[int]], max_tokens: int, limit_s: flo
             if output.request_id == ids[0]:
                 first_ids = list(output.outputs[0].token_ids)
     elapsed = time.perf_counter() - start
+    del engine.scheduler.schedule   # record_step_kinds' wrapper: the class's method again
     compilations = engine.compilations_after_warmup - compiled_before
     device = timeline.summary()
     engine.runner.timeline = None
@@ -186,7 +199,26 @@ def run_requests(engine, prompts: list[list[int]], max_tokens: int, limit_s: flo
                 compilations=compilations, token_ids=first_ids,
                 host_ms=per_step * (in_step - device.waited_s),
                 dispatch_ms=per_step * device.dispatch_s, busy_ms=per_step * device.busy_s,
-                idle_ms=per_step * device.idle_s, idle_share=device.idle_share)
+                idle_ms=per_step * device.idle_s, idle_share=device.idle_share,
+                host_ms_by_kind={kind: 1000 * sum(times) / len(times)
+                                 for kind, times in host_by_kind.items() if times})
+
+
+def record_step_kinds(engine) -> list[str]:
+    """A list that gets, for each step the engine schedules from now on, "prefill" (the
+    step feeds prompt tokens) or "decode" (one token a sequence), by wrapping the engine's
+    scheduler (the benchmark's own instrumentation; `del engine.scheduler.schedule` undoes
+    it). A step whose host time is the device's shows which kind waits."""
+    kinds, schedule = [], engine.scheduler.schedule
+
+    def recording():
+        scheduled = schedule()
+        kinds.append("prefill" if scheduled.num_batched_tokens > len(scheduled.scheduled)
+                     else "decode")
+        return scheduled
+
+    engine.scheduler.schedule = recording
+    return kinds
 
 
 def batch1_decode(engine, tokens: int, limit_s: float) -> dict:
@@ -379,7 +411,7 @@ def run_transformers(shapes: list[str], configs: dict, workload: dict, budget_s:
             for concurrency in workload["concurrencies"] for shape in shapes]
     spec = dict(jobs=jobs, configs=configs, deadline=time.time() + budget_s - 2,
                 prompt_len=workload["prompt_len"], output_len=workload["output_len"])
-    if not report.starts("transformers generate", budget_s):
+    if budget_s <= 0 or not report.starts("transformers generate", budget_s):
         return
     try:
         done = subprocess.run([sys.executable, str(ROOT / "scripts" / "hf_generate.py"),
@@ -400,11 +432,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="8b,1b", help="comma-separated: 8b, 1b")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, CPU smoke test")
+    parser.add_argument("--host-shapes", action="store_true",
+                        help="the full workload on the shapes' vocabularies with two tiny "
+                             "layers: the host's cost per step (e.g. on a CPU, with --parts "
+                             "throughput --hf-budget-s 0 --warmup on-demand)")
     parser.add_argument("--out", type=Path, default=None, help="writes table.md, results.json")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="all parts together (default 150; --quick 140)")
     parser.add_argument("--hf-budget-s", type=float, default=None,
-                        help="transformers' share of the budget (default 35; --quick 25)")
+                        help="transformers' share of the budget (default 35; --quick 25; "
+                             "0 skips it)")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"comma-separated, some of {', '.join(PARTS)}")
     parser.add_argument("--warmup", choices=("full", "on-demand"), default="full",
@@ -417,7 +454,9 @@ def main() -> None:
                         help="the device's HBM bandwidth on paper, TB/s (H200: 4.8)")
     args = parser.parse_args()
     shapes = [shape.strip() for shape in args.shapes.split(",") if shape.strip()]
-    table = QUICK_SHAPES if args.quick else SHAPES
+    if args.quick and args.host_shapes:
+        parser.error("--quick and --host-shapes: expected one of them")
+    table = QUICK_SHAPES if args.quick else HOST_SHAPES if args.host_shapes else SHAPES
     unknown = [shape for shape in shapes if shape not in table]
     if unknown:
         parser.error(f"--shapes: unknown {unknown}; expected some of {sorted(table)}")
@@ -425,6 +464,8 @@ def main() -> None:
     if not parts or set(parts) - set(PARTS):
         parser.error(f"--parts {args.parts!r}: expected some of {', '.join(PARTS)}")
     workload = QUICK if args.quick else FULL
+    if args.host_shapes:   # the full workload on a CPU's device: ten times the GPU's limits
+        LIMITS.update({part: 10 * limit for part, limit in LIMITS.items()})
     budget = args.budget_s or (140 if args.quick else 150)
     report = Report(budget, args.out, args.spec_tbps * 1e12, workload, quick=args.quick)
     configs = {shape: {**LLAMA, **table[shape]} for shape in shapes}

@@ -73,6 +73,11 @@ class DeviceTimeline:
     def add_dispatch(self, seconds: float) -> None:
         self._dispatch += seconds
 
+    @property
+    def waited_s(self) -> float:
+        """The host's time blocked on results so far (a benchmark reads it between steps)."""
+        return self._waited
+
     def summary(self) -> TimelineSummary:
         """Waits for every recorded computation, then sums the chain; restores the switch
         interval."""
