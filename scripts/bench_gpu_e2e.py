@@ -30,9 +30,10 @@ For each shape ("8b": Llama-3-8B's sizes, "1b": Llama-3.2-1B's), in one run:
   - with --profile-host, each concurrency once more under cProfile (its figures not
     reported): the host's slowest functions in results.json (host_profile).
 
-Order: transformers, the copy bandwidth, then per shape (8b first) batch-1 bf16, the
-throughput engine's warm-up, 64 requests (async, in line), 256 requests, int8 and int4
-batch-1; then the variants.
+Order (bench_shapes): transformers, the copy bandwidth; per shape (8b first) batch-1 bf16,
+the throughput engine's warm-up and 64 requests; per shape 64 requests in line (and under
+cProfile), 256 requests; int8 and int4 batch-1; then the variants. A tight budget cuts the
+diagnostics and the longer runs before the 1B shape's headline figures.
 --parts picks some of them (batch1: bf16 batch-1; quantized: int8 and int4; throughput:
 warm-up and the concurrencies; variants), for a lease with little time.
 Every part has a time limit (LIMITS) inside one global budget (--budget-s): a throughput
@@ -56,7 +57,6 @@ Usage: python scripts/bench_gpu_e2e.py [--shapes 8b,1b] [--out DIR] [--budget-s 
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import os
@@ -287,61 +287,100 @@ def make_engine(model_dir: Path, workload: dict, *, max_num_seqs: int, warmup: b
     return engine, time.perf_counter() - start - engine.warmup_seconds
 
 
-def bench_shape(model_dir: Path, shape: str, workload: dict, report: Report, rng,
-                parts: tuple[str, ...] = PARTS, warmup: str = "full",
-                profile: bool = False) -> None:
-    """bf16 batch-1 decode on an engine of one sequence compiling on demand; the throughput
-    engine: its warm-up (every rung, timed; warmup="on-demand": none, each concurrency's
-    shapes compiled by an untimed run of it first), then each concurrency, the longest last
-    so that a tight budget cuts it first; then ("8b") int8 and int4 batch-1 decode.
-    `parts`: which of batch1 (bf16), throughput, quantized run; `profile`: after each
-    concurrency, one more run under cProfile (profile_host)."""
-    if "batch1" in parts:
-        bench_batch1(model_dir, shape, "bf16", workload, report)
-    if "throughput" in parts:
-        bench_throughput(model_dir, shape, workload, report, rng, warmup, profile)
-    for weights in ("int8", "int4") if "quantized" in parts and shape == "8b" else ():
-        bench_batch1(model_dir, shape, weights, workload, report)
+def bench_shapes(model_dirs: dict[str, Path], workload: dict, report: Report, rng,
+                 parts: tuple[str, ...] = PARTS, warmup: str = "full",
+                 profile: bool = False) -> None:
+    """Every shape's figures, in rounds, so that a tight budget cuts diagnostics before any
+    shape's headline figures: (1) per shape, bf16 batch-1 decode on an engine of one
+    sequence compiling on demand, then the throughput engine (its warm-up: every rung,
+    timed; warmup="on-demand": none, each concurrency's shapes compiled by an untimed run of
+    it first) and the first concurrency; (2) per shape, that concurrency in line and under
+    cProfile (`profile`), then the other concurrencies (the longest last); (3) "8b" int8
+    and int4 batch-1 decode. `parts`: which of batch1 (bf16), throughput, quantized run.
+    The throughput engines stay alive from round 1 to round 2 (the 8B and 1B shapes' take
+    ~55 and ~12 GB)."""
+    engines = {}
+    first, *others = workload["concurrencies"]
+    for shape, model_dir in model_dirs.items():
+        if "batch1" in parts:
+            attempt(report, shape, bench_batch1, model_dir, shape, "bf16", workload, report)
+        if "throughput" in parts:
+            engines[shape] = attempt(report, shape, throughput_engine, model_dir, shape,
+                                     workload, report, warmup)
+        if engines.get(shape) is not None:
+            attempt(report, shape, bench_concurrency, engines[shape], shape, first, workload,
+                    report, rng, warmup)
+    for shape, engine in engines.items():
+        if engine is None:
+            continue
+        attempt(report, shape, bench_concurrency, engine, shape, first, workload, report, rng,
+                warmup, diagnostics=True, profile=profile)
+        for concurrency in others:
+            attempt(report, shape, bench_concurrency, engine, shape, concurrency, workload,
+                    report, rng, warmup, profile=profile)
+        engines[shape] = engine = None
+        gc.collect()
+    for weights in ("int8", "int4") if "quantized" in parts and "8b" in model_dirs else ():
+        attempt(report, "8b", bench_batch1, model_dirs["8b"], "8b", weights, workload, report)
 
 
-def bench_throughput(model_dir: Path, shape: str, workload: dict, report: Report, rng,
-                     warmup: str, profile: bool) -> None:
+def attempt(report: Report, shape: str, part, *args, **kwargs):
+    """part(*args, **kwargs), or None with a note if it raised: one part's failure ends
+    only it."""
+    try:
+        return part(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - noted; the next part runs
+        report.note(f"{shape}: {type(error).__name__}: {str(error)[:400]}")
+        return None
+
+
+def throughput_engine(model_dir: Path, shape: str, workload: dict, report: Report,
+                      warmup: str):
+    """The engine of the throughput runs (as many sequences as the largest concurrency),
+    warmed up in full and timed, or (warmup="on-demand") not at all; None if out of time."""
     import jax
 
     if not report.starts(f"{shape} engine and warm-up", LIMITS["warmup"]):
-        return
-    jax.clear_caches()   # cold, as a fresh process: nothing kept from the engines above
+        return None
+    if warmup == "full":
+        jax.clear_caches()   # cold, as a fresh process: nothing kept from the engines above
     engine, load_s = make_engine(model_dir, workload, warmup=warmup == "full",
                                  max_num_seqs=max(workload["concurrencies"]))
     config = engine.config
     if warmup == "full":
         report.warmup(shape, engine.warmup_seconds, load_s,
                       buckets=2 * len(config.token_ladder) + 8 * len(config.seq_ladder))
-    for concurrency in workload["concurrencies"]:
-        limit = LIMITS["throughput_64" if concurrency <= 64 else "throughput_256"]
-        if warmup != "full" and report.starts(f"{shape} untimed {concurrency}",
-                                              LIMITS["untimed"] + limit):
-            throughput(engine, concurrency, workload, report.limit(LIMITS["untimed"]), rng)
-        if report.starts(f"{shape} throughput {concurrency}", limit):
-            report.throughput(shape, concurrency, throughput(
-                engine, concurrency, workload, report.limit(limit), rng))
-        if (concurrency == workload["concurrencies"][0]
-                and report.starts(f"{shape} in line {concurrency}", limit)):
-            # The host's work in line with the device's (--no-async-scheduling): as fast as
-            # async scheduling when the overlap is lost somewhere.
+    return engine
+
+
+def bench_concurrency(engine, shape: str, concurrency: int, workload: dict, report: Report,
+                      rng, warmup: str, *, diagnostics: bool = False,
+                      profile: bool = False) -> None:
+    """`concurrency` requests at once, timed (after an untimed run compiling its shapes,
+    unless warmed up in full); diagnostics: instead, the same with the host's work in line
+    (async scheduling off: as fast as async when the overlap is lost somewhere); profile:
+    then one more run under cProfile (profile_host)."""
+    limit = LIMITS["throughput_64" if concurrency <= 64 else "throughput_256"]
+    if diagnostics:
+        if report.starts(f"{shape} in line {concurrency}", limit):
             engine.async_scheduling = False
             try:
                 report.throughput(shape, f"{concurrency} in line", throughput(
                     engine, concurrency, workload, report.limit(limit), rng))
             finally:
                 engine.async_scheduling = True
-        if profile and report.starts(f"{shape} host profile {concurrency}", limit):
-            lines = profile_host(engine, concurrency, workload, report.limit(limit), rng)
-            print("\n".join(lines[:15]), flush=True)
-            report.results.setdefault("host_profile", {})[f"{shape} {concurrency}"] = lines
-            report.write()
-    del engine
-    gc.collect()
+    else:
+        if warmup != "full" and report.starts(f"{shape} untimed {concurrency}",
+                                              LIMITS["untimed"] + limit):
+            throughput(engine, concurrency, workload, report.limit(LIMITS["untimed"]), rng)
+        if report.starts(f"{shape} throughput {concurrency}", limit):
+            report.throughput(shape, concurrency, throughput(
+                engine, concurrency, workload, report.limit(limit), rng))
+    if profile and report.starts(f"{shape} host profile {concurrency}", limit):
+        lines = profile_host(engine, concurrency, workload, report.limit(limit), rng)
+        print("\n".join(lines[:15]), flush=True)
+        report.results.setdefault("host_profile", {})[f"{shape} {concurrency}"] = lines
+        report.write()
 
 
 def bench_batch1(model_dir: Path, shape: str, weights: str, workload: dict, report: Report,
@@ -481,15 +520,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ember-e2e-") as tmp:
         model_dirs = {shape: write_model_dir(Path(tmp) / shape, configs[shape])
                       for shape in shapes}
-        steps = [(functools.partial(bench_shape, parts=parts, warmup=args.warmup,
-                                    profile=args.profile_host), shape) for shape in shapes]
+        bench_shapes(model_dirs, workload, report, rng, parts, args.warmup, args.profile_host)
         if "variants" in parts:
-            steps.append((bench_variants, shapes[0]))
-        for step, shape in steps:
-            try:
-                step(model_dirs[shape], shape, workload, report, rng)
-            except Exception as error:  # noqa: BLE001 - one part's failure ends only it
-                report.note(f"{shape}: {type(error).__name__}: {str(error)[:400]}")
+            attempt(report, shapes[0], bench_variants, model_dirs[shapes[0]], shapes[0],
+                    workload, report, rng)
     report.finish()
 
 
