@@ -21,12 +21,19 @@ the host's return from one probe call, for each probe:
   while (dynamic)    a call whose body holds a while loop with a trip count read on the device
   scan (static)      a call whose body holds a lax.scan of fixed length (the scanned layers)
   to host, ready     np.asarray of a small array computed before the busy one (collect())
+  busy again, ...    the busy program itself once more, on the same input buffer, on
+                     another one, on a numpy array (an engine's next step: the same
+                     executable, its inputs in new buffers). XLA's GPU backend replays
+                     recorded CUDA graphs (command buffers) and records them again when an
+                     input's address changes: a wait there shows in these rows, and
+                     running the script again with XLA_FLAGS=--xla_gpu_enable_command_buffer=
+                     (none) tells whether the graphs are the cause
 
 A probe "blocks" when its return took more than half of what the busy computation had left.
 Rows: probe, host ms of the call, the busy computation's ms, blocks yes/no. --out DIR writes
-dispatch.json there.
+NAME.json there (--name, default dispatch).
 
-  python scripts/bench_dispatch.py [--busy-ms 30] [--out DIR]
+  python scripts/bench_dispatch.py [--busy-ms 30] [--out DIR] [--name dispatch]
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,22 +51,31 @@ import jax.numpy as jnp
 import numpy as np
 
 BLOCKS_AT = 0.5   # share of the busy computation's time a probe's return may take
+LAYERS = 8        # of the busy computation's scan
 
 
 def busy_computation(busy_ms: float):
-    """(a jitted function keeping the device busy about busy_ms, its input): a chain of
-    matmuls whose count is calibrated here."""
-    side = 4096 if jax.default_backend() == "gpu" else 512
-    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-    x = jax.random.normal(jax.random.key(0), (side, side), dtype) / side ** 0.5
+    """(a jitted function keeping the device busy about busy_ms, its input): layers as an
+    engine's forward runs them, a scan over a stack of weights (each iteration slicing its
+    layer, a norm, two products), repeated a number of times calibrated here."""
+    gpu = jax.default_backend() == "gpu"
+    side, dtype = (4096, jnp.bfloat16) if gpu else (256, jnp.float32)
+    keys = jax.random.split(jax.random.key(0))
+    weights = jax.random.normal(keys[0], (LAYERS, side, side), dtype) / side ** 0.5
+    x = jax.random.normal(keys[1], (side, side), dtype)
 
-    @functools.partial(jax.jit, static_argnames="count")
-    def chain(x, count):
-        return jax.lax.fori_loop(0, count, lambda _, y: jnp.tanh(y @ x), x)
+    def layer(y, weight):
+        normed = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + 1e-6)
+        return y + jnp.tanh(normed @ weight) @ weight, None
 
-    one = timed(lambda: chain(x, count=8).block_until_ready()) / 8
-    count = max(1, round(busy_ms / 1e3 / one))
-    return functools.partial(chain, count=count), x
+    @functools.partial(jax.jit, static_argnames="repeats")
+    def layered(x, weights, repeats):
+        return jax.lax.fori_loop(0, repeats, lambda _, y: jax.lax.scan(layer, y, weights)[0],
+                                 x)
+
+    one = timed(lambda: layered(x, weights, repeats=4).block_until_ready()) / 4
+    repeats = max(1, round(busy_ms / 1e3 / one))
+    return functools.partial(layered, weights=weights, repeats=repeats), x
 
 
 def timed(call) -> float:
@@ -69,7 +86,7 @@ def timed(call) -> float:
     return time.perf_counter() - start
 
 
-def probes(x: jax.Array) -> dict:
+def probes(busy, x: jax.Array) -> dict:
     """name -> (prepare(busy_output) -> call, run once untimed first)."""
     small = jnp.ones((64,), jnp.int32)
     add = jax.jit(lambda a, b: a + b.sum())
@@ -83,7 +100,9 @@ def probes(x: jax.Array) -> dict:
                                                    (0, a))[1])
     scan = jax.jit(lambda a: jax.lax.scan(lambda c, _: (c + 1, None), a, None, length=32)[0])
     ready = small + 1
-    ready.block_until_ready()
+    other_x = x + 0   # the same values in another buffer
+    host_x = np.asarray(x)
+    jax.block_until_ready((ready, other_x))
 
     def numpy_arg(nbytes):
         host = np.arange(nbytes // 4, dtype=np.int32)
@@ -102,6 +121,9 @@ def probes(x: jax.Array) -> dict:
         "while (dynamic)": lambda _: lambda: dynamic(small),
         "scan (static)": lambda _: lambda: scan(small),
         "to host, ready": lambda _: lambda: np.asarray(ready),
+        "busy again, same input": lambda _: lambda: busy(x),
+        "busy again, other input": lambda _: lambda: busy(other_x),
+        "busy again, numpy input": lambda _: lambda: busy(host_x),
     }
 
 
@@ -130,15 +152,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--busy-ms", type=float, default=30.0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--name", default="dispatch", help="the JSON file's name in --out")
     args = parser.parse_args()
     busy, x = busy_computation(args.busy_ms)
     busy_s = timed(lambda: busy(x).block_until_ready())
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, "
-          f"busy computation {busy_s * 1e3:.1f} ms")
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, busy computation "
+          f"{busy_s * 1e3:.1f} ms")
     print("| probe | call returned (ms) | busy ran (ms) | blocks |")
     print("| --- | ---: | ---: | --- |")
     rows = []
-    for name, prepare in probes(x).items():
+    for name, prepare in probes(busy, x).items():
         returned, ran = probe(busy, x, prepare)
         blocks = returned > BLOCKS_AT * busy_s
         rows.append(dict(probe=name, returned_ms=returned * 1e3, busy_ms=ran * 1e3,
@@ -147,8 +171,9 @@ def main() -> int:
               f"{'yes' if blocks else 'no'} |", flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "dispatch.json").write_text(json.dumps(
+        (args.out / f"{args.name}.json").write_text(json.dumps(
             dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                 xla_flags=os.environ.get("XLA_FLAGS", ""),
                  busy_ms=busy_s * 1e3, rows=rows), indent=1))
     return 0
 

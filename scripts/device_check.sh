@@ -17,9 +17,9 @@
 # table and JSON to DIR/e2e/. Exit status: non-zero if a stage failed or ran out of time.
 #
 # Time budget, one GPU: 300 s of stage limits (plus seconds for nvidia-smi and a GPU count):
-#   environment 15 + attention kernels 45 + layer matmul 40 + kernel tests 45
+#   environment 15 + attention kernels 45 + layer matmul 40 + kernel tests 35
 #   + kernel benchmark 10 (its ceilings at least; its rows were measured on 2026-11-28 and 30)
-#   + dispatch probe 15 + end to end 130 (its own parts share 108 s; bench_gpu_e2e.py's
+#   + dispatch probe 2 x 15 + end to end 130 (its own parts share 108 s; bench_gpu_e2e.py's
 #   docstring; its throughput engine compiles on demand: a full warm-up of the 8B shape
 #   took 143 s on an H200, 2026-11-30).
 # Native kernel correctness comes before the end-to-end figures: the end-to-end stage cuts
@@ -91,7 +91,7 @@ layer_status=$?
 echo "== kernel tests (native)"
 # The kernels never yet run natively first (the whole suite outlasts the stage's limit).
 start=$SECONDS
-timeout 45 "$python" -m pytest tests/pallas_kernels/test_layer_matmul.py tests/pallas_kernels \
+timeout 35 "$python" -m pytest tests/pallas_kernels/test_layer_matmul.py tests/pallas_kernels \
   -p no:cacheprovider -rs --ignore=tests/pallas_kernels/test_lowering.py \
   2>&1 | tee ${out:+"$out/tests.log"}
 tests_status=${PIPESTATUS[0]}
@@ -106,9 +106,14 @@ echo "benchmark: exit $bench_status in $((SECONDS - start)) s"
 echo "== dispatch probe: which calls wait for a busy device"
 # Each kind of call an engine step makes, timed while the device is busy (the 8B engine's
 # host time at 64 requests was the whole step on 2026-11-30: scripts/bench_dispatch.py).
+# Then again without XLA's CUDA graphs (command buffers), which XLA records again when an
+# input's address changes: whether they are where a step waits.
 start=$SECONDS
 timeout 15 "$python" scripts/bench_dispatch.py ${out:+--out "$out"}
 dispatch_status=$?
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" timeout 15 "$python" \
+  scripts/bench_dispatch.py ${out:+--out "$out" --name dispatch_no_command_buffers}
+dispatch_status=$((dispatch_status | $?))
 echo "dispatch probe: exit $dispatch_status in $((SECONDS - start)) s"
 
 echo "== end to end: Llama 8B and 1B shapes, random bf16 weights"
