@@ -8,6 +8,11 @@ max(dispatched_i, done_{i-1}), and the device waits for the host whenever dispat
 after done_{i-1}. Off unless a benchmark attaches one (`Runner.timeline`): it costs a thread
 wake-up per computation.
 
+A computation is stamped as dispatched when its call returns. The host's time inside the
+jitted calls is summed apart (`dispatch_s`, Runner._dispatch): a call that returns only once
+the device has caught up shows there, and the device's work during that wait is counted as
+idle, not busy (scripts/bench_dispatch.py finds such calls).
+
 The waiter can stamp a computation's end only once it holds the GIL again, and the engine
 thread, running the host's Python work between dispatches, holds it: at the interpreter's
 default switch interval (5 ms) each stamp came 5-10 ms late, so a host-bound run showed
