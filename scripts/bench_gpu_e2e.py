@@ -167,7 +167,7 @@ def run_requests(engine, prompts: list[list[int]], max_tokens: int, limit_s: flo
     for request_id, prompt in zip(ids, prompts):
         engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
     produced, token_times, finished, steps, in_step, first_ids = {}, [], 0, 0, 0.0, []
-    host_by_kind = {"prefill": [], "decode": []}   # each step's host seconds, by what it fed
+    host_by_kind = {"prefill": [], "decode": [], "drain": []}   # each step's host seconds
     kinds = record_step_kinds(engine)
     while engine.has_unfinished_requests() and time.perf_counter() - start < limit_s:
         step_start, waited = time.perf_counter(), timeline.waited_s
@@ -201,19 +201,25 @@ def run_requests(engine, prompts: list[list[int]], max_tokens: int, limit_s: flo
                 dispatch_ms=per_step * device.dispatch_s, busy_ms=per_step * device.busy_s,
                 idle_ms=per_step * device.idle_s, idle_share=device.idle_share,
                 host_ms_by_kind={kind: 1000 * sum(times) / len(times)
-                                 for kind, times in host_by_kind.items() if times})
+                                 for kind, times in host_by_kind.items() if times},
+                busy_ms_by_kind={kind: 1000 * busy / len(host_by_kind[kind])
+                                 for kind, busy in device.busy_by_kind.items()
+                                 if host_by_kind.get(kind)})
 
 
 def record_step_kinds(engine) -> list[str]:
     """A list that gets, for each step the engine schedules from now on, "prefill" (the
-    step feeds prompt tokens) or "decode" (one token a sequence), by wrapping the engine's
-    scheduler (the benchmark's own instrumentation; `del engine.scheduler.schedule` undoes
-    it). A step whose host time is the device's shows which kind waits."""
+    step feeds prompt tokens), "decode" (one token a sequence; the runner labels the
+    timeline's computations alike) or "drain" (nothing launched: the call only applies the
+    step before), by wrapping the engine's scheduler (the benchmark's own instrumentation;
+    `del engine.scheduler.schedule` undoes it). A step whose host time is the device's
+    shows which kind waits."""
     kinds, schedule = [], engine.scheduler.schedule
 
     def recording():
         scheduled = schedule()
-        kinds.append("prefill" if scheduled.num_batched_tokens > len(scheduled.scheduled)
+        kinds.append("drain" if not scheduled.scheduled else
+                     "prefill" if scheduled.num_batched_tokens > len(scheduled.scheduled)
                      else "decode")
         return scheduled
 

@@ -126,10 +126,12 @@ class Report:
                     "at the part's limit" if run and run["partial"] else hf.get("skipped", ""))
             if run and run["compilations"]:
                 note += f" {run['compilations']} shapes compiled in the timed run"
-            by_kind = (run or {}).get("host_ms_by_kind", {})
-            if by_kind:
-                note += " host ms a step: " + ", ".join(f"{kind} {ms:.2f}"
-                                                       for kind, ms in by_kind.items())
+            by_kind = "; ".join(
+                f"{label} ms a step: " + ", ".join(f"{kind} {ms:.2f}"
+                                                   for kind, ms in run[key].items())
+                for label, key in (("host", "host_ms_by_kind"), ("device", "busy_ms_by_kind"))
+                if run and run.get(key))
+            note = f"{note} {by_kind}".strip()
             idle = f" ({run['idle_share']:.0%})" if run else ""
             lines.append(
                 f"| {name} | {_num(run and run['tokens_per_s'])} | "

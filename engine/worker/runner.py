@@ -180,7 +180,7 @@ class Runner:
         self.kv_cache, hidden, last_hidden = self._dispatch(
             self._forward, self.param_leaves, self.kv_cache, batch, logits_indices,
             previous_rows, self._no_draws if previous is None else previous.drawn)
-        self._record(last_hidden)
+        self._record(last_hidden, scheduler_output)
         step = StepInFlight(
             scheduler_output, chosen, rung(self._seq_ladder, len(scheduled)),
             TOP_LOGPROBS if any(r.sampling_params.logprobs for r in chosen) else 0,
@@ -233,7 +233,7 @@ class Runner:
             self.penalties.state = penalty_state
         if self._copy_results_early:
             step.packed.copy_to_host_async()
-        self._record(step.packed)
+        self._record(step.packed, step.scheduler_output)
 
     def collect(self, step: StepInFlight) -> ModelOutput:
         """Waits for the step's results: sampled tokens and logprobs as numpy, row s for
@@ -262,9 +262,12 @@ class Runner:
         finally:
             self.timeline.add_dispatch(time.perf_counter() - start)
 
-    def _record(self, output: jax.Array) -> None:
+    def _record(self, output: jax.Array, scheduler_output: SchedulerOutput) -> None:
+        """The computation behind `output`, to the timeline if one is attached, labelled by
+        its step's kind: "prefill" (prompt tokens fed) or "decode" (one token a sequence)."""
         if self.timeline is not None:
-            self.timeline.record(output)
+            prefill = scheduler_output.num_batched_tokens > len(scheduler_output.scheduled)
+            self.timeline.record(output, "prefill" if prefill else "decode")
 
     def restore_kv_cache(self) -> bool:
         """Re-creates the KV cache if a failed step lost it: the forward donates the cache, so
@@ -309,7 +312,7 @@ class Runner:
         targets, wanted, spans = targets
         packed = self._dispatch(self._prompt_logprobs, self.param_leaves, hidden, targets,
                                 num_top=TOP_LOGPROBS)
-        self._record(packed)
+        self._record(packed, scheduler_output)
         return packed, wanted, spans
 
     def _collect_prompt_logprobs(self, step: StepInFlight) -> dict | None:

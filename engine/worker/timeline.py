@@ -44,6 +44,7 @@ class TimelineSummary:
     idle_s: float     # the device waiting for the host to dispatch
     waited_s: float   # the host blocked on results (Runner.collect)
     dispatch_s: float  # the host inside the jitted calls, launching them (Runner._dispatch)
+    busy_by_kind: dict[str, float]   # busy_s by the kind each computation was recorded with
 
     @property
     def idle_share(self) -> float:
@@ -59,6 +60,7 @@ class DeviceTimeline:
         sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
         self._dispatched: list[float] = []
         self._done: list[float | None] = []
+        self._kinds: list[str] = []
         self._waited = 0.0
         self._dispatch = 0.0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -66,10 +68,12 @@ class DeviceTimeline:
                                         name="ember-timeline")
         self._thread.start()
 
-    def record(self, output: jax.Array) -> None:
-        """A computation was just dispatched; `output` is one of its (never donated) outputs."""
+    def record(self, output: jax.Array, kind: str = "") -> None:
+        """A computation was just dispatched; `output` is one of its (never donated) outputs;
+        `kind` labels it for busy_by_kind (the runner's: "prefill" or "decode" steps)."""
         self._dispatched.append(time.perf_counter())
         self._done.append(None)
+        self._kinds.append(kind)
         self._queue.put((len(self._done) - 1, output))
 
     def add_wait(self, seconds: float) -> None:
@@ -90,17 +94,18 @@ class DeviceTimeline:
         self._queue.put((None, done))
         done.wait()
         sys.setswitchinterval(self._switch_interval)
-        idle = busy = 0.0
+        idle = 0.0
+        busy: dict[str, float] = {}
         previous_done = None
-        for dispatched, finished in zip(self._dispatched, self._done):
+        for dispatched, finished, kind in zip(self._dispatched, self._done, self._kinds):
             start = dispatched if previous_done is None else max(dispatched, previous_done)
             if previous_done is not None:
                 idle += max(0.0, dispatched - previous_done)
-            busy += max(0.0, finished - start)
+            busy[kind] = busy.get(kind, 0.0) + max(0.0, finished - start)
             previous_done = finished
         wall = (self._done[-1] - self._dispatched[0]) if self._done else 0.0
-        return TimelineSummary(len(self._done), wall, busy, idle, self._waited,
-                               self._dispatch)
+        return TimelineSummary(len(self._done), wall, sum(busy.values()), idle, self._waited,
+                               self._dispatch, busy)
 
     def _wait_each(self) -> None:
         while True:

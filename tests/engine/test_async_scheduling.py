@@ -107,7 +107,7 @@ def test_an_abort_in_flight_emits_nothing_after_it(llm):
     assert engine.stats().num_free_pages == free_pages
 
 
-def test_a_timeline_counts_the_host_time_inside_the_jitted_calls(llm):
+def test_a_timeline_counts_host_time_in_jitted_calls_and_busy_time_by_step(llm):
     # The benchmarks split the host's time per step into the jitted calls (where a launch
     # that waits for the device shows) and the rest.
     timeline = llm.engine.runner.timeline = DeviceTimeline()
@@ -121,3 +121,6 @@ def test_a_timeline_counts_the_host_time_inside_the_jitted_calls(llm):
     summary = timeline.summary()
     assert summary.computations >= 2 * 6   # a forward and a sampler a step, at least 6 steps
     assert 0 < summary.dispatch_s < elapsed
+    # Prompts of 10-20 tokens take a prefill step; then come decode steps.
+    assert set(summary.busy_by_kind) == {"prefill", "decode"}
+    assert sum(summary.busy_by_kind.values()) == pytest.approx(summary.busy_s)
