@@ -60,22 +60,24 @@ def run_requests(engine, prompts: list[list[int]], max_tokens: int, limit_s: flo
     produced, token_times, finished, steps, in_step, first_ids = {}, [], 0, 0, 0.0, []
     host_by_kind = {"prefill": [], "decode": [], "drain": []}   # each step's host seconds
     kinds = record_step_kinds(engine)
-    while engine.has_unfinished_requests() and time.perf_counter() - start < limit_s:
-        step_start, waited = time.perf_counter(), timeline.waited_s
-        outputs = engine.step()
-        now = time.perf_counter()
-        in_step += now - step_start
-        host_by_kind[kinds[-1]].append(now - step_start - (timeline.waited_s - waited))
-        steps += 1
-        for output in outputs:
-            count = len(output.outputs[0].token_ids)
-            token_times += [now] * (count - produced.get(output.request_id, 0))
-            produced[output.request_id] = count
-            finished += output.finished
-            if output.request_id == ids[0]:
-                first_ids = list(output.outputs[0].token_ids)
+    try:
+        while engine.has_unfinished_requests() and time.perf_counter() - start < limit_s:
+            step_start, waited = time.perf_counter(), timeline.waited_s
+            outputs = engine.step()
+            now = time.perf_counter()
+            in_step += now - step_start
+            host_by_kind[kinds[-1]].append(now - step_start - (timeline.waited_s - waited))
+            steps += 1
+            for output in outputs:
+                count = len(output.outputs[0].token_ids)
+                token_times += [now] * (count - produced.get(output.request_id, 0))
+                produced[output.request_id] = count
+                finished += output.finished
+                if output.request_id == ids[0]:
+                    first_ids = list(output.outputs[0].token_ids)
+    finally:
+        del engine.scheduler.schedule   # record_step_kinds' wrapper: the class's method again
     elapsed = time.perf_counter() - start
-    del engine.scheduler.schedule   # record_step_kinds' wrapper: the class's method again
     compilations = engine.compilations_after_warmup - compiled_before
     device = timeline.summary()
     engine.runner.timeline = None
