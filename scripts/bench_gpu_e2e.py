@@ -44,7 +44,8 @@ are rewritten after each part, so a run killed from outside keeps what it measur
 tiny shapes, short workloads, transformers on CPU (a smoke test of the whole flow on a
 laptop; its figures mean nothing). --host-shapes: the full workload on each shape's vocabulary
 with two tiny layers, whose host ms per step on a CPU is what the engine's own work costs
-(to set beside a device's host ms: docs/perf.md).
+(to set beside a device's host ms: docs/perf.md; the in-line row's, where the CPU's device
+work does not share the cores with it).
 
 Usage: python scripts/bench_gpu_e2e.py [--shapes 8b,1b] [--out DIR] [--budget-s 150]
                                       [--parts batch1,quantized,throughput,variants]
@@ -95,7 +96,7 @@ QUICK_SHAPES = {   # the same two kinds (untied, tied) at sizes a CPU runs in se
                num_key_value_heads=2, intermediate_size=128, vocab_size=1024),
 }
 # The shapes' vocabularies and the full workload with two tiny layers (--host-shapes): what
-# the host's work costs a step, on a machine whose device work for them is small (a CPU).
+# the host's work costs a step, on a machine without the device the shapes need (a CPU).
 HOST_SHAPES = {shape: dict(config, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, intermediate_size=128)
                for shape, config in SHAPES.items()}
