@@ -21,6 +21,8 @@ the host's return from one probe call, for each probe:
   while (dynamic)    a call whose body holds a while loop with a trip count read on the device
   scan (static)      a call whose body holds a lax.scan of fixed length (the scanned layers)
   to host, ready     np.asarray of a small array computed before the busy one (collect())
+  copy to host, busy copy_to_host_async of the busy computation's output (the runner starts
+                     each sampler output's trip to the host so, right after dispatching it)
   busy again, ...    the busy program itself once more, on the same input buffer, on
                      another one, on a numpy array (an engine's next step: the same
                      executable, its inputs in new buffers). XLA's GPU backend replays
@@ -121,6 +123,7 @@ def probes(busy, x: jax.Array) -> dict:
         "while (dynamic)": lambda _: lambda: dynamic(small),
         "scan (static)": lambda _: lambda: scan(small),
         "to host, ready": lambda _: lambda: np.asarray(ready),
+        "copy to host, busy": lambda out: out.copy_to_host_async,
         "busy again, same input": lambda _: lambda: busy(x),
         "busy again, other input": lambda _: lambda: busy(other_x),
         "busy again, numpy input": lambda _: lambda: busy(host_x),
@@ -143,9 +146,10 @@ def probe(busy, x, prepare) -> tuple[float, float]:
 
 
 def wait_for(busy_out: jax.Array, result) -> None:
-    """Until the busy computation (unless its output was donated) and the probe are done."""
-    jax.block_until_ready([a for a in (busy_out, result)
-                           if isinstance(a, np.ndarray) or not a.is_deleted()])
+    """Until the busy computation (unless its output was donated) and the probe (if it
+    returned a device array) are done."""
+    jax.block_until_ready([a for a in (busy_out, result) if isinstance(a, jax.Array)
+                           and not a.is_deleted()])
 
 
 def main() -> int:
