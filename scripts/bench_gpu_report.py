@@ -116,8 +116,7 @@ class Report:
                   f"{w['output_len']}-token outputs, ignore_eos; all requests at once)", "",
                   "| model, concurrent | Ember output tok/s | total tok/s | transformers "
                   "output tok/s | Ember / transformers | host (in jitted calls) / device / "
-                  "idle ms per step "
-                  "(idle share) | note |", "|---|---|---|---|---|---|---|"]
+                  "idle ms per step (idle share) | note |", "|---|---|---|---|---|---|---|"]
         for name in {**r["throughput"], **r["transformers"]}:
             run, hf = r["throughput"].get(name), r["transformers"].get(name, {})
             hf_rate = hf.get("tokens_per_s")

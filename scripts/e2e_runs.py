@@ -111,9 +111,8 @@ def record_step_kinds(engine) -> list[str]:
 
     def recording():
         scheduled = schedule()
-        kinds.append("drain" if not scheduled.scheduled else
-                     "prefill" if scheduled.num_batched_tokens > len(scheduled.scheduled)
-                     else "decode")
+        kinds.append("drain" if scheduled.is_empty else
+                     "prefill" if scheduled.feeds_prompts else "decode")
         return scheduled
 
     engine.scheduler.schedule = recording

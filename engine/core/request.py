@@ -256,6 +256,12 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
+    @property
+    def feeds_prompts(self) -> bool:
+        """Whether some sequence is fed more than one token (a prefill step), rather than
+        one token each (a decode step)."""
+        return self.num_batched_tokens > len(self.scheduled)
+
 
 @dataclass(slots=True)
 class ModelOutput:

@@ -266,8 +266,8 @@ class Runner:
         """The computation behind `output`, to the timeline if one is attached, labelled by
         its step's kind: "prefill" (prompt tokens fed) or "decode" (one token a sequence)."""
         if self.timeline is not None:
-            prefill = scheduler_output.num_batched_tokens > len(scheduler_output.scheduled)
-            self.timeline.record(output, "prefill" if prefill else "decode")
+            self.timeline.record(output,
+                                 "prefill" if scheduler_output.feeds_prompts else "decode")
 
     def restore_kv_cache(self) -> bool:
         """Re-creates the KV cache if a failed step lost it: the forward donates the cache, so
