@@ -26,7 +26,9 @@ For each shape ("8b": Llama-3-8B's sizes, "1b": Llama-3.2-1B's), in one run:
     choice of pallas_kernels/gpu/kernel_choice.py forced (VARIANTS): XLA's dot in place of
     the Pallas layer matmul (EMBER_GPU_LAYER_MATMUL=xla), the Mosaic GPU attention
     (EMBER_GPU_KERNELS=mosaic; Hopper and newer): what setting its flags would change end to
-    end, with how many of the greedy tokens equal the default's;
+    end, with how many of the greedy tokens equal the default's; and the layers unrolled
+    (EngineConfig.scan_layers=False: each layer's weights their own arrays, which XLA's dot
+    reads in place at any row count; its compile grows with depth, hence its longer limit);
   - with --profile-host, each concurrency once more under cProfile (its figures not
     reported): the host's slowest functions in results.json (host_profile).
 
@@ -106,11 +108,15 @@ FULL = dict(prompt_len=1024, output_len=128, batch1_tokens=128, concurrencies=(6
 QUICK = dict(prompt_len=48, output_len=12, batch1_tokens=24, concurrencies=(2, 4),
              max_num_batched_tokens=32, page_size=16)
 # Each part's own limit (seconds), within what the global budget has left.
-LIMITS = dict(batch1=20, warmup=60, untimed=45, throughput_64=20, throughput_256=30)
+LIMITS = dict(batch1=20, batch1_unrolled=60, warmup=60, untimed=45, throughput_64=20,
+              throughput_256=30)
 PARTS = ("batch1", "quantized", "throughput", "variants")
-# (row label, environment): bf16 batch-1 decode with one kernel choice forced.
-VARIANTS = (("bf16 xla layer matmul", {"EMBER_GPU_LAYER_MATMUL": "xla"}),
-            ("bf16 mosaic-gpu attention", {"EMBER_GPU_KERNELS": "mosaic"}))
+# (row label, environment, EngineConfig overrides): bf16 batch-1 decode with one kernel
+# choice forced, or the layers unrolled (on the H200, 2026-11-30, XLA's dot on separate
+# weights took 0.8-1.2x the layer matmul's time at one row and 0.7-0.8x at 64: docs/perf.md).
+VARIANTS = (("bf16 xla layer matmul", {"EMBER_GPU_LAYER_MATMUL": "xla"}, {}),
+            ("bf16 mosaic-gpu attention", {"EMBER_GPU_KERNELS": "mosaic"}, {}),
+            ("bf16 layers unrolled", {}, {"scan_layers": False}))
 
 
 def write_model_dir(out_dir: Path, hf_config: dict) -> Path:
@@ -221,18 +227,21 @@ def bench_concurrency(engine, shape: str, concurrency: int, workload: dict, repo
 
 
 def bench_batch1(model_dir: Path, shape: str, weights: str, workload: dict, report: Report,
-                 label: str | None = None) -> None:
+                 label: str | None = None, limit: float | None = None,
+                 **overrides) -> None:
     """Batch-1 decode of `weights` ("bf16", "int8", "int4") on an engine of one sequence,
     not warmed up: the untimed first request compiles the few shapes it needs. label: the
-    row's name (default: weights)."""
-    label = label or weights
-    if not report.starts(f"{shape} {label} batch-1", LIMITS["batch1"]):
+    row's name (default: weights); limit: seconds (default LIMITS["batch1"]); overrides:
+    EngineConfig fields."""
+    label, limit = label or weights, limit or LIMITS["batch1"]
+    if not report.starts(f"{shape} {label} batch-1", limit):
         return
     start = time.perf_counter()
     engine, load_s = make_engine(model_dir, workload, max_num_seqs=1, warmup=False,
-                                 quantization=None if weights == "bf16" else weights)
+                                 quantization=None if weights == "bf16" else weights,
+                                 **overrides)
     report.engine(shape, label, load_s, bytes_per_token(engine))
-    left = LIMITS["batch1"] - (time.perf_counter() - start)
+    left = limit - (time.perf_counter() - start)
     report.batch1(shape, label, batch1_decode(
         engine, workload["batch1_tokens"], report.limit(max(left, 5))))
     del engine
@@ -242,14 +251,15 @@ def bench_batch1(model_dir: Path, shape: str, weights: str, workload: dict, repo
 def bench_variants(model_dir: Path, shape: str, workload: dict, report: Report,
                    rng) -> None:
     """bf16 batch-1 decode with each of VARIANTS' kernel choices forced (read when the engine
-    traces its steps), and how many greedy tokens equal the default's. The Mosaic GPU one
+    traces its steps) or engine settings, and how many greedy tokens equal the default's.
+    The Mosaic GPU one
     is skipped off Hopper, on a jax without Mosaic GPU, and when the device check chose
     Triton after its kernel stage failed (EMBER_GPU_KERNELS=triton)."""
     from pallas_kernels.compat import cuda_compute_capability, has_mosaic_gpu
     from pallas_kernels.gpu.kernel_choice import (GPU_KERNELS_VARIABLE,
                                                   MOSAIC_MIN_COMPUTE_CAPABILITY)
 
-    for label, environment in VARIANTS:
+    for label, environment, overrides in VARIANTS:
         chosen = os.environ.get(GPU_KERNELS_VARIABLE)
         capability = cuda_compute_capability() or 0
         if GPU_KERNELS_VARIABLE in environment and (
@@ -262,7 +272,9 @@ def bench_variants(model_dir: Path, shape: str, workload: dict, report: Report,
         saved = {name: os.environ.get(name) for name in environment}
         os.environ.update(environment)
         try:
-            bench_batch1(model_dir, shape, "bf16", workload, report, label=label)
+            bench_batch1(model_dir, shape, "bf16", workload, report, label=label,
+                         limit=LIMITS["batch1_unrolled" if overrides else "batch1"],
+                         **overrides)
         except Exception as error:  # noqa: BLE001 - one variant's failure ends only it
             report.note(f"{shape} {label}: {type(error).__name__}: {str(error)[:400]}")
         finally:

@@ -166,9 +166,10 @@ def profile_host(engine, concurrency: int, workload: dict, limit_s: float, rng) 
 
 
 def make_engine(model_dir: Path, workload: dict, *, max_num_seqs: int, warmup: bool,
-                quantization: str | None = None):
+                quantization: str | None = None, **overrides):
     """A dummy-weight engine for `max_num_seqs` requests of the workload's lengths, compiled
-    cold (no persistent cache, as on a fresh machine); (engine, load seconds)."""
+    cold (no persistent cache, as on a fresh machine); (engine, load seconds). `overrides`:
+    other EngineConfig fields (e.g. scan_layers=False)."""
     from engine import EngineConfig, LLMEngine
 
     page = workload["page_size"]
@@ -179,7 +180,7 @@ def make_engine(model_dir: Path, workload: dict, *, max_num_seqs: int, warmup: b
             workload["max_num_batched_tokens"], max_num_seqs),
         page_size=page, max_model_len=max_model_len,
         num_pages=max_num_seqs * -(-max_model_len // page) + 2, warmup=warmup,
-        compilation_cache_dir="")
+        compilation_cache_dir="", **overrides)
     start = time.perf_counter()
     engine = LLMEngine(model_dir, config)
     return engine, time.perf_counter() - start - engine.warmup_seconds
