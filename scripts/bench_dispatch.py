@@ -9,8 +9,9 @@ model: it queues a computation that keeps the device busy for about --busy-ms, t
 the host's return from one probe call, for each probe:
 
   device args        a jitted call on device arrays only (the baseline)
-  numpy 256 B ...    the same with one numpy argument of 256 B, 64 KiB and 1 MiB (a step's
-                     page table is 75 KB at 256 sequences)
+  numpy 256 B ...    the same with one numpy argument of 256 B, 4, 16 and 64 KiB and 1 MiB
+                     (a step's page table is 292 B at batch 1, 18.7 KB at 64 sequences and
+                     75 KB at 256 in bench_gpu_e2e's workload)
   16 numpy args      sixteen small numpy arguments (a step's batch and sampling arrays)
   device_put 64 KiB  jax.device_put of a numpy array, alone
   donated busy out   a call donating the busy computation's own output (the KV cache that
@@ -113,6 +114,8 @@ def probes(busy, x: jax.Array) -> dict:
     return {
         "device args": lambda _: lambda: add(small, small),
         "numpy 256 B": numpy_arg(256),
+        "numpy 4 KiB": numpy_arg(4 << 10),
+        "numpy 16 KiB": numpy_arg(16 << 10),
         "numpy 64 KiB": numpy_arg(64 << 10),
         "numpy 1 MiB": numpy_arg(1 << 20),
         "16 numpy args": lambda _: lambda: many(small, *batch),
