@@ -28,7 +28,8 @@ For each shape ("8b": Llama-3-8B's sizes, "1b": Llama-3.2-1B's), in one run:
     (EMBER_GPU_KERNELS=mosaic; Hopper and newer): what setting its flags would change end to
     end, with how many of the greedy tokens equal the default's; and the layers unrolled
     (EngineConfig.scan_layers=False: each layer's weights their own arrays, which XLA's dot
-    reads in place at any row count; its compile grows with depth, hence its longer limit);
+    reads in place at any row count; its compile grows with depth, hence its longer limit),
+    and the 64-request throughput with the layers unrolled (compiled on demand);
   - with --profile-host, each concurrency once more under cProfile (its figures not
     reported): the host's slowest functions in results.json (host_profile).
 
@@ -108,8 +109,8 @@ FULL = dict(prompt_len=1024, output_len=128, batch1_tokens=128, concurrencies=(6
 QUICK = dict(prompt_len=48, output_len=12, batch1_tokens=24, concurrencies=(2, 4),
              max_num_batched_tokens=32, page_size=16)
 # Each part's own limit (seconds), within what the global budget has left.
-LIMITS = dict(batch1=20, batch1_unrolled=60, warmup=60, untimed=45, throughput_64=20,
-              throughput_256=30)
+LIMITS = dict(batch1=20, batch1_unrolled=60, warmup=60, untimed=45, untimed_unrolled=120,
+              throughput_64=20, throughput_256=30)
 PARTS = ("batch1", "quantized", "throughput", "variants")
 # (row label, environment, EngineConfig overrides): bf16 batch-1 decode with one kernel
 # choice forced, or the layers unrolled (on the H200, 2026-11-30, XLA's dot on separate
@@ -178,17 +179,18 @@ def attempt(report: Report, shape: str, part, *args, **kwargs):
 
 
 def throughput_engine(model_dir: Path, shape: str, workload: dict, report: Report,
-                      warmup: str):
+                      warmup: str, label: str = "", **overrides):
     """The engine of the throughput runs (as many sequences as the largest concurrency),
-    warmed up in full and timed, or (warmup="on-demand") not at all; None if out of time."""
+    warmed up in full and timed, or (warmup="on-demand") not at all; None if out of time.
+    overrides: EngineConfig fields (label: their name in the report)."""
     import jax
 
-    if not report.starts(f"{shape} engine and warm-up", LIMITS["warmup"]):
+    if not report.starts(f"{shape}{label} engine and warm-up", LIMITS["warmup"]):
         return None
     if warmup == "full":
         jax.clear_caches()   # cold, as a fresh process: nothing kept from the engines above
     engine, load_s = make_engine(model_dir, workload, warmup=warmup == "full",
-                                 max_num_seqs=max(workload["concurrencies"]))
+                                 max_num_seqs=max(workload["concurrencies"]), **overrides)
     config = engine.config
     if warmup == "full":
         report.warmup(shape, engine.warmup_seconds, load_s,
@@ -198,12 +200,15 @@ def throughput_engine(model_dir: Path, shape: str, workload: dict, report: Repor
 
 def bench_concurrency(engine, shape: str, concurrency: int, workload: dict, report: Report,
                       rng, warmup: str, *, diagnostics: bool = False,
-                      profile: bool = False) -> None:
+                      profile: bool = False, label: str = "",
+                      untimed_limit: float | None = None) -> None:
     """`concurrency` requests at once, timed (after an untimed run compiling its shapes,
-    unless warmed up in full); diagnostics: instead, the same with the host's work in line
-    (async scheduling off: as fast as async when the overlap is lost somewhere); profile:
-    then one more run under cProfile (profile_host)."""
+    unless warmed up in full, limited to untimed_limit, default LIMITS["untimed"]);
+    diagnostics: instead, the same with the host's work in line (async scheduling off: as
+    fast as async when the overlap is lost somewhere); profile: then one more run under
+    cProfile (profile_host); label: after the concurrency in the row's name."""
     limit = LIMITS["throughput_64" if concurrency <= 64 else "throughput_256"]
+    untimed_limit = untimed_limit or LIMITS["untimed"]
     if diagnostics:
         if report.starts(f"{shape} in line {concurrency}", limit):
             engine.async_scheduling = False
@@ -213,11 +218,11 @@ def bench_concurrency(engine, shape: str, concurrency: int, workload: dict, repo
             finally:
                 engine.async_scheduling = True
     else:
-        if warmup != "full" and report.starts(f"{shape} untimed {concurrency}",
-                                              LIMITS["untimed"] + limit):
-            throughput(engine, concurrency, workload, report.limit(LIMITS["untimed"]), rng)
-        if report.starts(f"{shape} throughput {concurrency}", limit):
-            report.throughput(shape, concurrency, throughput(
+        if warmup != "full" and report.starts(f"{shape} untimed {concurrency}{label}",
+                                              untimed_limit + limit):
+            throughput(engine, concurrency, workload, report.limit(untimed_limit), rng)
+        if report.starts(f"{shape} throughput {concurrency}{label}", limit):
+            report.throughput(shape, f"{concurrency}{label}", throughput(
                 engine, concurrency, workload, report.limit(limit), rng))
     if profile and report.starts(f"{shape} host profile {concurrency}", limit):
         lines = profile_host(engine, concurrency, workload, report.limit(limit), rng)
@@ -251,7 +256,8 @@ def bench_batch1(model_dir: Path, shape: str, weights: str, workload: dict, repo
 def bench_variants(model_dir: Path, shape: str, workload: dict, report: Report,
                    rng) -> None:
     """bf16 batch-1 decode with each of VARIANTS' kernel choices forced (read when the engine
-    traces its steps) or engine settings, and how many greedy tokens equal the default's.
+    traces its steps) or engine settings, and how many greedy tokens equal the default's;
+    then the first concurrency's throughput with the layers unrolled.
     The Mosaic GPU one
     is skipped off Hopper, on a jax without Mosaic GPU, and when the device check chose
     Triton after its kernel stage failed (EMBER_GPU_KERNELS=triton)."""
@@ -290,6 +296,18 @@ def bench_variants(model_dir: Path, shape: str, workload: dict, report: Report,
                         min(len(default), len(variant)))
             report.note(f"{shape} {label}: the first {same} of {len(default)} greedy tokens "
                         "equal the default kernels' (random weights: near-ties may flip)")
+    # Last, the first concurrency with the layers unrolled: scanned, a prefill step (and a
+    # decode step of more rows than the layer matmul takes) copies every layer's weights out
+    # of its stack; unrolled, none does. Its shapes compile on demand, layer by layer.
+    label = " layers unrolled"
+    engine = attempt(report, shape, throughput_engine, model_dir, shape, workload, report,
+                     "on-demand", label=label, scan_layers=False)
+    if engine is not None:
+        attempt(report, shape, bench_concurrency, engine, shape, workload["concurrencies"][0],
+                workload, report, rng, "on-demand", label=label,
+                untimed_limit=LIMITS["untimed_unrolled"])
+    del engine
+    gc.collect()
 
 
 def run_transformers(shapes: list[str], configs: dict, workload: dict, budget_s: float,
