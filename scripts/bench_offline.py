@@ -7,7 +7,9 @@ output lengths, and measures in one run:
     per-token latency p50/p99, prefix-cache hit rate, peak memory,
   - transformers (torch CPU, same weights, same prompts, padded batches): the same numbers,
     in a subprocess so each peak memory is its own,
-  - the compute roofline of the workload and batch-1 decode against the memory roofline,
+  - the compute roofline of the workload and batch-1 decode against the memory roofline
+    (the weights a decode token reads, over the copy bandwidth: every parameter but an
+    untied embedding table, of which a token reads one row),
   - async scheduling on (the default) and off on the same workload: output tokens/s, the
     host's milliseconds per step and the share of wall time the device waited for the host
     (engine/worker/timeline.py),
@@ -202,6 +204,13 @@ def record_steps(engine) -> list:
 
     engine.scheduler.schedule = recording
     return steps
+
+
+def decode_weight_bytes(config, dtype_bytes=4) -> int:
+    """The weights one decode token reads: every parameter but an untied embedding table
+    (one row of it is read; a tied one is read whole, as the LM head)."""
+    embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    return (config.num_parameters - embedding) * dtype_bytes
 
 
 def honest_roofline_seconds(config, steps, page_size, flops, bandwidth, dtype_bytes=4):
@@ -407,13 +416,14 @@ def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest, 
            model_config):
     prompt_tokens, output_tokens = sum(map(len, prompts)), sum(outputs)
     roofline = output_tokens / ((prompt_tokens + output_tokens) * 2 * params / flops)
-    memory_roofline = bandwidth / (params * 4)
+    memory_roofline = bandwidth / decode_weight_bytes(model_config)
     print(f"\nmodel: random-weight Llama, {params / 1e6:.1f}M params (preset {args.preset}, "
           f"layers {args.layers}); {args.requests} requests, {prompt_tokens} prompt + "
           f"{output_tokens} output tokens")
     print(f"ceilings: f32 matmul {flops / 1e9:.1f} GFLOP/s, copy {bandwidth / 1e9:.1f} GB/s")
-    print(f"compute roofline: {roofline:.0f} output tok/s; "
-          f"batch-1 memory roofline: {memory_roofline:.0f} tok/s\n")
+    print(f"compute roofline: {roofline:.0f} output tok/s; batch-1 memory roofline: "
+          f"{memory_roofline:.0f} tok/s ({decode_weight_bytes(model_config) / 1e6:.1f} MB "
+          "of weights a token)\n")
     rows = [("output tok/s", "tokens_per_s", "{:.1f}"), ("wall s", "seconds", "{:.1f}"),
             ("TTFT p50/p99 ms", "ttft", "{0[0]:.0f} / {0[1]:.0f}"),
             ("per-token p50/p99 ms", "itl", "{0[0]:.1f} / {0[1]:.1f}"),
