@@ -5,16 +5,20 @@
 // 40 sequences runs 64 rows), and XLA's dot computes every padded row. Here the real row count
 // is an operand, read at run time, so the padding costs nothing and the ladder no compiles.
 // Without it XLA's CPU dots (YNNPACK, which also repacks the weights on every call) are neither
-// faster nor slower than this kernel on full rungs (docs/perf.md).
+// faster nor slower than this kernel on full rungs (docs/perf.md). Up to kFewRows real rows
+// (a decode of a few sequences, or a scanned layer's product, which XLA's dot would copy out
+// of its stack first) the product is bound by reading the weight: FewRows reads it in long
+// runs, as fast as XLA's dot at one row.
 //
 // The product is blocked for registers: a tile of kRows rows by kVecs vectors of 16 columns
 // accumulates over a block of kDepth inputs, broadcasting one x value to each row's FMAs.
 // Work items are column panels (and, where there are few, row groups) on XLA's intra-op
-// thread pool.
+// thread pool, or (FewRows) panels split along the inputs (for_each_item.h picks the threads).
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 
 #include "for_each_item.h"
 #include "layer_stack.h"
@@ -37,6 +41,9 @@ constexpr int kRows = 3, kVecs = 2;
 #endif
 constexpr int64_t kDepth = 512;        // inputs per pass over a tile (x's rows stay in L1)
 constexpr int64_t kItemsPerThread = 4;
+constexpr int64_t kFewRows = 8;        // rows up to which FewRows reads the weight
+constexpr int64_t kFewSums = 16 << 10;   // bytes of a FewRows item's sums (R x panel: in L1)
+constexpr int64_t kFewItemsPerThread = 2;
 
 struct Problem {
   const float* x;   // [T, in]
@@ -81,6 +88,61 @@ void Rows(const Problem& p, const float* x, const float* w, float* y, int64_t ro
     case 4: Tile<4 < kRows ? 4 : 1, NV>(p, xr, w, yr, depth, add); break;
     case 5: Tile<5 < kRows ? 5 : 1, NV>(p, xr, w, yr, depth, add); break;
     default: break;
+  }
+}
+
+// A few rows (a decode of a few sequences): a tile's pass over kDepth inputs for 16 NV columns
+// would read the weight in runs of 16 NV floats, one per input row, at a fraction of the
+// memory's speed. Instead a work item takes a panel of columns and a range of inputs [begin,
+// end) and reads the weight's rows across the whole panel, four at a time, into the rows'
+// partial sums (sums[r * stride + c] for the panel's `width` columns: in L1).
+template <int R>
+void FewRows(const Problem& p, int64_t begin, int64_t end, int64_t first, int64_t width,
+             float* sums, int64_t stride) {
+  for (int r = 0; r < R; ++r) std::fill(sums + r * stride, sums + r * stride + width, 0.0f);
+  const int64_t vectors = width / 16;
+  int64_t k = begin;
+  for (; k + 4 <= end; k += 4) {
+    const float* w = p.w + k * p.out + first;
+    float a[R][4];
+    for (int r = 0; r < R; ++r) {
+      for (int j = 0; j < 4; ++j) a[r][j] = p.x[r * p.in + k + j];
+    }
+    for (int64_t v = 0; v < vectors; ++v) {
+      const Vec b0 = LoadVec(w + 16 * v), b1 = LoadVec(w + p.out + 16 * v);
+      const Vec b2 = LoadVec(w + 2 * p.out + 16 * v), b3 = LoadVec(w + 3 * p.out + 16 * v);
+      for (int r = 0; r < R; ++r) {
+        Vec sum = LoadVec(sums + r * stride + 16 * v);
+        sum += a[r][0] * b0 + a[r][1] * b1 + a[r][2] * b2 + a[r][3] * b3;
+        std::memcpy(sums + r * stride + 16 * v, &sum, sizeof sum);
+      }
+    }
+    for (int64_t c = 16 * vectors; c < width; ++c) {   // the last (width % 16) columns
+      for (int r = 0; r < R; ++r) {
+        for (int j = 0; j < 4; ++j) sums[r * stride + c] += a[r][j] * w[j * p.out + c];
+      }
+    }
+  }
+  for (; k < end; ++k) {   // the last (end - begin) % 4 inputs
+    const float* w = p.w + k * p.out + first;
+    for (int r = 0; r < R; ++r) {
+      const float a = p.x[r * p.in + k];
+      for (int64_t c = 0; c < width; ++c) sums[r * stride + c] += a * w[c];
+    }
+  }
+}
+
+void FewRowsOf(int64_t rows, const Problem& p, int64_t begin, int64_t end, int64_t first,
+               int64_t width, float* sums, int64_t stride) {
+  switch (rows) {
+    case 1: FewRows<1>(p, begin, end, first, width, sums, stride); break;
+    case 2: FewRows<2>(p, begin, end, first, width, sums, stride); break;
+    case 3: FewRows<3>(p, begin, end, first, width, sums, stride); break;
+    case 4: FewRows<4>(p, begin, end, first, width, sums, stride); break;
+    case 5: FewRows<5>(p, begin, end, first, width, sums, stride); break;
+    case 6: FewRows<6>(p, begin, end, first, width, sums, stride); break;
+    case 7: FewRows<7>(p, begin, end, first, width, sums, stride); break;
+    default: FewRows<8>(p, begin, end, first, width, sums, stride); break;
   }
 }
 
@@ -129,6 +191,40 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   const int64_t rows = std::clamp<int64_t>(num_rows.typed_data()[0], 0, tokens);
   std::memset(p.y + rows * p.out, 0, (tokens - rows) * p.out * sizeof(float));
   if (rows == 0 || p.out == 0) return ffi::Error::Success();
+  if (rows <= kFewRows) {
+    // Items: panels of columns, each split along the inputs into enough items for the
+    // threads; the splits' partial sums are added up after.
+    const int64_t helpers = ember_cpu::HelpersFor(m.size() * sizeof(float));
+    const int64_t threads =
+        std::clamp<int64_t>(helpers + 1, 1, std::max<int64_t>(1, pool.num_threads()));
+    const int64_t widest = kFewSums / (rows * sizeof(float));
+    const int64_t panels = (p.out + widest - 1) / widest;
+    const int64_t width = ((p.out + panels - 1) / panels + 15) / 16 * 16;
+    const int64_t wanted = kFewItemsPerThread * threads;
+    const int64_t splits = std::clamp<int64_t>((wanted + panels - 1) / panels, 1,
+                                               (p.in + 3) / 4);
+    const int64_t per_split = ((p.in + splits - 1) / splits + 3) / 4 * 4;
+    std::unique_ptr<float[]> partial(new float[panels * splits * rows * width]);
+    ember_cpu::ForEachItem(pool, panels * splits, [&](int64_t item) {
+      const int64_t panel = item / splits, split = item % splits;
+      const int64_t first = panel * width, begin = std::min(p.in, split * per_split);
+      FewRowsOf(rows, p, begin, std::min(p.in, begin + per_split), first,
+                std::min(width, p.out - first), partial.get() + item * rows * width, width);
+    }, helpers);
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      const int64_t first = panel * width, cols = std::min(width, p.out - first);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* into = p.y + r * p.out + first;
+        const float* from = partial.get() + panel * splits * rows * width + r * width;
+        std::copy_n(from, cols, into);
+        for (int64_t split = 1; split < splits; ++split) {
+          from += rows * width;
+          for (int64_t c = 0; c < cols; ++c) into[c] += from[c];
+        }
+      }
+    }
+    return ffi::Error::Success();
+  }
   // Panels of whole tiles' columns; row groups of whole tiles' rows when the panels are too
   // few to give every thread kItemsPerThread items.
   const int64_t width = 16 * kVecs;

@@ -26,6 +26,10 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not cpu.availa
     (4, 32, 48, 0),       # no real row
     (4, 32, 48, 9),       # more than the rows there are: all of them
     (4, 32, 48, -3),      # negative: none
+    (8, 701, 1100, 8),    # a few rows: 3 panels, the last narrower; inputs past the last 4
+    (2, 1027, 4100, 2),   # a few rows: wide panels split along the inputs, 3 inputs left over
+    (16, 260, 300, 7),    # a few real rows of a longer rung
+    (12, 64, 40, 9),      # one row past the few-rows path
 ])
 def test_real_rows_equal_the_float64_product_and_the_rest_are_zeros(tokens, inputs, outputs,
                                                                      rows):
@@ -72,7 +76,8 @@ def test_the_step_skips_padding_rows_only_for_f32_layers_on_the_cpu_kernels(
     assert ("ember_dense_matmul" in text) == used
 
 
-def test_a_stacked_weight_gives_the_layer_asked_for_clipped_into_the_stack():
+@pytest.mark.parametrize("rows", [17, 3])   # tiles; the few-rows path
+def test_a_stacked_weight_gives_the_layer_asked_for_clipped_into_the_stack(rows):
     # Scanned layers hand the kernel every layer's weight and the layer's index
     # (models/layer_slice.py); an index outside the stack is clipped into it.
     rng = np.random.default_rng(3)
@@ -80,11 +85,11 @@ def test_a_stacked_weight_gives_the_layer_asked_for_clipped_into_the_stack():
     stack = rng.standard_normal((3, 96, 72)).astype(np.float32)
     step = jax.jit(cpu.dense_matmul_cpu)
     for layer, taken in ((0, 0), (1, 1), (2, 2), (5, 2), (-4, 0)):
-        y = np.asarray(step(x, stack, jnp.asarray([17], jnp.int32), jnp.int32(layer)))
-        exact = x[:17].astype(np.float64) @ stack[taken]
-        magnitude = np.abs(x[:17]).astype(np.float64) @ np.abs(stack[taken])
-        assert (np.abs(y[:17] - exact) <= 1e-6 * magnitude + 1e-6).all(), layer
-        np.testing.assert_array_equal(y[17:], 0.0)
+        y = np.asarray(step(x, stack, jnp.asarray([rows], jnp.int32), jnp.int32(layer)))
+        exact = x[:rows].astype(np.float64) @ stack[taken]
+        magnitude = np.abs(x[:rows]).astype(np.float64) @ np.abs(stack[taken])
+        assert (np.abs(y[:rows] - exact) <= 1e-6 * magnitude + 1e-6).all(), layer
+        np.testing.assert_array_equal(y[rows:], 0.0)
 
 
 @pytest.mark.parametrize("backend,tokens,copied", [("cpu", 16, False), ("cpu", 1, False),
