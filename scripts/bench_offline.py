@@ -7,7 +7,8 @@ output lengths, and measures in one run:
     per-token latency p50/p99, prefix-cache hit rate, peak memory,
   - transformers (torch CPU, same weights, same prompts, padded batches): the same numbers,
     in a subprocess so each peak memory is its own,
-  - the compute roofline of the workload and batch-1 decode against the memory roofline
+  - the compute roofline of the workload ((prompt + output tokens) x 2 FLOPs per weight a
+    token multiplies by, over the matmul rate) and batch-1 decode against the memory roofline
     (the weights a decode token reads, over the copy bandwidth: every parameter but an
     untied embedding table, of which a token reads one row),
   - async scheduling on (the default) and off on the same workload: output tokens/s, the
@@ -415,7 +416,10 @@ def run_structured(args):
 def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest, attention,
            model_config):
     prompt_tokens, output_tokens = sum(map(len, prompts)), sum(outputs)
-    roofline = output_tokens / ((prompt_tokens + output_tokens) * 2 * params / flops)
+    # 2 FLOPs per weight a token multiplies by: every parameter but an untied embedding
+    # table, which a token only reads a row of.
+    multiplied = decode_weight_bytes(model_config, dtype_bytes=1)
+    roofline = output_tokens / ((prompt_tokens + output_tokens) * 2 * multiplied / flops)
     memory_roofline = bandwidth / decode_weight_bytes(model_config)
     print(f"\nmodel: random-weight Llama, {params / 1e6:.1f}M params (preset {args.preset}, "
           f"layers {args.layers}); {args.requests} requests, {prompt_tokens} prompt + "
