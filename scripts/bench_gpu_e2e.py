@@ -257,10 +257,9 @@ def bench_variants(model_dir: Path, shape: str, workload: dict, report: Report,
                    rng) -> None:
     """bf16 batch-1 decode with each of VARIANTS' kernel choices forced (read when the engine
     traces its steps) or engine settings, and how many greedy tokens equal the default's;
-    then the first concurrency's throughput with the layers unrolled.
-    The Mosaic GPU one
-    is skipped off Hopper, on a jax without Mosaic GPU, and when the device check chose
-    Triton after its kernel stage failed (EMBER_GPU_KERNELS=triton)."""
+    then the first concurrency's throughput with the layers unrolled. The Mosaic GPU one is
+    skipped off Hopper, on a jax without Mosaic GPU, and when the device check chose Triton
+    after its kernel stage failed (EMBER_GPU_KERNELS=triton)."""
     from pallas_kernels.compat import cuda_compute_capability, has_mosaic_gpu
     from pallas_kernels.gpu.kernel_choice import (GPU_KERNELS_VARIABLE,
                                                   MOSAIC_MIN_COMPUTE_CAPABILITY)

@@ -207,11 +207,11 @@ def record_steps(engine) -> list:
     return steps
 
 
-def decode_weight_bytes(config, dtype_bytes=4) -> int:
-    """The weights one decode token reads: every parameter but an untied embedding table
-    (one row of it is read; a tied one is read whole, as the LM head)."""
+def decode_weights(config) -> int:
+    """The weights one decode token reads and multiplies by: every parameter but an untied
+    embedding table (of which it reads one row; a tied one is the LM head, read whole)."""
     embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
-    return (config.num_parameters - embedding) * dtype_bytes
+    return config.num_parameters - embedding
 
 
 def honest_roofline_seconds(config, steps, page_size, flops, bandwidth, dtype_bytes=4):
@@ -416,18 +416,15 @@ def run_structured(args):
 def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest, attention,
            model_config):
     prompt_tokens, output_tokens = sum(map(len, prompts)), sum(outputs)
-    # 2 FLOPs per weight a token multiplies by: every parameter but an untied embedding
-    # table, which a token only reads a row of.
-    multiplied = decode_weight_bytes(model_config, dtype_bytes=1)
-    roofline = output_tokens / ((prompt_tokens + output_tokens) * 2 * multiplied / flops)
-    memory_roofline = bandwidth / decode_weight_bytes(model_config)
+    weights = decode_weights(model_config)   # f32: 4 bytes each
+    roofline = output_tokens / ((prompt_tokens + output_tokens) * 2 * weights / flops)
+    memory_roofline = bandwidth / (4 * weights)
     print(f"\nmodel: random-weight Llama, {params / 1e6:.1f}M params (preset {args.preset}, "
           f"layers {args.layers}); {args.requests} requests, {prompt_tokens} prompt + "
           f"{output_tokens} output tokens")
     print(f"ceilings: f32 matmul {flops / 1e9:.1f} GFLOP/s, copy {bandwidth / 1e9:.1f} GB/s")
     print(f"compute roofline: {roofline:.0f} output tok/s; batch-1 memory roofline: "
-          f"{memory_roofline:.0f} tok/s ({decode_weight_bytes(model_config) / 1e6:.1f} MB "
-          "of weights a token)\n")
+          f"{memory_roofline:.0f} tok/s ({4 * weights / 1e6:.1f} MB of weights a token)\n")
     rows = [("output tok/s", "tokens_per_s", "{:.1f}"), ("wall s", "seconds", "{:.1f}"),
             ("TTFT p50/p99 ms", "ttft", "{0[0]:.0f} / {0[1]:.0f}"),
             ("per-token p50/p99 ms", "itl", "{0[0]:.1f} / {0[1]:.1f}"),
