@@ -16,8 +16,9 @@ training and tests (no cache: None in, None out).
 
 `hints` (models.layer_slice.ProductHints, down to every Linear): how the step's products may
 run. Its `num_rows` (i32[1]) is the step's real rows, the rest of the token rung padding: the
-paged engine passes it on the CPU backend, where f32 products of 16 rows or more then skip
-the padding (pallas_kernels/cpu/dense_matmul.cc); on one GPU it allows the layer matmul.
+paged engine passes it on the CPU backend, where every f32 product then goes to the C++
+kernel, which skips the padding (pallas_kernels/cpu/dense_matmul.cc); on one GPU it allows
+the layer matmul.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from jaxtyping import Array, Float, Int
 from models.config import ModelConfig
 from models.layer_slice import NO_HINTS, LayerSlice, ProductHints, stack_and_layer
 from models.quantization import QuantizedLinear, quantize_table, table_matmul
-from pallas_kernels.cpu import DENSE_MIN_ROWS, dense_matmul_cpu
+from pallas_kernels.cpu import dense_matmul_cpu
 from pallas_kernels.gpu.kernel_choice import uses_layer_matmul
 
 
@@ -82,10 +83,10 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array, hints: ProductHints = NO_HINTS) -> jax.Array:
         weight, layer = stack_and_layer(self.weight.get_value())   # the stack, under scan
         tokens = x.reshape(-1, x.shape[-1])
-        # Fewer rows go to XLA's dot, as fast as the kernel where it reads the weight in
-        # place, but it would copy a scanned layer's weight out of the stack first.
-        if (hints.num_rows is not None and x.dtype == weight.dtype == jnp.float32
-                and (tokens.shape[0] >= DENSE_MIN_ROWS or layer is not None)):
+        # On the CPU every f32 product goes to the C++ kernel: it skips the padding rows,
+        # reads a scanned layer's weight in place (XLA's dot would copy it out of the stack
+        # first) and reads a decode's few rows' weights faster than XLA's dot.
+        if hints.num_rows is not None and x.dtype == weight.dtype == jnp.float32:
             y = dense_matmul_cpu(tokens, weight, hints.num_rows, layer)
             y = y.reshape(*x.shape[:-1], weight.shape[-1])
         elif (layer is not None and hints.gpu_layer_matmul

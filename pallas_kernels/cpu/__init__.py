@@ -51,10 +51,6 @@ TARGETS = {"ember_ragged_paged_attention": "EmberRaggedPagedAttention",
            "ember_table_matmul": "EmberTableMatmul"}
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 300
-# Fewer rows than this and a product is bound by reading its weights, which XLA's dots do at
-# full speed, and its padding rows cost next to nothing: the dense kernel takes from here,
-# or any rows of a scanned layer's weight, which XLA's dot would first copy out of its stack.
-DENSE_MIN_ROWS = 16
 _lock = threading.Lock()
 _loaded: list[bool] = []     # [whether the kernel is registered], once tried
 

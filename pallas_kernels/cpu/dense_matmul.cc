@@ -6,9 +6,10 @@
 // is an operand, read at run time, so the padding costs nothing and the ladder no compiles.
 // Without it XLA's CPU dots (YNNPACK, which also repacks the weights on every call) are neither
 // faster nor slower than this kernel on full rungs (docs/perf.md). Up to kFewRows real rows
-// (a decode of a few sequences, or a scanned layer's product, which XLA's dot would copy out
-// of its stack first) the product is bound by reading the weight: FewRows reads it in long
-// runs, as fast as XLA's dot at one row.
+// (a decode of a few sequences) the product is bound by reading the weight: FewRows reads it
+// in long runs, faster than XLA's dot (0.64-0.89x its time at 1 to 8 rows on the
+// bench_offline model's shapes, 2026-11-30), and a scanned layer's weight in place, where
+// XLA's dot would copy it out of its stack first.
 //
 // The product is blocked for registers: a tile of kRows rows by kVecs vectors of 16 columns
 // accumulates over a block of kDepth inputs, broadcasting one x value to each row's FMAs.
@@ -94,36 +95,38 @@ void Rows(const Problem& p, const float* x, const float* w, float* y, int64_t ro
 // A few rows (a decode of a few sequences): a tile's pass over kDepth inputs for 16 NV columns
 // would read the weight in runs of 16 NV floats, one per input row, at a fraction of the
 // memory's speed. Instead a work item takes a panel of columns and a range of inputs [begin,
-// end) and reads the weight's rows across the whole panel, four at a time, into the rows'
-// partial sums (sums[r * stride + c] for the panel's `width` columns: in L1).
+// end) and reads the weight's rows across the whole panel, eight at a time (eight streams in
+// flight: four read ~10% slower), into the rows' partial sums (sums[r * stride + c] for the
+// panel's `width` columns: in L1).
 template <int R>
 void FewRows(const Problem& p, int64_t begin, int64_t end, int64_t first, int64_t width,
              float* sums, int64_t stride) {
   for (int r = 0; r < R; ++r) std::fill(sums + r * stride, sums + r * stride + width, 0.0f);
   const int64_t vectors = width / 16;
+  constexpr int kStep = 8;
   int64_t k = begin;
-  for (; k + 4 <= end; k += 4) {
+  for (; k + kStep <= end; k += kStep) {
     const float* w = p.w + k * p.out + first;
-    float a[R][4];
+    float a[R][kStep];
     for (int r = 0; r < R; ++r) {
-      for (int j = 0; j < 4; ++j) a[r][j] = p.x[r * p.in + k + j];
+      for (int j = 0; j < kStep; ++j) a[r][j] = p.x[r * p.in + k + j];
     }
     for (int64_t v = 0; v < vectors; ++v) {
-      const Vec b0 = LoadVec(w + 16 * v), b1 = LoadVec(w + p.out + 16 * v);
-      const Vec b2 = LoadVec(w + 2 * p.out + 16 * v), b3 = LoadVec(w + 3 * p.out + 16 * v);
+      Vec b[kStep];
+      for (int j = 0; j < kStep; ++j) b[j] = LoadVec(w + j * p.out + 16 * v);
       for (int r = 0; r < R; ++r) {
         Vec sum = LoadVec(sums + r * stride + 16 * v);
-        sum += a[r][0] * b0 + a[r][1] * b1 + a[r][2] * b2 + a[r][3] * b3;
+        for (int j = 0; j < kStep; ++j) sum += a[r][j] * b[j];
         std::memcpy(sums + r * stride + 16 * v, &sum, sizeof sum);
       }
     }
     for (int64_t c = 16 * vectors; c < width; ++c) {   // the last (width % 16) columns
       for (int r = 0; r < R; ++r) {
-        for (int j = 0; j < 4; ++j) sums[r * stride + c] += a[r][j] * w[j * p.out + c];
+        for (int j = 0; j < kStep; ++j) sums[r * stride + c] += a[r][j] * w[j * p.out + c];
       }
     }
   }
-  for (; k < end; ++k) {   // the last (end - begin) % 4 inputs
+  for (; k < end; ++k) {   // the last (end - begin) % kStep inputs
     const float* w = p.w + k * p.out + first;
     for (int r = 0; r < R; ++r) {
       const float a = p.x[r * p.in + k];
