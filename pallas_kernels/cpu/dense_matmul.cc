@@ -45,6 +45,7 @@ constexpr int64_t kItemsPerThread = 4;
 constexpr int64_t kFewRows = 8;        // rows up to which FewRows reads the weight
 constexpr int64_t kFewSums = 16 << 10;   // bytes of a FewRows item's sums (R x panel: in L1)
 constexpr int64_t kFewItemsPerThread = 2;
+constexpr int kFewStep = 8;            // weight rows FewRows reads at a time
 
 struct Problem {
   const float* x;   // [T, in]
@@ -103,7 +104,7 @@ void FewRows(const Problem& p, int64_t begin, int64_t end, int64_t first, int64_
              float* sums, int64_t stride) {
   for (int r = 0; r < R; ++r) std::fill(sums + r * stride, sums + r * stride + width, 0.0f);
   const int64_t vectors = width / 16;
-  constexpr int kStep = 8;
+  constexpr int kStep = kFewStep;
   int64_t k = begin;
   for (; k + kStep <= end; k += kStep) {
     const float* w = p.w + k * p.out + first;
@@ -205,8 +206,9 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
     const int64_t width = ((p.out + panels - 1) / panels + 15) / 16 * 16;
     const int64_t wanted = kFewItemsPerThread * threads;
     const int64_t splits = std::clamp<int64_t>((wanted + panels - 1) / panels, 1,
-                                               (p.in + 3) / 4);
-    const int64_t per_split = ((p.in + splits - 1) / splits + 3) / 4 * 4;
+                                               (p.in + kFewStep - 1) / kFewStep);
+    const int64_t per_split =
+        ((p.in + splits - 1) / splits + kFewStep - 1) / kFewStep * kFewStep;
     std::unique_ptr<float[]> partial(new float[panels * splits * rows * width]);
     ember_cpu::ForEachItem(pool, panels * splits, [&](int64_t item) {
       const int64_t panel = item / splits, split = item % splits;

@@ -26,8 +26,8 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not cpu.availa
     (4, 32, 48, 0),       # no real row
     (4, 32, 48, 9),       # more than the rows there are: all of them
     (4, 32, 48, -3),      # negative: none
-    (8, 701, 1100, 8),    # a few rows: 3 panels, the last narrower; inputs past the last 4
-    (2, 1027, 4100, 2),   # a few rows: wide panels split along the inputs, 3 inputs left over
+    (8, 701, 1100, 8),    # a few rows: 3 panels, the last narrower; inputs past the last 8
+    (2, 1027, 4100, 2),   # a few rows: wide panels split along the inputs, inputs left over
     (16, 260, 300, 7),    # a few real rows of a longer rung
     (12, 64, 40, 9),      # one row past the few-rows path
 ])
