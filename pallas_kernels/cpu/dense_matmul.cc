@@ -216,18 +216,7 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
       FewRowsOf(rows, p, begin, std::min(p.in, begin + per_split), first,
                 std::min(width, p.out - first), partial.get() + item * rows * width, width);
     }, helpers);
-    for (int64_t panel = 0; panel < panels; ++panel) {
-      const int64_t first = panel * width, cols = std::min(width, p.out - first);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* into = p.y + r * p.out + first;
-        const float* from = partial.get() + panel * splits * rows * width + r * width;
-        std::copy_n(from, cols, into);
-        for (int64_t split = 1; split < splits; ++split) {
-          from += rows * width;
-          for (int64_t c = 0; c < cols; ++c) into[c] += from[c];
-        }
-      }
-    }
+    ember_cpu::AddSplits(partial.get(), panels, splits, rows, width, p.out, p.y);
     return ffi::Error::Success();
   }
   // Panels of whole tiles' columns; row groups of whole tiles' rows when the panels are too

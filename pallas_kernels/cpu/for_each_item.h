@@ -1,5 +1,5 @@
-// Runs a kernel's work items on the calling thread and helper threads, shared by the CPU kernels
-// in this folder.
+// Runs a kernel's work items on the calling thread and helper threads, and adds up the partial
+// sums of items split along the inputs (AddSplits), shared by the CPU kernels in this folder.
 //
 // A decode of one sequence runs hundreds of small products a step, a few microseconds each and
 // a few microseconds apart. Handing one to a thread of XLA's pool costs tens of microseconds
@@ -159,6 +159,26 @@ inline void ForEachItem(xla::ffi::ThreadPool& pool, int64_t total,
   work->Run();
   std::unique_lock<std::mutex> lock(finished->first);
   finished->second.wait(lock, [&] { return work->done.load() == work->total; });
+}
+
+// A product's items, panels of `width` columns each split along the inputs, wrote partial
+// sums: partial[((panel * splits + split) * rows + r) * width + c]. Adds each panel's splits
+// into y[r * cols + panel * width + c] for rows r < rows, over the panel's columns (the last
+// panel's are fewer).
+inline void AddSplits(const float* partial, int64_t panels, int64_t splits, int64_t rows,
+                      int64_t width, int64_t cols, float* y) {
+  for (int64_t panel = 0; panel < panels; ++panel) {
+    const int64_t first = panel * width, n = std::min(width, cols - first);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* into = y + r * cols + first;
+      const float* from = partial + (panel * splits * rows + r) * width;
+      std::copy_n(from, n, into);
+      for (int64_t split = 1; split < splits; ++split) {
+        from += rows * width;
+        for (int64_t c = 0; c < n; ++c) into[c] += from[c];
+      }
+    }
+  }
 }
 
 }  // namespace ember_cpu

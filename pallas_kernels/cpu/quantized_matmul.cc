@@ -303,19 +303,8 @@ ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::A
       Item<false>(p, first_in, end_in, first, cols, sums);
     }
   }, helpers);
-  float* y = out->typed_data();
-  for (int64_t panel = 0; panel < panels; ++panel) {
-    const int64_t first = panel * width, cols = std::min(width, out_features - first);
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float* from = partial.data() + panel * splits * tokens * width + t * width;
-      float* into = y + t * out_features + first;
-      std::copy_n(from, cols, into);
-      for (int64_t split = 1; split < splits; ++split) {
-        from += tokens * width;
-        for (int64_t c = 0; c < cols; ++c) into[c] += from[c];
-      }
-    }
-  }
+  ember_cpu::AddSplits(partial.data(), panels, splits, tokens, width, out_features,
+                       out->typed_data());
   return ffi::Error::Success();
 }
 
