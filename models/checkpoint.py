@@ -34,6 +34,7 @@ from models.assembly import (CheckpointError, ModelAssembly, abstract_model, hf_
                              is_linear_weight)
 from models.config import ModelConfig
 from models.dummy import dummy_model
+from models.huge_pages import move_weights_to_huge_pages
 from models.mapped import MappedArrayError, map_array, reserve_file_descriptors
 from models.quantization import (GGUF_FORMATS, INT4, INT8, from_gguf_blocks,
                                  table_from_gguf_blocks)
@@ -81,7 +82,8 @@ def load_generation_config(model_dir: str | os.PathLike) -> dict:
 
 def load_model(model_dir: str | os.PathLike, dtype: str | None = None,
                plan: ShardingPlan | None = None, *, scan_layers: bool = True,
-               quantization: str | None = None, load_format: str = "auto") -> Transformer:
+               quantization: str | None = None, load_format: str = "auto",
+               huge_pages: bool = True) -> Transformer:
     """Loads a model directory (its orbax checkpoint when present, else its safetensors) or
     a GGUF file; or, with load_format="dummy", random weights for its config.json.
 
@@ -99,7 +101,19 @@ def load_model(model_dir: str | os.PathLike, dtype: str | None = None,
       load_format: "auto" reads the weights; "dummy" reads only config.json and draws every
         weight at random on the device(s) (models/dummy.py), in `dtype`, quantized as asked,
         and sharded under `plan`: no weight file need exist.
+      huge_pages: on one CPU device, move the weights into transparent huge pages where the
+        kernel has them (models/huge_pages.py: a decode of a few sequences reads them
+        faster). False leaves them where loading put them: a converted checkpoint's weights
+        stay mapped from its files (models/mapped.py), shared through the page cache.
     """
+    model = _read_model(model_dir, dtype, plan, scan_layers, quantization, load_format)
+    if huge_pages and plan is None:
+        move_weights_to_huge_pages(model)
+    return model
+
+
+def _read_model(model_dir: str | os.PathLike, dtype: str | None, plan: ShardingPlan | None,
+                scan_layers: bool, quantization: str | None, load_format: str) -> Transformer:
     model_dir = Path(model_dir)
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r}: expected one of {QUANTIZATIONS}")

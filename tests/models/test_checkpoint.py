@@ -71,7 +71,7 @@ def test_converted_checkpoint_is_one_orbax_restores(converted_qwen2):
 def test_converted_weights_are_mapped_not_copied(converted_qwen2, scan_layers):
     # The conversion stacks the layers: a scanned model maps the stacked weight, an
     # unrolled one each layer's rows of it.
-    model = load_model(converted_qwen2, scan_layers=scan_layers)
+    model = load_model(converted_qwen2, scan_layers=scan_layers, huge_pages=False)
     layers = model.model.layers
     weight = (layers.mlp.up_proj.weight if scan_layers else layers[1].mlp.up_proj.weight)[...]
     address = weight.unsafe_buffer_pointer()

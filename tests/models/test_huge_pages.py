@@ -1,0 +1,77 @@
+"""A CPU model's weights in transparent huge pages (models/huge_pages.py)."""
+
+import gc
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import load_model
+from models.huge_pages import huge_page_buffer, huge_pages_available
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" or jax.default_backend() != "cpu" or not huge_pages_available(),
+    reason="reads /proc/self/smaps; needs a CPU backend and transparent huge pages")
+
+IDS = np.random.default_rng(5).integers(3, 300, size=(2, 17))
+
+
+def mapping_of(address: int) -> dict | None:
+    """The /proc/self/smaps entry holding `address`: its name, VmFlags and AnonHugePages."""
+    entry = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            entry = dict(name=fields[5] if len(fields) > 5 else "", flags=[], huge_kb=0,
+                         hit=start <= address < end)
+        elif entry and entry["hit"] and fields[0] == "VmFlags:":
+            entry["flags"] = fields[1:]
+            return entry
+        elif entry and entry["hit"] and fields[0] == "AnonHugePages:":
+            entry["huge_kb"] = int(fields[1])
+    return None
+
+
+def weights(model) -> dict:
+    return {path: variable.get_value() for path, variable in nnx.iter_graph(model)
+            if isinstance(variable, nnx.Variable)}
+
+
+@pytest.mark.parametrize("scan_layers, quantization", [(True, None), (False, "int8")])
+def test_loaded_weights_lie_in_huge_page_memory_and_compute_the_same(hf_model_dirs, scan_layers,
+                                                                     quantization):
+    moved = load_model(hf_model_dirs["llama"], scan_layers=scan_layers,
+                       quantization=quantization)
+    kept = load_model(hf_model_dirs["llama"], scan_layers=scan_layers,
+                      quantization=quantization, huge_pages=False)
+    for path, array in weights(moved).items():
+        mapping = mapping_of(array.unsafe_buffer_pointer())
+        assert mapping is not None and mapping["name"] == "", path   # anonymous memory
+        assert "hg" in mapping["flags"], (path, mapping)             # advised MADV_HUGEPAGE
+        np.testing.assert_array_equal(np.asarray(array), np.asarray(weights(kept)[path]))
+    assert any(array.dtype == jnp.int8 for array in weights(moved).values()) == bool(quantization)
+    ids = jnp.asarray(IDS)
+    np.testing.assert_array_equal(np.asarray(moved.forward_dense(ids)),
+                                  np.asarray(kept.forward_dense(ids)))
+
+
+def test_huge_page_buffer_is_filled_with_huge_pages():
+    buffer = huge_page_buffer(8 << 20)
+    buffer[:] = 1
+    mapping = mapping_of(buffer.ctypes.data)
+    assert buffer.ctypes.data % (2 << 20) == 0
+    assert mapping["huge_kb"] >= 2048, mapping   # at least one of its four 2 MiB pages
+
+
+def test_the_mapping_goes_with_the_model(hf_model_dirs):
+    model = load_model(hf_model_dirs["llama"])
+    address = model.model.embed_tokens.weight[...].unsafe_buffer_pointer()
+    assert mapping_of(address)["name"] == ""
+    del model
+    gc.collect()
+    assert mapping_of(address) is None
