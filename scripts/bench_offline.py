@@ -18,8 +18,10 @@ output lengths, and measures in one run:
     copy bandwidth), where FLOPs count the weights' and attention's work and bytes count
     the weights, the K/V read by attention (whole pages) and the K/V written; the share of
     its sum that Ember's wall time reaches is printed beside the weight-only one, with what
-    bounds it: the rate at which the engine's decode attention reads K/V pages, and the
-    rest of a decode step (its matmuls, LM head and sampling) against their roofline.
+    bounds it: the rate at which the engine's decode attention reads K/V pages, the
+    rest of a decode step (its matmuls, LM head and sampling) against their roofline, and
+    the device's time by class of step (prompts fed or decodes only, by sequences) beside
+    that class's share of the roofline.
 
 With --structured FRACTION it measures instead Ember's output tokens/s with FRACTION of the
 requests under a JSON schema against none, in one run (scripts/offline_structured.py); with
@@ -148,7 +150,9 @@ def run_ember(model_dir, prompts, outputs, args):
     # it also touches the KV cache's memory for the first time, which the second run does
     # not pay for again.
     engine.async_scheduling = False
+    sync_steps = record_steps(engine)
     sync = run_workload(engine, prompts, outputs, cache_salt="sync")
+    sync["steps"] = list(sync_steps)
     engine.async_scheduling = True
     steps = record_steps(engine)
     result = run_workload(engine, prompts, outputs)
@@ -212,7 +216,7 @@ def run_workload(engine, prompts, outputs, cache_salt=None) -> dict:
                 ttft=percentiles([first[r] - arrival[r] for r in first]), itl=percentiles(gaps),
                 host_ms=1000 * (in_step - device.waited_s) / num_steps,
                 dispatch_ms=1000 * device.dispatch_s / num_steps,
-                idle_share=device.idle_share, num_steps=num_steps)
+                idle_share=device.idle_share, num_steps=num_steps, busy_each=device.busy_each)
 
 
 def record_steps(engine) -> list:
@@ -228,6 +232,29 @@ def record_steps(engine) -> list:
 
     engine.scheduler.schedule = recording
     return steps
+
+
+def step_classes(config, steps, busy_each, page_size, flops, bandwidth) -> list | None:
+    """Where the device's time went, by class of step: (class, steps, device seconds,
+    honest-roofline seconds). A step's computations are its forward and, when a row
+    samples, its sampler, as the runner records them (engine/worker/timeline.py); None when
+    the recorded computations do not line up with the steps so."""
+    counts = [2 if any(sample for _, _, sample in step) else 1 for step in steps]
+    if sum(counts) != len(busy_each):
+        return None
+    classes: dict[tuple, list] = {}
+    first = 0
+    for step, count in zip(steps, counts):
+        feeds = any(fed > 1 for fed, _, _ in step)
+        width = 0 if len(step) <= 8 else 1 if len(step) <= 32 else 2
+        row = classes.setdefault((feeds, width), [0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += sum(busy_each[first:first + count])
+        row[2] += honest_roofline_seconds(config, [step], page_size, flops, bandwidth)
+        first += count
+    return [(f"{'prompt tokens fed' if feeds else 'decodes only'}, "
+             f"{('1-8', '9-32', '33+')[width]} sequences", *row)
+            for (feeds, width), row in sorted(classes.items())]
 
 
 def decode_weights(config) -> int:
@@ -478,9 +505,21 @@ def report(args, params, prompts, outputs, flops, bandwidth, ember, hf, honest, 
           f"their roofline ({dense_roofline * 1e3:.1f} ms): the matmuls of {num_seqs} rows "
           f"(on the CPU backend Ember's kernel, else XLA's), the LM head "
           f"and sampling")
+    sync = ember["sync"]
+    classes = step_classes(model_config, sync["steps"], sync["busy_each"], ember["page_size"],
+                           flops, bandwidth)
+    if classes is None:
+        print("where the device's time went: the in-line run's computations do not line up "
+              "with its steps")
+    else:
+        print(f"\nwhere the device's time went (the in-line run, {sync['seconds']:.2f} s):\n"
+              "| steps | count | device s | roofline s | share of roofline | share of wall |"
+              "\n|---|---|---|---|---|---|")
+        for label, count, device, roof in classes:
+            print(f"| {label} | {count} | {device:.2f} | {roof:.2f} | {roof / device:.0%} | "
+                  f"{device / sync['seconds']:.0%} |")
     if hf:
         print(f"ember / transformers: {ember['tokens_per_s'] / hf['tokens_per_s']:.2f}x")
-    sync = ember["sync"]
     print("\n| scheduling | output tok/s | host ms per step (in jitted calls) | device idle "
           "(share of wall) |\n|---|---|---|---|")
     for label, run in (("async (default)", ember), ("in line (--no-async-scheduling)", sync)):

@@ -45,6 +45,7 @@ class TimelineSummary:
     waited_s: float   # the host blocked on results (Runner.collect)
     dispatch_s: float  # the host inside the jitted calls, launching them (Runner._dispatch)
     busy_by_kind: dict[str, float]   # busy_s by the kind each computation was recorded with
+    busy_each: tuple[float, ...] = ()   # each computation's busy seconds, in dispatch order
 
     @property
     def idle_share(self) -> float:
@@ -96,16 +97,18 @@ class DeviceTimeline:
         sys.setswitchinterval(self._switch_interval)
         idle = 0.0
         busy: dict[str, float] = {}
+        each = []
         previous_done = None
         for dispatched, finished, kind in zip(self._dispatched, self._done, self._kinds):
             start = dispatched if previous_done is None else max(dispatched, previous_done)
             if previous_done is not None:
                 idle += max(0.0, dispatched - previous_done)
-            busy[kind] = busy.get(kind, 0.0) + max(0.0, finished - start)
+            each.append(max(0.0, finished - start))
+            busy[kind] = busy.get(kind, 0.0) + each[-1]
             previous_done = finished
         wall = (self._done[-1] - self._dispatched[0]) if self._done else 0.0
         return TimelineSummary(len(self._done), wall, sum(busy.values()), idle, self._waited,
-                               self._dispatch, busy)
+                               self._dispatch, busy, tuple(each))
 
     def _wait_each(self) -> None:
         while True:

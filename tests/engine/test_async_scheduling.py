@@ -124,3 +124,5 @@ def test_a_timeline_counts_host_time_in_jitted_calls_and_busy_time_by_step(llm):
     # Prompts of 10-20 tokens take a prefill step; then come decode steps.
     assert set(summary.busy_by_kind) == {"prefill", "decode"}
     assert sum(summary.busy_by_kind.values()) == pytest.approx(summary.busy_s)
+    assert len(summary.busy_each) == summary.computations
+    assert sum(summary.busy_each) == pytest.approx(summary.busy_s)
