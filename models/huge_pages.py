@@ -3,7 +3,7 @@
 A decode step of a few sequences reads every weight once, so on a CPU it runs at the speed
 the memory streams them. XLA's allocator hands out 4 KiB pages, and a stream over them misses
 the TLB every 4 KiB: two threads summing 76 MB read 26-33 GB/s on this project's 2-core VM,
-40-44 GB/s from the same bytes in 2 MiB pages (docs/perf.md). So `load_model` moves a
+34-40 GB/s from the same bytes in 2 MiB pages (docs/perf.md). So `load_model` moves a
 single-device CPU model's weights into one anonymous mapping advised MADV_HUGEPAGE, which jax
 adopts slice by slice without a copy (a CPU client takes a 64-byte aligned host buffer as it
 is; the array keeps the buffer, and so the mapping, alive).
