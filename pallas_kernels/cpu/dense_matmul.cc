@@ -54,15 +54,27 @@ struct Problem {
   int64_t in, out;
 };
 
+// The block of the weight a thread is likely to take next: its first tile prefetches it into
+// L2 (rows k < depth at first + k * out, 16 NV columns), so that the block after reads it from
+// the cache instead of waiting on memory (docs/perf.md).
+struct NextBlock {
+  const float* first = nullptr;
+  int64_t depth = 0;
+};
+
 // y[r, c] (+)= sum over k < depth of x[r, k] w[k, c], for r < MR and 16 * NV columns c, the
-// pointers at the block's first row, input and column.
+// pointers at the block's first row, input and column; `next` prefetched along the way.
 template <int MR, int NV>
-void Tile(const Problem& p, const float* x, const float* w, float* y, int64_t depth, bool add) {
+void Tile(const Problem& p, const float* x, const float* w, float* y, int64_t depth, bool add,
+          NextBlock next) {
   Vec acc[MR][NV];
   for (int r = 0; r < MR; ++r) {
     for (int v = 0; v < NV; ++v) acc[r][v] = add ? LoadVec(y + r * p.out + 16 * v) : Vec{};
   }
   for (int64_t k = 0; k < depth; ++k) {
+    if (k < next.depth) {
+      for (int v = 0; v < NV; ++v) __builtin_prefetch(next.first + k * p.out + 16 * v, 0, 2);
+    }
     Vec b[NV];
     for (int v = 0; v < NV; ++v) b[v] = LoadVec(w + k * p.out + 16 * v);
     for (int r = 0; r < MR; ++r) {
@@ -73,22 +85,23 @@ void Tile(const Problem& p, const float* x, const float* w, float* y, int64_t de
   for (int r = 0; r < MR; ++r) std::memcpy(y + r * p.out, acc[r], sizeof acc[r]);
 }
 
-// Tiles of up to kRows rows over rows [0, rows) of the block.
+// Tiles of up to kRows rows over rows [0, rows) of the block, the first prefetching `next`.
 template <int NV>
 void Rows(const Problem& p, const float* x, const float* w, float* y, int64_t rows,
-          int64_t depth, bool add) {
+          int64_t depth, bool add, NextBlock next = {}) {
   int64_t r = 0;
   for (; r + kRows <= rows; r += kRows) {
-    Tile<kRows, NV>(p, x + r * p.in, w, y + r * p.out, depth, add);
+    Tile<kRows, NV>(p, x + r * p.in, w, y + r * p.out, depth, add, r == 0 ? next : NextBlock{});
   }
   const float* xr = x + r * p.in;
   float* yr = y + r * p.out;
+  if (r > 0) next = {};
   switch (rows - r) {   // the last few rows
-    case 1: Tile<1, NV>(p, xr, w, yr, depth, add); break;
-    case 2: Tile<2, NV>(p, xr, w, yr, depth, add); break;
-    case 3: Tile<3, NV>(p, xr, w, yr, depth, add); break;
-    case 4: Tile<4 < kRows ? 4 : 1, NV>(p, xr, w, yr, depth, add); break;
-    case 5: Tile<5 < kRows ? 5 : 1, NV>(p, xr, w, yr, depth, add); break;
+    case 1: Tile<1, NV>(p, xr, w, yr, depth, add, next); break;
+    case 2: Tile<2, NV>(p, xr, w, yr, depth, add, next); break;
+    case 3: Tile<3, NV>(p, xr, w, yr, depth, add, next); break;
+    case 4: Tile<4 < kRows ? 4 : 1, NV>(p, xr, w, yr, depth, add, next); break;
+    case 5: Tile<5 < kRows ? 5 : 1, NV>(p, xr, w, yr, depth, add, next); break;
     default: break;
   }
 }
@@ -151,15 +164,23 @@ void FewRowsOf(int64_t rows, const Problem& p, int64_t begin, int64_t end, int64
 }
 
 // Columns [first, first + width) of rows [first_row, first_row + rows): 16 * NV columns at
-// a time, then the last (width % 16) one by one.
-void Block(const Problem& p, int64_t first_row, int64_t rows, int64_t first, int64_t width) {
+// a time, then the last (width % 16) one by one. Each block of kDepth inputs prefetches the
+// next one's, and the last the first block of the columns at `later` (the panel this thread is
+// likely to take next; none where null).
+void Block(const Problem& p, int64_t first_row, int64_t rows, int64_t first, int64_t width,
+           const float* later) {
   for (int64_t k0 = 0; k0 < p.in; k0 += kDepth) {
     const int64_t depth = std::min(kDepth, p.in - k0);
     const bool add = k0 > 0;
     const float* x = p.x + first_row * p.in + k0;
     int64_t c = first;
     for (; c + 16 * kVecs <= first + width; c += 16 * kVecs) {
-      Rows<kVecs>(p, x, p.w + k0 * p.out + c, p.y + first_row * p.out + c, rows, depth, add);
+      const NextBlock next =
+          k0 + kDepth < p.in
+              ? NextBlock{p.w + (k0 + kDepth) * p.out + c, std::min(kDepth, p.in - k0 - kDepth)}
+              : later ? NextBlock{later + (c - first), std::min(kDepth, p.in)} : NextBlock{};
+      Rows<kVecs>(p, x, p.w + k0 * p.out + c, p.y + first_row * p.out + c, rows, depth, add,
+                  next);
     }
     for (; c + 16 <= first + width; c += 16) {
       Rows<1>(p, x, p.w + k0 * p.out + c, p.y + first_row * p.out + c, rows, depth, add);
@@ -228,11 +249,15 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   const int64_t groups = std::clamp<int64_t>((wanted + panels - 1) / panels, 1, tiles);
   const int64_t group_rows = (tiles + groups - 1) / groups * kRows;
   const int64_t num_groups = (rows + group_rows - 1) / group_rows;
+  // Items go to the threads in turn, so a thread's next item is most likely `threads` on.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   ember_cpu::ForEachItem(pool, panels * num_groups, [&](int64_t i) {
     const int64_t panel = i / num_groups, group = i % num_groups;
     const int64_t first_row = group * group_rows, first = panel * width;
+    const int64_t later_panel = (i + threads) / num_groups;
+    const bool prefetch = later_panel != panel && (later_panel + 1) * width <= p.out;
     Block(p, first_row, std::min(group_rows, rows - first_row), first,
-          std::min(width, p.out - first));
+          std::min(width, p.out - first), prefetch ? p.w + later_panel * width : nullptr);
   }, ember_cpu::HelpersFor(rows * m.size() * sizeof(float)));
   return ffi::Error::Success();
 }
