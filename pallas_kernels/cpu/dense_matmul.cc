@@ -64,7 +64,7 @@ struct NextBlock {
 
 // y[r, c] (+)= sum over k < depth of x[r, k] w[k, c], for r < MR and 16 * NV columns c, the
 // pointers at the block's first row, input and column; `next` prefetched along the way.
-template <int MR, int NV>
+template <int MR, int NV, bool kPrefetch>
 void Tile(const Problem& p, const float* x, const float* w, float* y, int64_t depth, bool add,
           NextBlock next) {
   Vec acc[MR][NV];
@@ -72,7 +72,7 @@ void Tile(const Problem& p, const float* x, const float* w, float* y, int64_t de
     for (int v = 0; v < NV; ++v) acc[r][v] = add ? LoadVec(y + r * p.out + 16 * v) : Vec{};
   }
   for (int64_t k = 0; k < depth; ++k) {
-    if (k < next.depth) {
+    if (kPrefetch && k < next.depth) {
       for (int v = 0; v < NV; ++v) __builtin_prefetch(next.first + k * p.out + 16 * v, 0, 2);
     }
     Vec b[NV];
@@ -85,23 +85,25 @@ void Tile(const Problem& p, const float* x, const float* w, float* y, int64_t de
   for (int r = 0; r < MR; ++r) std::memcpy(y + r * p.out, acc[r], sizeof acc[r]);
 }
 
-// Tiles of up to kRows rows over rows [0, rows) of the block, the first prefetching `next`.
-template <int NV>
+// Tiles of up to kRows rows over rows [0, rows) of the block, the first prefetching `next`
+// where kPrefetch (an instance of its own: the narrow last columns' tiles take none).
+template <int NV, bool kPrefetch = false>
 void Rows(const Problem& p, const float* x, const float* w, float* y, int64_t rows,
           int64_t depth, bool add, NextBlock next = {}) {
   int64_t r = 0;
   for (; r + kRows <= rows; r += kRows) {
-    Tile<kRows, NV>(p, x + r * p.in, w, y + r * p.out, depth, add, r == 0 ? next : NextBlock{});
+    Tile<kRows, NV, kPrefetch>(p, x + r * p.in, w, y + r * p.out, depth, add,
+                               r == 0 ? next : NextBlock{});
   }
   const float* xr = x + r * p.in;
   float* yr = y + r * p.out;
   if (r > 0) next = {};
   switch (rows - r) {   // the last few rows
-    case 1: Tile<1, NV>(p, xr, w, yr, depth, add, next); break;
-    case 2: Tile<2, NV>(p, xr, w, yr, depth, add, next); break;
-    case 3: Tile<3, NV>(p, xr, w, yr, depth, add, next); break;
-    case 4: Tile<4 < kRows ? 4 : 1, NV>(p, xr, w, yr, depth, add, next); break;
-    case 5: Tile<5 < kRows ? 5 : 1, NV>(p, xr, w, yr, depth, add, next); break;
+    case 1: Tile<1, NV, kPrefetch>(p, xr, w, yr, depth, add, next); break;
+    case 2: Tile<2, NV, kPrefetch>(p, xr, w, yr, depth, add, next); break;
+    case 3: Tile<3, NV, kPrefetch>(p, xr, w, yr, depth, add, next); break;
+    case 4: Tile<4 < kRows ? 4 : 1, NV, kPrefetch>(p, xr, w, yr, depth, add, next); break;
+    case 5: Tile<5 < kRows ? 5 : 1, NV, kPrefetch>(p, xr, w, yr, depth, add, next); break;
     default: break;
   }
 }
@@ -175,12 +177,14 @@ void Block(const Problem& p, int64_t first_row, int64_t rows, int64_t first, int
     const float* x = p.x + first_row * p.in + k0;
     int64_t c = first;
     for (; c + 16 * kVecs <= first + width; c += 16 * kVecs) {
-      const NextBlock next =
-          k0 + kDepth < p.in
-              ? NextBlock{p.w + (k0 + kDepth) * p.out + c, std::min(kDepth, p.in - k0 - kDepth)}
-              : later ? NextBlock{later + (c - first), std::min(kDepth, p.in)} : NextBlock{};
-      Rows<kVecs>(p, x, p.w + k0 * p.out + c, p.y + first_row * p.out + c, rows, depth, add,
-                  next);
+      NextBlock next;
+      if (k0 + kDepth < p.in) {
+        next = {p.w + (k0 + kDepth) * p.out + c, std::min(kDepth, p.in - k0 - kDepth)};
+      } else if (later) {
+        next = {later + (c - first), std::min(kDepth, p.in)};
+      }
+      Rows<kVecs, true>(p, x, p.w + k0 * p.out + c, p.y + first_row * p.out + c, rows, depth,
+                        add, next);
     }
     for (; c + 16 <= first + width; c += 16) {
       Rows<1>(p, x, p.w + k0 * p.out + c, p.y + first_row * p.out + c, rows, depth, add);
@@ -255,9 +259,9 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
     const int64_t panel = i / num_groups, group = i % num_groups;
     const int64_t first_row = group * group_rows, first = panel * width;
     const int64_t later_panel = (i + threads) / num_groups;
-    const bool prefetch = later_panel != panel && (later_panel + 1) * width <= p.out;
+    const bool later = later_panel != panel && (later_panel + 1) * width <= p.out;
     Block(p, first_row, std::min(group_rows, rows - first_row), first,
-          std::min(width, p.out - first), prefetch ? p.w + later_panel * width : nullptr);
+          std::min(width, p.out - first), later ? p.w + later_panel * width : nullptr);
   }, ember_cpu::HelpersFor(rows * m.size() * sizeof(float)));
   return ffi::Error::Success();
 }
