@@ -21,8 +21,9 @@
 // summed by a transposing tree (SumLanes) instead. Against the form before (every query alone,
 // scores, softmax and values each a pass over all queries), a 512-token prompt's attention runs
 // 1.8x as fast, 2.1x with four query heads a kv head, and a decode of 64 sequences 1.2x
-// (docs/perf.md). Other head sizes take a plain loop per query.
-
+// (docs/perf.md). Builds without AVX-512 keep that form (each query alone), where GCC's code
+// for the wide shuffles made the new one slower. Other head sizes take a plain loop per query.
+//
 // Defensive reads: a page-table entry outside [0, num_pages) reads page 0, context lengths are
 // cut to the page table, and rows outside cu_q_lens stay zero, so no input reads or writes
 // outside its buffers.
@@ -200,17 +201,31 @@ Vec ScoreKeys(const Vec (&q)[C], const float* keys, int64_t stride, int64_t coun
   return SumLanes(part);
 }
 
+#ifndef __AVX512F__
+// acc += sum of weights[t] * values[t * stride] over t < count <= 16, skipping zero weights.
+template <int C>
+void AddValues(Vec weights, const float* values, int64_t stride, int64_t count, float* acc) {
+  Vec sum[C];
+  for (int c = 0; c < C; ++c) sum[c] = LoadVec(acc + 16 * c);
+  for (int64_t t = 0; t < count; ++t) {
+    const float weight = weights[t];
+    if (weight == 0.0f) continue;   // not visible (or underflowed: adds nothing)
+    const float* value = values + t * stride;
+    for (int c = 0; c < C; ++c) sum[c] += weight * LoadVec(value + 16 * c);
+  }
+  std::memcpy(acc, sum, sizeof sum);
+}
+#endif
 
+#ifdef __AVX512F__
+#define EMBER_HEADWISE_PAGES 1
 // The 16 keys of a kv head are transposed once (a vector per dim, lane t: key t), and the
 // queries of that head score them a block at a time: one FMA per dim and query, each query's 16
 // scores landing in one vector; then the block adds the 16 values, each value vector loaded
-// once for all its queries. A block's sums stay in registers: kBlockSums vectors (of 32 with
-// AVX-512; of 16 halves without).
-#ifdef __AVX512F__
+// once for all its queries. A block's sums stay in registers: kBlockSums of AVX-512's 32.
+// Without AVX-512 (a vector of 16 floats in two or four registers) GCC's code for these
+// shuffles and blocks was slower than the per-query form, which such builds keep.
 constexpr int kBlockSums = 24;
-#else
-constexpr int kBlockSums = 8;
-#endif
 
 template <int C>
 constexpr int QueryBlock() { return std::max(1, std::min(6, kBlockSums / C)); }
@@ -264,8 +279,8 @@ inline void ScoreTransposed(const Vec* keys_t, const float* const (&q)[B], Vec (
 }
 
 // acc[b] += sum over t < count of weights[b][t] * values[t * stride], for every query b. A key
-// a query does not see weighs 0; every key here lies at or before the item's last row, so its
-// value was written and adds nothing.
+// a query does not see weighs 0; every key here lies at or before the item's last row, so
+// (the page table being right) its value was written and adds nothing.
 template <int C, int B>
 inline void AddValuesOfBlock(const float (*weights)[16], const float* values, int64_t stride,
                              int64_t count, float* const (&acc)[B]) {
@@ -283,6 +298,8 @@ inline void AddValuesOfBlock(const float (*weights)[16], const float* values, in
   }
   for (int b = 0; b < B; ++b) std::memcpy(acc[b], sum[b], sizeof sum[b]);
 }
+
+#endif  // __AVX512F__
 
 typedef int32_t IntVec __attribute__((vector_size(64)));
 
@@ -370,17 +387,20 @@ struct WorkItem {
 
 // Per-thread buffers, grown as needed.
 struct Scratch {
+#if defined(EMBER_VECTOR_PAGES) && !defined(EMBER_HEADWISE_PAGES)
+  std::vector<Vec> weights;   // per query: its scores, then weights, of 16 keys
+#endif
   std::vector<float> queries, scores, acc, running_max, running_sum, tile;
   std::vector<int64_t> positions;        // per row of the item
   std::vector<int64_t> query_position;   // per query: its row's position
   std::vector<int64_t> query_channel;    // per query: its K's offset in a slot's K/V (x D)
-#ifdef EMBER_VECTOR_PAGES
+#ifdef EMBER_HEADWISE_PAGES
   std::vector<Vec> keys_t;               // one kv head's 16 keys, transposed
   std::vector<int64_t> order;            // the queries, kv head by kv head
 #endif
 };
 
-#ifdef EMBER_VECTOR_PAGES
+#ifdef EMBER_HEADWISE_PAGES
 // The B queries order[0 .. B) of one kv head, given their scores of `count` keys from key_lo
 // on (values at values + t * stride): their online softmax updated, the values added.
 template <int C, int B>
@@ -402,6 +422,7 @@ void BlockOfScores(const Problem& p, Scratch& s, const int64_t* order, const Vec
   AddValuesOfBlock<C, B>(weights, values, stride, count, acc);
 }
 
+// The B queries order[0 .. B) scored from the transposed keys (s.keys_t), then as above.
 template <int C, int B>
 void BlockAgainstKeys(const Problem& p, Scratch& s, const int64_t* order, const float* values,
                       int64_t stride, int64_t key_lo, int64_t count) {
@@ -469,7 +490,7 @@ void Attend(const Problem& p, const WorkItem& item, Scratch& s) {
   const int64_t kv_width = 2 * item.num_heads * d;            // this item's K/V of one slot
   const bool direct = p.kv_type == ffi::DataType::F32 && p.scales == nullptr;
   s.tile.resize(p.page_size * kv_width);
-#ifdef EMBER_VECTOR_PAGES
+#ifdef EMBER_HEADWISE_PAGES
   const int64_t per_head = item.num_rows * group;   // queries of each kv head
   if constexpr (C > 0) {
     s.keys_t.resize(16 * C);
@@ -482,6 +503,8 @@ void Attend(const Problem& p, const WorkItem& item, Scratch& s) {
       }
     }
   }
+#elif defined(EMBER_VECTOR_PAGES)
+  if constexpr (C > 0) s.weights.resize(num_queries);
 #endif
   for (int64_t page_no = lo / p.page_size; page_no <= hi / p.page_size; ++page_no) {
     int64_t page = p.page_indices[item.seq * p.max_pages + page_no];
@@ -511,7 +534,9 @@ void Attend(const Problem& p, const WorkItem& item, Scratch& s) {
       stride = kv_width;
     }
 #ifdef EMBER_VECTOR_PAGES
-    if constexpr (C > 0) {   // 16 keys at a time, kv head by kv head, blocks of its queries
+    if constexpr (C > 0) {
+#ifdef EMBER_HEADWISE_PAGES
+      // 16 keys at a time, kv head by kv head, blocks of its queries.
       for (int64_t t0 = 0; t0 < count; t0 += 16) {
         const int64_t n = std::min<int64_t>(16, count - t0);
         const float* keys = base + t0 * stride;
@@ -530,6 +555,32 @@ void Attend(const Problem& p, const WorkItem& item, Scratch& s) {
                                                  first + t0, n);
         }
       }
+#else
+      // 16 keys at a time: every query's scores, then their online-softmax updates, then
+      // their values (each phase's loads independent of one another).
+      for (int64_t t0 = 0; t0 < count; t0 += 16) {
+        const int64_t n = std::min<int64_t>(16, count - t0);
+        const float* keys = base + t0 * stride;
+        const int64_t key_lo = first + t0, key_hi = first + t0 + n - 1;
+        for (int64_t m = 0; m < num_queries; ++m) {
+          Vec q[C];
+          for (int c = 0; c < C; ++c) q[c] = LoadVec(&s.queries[m * d + 16 * c]);
+          s.weights[m] = ScoreKeys<C>(q, keys + s.query_channel[m], stride, n);
+        }
+        for (int64_t m = 0; m < num_queries; ++m) {
+          const int64_t position = s.query_position[m];
+          const int64_t see_lo = p.sliding_window > 0 ? position - p.sliding_window + 1 : 0;
+          s.weights[m] = position < key_lo || see_lo > key_hi
+              ? Vec{}   // sees none of these keys
+              : SoftmaxUpdate(s.weights[m], key_lo, see_lo, std::min(position, key_hi),
+                              p.soft_cap, s.running_max[m], s.running_sum[m], &s.acc[m * d],
+                              d);
+        }
+        for (int64_t m = 0; m < num_queries; ++m) {
+          AddValues<C>(s.weights[m], keys + s.query_channel[m] + d, stride, n, &s.acc[m * d]);
+        }
+      }
+#endif
       continue;
     }
 #endif
