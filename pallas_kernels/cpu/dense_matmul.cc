@@ -11,7 +11,7 @@
 // bench_offline model's shapes, 2026-11-30), and a scanned layer's weight in place, where
 // XLA's dot would copy it out of its stack first.
 //
-// The product is blocked for registers: a tile of kRows rows by kVecs vectors of 16 columns
+// The product is blocked for registers: a tile of kRows rows by kVecs vectors of kLanes columns
 // accumulates over a block of kDepth inputs, broadcasting one x value to each row's FMAs.
 // Work items are column panels (and, where there are few, row groups) on XLA's intra-op
 // thread pool, or (FewRows) panels split along the inputs (for_each_item.h picks the threads).
@@ -30,16 +30,21 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using ember_cpu::LoadVec;
-using ember_cpu::Vec;
+using ember_cpu::kLanes;
+using ember_cpu::Lanes;
+using ember_cpu::LoadLanes;
 
-// A tile's accumulators must fit the registers: 24 of 32 with AVX-512, 6 (12 halves) of 16
-// without.
-#ifdef __AVX512F__
+// A tile's accumulators (kRows x kVecs registers of kLanes floats) must fit the registers
+// beside the weight's kVecs and a broadcast x value: 24 of 32 with AVX-512, 12 of 16 with AVX,
+// 8 of 16 (SSE) or 32 (NEON) otherwise.
+#if defined(__AVX512F__)
 constexpr int kRows = 6, kVecs = 4;
+#elif defined(__AVX__)
+constexpr int kRows = 6, kVecs = 2;
 #else
-constexpr int kRows = 3, kVecs = 2;
+constexpr int kRows = 4, kVecs = 2;
 #endif
+constexpr int64_t kTileCols = kLanes * kVecs;
 constexpr int64_t kDepth = 512;        // inputs per pass over a tile (x's rows stay in L1)
 constexpr int64_t kItemsPerThread = 4;
 constexpr int64_t kFewRows = 8;        // rows up to which FewRows reads the weight
@@ -55,28 +60,28 @@ struct Problem {
 };
 
 // The block of the weight a thread is likely to take next: its first tile prefetches it into
-// L2 (rows k < depth at first + k * out, 16 NV columns), so that the block after reads it from
+// L2 (rows k < depth at first + k * out, kLanes NV columns), so that the block after reads it from
 // the cache instead of waiting on memory (docs/perf.md).
 struct NextBlock {
   const float* first = nullptr;
   int64_t depth = 0;
 };
 
-// y[r, c] (+)= sum over k < depth of x[r, k] w[k, c], for r < MR and 16 * NV columns c, the
+// y[r, c] (+)= sum over k < depth of x[r, k] w[k, c], for r < MR and kLanes NV columns c, the
 // pointers at the block's first row, input and column; `next` prefetched along the way.
 template <int MR, int NV, bool kPrefetch>
 void Tile(const Problem& p, const float* x, const float* w, float* y, int64_t depth, bool add,
           NextBlock next) {
-  Vec acc[MR][NV];
+  Lanes acc[MR][NV];
   for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < NV; ++v) acc[r][v] = add ? LoadVec(y + r * p.out + 16 * v) : Vec{};
+    for (int v = 0; v < NV; ++v) acc[r][v] = add ? LoadLanes(y + r * p.out + kLanes * v) : Lanes{};
   }
   for (int64_t k = 0; k < depth; ++k) {
     if (kPrefetch && k < next.depth) {
-      for (int v = 0; v < NV; ++v) __builtin_prefetch(next.first + k * p.out + 16 * v, 0, 2);
+      for (int v = 0; v < NV; ++v) __builtin_prefetch(next.first + k * p.out + kLanes * v, 0, 2);
     }
-    Vec b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = LoadVec(w + k * p.out + 16 * v);
+    Lanes b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = LoadLanes(w + k * p.out + kLanes * v);
     for (int r = 0; r < MR; ++r) {
       const float a = x[r * p.in + k];
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
@@ -108,17 +113,17 @@ void Rows(const Problem& p, const float* x, const float* w, float* y, int64_t ro
   }
 }
 
-// A few rows (a decode of a few sequences): a tile's pass over kDepth inputs for 16 NV columns
-// would read the weight in runs of 16 NV floats, one per input row, at a fraction of the
-// memory's speed. Instead a work item takes a panel of columns and a range of inputs [begin,
-// end) and reads the weight's rows across the whole panel, eight at a time (eight streams in
-// flight: four read ~10% slower), into the rows' partial sums (sums[r * stride + c] for the
-// panel's `width` columns: in L1).
+// A few rows (a decode of a few sequences): a tile's pass over kDepth inputs for kTileCols
+// columns would read the weight in runs of kTileCols floats, one per input row, at a fraction
+// of the memory's speed. Instead a work item takes a panel of columns and a range of inputs
+// [begin, end) and reads the weight's rows across the whole panel, eight at a time (eight
+// streams in flight: four read ~10% slower), into the rows' partial sums (sums[r * stride + c]
+// for the panel's `width` columns: in L1).
 template <int R>
 void FewRows(const Problem& p, int64_t begin, int64_t end, int64_t first, int64_t width,
              float* sums, int64_t stride) {
   for (int r = 0; r < R; ++r) std::fill(sums + r * stride, sums + r * stride + width, 0.0f);
-  const int64_t vectors = width / 16;
+  const int64_t vectors = width / kLanes;
   constexpr int kStep = kFewStep;
   int64_t k = begin;
   for (; k + kStep <= end; k += kStep) {
@@ -128,15 +133,15 @@ void FewRows(const Problem& p, int64_t begin, int64_t end, int64_t first, int64_
       for (int j = 0; j < kStep; ++j) a[r][j] = p.x[r * p.in + k + j];
     }
     for (int64_t v = 0; v < vectors; ++v) {
-      Vec b[kStep];
-      for (int j = 0; j < kStep; ++j) b[j] = LoadVec(w + j * p.out + 16 * v);
+      Lanes b[kStep];
+      for (int j = 0; j < kStep; ++j) b[j] = LoadLanes(w + j * p.out + kLanes * v);
       for (int r = 0; r < R; ++r) {
-        Vec sum = LoadVec(sums + r * stride + 16 * v);
+        Lanes sum = LoadLanes(sums + r * stride + kLanes * v);
         for (int j = 0; j < kStep; ++j) sum += a[r][j] * b[j];
-        std::memcpy(sums + r * stride + 16 * v, &sum, sizeof sum);
+        std::memcpy(sums + r * stride + kLanes * v, &sum, sizeof sum);
       }
     }
-    for (int64_t c = 16 * vectors; c < width; ++c) {   // the last (width % 16) columns
+    for (int64_t c = kLanes * vectors; c < width; ++c) {   // the last (width % kLanes) columns
       for (int r = 0; r < R; ++r) {
         for (int j = 0; j < kStep; ++j) sums[r * stride + c] += a[r][j] * w[j * p.out + c];
       }
@@ -165,10 +170,10 @@ void FewRowsOf(int64_t rows, const Problem& p, int64_t begin, int64_t end, int64
   }
 }
 
-// Columns [first, first + width) of rows [first_row, first_row + rows): 16 * NV columns at
-// a time, then the last (width % 16) one by one. Each block of kDepth inputs prefetches the
-// next one's, and the last the first block of the columns at `later` (the panel this thread is
-// likely to take next; none where null).
+// Columns [first, first + width) of rows [first_row, first_row + rows): kTileCols columns at
+// a time, then kLanes, then the last (width % kLanes) one by one. Each block of kDepth inputs
+// prefetches the next one's, and the last the first block of the columns at `later` (the panel
+// this thread is likely to take next; none where null).
 void Block(const Problem& p, int64_t first_row, int64_t rows, int64_t first, int64_t width,
            const float* later) {
   for (int64_t k0 = 0; k0 < p.in; k0 += kDepth) {
@@ -176,7 +181,7 @@ void Block(const Problem& p, int64_t first_row, int64_t rows, int64_t first, int
     const bool add = k0 > 0;
     const float* x = p.x + first_row * p.in + k0;
     int64_t c = first;
-    for (; c + 16 * kVecs <= first + width; c += 16 * kVecs) {
+    for (; c + kTileCols <= first + width; c += kTileCols) {
       NextBlock next;
       if (k0 + kDepth < p.in) {
         next = {p.w + (k0 + kDepth) * p.out + c, std::min(kDepth, p.in - k0 - kDepth)};
@@ -186,7 +191,7 @@ void Block(const Problem& p, int64_t first_row, int64_t rows, int64_t first, int
       Rows<kVecs, true>(p, x, p.w + k0 * p.out + c, p.y + first_row * p.out + c, rows, depth,
                         add, next);
     }
-    for (; c + 16 <= first + width; c += 16) {
+    for (; c + kLanes <= first + width; c += kLanes) {
       Rows<1>(p, x, p.w + k0 * p.out + c, p.y + first_row * p.out + c, rows, depth, add);
     }
     for (; c < first + width; ++c) {
@@ -246,7 +251,7 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   }
   // Panels of whole tiles' columns; row groups of whole tiles' rows when the panels are too
   // few to give every thread kItemsPerThread items.
-  const int64_t width = 16 * kVecs;
+  const int64_t width = kTileCols;
   const int64_t panels = (p.out + width - 1) / width;
   const int64_t wanted = kItemsPerThread * std::max<int64_t>(1, pool.num_threads());
   const int64_t tiles = (rows + kRows - 1) / kRows;

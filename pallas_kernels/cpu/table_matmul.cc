@@ -25,20 +25,16 @@
 #endif
 
 #include "for_each_item.h"
+#include "vec16.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// The target's own vector width: sums and weights stay in registers (GCC keeps arrays of
-// wider vectors in memory where it splits them).
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
-typedef float Lanes __attribute__((vector_size(4 * kLanes)));
+// The target's own vector width (vec16.h): sums and weights stay in registers.
+using ember_cpu::kLanes;
+using ember_cpu::Lanes;
 
 constexpr int64_t kBlock = 32;      // inputs per scale: a Q8_0 block
 constexpr int kParts = kBlock / kLanes;
@@ -47,12 +43,6 @@ constexpr int kMaxRows = 8;         // rows of x a pass takes at once
 // Sums a pass keeps in registers (rows x outputs, each kParts vectors), beside the outputs'
 // converted weights: 32 registers with AVX-512, 16 without.
 constexpr int kAccs = kLanes == 16 ? 16 : 4;
-
-inline Lanes Load(const float* from) {
-  Lanes v;
-  std::memcpy(&v, from, sizeof v);
-  return v;
-}
 
 // kLanes signed bytes as floats.
 inline Lanes Widen(const int8_t* p) {
@@ -122,7 +112,7 @@ void Outputs(const Problem& p, const float* x, int64_t t0, int64_t first) {
     for (int t = 0; t < T; ++t) {
       const float* xt = x + t * p.in + b * kBlock;
       Lanes xs[kParts];
-      for (int i = 0; i < kParts; ++i) xs[i] = Load(xt + i * kLanes);
+      for (int i = 0; i < kParts; ++i) xs[i] = ember_cpu::LoadLanes(xt + i * kLanes);
       for (int r = 0; r < R; ++r) {
         if constexpr (T > 2) {
           for (int i = 0; i < kParts; ++i) acc[t][r] += w[r][i] * xs[i];
