@@ -12,7 +12,7 @@
 // s sum_i x_i q_i + m sum_i x_i.
 //
 // A pass takes 32 inputs (a group's rows, contiguous in memory) for every column of a work
-// item, 16 NV columns at a time, and asks for the rows two passes ahead (the hardware's
+// item, kLanes NV columns at a time, and asks for the rows two passes ahead (the hardware's
 // prefetch does not follow the pass's way over 16 rows: without it, 20 GB/s instead of 35 on
 // 4096 x 14336 int4). Work items are panels of columns, each split along the inputs when
 // there are too few panels for the threads; helpers are woken only for large products
@@ -36,64 +36,58 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using ember_cpu::LoadVec;
-using ember_cpu::Vec;
+using ember_cpu::kLanes;
+using ember_cpu::Lanes;
+using ember_cpu::LoadLanes;
 
-typedef int32_t Ints __attribute__((vector_size(64)));   // 16 lanes, as Vec
+// The target's own registers (vec16.h): 16-float vectors wider than a register would stay in
+// memory between operations (GCC has no machine mode for them), several times slower.
+typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));   // kLanes lanes, as Lanes
 
-// 16 bytes, or 16 halves, widened to 16 lanes. GCC's __builtin_convertvector does these a lane
-// at a time, so the widening loads are the instructions themselves where the target has them.
-#if defined(__AVX512F__)
+// kLanes bytes, or kLanes halves, widened to kLanes lanes. GCC's __builtin_convertvector does
+// these a lane at a time, so the widening loads are the instructions themselves where the
+// target has them.
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__))
 template <typename V, typename M>
 inline V As(M m) {
   V v;
   std::memcpy(&v, &m, sizeof v);
   return v;
 }
+#endif
+#if defined(__AVX512F__)
 inline Ints WidenUnsigned(const uint8_t* p) {
   return As<Ints>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 inline Ints WidenSigned(const int8_t* p) {
   return As<Ints>(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
-inline Vec WidenHalves(const _Float16* p) {
-  return As<Vec>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+inline Lanes WidenHalves(const _Float16* p) {
+  return As<Lanes>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 }
 #elif defined(__AVX2__) && defined(__F16C__)
-template <typename V, typename M>
-inline V Join(M low, M high) {
-  V v;
-  std::memcpy(&v, &low, sizeof low);
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof low, &high, sizeof high);
-  return v;
-}
 inline Ints WidenUnsigned(const uint8_t* p) {
-  return Join<Ints>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
-                    _mm256_cvtepu8_epi32(
-                        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+  return As<Ints>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 inline Ints WidenSigned(const int8_t* p) {
-  return Join<Ints>(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
-                    _mm256_cvtepi8_epi32(
-                        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+  return As<Ints>(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-inline Vec WidenHalves(const _Float16* p) {
-  return Join<Vec>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-                   _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
+inline Lanes WidenHalves(const _Float16* p) {
+  return As<Lanes>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 #else
 template <typename V, typename T>
 inline V Widen(const T* p) {
   V v;
-  for (int i = 0; i < 16; ++i) v[i] = p[i];
+  for (int i = 0; i < kLanes; ++i) v[i] = p[i];
   return v;
 }
 inline Ints WidenUnsigned(const uint8_t* p) { return Widen<Ints>(p); }
 inline Ints WidenSigned(const int8_t* p) { return Widen<Ints>(p); }
-inline Vec WidenHalves(const _Float16* p) { return Widen<Vec>(p); }
+inline Lanes WidenHalves(const _Float16* p) { return Widen<Lanes>(p); }
 #endif
 
-inline Vec ToFloats(Ints v) { return __builtin_convertvector(v, Vec); }
+inline Lanes ToFloats(Ints v) { return __builtin_convertvector(v, Lanes); }
 
 constexpr int64_t kChunk = 32;   // input rows a pass takes: an int4 group, a Q8_0 block
 constexpr int64_t kPanel = 1024;  // columns of a work item at most
@@ -101,14 +95,16 @@ constexpr int64_t kPanel = 1024;  // columns of a work item at most
 // the hardware's own prefetch does not follow the way a pass steps over 16 rows.
 constexpr int64_t kAhead = 2;
 
-// Rows of x a pass takes at once, and vectors of 16 columns it keeps for each: its sums (two
-// sets of T x NV vectors for int4) and temporaries must fit the registers, 32 with AVX-512,
-// 16 halves of a vector without.
+// Rows of x a pass takes at once, and registers of kLanes columns it keeps for each: its sums
+// (T x NV registers, two sets for int4) and temporaries must fit the registers, 32 with
+// AVX-512, 16 with AVX or SSE (eight sums there).
 constexpr int kMaxRows = 4;
 #ifdef __AVX512F__
-constexpr int VecsFor(int rows) { return rows <= 2 ? 4 : 2; }
+constexpr int VecsFor(int rows, bool) { return rows <= 2 ? 4 : 2; }
 #else
-constexpr int VecsFor(int rows) { return rows <= 1 ? 2 : 1; }
+constexpr int VecsFor(int rows, bool int4) {
+  return std::max(1, std::min(4, 8 / (rows * (int4 ? 2 : 1))));
+}
 #endif
 
 struct Problem {
@@ -121,10 +117,10 @@ struct Problem {
   int64_t tokens, in, out_features, group;   // group: input rows per scale row
 };
 
-// 16 scales (or minimums) from an f32 or f16 array, as f32.
-inline Vec Scales(const void* base, int64_t index, bool f16) {
+// kLanes scales (or minimums) from an f32 or f16 array, as f32.
+inline Lanes Scales(const void* base, int64_t index, bool f16) {
   return f16 ? WidenHalves(static_cast<const _Float16*>(base) + index)
-             : LoadVec(static_cast<const float*>(base) + index);
+             : LoadLanes(static_cast<const float*>(base) + index);
 }
 
 inline float Scalar(const void* base, int64_t index, bool f16) {
@@ -133,21 +129,21 @@ inline float Scalar(const void* base, int64_t index, bool f16) {
 }
 
 // sums[t * stride + c] += x's rows t < T times the weights of inputs [i, i + kChunk) (fewer
-// at the end of a per-channel int8 weight) and columns [o, o + 16 NV), c counted from o: the
+// at the end of a per-channel int8 weight) and columns [o, o + kLanes NV), c counted from o: the
 // weights converted in registers (an int4 byte's low and high nibbles in sums of their own),
 // then scaled once for the chunk.
 template <int T, int NV, bool kInt4>
 void Chunk(const Problem& p, const float* x, const float* x_sums, int64_t i, int64_t o,
            float* sums, int64_t stride) {
   const int64_t n = p.out_features, scale_row = i / p.group;
-  Vec low[T][NV] = {}, high[T][NV] = {};
+  Lanes low[T][NV] = {}, high[T][NV] = {};
   if constexpr (kInt4) {
     const uint8_t* rows = static_cast<const uint8_t*>(p.weight) + (i / 2) * n + o;
     for (int64_t j = 0; j < kChunk / 2; ++j) {
       __builtin_prefetch(rows + (j + kAhead * kChunk / 2) * n);
       for (int v = 0; v < NV; ++v) {
-        const Ints bytes = WidenUnsigned(rows + j * n + 16 * v);
-        const Vec lo = ToFloats(bytes & 15), hi = ToFloats(bytes >> 4);
+        const Ints bytes = WidenUnsigned(rows + j * n + kLanes * v);
+        const Lanes lo = ToFloats(bytes & 15), hi = ToFloats(bytes >> 4);
         for (int t = 0; t < T; ++t) {
           low[t][v] += x[t * p.in + i + j] * lo;
           high[t][v] += x[t * p.in + i + kChunk / 2 + j] * hi;
@@ -160,20 +156,20 @@ void Chunk(const Problem& p, const float* x, const float* x_sums, int64_t i, int
     for (int64_t k = i; k < end; ++k) {
       __builtin_prefetch(q + (k + kAhead * kChunk) * n);
       for (int v = 0; v < NV; ++v) {
-        const Vec w = ToFloats(WidenSigned(q + k * n + 16 * v));
+        const Lanes w = ToFloats(WidenSigned(q + k * n + kLanes * v));
         for (int t = 0; t < T; ++t) low[t][v] += x[t * p.in + k] * w;
       }
     }
   }
   for (int v = 0; v < NV; ++v) {
-    const Vec s = Scales(p.scale, scale_row * n + o + 16 * v, p.scale_f16);
-    Vec m = {};
-    if constexpr (kInt4) m = Scales(p.minimum, scale_row * n + o + 16 * v, p.minimum_f16);
+    const Lanes s = Scales(p.scale, scale_row * n + o + kLanes * v, p.scale_f16);
+    Lanes m = {};
+    if constexpr (kInt4) m = Scales(p.minimum, scale_row * n + o + kLanes * v, p.minimum_f16);
     for (int t = 0; t < T; ++t) {
-      float* into = sums + t * stride + 16 * v;
-      Vec add = s * (low[t][v] + high[t][v]);
+      float* into = sums + t * stride + kLanes * v;
+      Lanes add = s * (low[t][v] + high[t][v]);
       if constexpr (kInt4) add += m * x_sums[t * (p.in / kChunk) + i / kChunk];
-      const Vec total = LoadVec(into) + add;
+      const Lanes total = LoadLanes(into) + add;
       std::memcpy(into, &total, sizeof total);
     }
   }
@@ -203,19 +199,19 @@ float ChunkColumn(const Problem& p, int64_t t, int64_t i, int64_t o) {
 
 // sums[t * width + c] += rows [t0, t0 + T) of x times inputs [first_in, end_in) of columns
 // [first, first + width): chunk by chunk (each reads a contiguous run of the weight's rows),
-// in blocks of 16 NV columns, then of 16, then one column at a time.
+// in blocks of kLanes NV columns, then of kLanes, then one column at a time.
 template <int T, bool kInt4>
 void Rows(const Problem& p, int64_t t0, int64_t first_in, int64_t end_in, int64_t first,
           int64_t width, float* sums) {
-  constexpr int NV = VecsFor(T);
+  constexpr int NV = VecsFor(T, kInt4);
   const float* x = p.x + t0 * p.in;
   const float* x_sums = kInt4 ? p.x_sums + t0 * (p.in / kChunk) : nullptr;
   for (int64_t i = first_in; i < end_in; i += kChunk) {
     int64_t c = 0;
-    for (; c + 16 * NV <= width; c += 16 * NV) {
+    for (; c + kLanes * NV <= width; c += kLanes * NV) {
       Chunk<T, NV, kInt4>(p, x, x_sums, i, first + c, sums + c, width);
     }
-    for (; c + 16 <= width; c += 16) {
+    for (; c + kLanes <= width; c += kLanes) {
       Chunk<T, 1, kInt4>(p, x, x_sums, i, first + c, sums + c, width);
     }
     for (; c < width; ++c) {
