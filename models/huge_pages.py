@@ -10,7 +10,10 @@ is; the array keeps the buffer, and so the mapping, alive).
 
 Where the kernel has no transparent huge pages (not Linux, or `enabled` is `never`), or a jax
 would copy the buffer instead of adopting it, the weights stay where they are. A donated
-buffer is never adopted (jax copies it), so the KV cache, donated every step, stays in XLA's.
+buffer is never adopted (jax copies it), so the KV cache, donated every step, stays in XLA's
+buffer, whose address a donating step keeps (its output aliases it): `collapse_into_huge_pages`
+asks the kernel to move that buffer's whole 2 MiB pages into huge pages in place (madvise
+MADV_HUGEPAGE, then MADV_COLLAPSE, Linux 6.1+), without a copy on jax's side.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from flax import nnx
 
 HUGE_PAGE_BYTES = 2 << 20
 ALIGN_BYTES = 64   # the alignment at which a CPU client adopts a host buffer
+MADV_COLLAPSE = getattr(mmap, "MADV_COLLAPSE", 25)   # Linux 6.1+; Python 3.11's mmap lacks it
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -74,6 +78,35 @@ def move_weights_to_huge_pages(model: nnx.Module) -> bool:
                            else jax.device_put(host))
     _return_freed_memory()
     return True
+
+
+def collapse_into_huge_pages(tree) -> int:
+    """Best effort: for every array of `tree` on one CPU device, asks the kernel to back the
+    whole 2 MiB pages inside its buffer with huge pages (MADV_HUGEPAGE, so pages written later
+    come as huge pages, then MADV_COLLAPSE, which moves the present ones now; the contents
+    stay). Returns the bytes asked for (0 where huge pages are unavailable or no array spans a
+    whole huge page); a kernel without MADV_COLLAPSE leaves the present pages to khugepaged."""
+    if not huge_pages_available():
+        return 0
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    asked = 0
+    for array in jax.tree.leaves(tree):
+        if not _on_one_cpu(array):
+            continue
+        array.block_until_ready()
+        start = array.unsafe_buffer_pointer()
+        first = -(-start // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+        end = (start + array.nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+        if end <= first:
+            continue
+        madvise(first, end - first, mmap.MADV_HUGEPAGE)
+        madvise(first, end - first, MADV_COLLAPSE)
+        asked += end - first
+    return asked
 
 
 def _return_freed_memory() -> None:

@@ -39,6 +39,7 @@ from engine.worker.penalties import DevicePenalties, is_lost
 from engine.worker.prompt_logprobs import prompt_targets, unpack_prompt_logprobs
 from engine.worker.step import TOP_LOGPROBS, PenaltyArrays, SamplingArrays, TokenBitmask, jit_steps
 from models.batch import Batch
+from models.huge_pages import collapse_into_huge_pages
 from models.paged import init_kv_cache
 from models.sharding import KV_PAGES, ShardingPlan
 from models.transformer import Transformer
@@ -95,7 +96,7 @@ class Runner:
             sharding=(SingleDeviceSharding(jax.devices()[0]) if plan is None
                       else plan.sharding(KV_PAGES)))
         # [L, num_pages, page_size, 2 * Hkv, D], or (that, scales) for int8/fp8 (models/paged.py)
-        self.kv_cache = self._new_kv_cache()
+        self.kv_cache = self._fresh_kv_cache()
         self.num_kv_rebuilds = 0   # times a failed step lost the cache and it was re-created
         self.timeline = None   # a DeviceTimeline a benchmark attaches (engine/worker/timeline.py)
         self._replicated = (SingleDeviceSharding(jax.devices()[0]) if plan is None
@@ -284,9 +285,18 @@ class Runner:
         self.penalties.reset()
         if not is_lost(self.kv_cache):
             return False
-        self.kv_cache = self._new_kv_cache()
+        self.kv_cache = self._fresh_kv_cache()
         self.num_kv_rebuilds += 1
         return True
+
+    def _fresh_kv_cache(self):
+        """A zeroed KV cache; on one CPU device in huge pages (models/huge_pages.py: a decode
+        step of many sequences streams its pages as a small model's weights are streamed, and
+        over 4 KiB pages it misses the TLB every 4 KiB), which the donating steps keep."""
+        kv_cache = self._new_kv_cache()
+        if self.plan is None:
+            collapse_into_huge_pages(kv_cache)
+        return kv_cache
 
     def _build_batch(self, scheduler_output: SchedulerOutput, chosen: list[Request],
                      previous: StepInFlight | None = None

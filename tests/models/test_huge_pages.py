@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from models import load_model
-from models.huge_pages import huge_page_buffer, huge_pages_available
+from models.huge_pages import collapse_into_huge_pages, huge_page_buffer, huge_pages_available
 from tests.hf_models import build_hf_model
 
 pytestmark = pytest.mark.skipif(
@@ -68,6 +68,41 @@ def test_huge_page_buffer_is_filled_with_huge_pages():
     mapping = mapping_of(buffer.ctypes.data)
     assert buffer.ctypes.data % (2 << 20) == 0
     assert mapping["huge_kb"] >= 2048, mapping   # at least one of its four 2 MiB pages
+
+
+def first_huge_page(address: int) -> int:
+    """The first 2 MiB boundary at or after `address`: the advised part of a buffer is a
+    mapping of its own from there."""
+    return -(-address // (2 << 20)) * (2 << 20)
+
+
+def test_collapsing_an_xla_buffer_gives_it_huge_pages_and_keeps_its_contents():
+    values = np.random.default_rng(0).standard_normal(4 << 20).astype(np.float32)   # 16 MiB
+    array = jnp.asarray(values) + 0   # XLA's own buffer, not numpy's
+    address = array.unsafe_buffer_pointer()
+    assert collapse_into_huge_pages({"a": array, "small": jnp.zeros(1024)}) >= 12 << 20
+    mapping = mapping_of(first_huge_page(address))
+    assert "hg" in mapping["flags"] and mapping["huge_kb"] >= 2048, mapping
+    assert array.unsafe_buffer_pointer() == address
+    np.testing.assert_array_equal(np.asarray(array), values)
+    assert collapse_into_huge_pages(jnp.zeros(256 << 10)) == 0   # 1 MiB: no whole huge page
+
+
+def test_the_kv_cache_lies_in_huge_pages_and_the_steps_keep_its_buffer(hf_model_dirs):
+    from engine import EngineConfig, LLMEngine, SamplingParams
+
+    engine = LLMEngine(hf_model_dirs["llama"], EngineConfig(num_pages=2048, max_model_len=64,
+                                                            warmup=False))
+    address = engine.runner.kv_cache.unsafe_buffer_pointer()
+    assert engine.runner.kv_cache.nbytes >= 8 << 20
+    mapping = mapping_of(first_huge_page(address))
+    assert "hg" in mapping["flags"] and mapping["huge_kb"] >= 2048, mapping
+    engine.add_request("a", {"prompt_token_ids": [5, 6, 7, 8]},
+                       SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.runner.kv_cache.unsafe_buffer_pointer() == address   # donated in place
+    assert "hg" in mapping_of(first_huge_page(address))["flags"]
 
 
 def test_the_mapping_goes_with_the_model(hf_model_dirs):
