@@ -150,6 +150,17 @@ inline float ExpNonPositive(float x) {
   return y * scale;
 }
 
+// A query's online softmax meets a chunk whose largest score is chunk_max: where that is above
+// the running maximum, the running sum and the output acc[d] are rescaled to it.
+inline void RaiseMax(float chunk_max, float& running_max, float& running_sum, float* acc,
+                     int64_t d) {
+  if (chunk_max <= running_max) return;
+  const float rescale = std::exp(running_max - chunk_max);
+  running_sum *= rescale;
+  for (int64_t i = 0; i < d; ++i) acc[i] *= rescale;
+  running_max = chunk_max;
+}
+
 float Dot(const float* a, const float* b, int64_t n) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -367,6 +378,16 @@ inline void AddValuesOfBlock(const float (*weights)[16], const float* values, in
 
 typedef int32_t IntVec __attribute__((vector_size(64)));
 
+// scores' finite lanes become soft_cap * tanh(score / soft_cap), where soft_cap > 0 (V a Vec
+// or Lanes).
+template <typename V>
+inline void SoftCap(V& scores, float soft_cap) {
+  if (soft_cap <= 0.0f) return;
+  for (int i = 0; i < int(sizeof(V) / sizeof(float)); ++i) {
+    if (scores[i] != kNegInf) scores[i] = soft_cap * std::tanh(scores[i] / soft_cap);
+  }
+}
+
 // The lane-wise maximum, of a Vec or Lanes.
 template <typename V>
 inline V Max(V a, V b) { return a > b ? a : b; }
@@ -433,20 +454,11 @@ inline Vec SoftmaxUpdate(Vec all_scores, int64_t first, int64_t see_lo, int64_t 
     const IntLanes seen =
         (key >= static_cast<int32_t>(see_lo)) & (key <= static_cast<int32_t>(see_hi));
     scores[h] = seen ? scores[h] : Lanes{} + kNegInf;
-    if (soft_cap > 0.0f) {
-      for (int i = 0; i < 8; ++i) {
-        if (scores[h][i] != kNegInf) scores[h][i] = soft_cap * std::tanh(scores[h][i] / soft_cap);
-      }
-    }
+    SoftCap(scores[h], soft_cap);
   }
   const float chunk_max = MaxLane(Max(scores[0], scores[1]));
   if (chunk_max == kNegInf) return Vec{};   // every seen score is -inf: adds nothing
-  if (chunk_max > running_max) {
-    const float rescale = std::exp(running_max - chunk_max);
-    running_sum *= rescale;
-    for (int64_t i = 0; i < d; ++i) acc[i] *= rescale;
-    running_max = chunk_max;
-  }
+  RaiseMax(chunk_max, running_max, running_sum, acc, d);
   Lanes weights[2];
   for (int h = 0; h < 2; ++h) {
     weights[h] = scores[h] == kNegInf ? Lanes{} : ExpNonPositive(scores[h] - running_max);
@@ -468,19 +480,10 @@ inline Vec SoftmaxUpdate(Vec scores, int64_t first, int64_t see_lo, int64_t see_
   const IntVec seen =
       (key >= static_cast<int32_t>(see_lo)) & (key <= static_cast<int32_t>(see_hi));
   scores = seen ? scores : Vec{} + kNegInf;
-  if (soft_cap > 0.0f) {
-    for (int i = 0; i < 16; ++i) {
-      if (scores[i] != kNegInf) scores[i] = soft_cap * std::tanh(scores[i] / soft_cap);
-    }
-  }
+  SoftCap(scores, soft_cap);
   const float chunk_max = MaxLane(scores);
   if (chunk_max == kNegInf) return Vec{};   // every seen score is -inf: adds nothing
-  if (chunk_max > running_max) {
-    const float rescale = std::exp(running_max - chunk_max);
-    running_sum *= rescale;
-    for (int64_t i = 0; i < d; ++i) acc[i] *= rescale;
-    running_max = chunk_max;
-  }
+  RaiseMax(chunk_max, running_max, running_sum, acc, d);
   const Vec weights = scores == kNegInf ? Vec{} : ExpNonPositive(scores - running_max);
   running_sum += SumLane(weights);
   return weights;
@@ -727,13 +730,8 @@ void Attend(const Problem& p, const WorkItem& item, Scratch& s) {
         chunk_max = std::max(chunk_max, score);
       }
       if (chunk_max == kNegInf) continue;   // every visible score is -inf: adds nothing
-      const float new_max = std::max(running_max, chunk_max);
-      if (new_max > running_max) {
-        const float rescale = std::exp(running_max - new_max);
-        running_sum *= rescale;
-        for (int64_t i = 0; i < d; ++i) acc[i] *= rescale;
-        running_max = new_max;
-      }
+      RaiseMax(chunk_max, running_max, running_sum, acc, d);
+      const float new_max = running_max;
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t t = 0; t < count; ++t) {
