@@ -426,9 +426,12 @@ inline float SumLane(Vec x) {
   return x[0];
 }
 
+// One query's online-softmax update for the scores of keys first .. first + 15 (lane t: key
+// first + t), of which it sees [see_lo, see_hi]: returns the keys' weights (0 where unseen),
+// with running_max, running_sum and acc[d] brought to the new maximum.
+// With 8-float registers (AVX) it runs on the 16 scores as two Lanes: GCC converts a 16-float
+// vector's lanes to integers one at a time there.
 #if !defined(__AVX512F__) && defined(__AVX__)
-// With 8-float registers (AVX) the softmax step below runs on the 16 scores as two Lanes: GCC
-// converts a 16-float vector's lanes to integers one at a time there.
 inline float MaxLane(Lanes x) {
   x = Max(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3));
   x = Max(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5));
@@ -469,9 +472,6 @@ inline Vec SoftmaxUpdate(Vec all_scores, int64_t first, int64_t see_lo, int64_t 
   return out;
 }
 #else
-// One query's online-softmax update for the scores of keys first .. first + 15 (lane t: key
-// first + t), of which it sees [see_lo, see_hi]: returns the keys' weights (0 where unseen),
-// with running_max, running_sum and acc[d] brought to the new maximum.
 inline Vec SoftmaxUpdate(Vec scores, int64_t first, int64_t see_lo, int64_t see_hi,
                          float soft_cap, float& running_max, float& running_sum, float* acc,
                          int64_t d) {
