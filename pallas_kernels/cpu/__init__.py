@@ -75,15 +75,32 @@ def _library_path(compiler: str) -> Path:
 
 
 def _build(compiler: str, library: Path) -> None:
+    """Compiles each source to an object file, all at once (the attention kernel alone takes
+    about as long as the other three: on two cores the build takes half the time of one
+    compiler call over every source), then links them."""
     library.parent.mkdir(parents=True, exist_ok=True)
+    compile_flags = [flag for flag in FLAGS if flag != "-shared"]
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        commands = [[compiler, *compile_flags, f"-I{jax.ffi.include_dir()}", "-c", str(source),
+                     "-o", str(Path(scratch) / f"{source.stem}.o")] for source in SOURCES]
         built = Path(scratch) / library.name
-        command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o",
-                   str(built)]
-        result = subprocess.run(command, capture_output=True, text=True,
-                                timeout=BUILD_TIMEOUT_S)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        commands.append([compiler, *FLAGS, *(command[-1] for command in commands), "-o",
+                         str(built)])
+        with tempfile.TemporaryFile("w+") as errors:   # the compilers' warnings and errors
+            compiles = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+                        for command in commands[:-1]]
+            try:
+                failed = [command for command, process in zip(commands, compiles)
+                          if process.wait(timeout=BUILD_TIMEOUT_S) != 0]
+            finally:
+                for process in compiles:
+                    process.kill()   # no compiler outlives a timeout
+            link = None if failed else subprocess.run(commands[-1], stdout=subprocess.DEVNULL,
+                                                      stderr=errors, timeout=BUILD_TIMEOUT_S)
+            if failed or link.returncode != 0:
+                errors.seek(0)
+                raise RuntimeError(f"{' '.join((failed or commands[-1:])[0])} failed:\n"
+                                   f"{errors.read()[-2000:]}")
         os.replace(built, library)   # atomic: another process sees all of it or none
 
 
