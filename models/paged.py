@@ -27,7 +27,7 @@ from models.batch import Batch
 from models.config import ModelConfig
 from models.layer_slice import ProductHints
 from models.sharding import HEADS, KV_PAGES, KV_SCALES, zeros
-from models.transformer import LayerCache, Transformer
+from models.transformer import LayerCache, Rotation, Transformer
 from pallas_kernels.compat import shard_map
 from pallas_kernels.kv_cache import SCALE_DTYPE
 
@@ -71,8 +71,8 @@ def kv_cache_spec(kv_cache_dtype) -> P | tuple[P, P]:
     return (KV_PAGES, KV_SCALES) if pallas_kernels.is_quantized(kv_cache_dtype) else KV_PAGES
 
 
-def forward_paged(model: Transformer, kv_cache: KVCache, batch: Batch, *,
-                  backend: str = "auto", interpret: bool = False, mesh: Mesh | None = None
+def forward_paged(model: Transformer, kv_cache: KVCache, batch: Batch, rotary_table: Rotation,
+                  *, backend: str = "auto", interpret: bool = False, mesh: Mesh | None = None
                   ) -> tuple[KVCache, Float[Array, "T hidden"]]:
     """Runs the model over one step's batch.
 
@@ -84,6 +84,8 @@ def forward_paged(model: Transformer, kv_cache: KVCache, batch: Batch, *,
     Args:
       kv_cache: [L, num_pages, page_size, 2 * Hkv, D], or for 8-bit pages the pair (pages,
         scales f32[L, num_pages, page_size, 2 * Hkv]) (donate it: updated in place).
+      rotary_table: models.transformer.rotary_table(model.config, n) for n >= the page
+        table's positions (the engine makes it once).
     Returns:
       (kv_cache after this step, final-norm hidden states [T, hidden]).
     """
@@ -138,4 +140,5 @@ def forward_paged(model: Transformer, kv_cache: KVCache, batch: Batch, *,
         num_rows=(batch.cu_q_lens[batch.num_seqs[0]][None]              # i32[1]
                   if mesh is None and resolved == "cpu" else None),
         gpu_layer_matmul=mesh is None and resolved == "gpu" and not interpret)
-    return model.hidden_states(batch.input_ids, batch.positions, attend, kv_cache, hints)
+    return model.hidden_states(batch.input_ids, batch.positions, attend, kv_cache, hints,
+                               rotary_table)

@@ -24,7 +24,7 @@ the layer matmul.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -175,11 +175,38 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * normed.astype(x.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotates halves (HF's rotate_half layout). x: [..., heads, D]; positions: [...]."""
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., D/2]
-    cos = jnp.cos(freqs).astype(x.dtype)[..., None, :]
-    sin = jnp.sin(freqs).astype(x.dtype)[..., None, :]
+class Rotation(NamedTuple):
+    """The rotary angles' cos and sin, f32[..., 1, D/2]: of each token of a step, or of
+    every position of the context (Transformer.rotary_table), whose rows a step reads."""
+
+    cos: jax.Array
+    sin: jax.Array
+
+    @classmethod
+    def of(cls, positions: jax.Array, inv_freq: jax.Array) -> Rotation:
+        """positions: i32[...]; inv_freq: f32[D/2]."""
+        freqs = positions.astype(jnp.float32)[..., None, None] * inv_freq  # f32[..., 1, D/2]
+        return cls(jnp.cos(freqs), jnp.sin(freqs))
+
+    def at(self, positions: jax.Array) -> Rotation:
+        """A table's rows at positions (i32[...], clipped into the table)."""
+        rows = jnp.clip(positions, 0, self.cos.shape[0] - 1)
+        return Rotation(self.cos[rows], self.sin[rows])
+
+
+def inverse_frequencies(config: ModelConfig) -> Float[Array, "half_head_dim"]:
+    return jnp.asarray(config.rope.inverse_frequencies(config.head_dim), jnp.float32)
+
+
+def rotary_table(config: ModelConfig, num_positions: int) -> Rotation:
+    """The rotary angles of positions 0 .. num_positions - 1, f32[num_positions, 1, D/2]
+    (Transformer.hidden_states' `rotary_table`; jax.eval_shape gives its abstract form)."""
+    return Rotation.of(jnp.arange(num_positions, dtype=jnp.int32), inverse_frequencies(config))
+
+
+def rotary(x: jax.Array, rotation: Rotation) -> jax.Array:
+    """Rotates halves (HF's rotate_half layout). x: [..., heads, D]."""
+    cos, sin = rotation.cos.astype(x.dtype), rotation.sin.astype(x.dtype)
     first, second = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
 
@@ -197,7 +224,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
 
-    def __call__(self, x, positions, inv_freq, attend: AttendFn, cache: LayerCache | None,
+    def __call__(self, x, rotation: Rotation, attend: AttendFn, cache: LayerCache | None,
                  hints: ProductHints = NO_HINTS) -> tuple[LayerCache | None, jax.Array]:
         lead = x.shape[:-1]
         q, k, v = grouped_products((self.q_proj, self.k_proj, self.v_proj), x, hints)
@@ -206,7 +233,7 @@ class Attention(nnx.Module):
         v = v.reshape(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, positions, inv_freq), rotary(k, positions, inv_freq)
+        q, k = rotary(q, rotation), rotary(k, rotation)
         cache, out = attend(cache, q, k, v)  # out: [..., Hq, D]
         return cache, self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim), hints)
 
@@ -239,10 +266,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, attend: AttendFn, cache: LayerCache | None,
+    def __call__(self, x, rotation: Rotation, attend: AttendFn, cache: LayerCache | None,
                  hints: ProductHints = NO_HINTS) -> tuple[LayerCache | None, jax.Array]:
-        cache, attended = self.self_attn(self.input_layernorm(x), positions, inv_freq, attend,
-                                         cache, hints)
+        cache, attended = self.self_attn(self.input_layernorm(x), rotation, attend, cache,
+                                         hints)
         x = x + attended
         return cache, x + self.mlp(self.post_attention_layernorm(x), hints)
 
@@ -274,14 +301,13 @@ class DecoderStack(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
         return nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf[index], stacked))
 
-    def run_layers(self, x: Float[Array, "*tokens hidden"], positions: Int[Array, "*tokens"],
-                   inv_freq: Float[Array, "half_head_dim"], attend: AttendFn,
-                   kv_cache: jax.Array | None, hints: ProductHints = NO_HINTS
+    def run_layers(self, x: Float[Array, "*tokens hidden"], rotation: Rotation,
+                   attend: AttendFn, kv_cache: jax.Array | None, hints: ProductHints = NO_HINTS
                    ) -> tuple[jax.Array | None, Float[Array, "*tokens hidden"]]:
         """Every layer in order: (the cache as the last layer left it, hidden states)."""
         def one(layer, layer_index, x, kv_cache):   # -> (x, kv_cache): the scan's carry
             cache = None if kv_cache is None else LayerCache(kv_cache, layer_index)
-            cache, x = layer(x, positions, inv_freq, attend, cache, hints)
+            cache, x = layer(x, rotation, attend, cache, hints)
             return x, None if cache is None else cache.kv
 
         if not self.scan_layers:
@@ -343,7 +369,7 @@ class Transformer(nnx.Module):
 
     def hidden_states(self, input_ids: Int[Array, "*tokens"], positions: Int[Array, "*tokens"],
                       attend: AttendFn, kv_cache: jax.Array | None = None,
-                      hints: ProductHints = NO_HINTS
+                      hints: ProductHints = NO_HINTS, rotary_table: Rotation | None = None
                       ) -> tuple[jax.Array | None, Float[Array, "*tokens hidden"]]:
         """Runs the decoder stack.
 
@@ -354,6 +380,9 @@ class Transformer(nnx.Module):
             LayerCache of it and takes back the updated one); None on the dense path.
           hints: how the products may run (models.layer_slice.ProductHints): the real
             rows of [T] tokens for kernels that skip the padding, the GPU layer matmul.
+          rotary_table: `rotary_table(config, n)` for positions below n, read at
+            `positions`; None computes the step's angles here, which XLA fuses into each
+            rotation of q and k: cos and sin once per head and layer (docs/perf.md).
         Returns:
           (the cache as the last layer's `attend` returned it, or None; final-norm hidden
           states).
@@ -362,9 +391,9 @@ class Transformer(nnx.Module):
         x = self.model.embed_tokens(input_ids)
         if c.scale_embeddings:
             x = x * jnp.asarray(c.hidden_size ** 0.5, x.dtype)
-        inv_freq = jnp.asarray(c.rope.inverse_frequencies(c.head_dim), jnp.float32)
-        kv_cache, x = self.model.run_layers(x, positions, inv_freq, attend, kv_cache,
-                                            hints)
+        rotation = (Rotation.of(positions, inverse_frequencies(c)) if rotary_table is None
+                    else rotary_table.at(positions))
+        kv_cache, x = self.model.run_layers(x, rotation, attend, kv_cache, hints)
         return kv_cache, self.model.norm(x)
 
     def logits(self, hidden: Float[Array, "*rows hidden"]) -> Float[Array, "*rows vocab"]:

@@ -81,6 +81,7 @@ def compile_warmup(shape: str, scan_layers: bool, engine, max_seconds: float,
     from engine.worker.step import TOP_LOGPROBS, PenaltyState, jit_steps
     from models.checkpoint import abstract_model
     from models.paged import kv_cache_shape
+    from models.transformer import rotary_table
 
     config = model_config(shape, scan_layers, num_layers)
     graphdef, state = abstract_model(config)
@@ -91,6 +92,7 @@ def compile_warmup(shape: str, scan_layers: bool, engine, max_seconds: float,
     pages_per_seq = math.ceil(engine.max_model_len / engine.page_size)
     last_hidden = jax.ShapeDtypeStruct((engine.max_num_seqs, config.hidden_size), dtype)
     draws = jax.ShapeDtypeStruct((engine.max_num_seqs,), np.int32)   # the previous step's
+    rotation = jax.eval_shape(lambda: rotary_table(config, pages_per_seq * engine.page_size))
     counts = (engine.max_num_seqs, config.vocab_size)
     penalty_state = PenaltyState(jax.ShapeDtypeStruct(counts, np.int32),
                                  jax.ShapeDtypeStruct(counts, np.bool_))
@@ -103,7 +105,7 @@ def compile_warmup(shape: str, scan_layers: bool, engine, max_seconds: float,
         batch, indices = abstract(empty_batch(rung, engine.max_num_seqs, pages_per_seq))
         result["forward"][rung] = timed_compile(
             steps.forward, params, kv_cache, batch, indices,
-            jax.ShapeDtypeStruct((rung,), np.int32), draws)
+            jax.ShapeDtypeStruct((rung,), np.int32), draws, rotation)
         wall, cpu = result["forward"][rung]
         print(f"  {shape} {'scan' if scan_layers else 'unrolled'} forward T={rung}: "
               f"{wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)

@@ -60,11 +60,11 @@ def step_collectives(runner, num_tokens: int, num_seqs: int) -> tuple[tuple, tup
     batch, indices = runner._empty_batch(num_tokens)
     previous_rows = np.full(num_tokens, -1, np.int32)   # no token from a step before
     forward = runner._forward.lower(runner.param_leaves, runner.kv_cache, batch, indices,
-                                    previous_rows, runner._no_draws)
+                                    previous_rows, runner._no_draws, runner.rotary_table)
     # A padding-only step (it writes page 0) gives last_hidden as sampling receives it.
     runner.kv_cache, _, last_hidden = runner._forward(runner.param_leaves, runner.kv_cache,
                                                       batch, indices, previous_rows,
-                                                      runner._no_draws)
+                                                      runner._no_draws, runner.rotary_table)
     sampling, _ = runner._sampling_arrays([], num_seqs, False)
     sample = runner._sample.lower(runner.param_leaves, last_hidden, sampling, None, None,
                                   None, num_seqs=num_seqs, num_top=0)

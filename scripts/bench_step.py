@@ -56,7 +56,8 @@ def timed_steps(model, config, num_pages: int, batch_size: int, context: int,
     for step in range(repeats + 2):
         start, start_cpu = time.perf_counter(), time.process_time()
         runner.kv_cache, _, last_hidden = runner._forward(
-            runner.param_leaves, runner.kv_cache, batch, indices, previous_rows, runner._no_draws)
+            runner.param_leaves, runner.kv_cache, batch, indices, previous_rows, runner._no_draws,
+            runner.rotary_table)
         packed, _, _ = runner._sample(runner.param_leaves, last_hidden, sampling, None, None, None,
                                       num_seqs=num_seqs, num_top=0)
         np.asarray(jax.device_get(packed))

@@ -199,7 +199,8 @@ class Follower:
                 batch, indices, previous_rows = self._receive(
                     (batch, indices, np.full(a, -1, np.int32)))
                 r.kv_cache, hidden, last_hidden = r._forward(r.param_leaves, r.kv_cache, batch,
-                                                             indices, previous_rows, drawn)
+                                                             indices, previous_rows, drawn,
+                                                             r.rotary_table)
             elif kind == SAMPLE:
                 # b: bit 0 penalties, bit 1 a token bitmask (StepBroadcaster.sample)
                 sampling, penalties = r._sampling_arrays([], a, bool(b & 1))

@@ -42,7 +42,7 @@ from models.batch import Batch
 from models.huge_pages import collapse_into_huge_pages
 from models.paged import init_kv_cache
 from models.sharding import KV_PAGES, ShardingPlan
-from models.transformer import Transformer
+from models.transformer import Transformer, rotary_table
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,11 @@ class Runner:
         # output is, so both compile alike.
         self._no_draws = jax.device_put(np.zeros(config.max_num_seqs, np.int32),
                                         self._replicated)
+        # The rotary angles of every position a page table can reach, which each step reads
+        # (models/transformer.py: Rotation), placed as _no_draws is.
+        self.rotary_table = jax.device_put(
+            rotary_table(model.config, self.max_pages_per_seq * config.page_size),
+            self._replicated)
         (self._forward, self._sample, self._prompt_logprobs,
          init_penalty_slot) = jit_steps(self.graphdef, config, plan, params_treedef)
         # Penalised requests' token counts, kept on the device from step to step (a slot
@@ -139,7 +144,7 @@ class Runner:
                 batch, indices = self._empty_batch(shape)
                 self.kv_cache, hidden, last_hidden = self._forward(
                     self.param_leaves, self.kv_cache, batch, indices,
-                    np.full(shape, -1, np.int32), self._no_draws)
+                    np.full(shape, -1, np.int32), self._no_draws, self.rotary_table)
                 self._prompt_logprobs(self.param_leaves, hidden, np.zeros(shape, np.int32),
                                       num_top=TOP_LOGPROBS).block_until_ready()
             elif kind == "sample":
@@ -180,7 +185,8 @@ class Runner:
                                                                  previous)
         self.kv_cache, hidden, last_hidden = self._dispatch(
             self._forward, self.param_leaves, self.kv_cache, batch, logits_indices,
-            previous_rows, self._no_draws if previous is None else previous.drawn)
+            previous_rows, self._no_draws if previous is None else previous.drawn,
+            self.rotary_table)
         self._record(last_hidden, scheduler_output)
         step = StepInFlight(
             scheduler_output, chosen, rung(self._seq_ladder, len(scheduled)),

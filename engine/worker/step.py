@@ -34,6 +34,7 @@ from engine.config import EngineConfig
 from models.batch import Batch
 from models.paged import forward_paged, kv_cache_spec
 from models.sharding import ShardingPlan
+from models.transformer import Rotation
 from pallas_kernels.token_bitmask import apply_token_bitmask
 
 TOP_LOGPROBS = 20  # the one top-logprobs width compiled; requests slice what they asked for
@@ -78,8 +79,10 @@ class TokenBitmask(NamedTuple):
 
 
 def forward_step(graphdef, params, kv_cache, batch: Batch, logits_indices, previous_rows,
-                 previous_tokens, *, backend, interpret, plan: ShardingPlan | None = None):
-    """kv_cache [L, num_pages, page_size, 2 * Hkv, D] (donated); logits_indices i32[S_max].
+                 previous_tokens, rotary_table: Rotation, *, backend, interpret,
+                 plan: ShardingPlan | None = None):
+    """kv_cache [L, num_pages, page_size, 2 * Hkv, D] (donated); logits_indices i32[S_max];
+    rotary_table: models.transformer.rotary_table over the page table's positions, made once.
 
     Async scheduling: input row t whose previous_rows[t] (i32[T]) is a row r >= 0 feeds
     previous_tokens[r] (i32[S_max], the previous step's draws, still on the device).
@@ -89,7 +92,7 @@ def forward_step(graphdef, params, kv_cache, batch: Batch, logits_indices, previ
                           previous_tokens[jnp.maximum(previous_rows, 0)], batch.input_ids)
     batch = dataclasses.replace(batch, input_ids=input_ids)
     model = nnx.merge(graphdef, params)
-    kv_cache, hidden = forward_paged(model, kv_cache, batch, backend=backend,
+    kv_cache, hidden = forward_paged(model, kv_cache, batch, rotary_table, backend=backend,
                                      interpret=interpret,
                                      mesh=None if plan is None else plan.mesh)
     return kv_cache, hidden, hidden[logits_indices]
@@ -205,7 +208,7 @@ class StepFunctions(NamedTuple):
     """The jitted functions of a step, the graphdef bound."""
 
     forward: Callable           # (params, kv_cache, batch, logits_indices, previous_rows,
-                                #  previous_tokens), cache donated
+                                #  previous_tokens, rotary_table), cache donated
     sample: Callable            # (params, last_hidden, sampling, penalties, penalty_state,
                                 #  bitmask, *, num_seqs, num_top), penalty_state donated
     prompt_logprobs: Callable   # (params, hidden, target_ids, *, num_top)

@@ -189,7 +189,7 @@ def assert_no_weight_gathered(llm):
     batch, indices = runner._empty_batch(16)
     hlo = runner._forward.lower(runner.params, runner.kv_cache, batch, indices,
                                 np.full(batch.input_ids.shape[0], -1, np.int32),
-                                runner._no_draws).compile()
+                                runner._no_draws, runner.rotary_table).compile()
     collectives = re.findall(r"\b(all-reduce|all-gather|all-to-all)(?:-start)?\(",
                              hlo.as_text())
     assert "all-reduce" in collectives and "all-gather" not in collectives, collectives

@@ -10,6 +10,7 @@ from engine.worker.host_arrays import empty_batch
 from engine.worker.step import jit_steps
 from models.checkpoint import abstract_model, load_config
 from models.paged import kv_cache_shape
+from models.transformer import rotary_table
 from tests.hf_models import ARCHITECTURES
 
 # One prefill rung (16) and one decode rung (4): each engine compiles its forward twice.
@@ -60,8 +61,9 @@ def test_the_forward_updates_the_kv_cache_in_place(hf_model_dirs, scan_layers, n
     batch, indices = empty_batch(num_tokens, engine.max_num_seqs, 16)
     previous_rows = np.full(num_tokens, -1, np.int32)
     draws = jax.ShapeDtypeStruct((engine.max_num_seqs,), np.int32)
+    rotation = jax.eval_shape(lambda: rotary_table(config, 16 * engine.page_size))
     compiled = jit_steps(graphdef, engine).forward.lower(abstract, kv_cache, batch, indices,
-                                                         previous_rows, draws).compile()
+                                                         previous_rows, draws, rotation).compile()
     memory = compiled.memory_analysis()
     cache_bytes = np.prod(kv_cache.shape) * 4
     assert memory.alias_size_in_bytes == cache_bytes

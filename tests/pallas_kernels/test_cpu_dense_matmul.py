@@ -11,6 +11,7 @@ from engine.worker.host_arrays import empty_batch
 from engine.worker.step import jit_steps
 from models.checkpoint import abstract_model, load_config
 from models.paged import kv_cache_shape
+from models.transformer import rotary_table
 from pallas_kernels import cpu
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not cpu.available(),
@@ -57,7 +58,7 @@ def compiled_forward_text(model_dir, *, scan_layers, backend, dtype=None, tokens
     batch, indices = empty_batch(tokens, 4, 8)
     lowered = jit_steps(graphdef, engine).forward.lower(
         abstract, kv_cache, batch, indices, np.full(tokens, -1, np.int32),
-        jax.ShapeDtypeStruct((4,), np.int32))
+        jax.ShapeDtypeStruct((4,), np.int32), jax.eval_shape(lambda: rotary_table(config, 32)))
     return lowered.compile().as_text() if optimized else lowered.as_text()
 
 
