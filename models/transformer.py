@@ -177,7 +177,7 @@ class RMSNorm(nnx.Module):
 
 class Rotation(NamedTuple):
     """The rotary angles' cos and sin, f32[..., 1, D/2]: of each token of a step, or of
-    every position of the context (Transformer.rotary_table), whose rows a step reads."""
+    every position of the context (rotary_table), whose rows a step reads."""
 
     cos: jax.Array
     sin: jax.Array
