@@ -100,14 +100,16 @@ class StepBroadcaster:
         runner.restore_kv_cache = self.restore_kv_cache
         atexit.register(self.stop)
 
-    def forward(self, params, kv_cache, batch, logits_indices, previous_rows, previous_draws):
-        # previous_draws: the last sampler's draws, which every process holds as its own.
+    def forward(self, params, kv_cache, batch, logits_indices, previous_rows, previous_draws,
+                rotary_table):
+        # previous_draws: the last sampler's draws, which every process holds as its own;
+        # rotary_table: made by every process's Runner alike.
         with self._lock:
             header = _header(FORWARD, batch.input_ids.shape[0])
             batch, logits_indices, previous_rows = self._send(
                 header, (batch, logits_indices, previous_rows))
             return self._run(self._forward, params, kv_cache, batch, logits_indices,
-                             previous_rows, previous_draws)
+                             previous_rows, previous_draws, rotary_table)
 
     def sample(self, params, last_hidden, sampling, penalties, penalty_state, bitmask, *,
                num_seqs, num_top):
