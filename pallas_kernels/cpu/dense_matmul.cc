@@ -12,7 +12,8 @@
 // XLA's dot would copy it out of its stack first.
 //
 // The product is blocked for registers: a tile of kRows rows by kVecs vectors of kLanes columns
-// accumulates over a block of kDepth inputs, broadcasting one x value to each row's FMAs.
+// accumulates over a block of kDepth inputs, broadcasting one x value to each row's FMAs. A
+// block the caches hold badly in place (Packs) is first copied to contiguous rows in L1.
 // Work items are column panels (and, where there are few, row groups) on XLA's intra-op
 // thread pool, or (FewRows) panels split along the inputs (for_each_item.h picks the threads).
 
@@ -46,6 +47,8 @@ constexpr int kRows = 4, kVecs = 2;
 #endif
 constexpr int64_t kTileCols = kLanes * kVecs;
 constexpr int64_t kDepth = 512;        // inputs per pass over a tile (x's rows stay in L1)
+constexpr int64_t kPackedDepth = 128;  // the same, for a packed block (32 KiB with AVX-512: L1)
+constexpr int64_t kPackRows = 8 * kRows;   // rows from which a block is always packed
 constexpr int64_t kItemsPerThread = 4;
 constexpr int64_t kFewRows = 8;        // rows up to which FewRows reads the weight
 constexpr int64_t kFewSums = 16 << 10;   // bytes of a FewRows item's sums (R x panel: in L1)
@@ -70,8 +73,8 @@ struct NextBlock {
 // y[r, c] (+)= sum over k < depth of x[r, k] w[k, c], for r < MR and kLanes NV columns c, the
 // pointers at the block's first row, input and column; `next` prefetched along the way.
 template <int MR, int NV, bool kPrefetch>
-void Tile(const Problem& p, const float* x, const float* w, float* y, int64_t depth, bool add,
-          NextBlock next) {
+void Tile(const Problem& p, const float* x, const float* w, int64_t w_stride, float* y,
+          int64_t depth, bool add, NextBlock next) {
   Lanes acc[MR][NV];
   for (int r = 0; r < MR; ++r) {
     for (int v = 0; v < NV; ++v) acc[r][v] = add ? LoadLanes(y + r * p.out + kLanes * v) : Lanes{};
@@ -81,7 +84,7 @@ void Tile(const Problem& p, const float* x, const float* w, float* y, int64_t de
       for (int v = 0; v < NV; ++v) __builtin_prefetch(next.first + k * p.out + kLanes * v, 0, 2);
     }
     Lanes b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = LoadLanes(w + k * p.out + kLanes * v);
+    for (int v = 0; v < NV; ++v) b[v] = LoadLanes(w + k * w_stride + kLanes * v);
     for (int r = 0; r < MR; ++r) {
       const float a = x[r * p.in + k];
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
@@ -91,24 +94,25 @@ void Tile(const Problem& p, const float* x, const float* w, float* y, int64_t de
 }
 
 // Tiles of up to kRows rows over rows [0, rows) of the block, the first prefetching `next`
-// where kPrefetch (an instance of its own: the narrow last columns' tiles take none).
+// where kPrefetch (an instance of its own: the narrow last columns' tiles take none); the
+// block's weight rows w_stride floats apart (p.out, or kTileCols where packed).
 template <int NV, bool kPrefetch = false>
-void Rows(const Problem& p, const float* x, const float* w, float* y, int64_t rows,
-          int64_t depth, bool add, NextBlock next = {}) {
+void Rows(const Problem& p, const float* x, const float* w, int64_t w_stride, float* y,
+          int64_t rows, int64_t depth, bool add, NextBlock next = {}) {
   int64_t r = 0;
   for (; r + kRows <= rows; r += kRows) {
-    Tile<kRows, NV, kPrefetch>(p, x + r * p.in, w, y + r * p.out, depth, add,
+    Tile<kRows, NV, kPrefetch>(p, x + r * p.in, w, w_stride, y + r * p.out, depth, add,
                                r == 0 ? next : NextBlock{});
   }
   const float* xr = x + r * p.in;
   float* yr = y + r * p.out;
   if (r > 0) next = {};
   switch (rows - r) {   // the last few rows
-    case 1: Tile<1, NV, kPrefetch>(p, xr, w, yr, depth, add, next); break;
-    case 2: Tile<2, NV, kPrefetch>(p, xr, w, yr, depth, add, next); break;
-    case 3: Tile<3, NV, kPrefetch>(p, xr, w, yr, depth, add, next); break;
-    case 4: Tile<4 < kRows ? 4 : 1, NV, kPrefetch>(p, xr, w, yr, depth, add, next); break;
-    case 5: Tile<5 < kRows ? 5 : 1, NV, kPrefetch>(p, xr, w, yr, depth, add, next); break;
+    case 1: Tile<1, NV, kPrefetch>(p, xr, w, w_stride, yr, depth, add, next); break;
+    case 2: Tile<2, NV, kPrefetch>(p, xr, w, w_stride, yr, depth, add, next); break;
+    case 3: Tile<3, NV, kPrefetch>(p, xr, w, w_stride, yr, depth, add, next); break;
+    case 4: Tile<4 < kRows ? 4 : 1, NV, kPrefetch>(p, xr, w, w_stride, yr, depth, add, next); break;
+    case 5: Tile<5 < kRows ? 5 : 1, NV, kPrefetch>(p, xr, w, w_stride, yr, depth, add, next); break;
     default: break;
   }
 }
@@ -170,29 +174,53 @@ void FewRowsOf(int64_t rows, const Problem& p, int64_t begin, int64_t end, int64
   }
 }
 
+// Whether a product's blocks are copied to a buffer of their own (`packed`, below) before
+// their tiles read them. A block's weight rows lie p.out floats apart; where that stride is a
+// multiple of 4 KiB (an output width that is a multiple of 1024: a Llama's hidden size,
+// intermediate size or vocabulary) they all fall in a few of the caches' sets, which then
+// hold a small part of the block, and every tile reads it from farther away: packed, the same
+// products ran 1.3-1.9x faster (docs/perf.md). Other widths gain only where a block serves
+// many tiles (kPackRows rows), and the copy costs more than it saves for fewer.
+bool Packs(const Problem& p, int64_t rows) {
+  return rows >= kPackRows || (p.out * sizeof(float)) % 4096 == 0;
+}
+
 // Columns [first, first + width) of rows [first_row, first_row + rows): kTileCols columns at
-// a time, then kLanes, then the last (width % kLanes) one by one. Each block of kDepth inputs
+// a time, then kLanes, then the last (width % kLanes) one by one. Each block of depth inputs
 // prefetches the next one's, and the last the first block of the columns at `later` (the panel
-// this thread is likely to take next; none where null).
+// this thread is likely to take next; none where null). Where `pack`, each kTileCols-wide
+// block is first copied into `packed` (kPackedDepth x kTileCols floats, in L1), its rows
+// contiguous.
 void Block(const Problem& p, int64_t first_row, int64_t rows, int64_t first, int64_t width,
-           const float* later) {
-  for (int64_t k0 = 0; k0 < p.in; k0 += kDepth) {
-    const int64_t depth = std::min(kDepth, p.in - k0);
+           const float* later, bool pack) {
+  const int64_t block_depth = pack ? kPackedDepth : kDepth;
+  alignas(64) float packed[kPackedDepth * kTileCols];   // 32 KiB of stack (AVX-512)
+  for (int64_t k0 = 0; k0 < p.in; k0 += block_depth) {
+    const int64_t depth = std::min(block_depth, p.in - k0);
     const bool add = k0 > 0;
     const float* x = p.x + first_row * p.in + k0;
     int64_t c = first;
     for (; c + kTileCols <= first + width; c += kTileCols) {
       NextBlock next;
-      if (k0 + kDepth < p.in) {
-        next = {p.w + (k0 + kDepth) * p.out + c, std::min(kDepth, p.in - k0 - kDepth)};
+      if (k0 + block_depth < p.in) {
+        next = {p.w + (k0 + block_depth) * p.out + c,
+                std::min(block_depth, p.in - k0 - block_depth)};
       } else if (later) {
-        next = {later + (c - first), std::min(kDepth, p.in)};
+        next = {later + (c - first), std::min(block_depth, p.in)};
       }
-      Rows<kVecs, true>(p, x, p.w + k0 * p.out + c, p.y + first_row * p.out + c, rows, depth,
-                        add, next);
+      const float* w = p.w + k0 * p.out + c;
+      int64_t w_stride = p.out;
+      if (pack) {
+        for (int64_t k = 0; k < depth; ++k) {
+          std::memcpy(packed + k * kTileCols, w + k * p.out, sizeof(float) * kTileCols);
+        }
+        w = packed;
+        w_stride = kTileCols;
+      }
+      Rows<kVecs, true>(p, x, w, w_stride, p.y + first_row * p.out + c, rows, depth, add, next);
     }
     for (; c + kLanes <= first + width; c += kLanes) {
-      Rows<1>(p, x, p.w + k0 * p.out + c, p.y + first_row * p.out + c, rows, depth, add);
+      Rows<1>(p, x, p.w + k0 * p.out + c, p.out, p.y + first_row * p.out + c, rows, depth, add);
     }
     for (; c < first + width; ++c) {
       for (int64_t r = 0; r < rows; ++r) {
@@ -260,13 +288,14 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   const int64_t num_groups = (rows + group_rows - 1) / group_rows;
   // Items go to the threads in turn, so a thread's next item is most likely `threads` on.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const bool pack = Packs(p, rows);
   ember_cpu::ForEachItem(pool, panels * num_groups, [&](int64_t i) {
     const int64_t panel = i / num_groups, group = i % num_groups;
     const int64_t first_row = group * group_rows, first = panel * width;
     const int64_t later_panel = (i + threads) / num_groups;
     const bool later = later_panel != panel && (later_panel + 1) * width <= p.out;
     Block(p, first_row, std::min(group_rows, rows - first_row), first,
-          std::min(width, p.out - first), later ? p.w + later_panel * width : nullptr);
+          std::min(width, p.out - first), later ? p.w + later_panel * width : nullptr, pack);
   }, ember_cpu::HelpersFor(rows * m.size() * sizeof(float)));
   return ffi::Error::Success();
 }

@@ -31,6 +31,8 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not cpu.availa
     (2, 1027, 4100, 2),   # a few rows: wide panels split along the inputs, inputs left over
     (16, 260, 300, 7),    # a few real rows of a longer rung
     (12, 64, 40, 9),      # one row past the few-rows path
+    (64, 300, 200, 50),   # many rows: packed blocks, inputs past two 128-deep ones
+    (16, 140, 1024, 13),  # an output width of 1024 floats: packed at any row count
 ])
 def test_real_rows_equal_the_float64_product_and_the_rest_are_zeros(tokens, inputs, outputs,
                                                                      rows):
@@ -77,12 +79,12 @@ def test_the_step_skips_padding_rows_only_for_f32_layers_on_the_cpu_kernels(
     assert ("ember_dense_matmul" in text) == used
 
 
-@pytest.mark.parametrize("rows", [17, 3])   # tiles; the few-rows path
+@pytest.mark.parametrize("rows", [17, 3, 50])   # tiles; the few-rows path; packed blocks
 def test_a_stacked_weight_gives_the_layer_asked_for_clipped_into_the_stack(rows):
     # Scanned layers hand the kernel every layer's weight and the layer's index
     # (models/layer_slice.py); an index outside the stack is clipped into it.
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((20, 96)).astype(np.float32)
+    x = rng.standard_normal((56, 96)).astype(np.float32)
     stack = rng.standard_normal((3, 96, 72)).astype(np.float32)
     step = jax.jit(cpu.dense_matmul_cpu)
     for layer, taken in ((0, 0), (1, 1), (2, 2), (5, 2), (-4, 0)):
