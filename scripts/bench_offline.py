@@ -27,7 +27,7 @@ With --structured FRACTION it measures instead Ember's output tokens/s with FRAC
 requests under a JSON schema against none, in one run (scripts/offline_structured.py); with
 --model, on that checkpoint or GGUF ("default": the default model) instead of the preset.
 
-Usage: python scripts/bench_offline.py [--preset 25m|60m] [--requests 64] [--seed 0]
+Usage: python scripts/bench_offline.py [--preset 25m|60m|1b-2l] [--requests 64] [--seed 0]
            [--layers auto|scan|unrolled] [--backend auto|reference]
        python scripts/bench_offline.py --structured 0.5 [--model default]
 """
@@ -55,6 +55,9 @@ PRESETS = {  # Llama shapes; vocab kept modest so the LM head does not dominate 
                 num_attention_heads=8, num_key_value_heads=8),
     "60m": dict(vocab_size=16384, hidden_size=640, intermediate_size=1728,
                 num_hidden_layers=10, num_attention_heads=10, num_key_value_heads=5),
+    # Llama-3.2-1B's layer (widths that are multiples of 1024, as real models' are), 2 of them
+    "1b-2l": dict(vocab_size=8192, hidden_size=2048, intermediate_size=8192,
+                  num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8),
 }
 
 
