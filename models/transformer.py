@@ -59,6 +59,9 @@ AttendFn = Callable[[LayerCache | None, jax.Array, jax.Array, jax.Array],
                     tuple[LayerCache | None, jax.Array]]
 
 
+FEW_HEAD_ROWS = 8   # LM-head rows up to which XLA's dot computes the logits on the CPU too
+
+
 def _init(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, std: float = 0.02
           ) -> nnx.Param:
     """Random normal weights; without rngs only their shape (a module built for its
@@ -396,12 +399,21 @@ class Transformer(nnx.Module):
         kv_cache, x = self.model.run_layers(x, rotation, attend, kv_cache, hints)
         return kv_cache, self.model.norm(x)
 
-    def logits(self, hidden: Float[Array, "*rows hidden"]) -> Float[Array, "*rows vocab"]:
-        """The LM head in float32 accumulation: [..., hidden] -> [..., vocab]."""
+    def logits(self, hidden: Float[Array, "*rows hidden"], hints: ProductHints = NO_HINTS
+               ) -> Float[Array, "*rows vocab"]:
+        """The LM head in float32 accumulation: [..., hidden] -> [..., vocab]. With
+        hints.num_rows (the sampler on the CPU kernels: its real rows) an untied f32 head of
+        more than FEW_HEAD_ROWS rows goes to the dense kernel, which skips the padding rows
+        (zeros) and reads a head as wide as a vocabulary faster than XLA's dot (docs/perf.md);
+        XLA's dot reads a few rows' head as fast on one thread."""
         if self.head_blocks is not None:   # a decode's few rows on a CPU: from the blocks
             logits = table_matmul(hidden, self.head_blocks.q[...], self.head_blocks.scale[...])
             if logits is not None:
                 return logits
+        rows = hidden.size // hidden.shape[-1]
+        if (hints.num_rows is not None and self.lm_head is not None and rows > FEW_HEAD_ROWS
+                and hidden.dtype == self.lm_head.weight.dtype == jnp.float32):
+            return self.lm_head(hidden, hints)
         if self.lm_head is None:
             weight = self.model.embed_tokens.weight[...].T
         else:

@@ -129,7 +129,8 @@ def sampling_arrays(chosen: list[Request], num_seqs: int, with_penalties: bool,
         min_p=column((p.min_p for p in params), np.float32, 0.0),
         seeds=np.asarray([divmod(r.seed, 1 << 32) for r in chosen] + [(0, 0)] * pad,
                          np.uint32).reshape(num_seqs, 2),
-        positions=column(map(output_position, chosen), np.int32, 0))
+        positions=column(map(output_position, chosen), np.int32, 0),
+        num_rows=np.asarray([len(chosen)], np.int32))
     if not with_penalties:
         return sampling, None
     penalties = PenaltyArrays(

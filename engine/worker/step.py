@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from engine.config import EngineConfig
 from models.batch import Batch
+from models.layer_slice import NO_HINTS, ProductHints
 from models.paged import forward_paged, kv_cache_spec
 from models.sharding import ShardingPlan
 from models.transformer import Rotation
@@ -50,6 +51,8 @@ class SamplingArrays(NamedTuple):
     min_p: jax.Array        # f32[S]
     seeds: jax.Array        # u32[S, 2]  the seed mod 2**64 as (high, low) words: its key
     positions: jax.Array    # i32[S]  output position of the token being drawn
+    num_rows: jax.Array     # i32[1]  rows that are real, the rest padding (their logits: zeros on
+                            #         the CPU kernels)
 
 
 class PenaltyArrays(NamedTuple):
@@ -98,9 +101,10 @@ def forward_step(graphdef, params, kv_cache, batch: Batch, logits_indices, previ
     return kv_cache, hidden, hidden[logits_indices]
 
 
-def logits_of(model, hidden, plan: ShardingPlan | None):
-    """f32[rows, V]: the LM head; under a plan gathered onto every device, padding cut off."""
-    logits = model.logits(hidden)
+def logits_of(model, hidden, plan: ShardingPlan | None, hints: ProductHints = NO_HINTS):
+    """f32[rows, V]: the LM head (hints as Transformer.logits takes them); under a plan
+    gathered onto every device, padding cut off."""
+    logits = model.logits(hidden, hints)
     return logits if plan is None else plan.gather_logits(logits)
 
 
@@ -167,7 +171,10 @@ def sample_step(graphdef, params, last_hidden, sampling: SamplingArrays,
     leaves the state alone; `bitmask` None (no constrained row) compiles without it.
     """
     model = nnx.merge(graphdef, params)
-    logits = logits_of(model, last_hidden[:num_seqs], plan)  # f32[S, V]
+    # On the CPU kernels, one device: the real rows, so that the LM head skips the padding.
+    on_cpu_kernels = plan is None and pallas_kernels.resolve_backend(backend) == "cpu"
+    hints = ProductHints(num_rows=sampling.num_rows) if on_cpu_kernels else NO_HINTS
+    logits = logits_of(model, last_hidden[:num_seqs], plan, hints)  # f32[S, V]
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     if penalties is not None:
         logits = apply_penalties(logits, penalties, penalty_state)

@@ -5,11 +5,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from engine import EngineConfig
 from engine.worker.host_arrays import empty_batch
 from engine.worker.step import jit_steps
+from models import ModelConfig, Transformer
 from models.checkpoint import abstract_model, load_config
+from models.layer_slice import ProductHints
 from models.paged import kv_cache_shape
 from models.transformer import rotary_table
 from pallas_kernels import cpu
@@ -77,6 +80,28 @@ def test_the_step_skips_padding_rows_only_for_f32_layers_on_the_cpu_kernels(
     text = compiled_forward_text(hf_model_dirs["llama"], scan_layers=scan_layers,
                                  backend=backend, dtype=dtype, tokens=tokens)
     assert ("ember_dense_matmul" in text) == used
+
+
+@pytest.mark.parametrize("tied,rows,kernel", [
+    (False, 12, True),    # an untied f32 head of more rows than FEW_HEAD_ROWS: the kernel
+    (False, 8, False),    # a few rows: XLA's dot reads the head as fast
+    (True, 12, False),    # a tied head is the embedding table, held [vocab, hidden]
+])
+def test_the_sampler_head_computes_only_the_real_rows_on_the_kernel(tied, rows, kernel):
+    config = ModelConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=1,
+                         num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=tied)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    hidden = jnp.asarray(np.random.default_rng(0).standard_normal((rows, 32)), jnp.float32)
+    want = np.asarray(model.logits(hidden))   # no hints: XLA's dot, every row
+    hints = ProductHints(num_rows=jnp.asarray([5], jnp.int32))   # as the sampler passes them
+    head = nnx.jit(lambda m, h: m.logits(h, hints))
+    assert ("ember_dense_matmul" in head.lower(model, hidden).as_text()) == kernel
+    got = np.asarray(head(model, hidden))
+    np.testing.assert_allclose(got[:5], want[:5], rtol=1e-5, atol=1e-5)
+    if kernel:
+        np.testing.assert_array_equal(got[5:], 0.0)   # padding rows: never computed
+    else:
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("rows", [17, 3, 50])   # tiles; the few-rows path; packed blocks
